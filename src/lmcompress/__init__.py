@@ -1,0 +1,46 @@
+"""lmcompress: data-aware, post-hoc compression of fine-tuned transformer language models.
+
+    import lmcompress as lmc
+    model, tokenizer = lmc.load_model("path/to/finetuned")
+    task = lmc.get_task("sst2")
+    train = lmc.load_examples(task, "glue/SST-2", "train")
+    summary = lmc.compress(model, lmc.Recipe.single("whitened_svd", keep=0.5), tokenizer, train)
+    lmc.save(model, "compressed", tokenizer, recipe)
+    same = lmc.load("compressed")
+
+Names are imported lazily so `import lmcompress` (and the CLI's --help) stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "finetune": "lmcompress.finetune",
+    "FinetuneConfig": "lmcompress.finetune",
+    "compress": "lmcompress.pipeline",
+    "CompressionSummary": "lmcompress.pipeline",
+    "evaluate": "lmcompress.evaluation",
+    "EvalResult": "lmcompress.evaluation",
+    "load": "lmcompress.io",
+    "save": "lmcompress.io",
+    "save_dense": "lmcompress.io",
+    "load_model": "lmcompress.models",
+    "Recipe": "lmcompress.recipe",
+    "Stage": "lmcompress.recipe",
+    "get_task": "lmcompress.tasks",
+    "load_examples": "lmcompress.tasks",
+    "available_methods": "lmcompress.methods",
+    "LMCompressError": "lmcompress.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lmcompress' has no attribute {name!r}")

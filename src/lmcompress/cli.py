@@ -1,0 +1,233 @@
+"""Command line: each subcommand is a few calls into the Python API, nothing more.
+
+Every user error (LMCompressError) becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("lmcompress")
+
+
+def _add_task_args(parser: argparse.ArgumentParser, data_help: str) -> None:
+    parser.add_argument("--task", help="sst2, cola, stsb, mrpc, rte, qnli, text-classification or "
+                        "embedded-sentiment (default: the task the model was fine-tuned on, else embedded-sentiment)")
+    parser.add_argument("--data", help=data_help)
+    parser.add_argument("--text-column", help="text column (text-classification; or to rename GLUE columns)")
+    parser.add_argument("--text-pair-column", help="second text column for sentence-pair tasks")
+    parser.add_argument("--label-column", help="label column")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lmcompress import __version__
+
+    parser = argparse.ArgumentParser(prog="lmcompress", description="Fine-tune, then compress, transformer models "
+                                     "using what each layer sees on the task's own data.")
+    parser.add_argument("--version", action="version", version=f"lmcompress {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-layer log lines")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("finetune", help="fine-tune a model on a task and save it as a Hugging Face directory")
+    p.add_argument("--model", default=None, help="local directory, hub id, or 'bundled' (default)")
+    _add_task_args(p, "GLUE folder (reads train.tsv), a CSV/JSONL/TSV file, a datasets directory or hf:NAME")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-train-samples", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+
+    p = sub.add_parser("compress", help="compress a model with one method or a YAML recipe")
+    p.add_argument("--model", default=None, help="model directory (default: the bundled model)")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--method", help="compression method (see `lmcompress methods`)")
+    how.add_argument("--recipe", help="YAML recipe file")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--keep", type=float, help="fraction of each targeted matrix's parameters to keep")
+    size.add_argument("--rank", type=int, help="fixed rank for every targeted layer")
+    p.add_argument("--targets", nargs="+", metavar="RE", help="regexes of layer names (default: transformer blocks)")
+    p.add_argument("--ignore", nargs="+", metavar="RE", default=[], help="regexes of layer names to skip")
+    p.add_argument("--option", nargs="+", metavar="KEY=VALUE", default=[], help="other method options")
+    _add_task_args(p, "calibration data: GLUE folder (reads train.tsv), a file, a datasets directory or hf:NAME")
+    p.add_argument("--calib-samples", type=int, default=None, help="calibration examples (default 256)")
+    p.add_argument("--calib-max-length", type=int, default=None, help="tokens per calibration example (default 128)")
+    p.add_argument("--out", required=True, help="output directory for the compressed model")
+    p.add_argument("--dense-out", help="also export a dense copy that plain from_pretrained loads")
+    p.add_argument("--overwrite", action="store_true", help="replace non-empty output directories")
+
+    p = sub.add_parser("evaluate", help="task metric, parameters, FLOPs, latency and size of a model")
+    p.add_argument("--model", default=None, help="model directory (default: the bundled model)")
+    _add_task_args(p, "GLUE folder (reads dev.tsv), a CSV/JSONL/TSV file, a datasets directory or hf:NAME")
+    p.add_argument("--json", help="write the result as JSON to this file")
+    p.add_argument("--max-samples", type=int, default=None, help="evaluate on a subset")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=128, help="sequence length for FLOPs and latency")
+    p.add_argument("--latency-batch-size", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=20, help="timed forward passes (median is reported)")
+
+    p = sub.add_parser("demo", help="fine-tune the bundled model on the embedded task, compress, compare")
+    p.add_argument("--out", default="lmcompress-demo", help="output directory (default: lmcompress-demo)")
+    p.add_argument("--keep", type=float, nargs="+", default=[0.75, 0.5, 0.3], help="sizes to compare")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+
+    sub.add_parser("methods", help="list compression methods and their options")
+    return parser
+
+
+def _task_and_examples(args, split: str, model=None, max_samples: int | None = None):
+    from lmcompress.models import model_label_names
+    from lmcompress.tasks import DEFAULT_TASK, get_task, load_examples
+
+    name = args.task or getattr(getattr(model, "config", None), "finetuning_task", None) or DEFAULT_TASK
+    task = get_task(name, text_column=args.text_column, text_pair_column=args.text_pair_column,
+                    label_column=args.label_column)
+    label_names = model_label_names(model) if model is not None and not task.is_regression else None
+    return task, load_examples(task, args.data, split, label_names=label_names, max_samples=max_samples)
+
+
+def cmd_finetune(args) -> None:
+    from lmcompress.finetune import FinetuneConfig, finetune
+
+    config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
+                            max_train_samples=args.max_train_samples, seed=args.seed)
+    task, train = _task_and_examples(args, "train")
+    _, _, result = finetune(args.model, task, train, config, out=args.out, overwrite=args.overwrite,
+                            progress=not args.quiet)
+    print(f"fine-tuned on {min(len(train), args.max_train_samples or len(train))} {task.name} examples "
+          f"({result.steps} steps, loss {result.final_loss:.4f}); saved to {args.out}")
+
+
+def _recipe_from_args(args):
+    from lmcompress.errors import RecipeError
+    from lmcompress.recipe import Calibration, Recipe
+
+    if args.recipe:
+        if args.keep is not None or args.rank is not None or args.targets or args.ignore or args.option:
+            raise RecipeError("--recipe already says method, sizes and targets; drop --keep/--rank/--targets/"
+                              "--ignore/--option")
+        recipe = Recipe.from_yaml(args.recipe)
+    else:
+        options: dict = {"keep": args.keep, "rank": args.rank}
+        for item in args.option:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise RecipeError(f"--option expects KEY=VALUE, got {item!r}")
+            import yaml
+
+            options[key] = yaml.safe_load(value)
+        recipe = Recipe.from_dict(Recipe.single(args.method, args.targets, args.ignore, **options).model_dump())
+    updates = {k: v for k, v in {"samples": args.calib_samples, "max_length": args.calib_max_length}.items()
+               if v is not None}
+    if updates:
+        recipe = recipe.model_copy(update={"calibration": Calibration(**{**recipe.calibration.model_dump(),
+                                                                          **updates})})
+    return recipe
+
+
+def cmd_compress(args) -> None:
+    from lmcompress.io import check_output_dir, save, save_dense
+    from lmcompress.methods import get_method
+    from lmcompress.models import load_model
+    from lmcompress.pipeline import compress
+
+    recipe = _recipe_from_args(args)  # validate before the (slow) model load
+    check_output_dir(args.out, args.overwrite)
+    if args.dense_out:
+        check_output_dir(args.dense_out, args.overwrite)
+    model, tokenizer = load_model(args.model)
+    calibration = None
+    if any(get_method(stage.method).needs for stage in recipe.stages):
+        _, calibration = _task_and_examples(args, "train", model)
+    summary = compress(model, recipe, tokenizer, calibration, progress=not args.quiet)
+    save(model, args.out, tokenizer, recipe, overwrite=args.overwrite, extra={"summary": summary.to_dict()})
+    if args.dense_out:
+        save_dense(model, args.dense_out, tokenizer, overwrite=args.overwrite)
+    print(f"{summary.describe()}; saved to {args.out}")
+
+
+def cmd_evaluate(args) -> None:
+    from lmcompress.evaluation import evaluate
+    from lmcompress.models import load_model
+
+    model, tokenizer = load_model(args.model)
+    task, dev = _task_and_examples(args, "dev", model, max_samples=args.max_samples)
+    result = evaluate(model, tokenizer, task, dev, batch_size=args.batch_size, max_length=args.max_length,
+                      flops_seq_len=args.seq_len, latency_batch_size=args.latency_batch_size,
+                      latency_seq_len=args.seq_len, latency_repeats=args.repeats, progress=not args.quiet)
+    params = ", ".join(f"{k} {v:,}" for k, v in result.params.items())
+    print(f"{task.name} {result.metric['name']}: {result.metric['value']:.4f} on {result.examples} examples\n"
+          f"parameters: {params}\n"
+          f"FLOPs/example @ {args.seq_len} tokens: {result.flops / 1e9:.3f} G\n"
+          f"latency (batch {args.latency_batch_size}, {args.seq_len} tokens, median of {args.repeats}): "
+          f"{result.latency_ms:.2f} ms\n"
+          f"size: {result.size_bytes / 1e6:.2f} MB")
+    if args.json:
+        write_json(args.json, result.to_dict())
+
+
+def cmd_demo(args) -> None:
+    from lmcompress.demo import run_demo
+
+    run_demo(args.out, keeps=args.keep, overwrite=args.overwrite, progress=not args.quiet)
+
+
+def cmd_methods(_args) -> None:
+    from lmcompress.methods import available_methods, get_method
+
+    for name in available_methods():
+        method = get_method(name)
+        doc = (sys.modules[type(method).__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"{name}: {doc}")
+        for field, info in method.config_class.model_fields.items():
+            print(f"    {field} (default {info.default!r}): {info.description or ''}")
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """Write JSON via a temporary file and rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+COMMANDS = {"finetune": cmd_finetune, "compress": cmd_compress, "evaluate": cmd_evaluate, "demo": cmd_demo,
+            "methods": cmd_methods}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # their warnings about new heads are expected here
+    from pydantic import ValidationError
+
+    from lmcompress.errors import LMCompressError, validation_message
+
+    try:
+        COMMANDS[args.command](args)
+    except LMCompressError as err:
+        print(f"lmcompress {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ValidationError as err:  # option values checked by a config model (e.g. --lr -1)
+        print(f"lmcompress {args.command}: error: {validation_message(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lmcompress {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

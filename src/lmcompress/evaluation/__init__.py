@@ -1,0 +1,7 @@
+"""Task metric and efficiency numbers (parameters by component, FLOPs, latency, bytes)."""
+
+from lmcompress.evaluation.efficiency import count_flops, measure_latency, parameter_counts, serialized_size
+from lmcompress.evaluation.evaluate import EvalResult, evaluate, predict
+
+__all__ = ["EvalResult", "count_flops", "evaluate", "measure_latency", "parameter_counts", "predict",
+           "serialized_size"]

@@ -1,0 +1,65 @@
+"""What a compressed model costs: parameters (by component), FLOPs, measured CPU latency, bytes on disk."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_model
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from lmcompress.anatomy import parameters_by_component
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """{"total": n, "embeddings": ..., "attention": ..., "feed_forward": ..., "other": ...}."""
+    by_component = parameters_by_component(model)
+    return {"total": sum(by_component.values()), **by_component}
+
+
+def dummy_batch(model: nn.Module, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """Token ids that avoid special ids; FLOPs and latency depend only on shapes."""
+    vocab = int(getattr(model.config, "vocab_size", 1000))
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(min(1000, vocab // 2), vocab, (batch_size, seq_len), generator=generator).to(device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def count_flops(model: nn.Module, seq_len: int = 128) -> int:
+    """FLOPs of one forward pass for one example of `seq_len` tokens, from PyTorch's FLOP counter."""
+    batch = dummy_batch(model, 1, seq_len)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        model(**batch)
+    return int(counter.get_total_flops())
+
+
+def measure_latency(model: nn.Module, batch_size: int = 1, seq_len: int = 128, warmup: int = 3,
+                    repeats: int = 20) -> dict[str, float]:
+    """Median (and spread) of wall-clock milliseconds per forward pass, after warm-up runs."""
+    batch = dummy_batch(model, batch_size, seq_len)
+    model.eval()
+    times = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(**batch)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(**batch)
+            times.append((time.perf_counter() - start) * 1000)
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {"median_ms": statistics.median(times), "p25_ms": quartiles[0], "p75_ms": quartiles[2],
+            "batch_size": batch_size, "seq_len": seq_len, "repeats": repeats, "threads": torch.get_num_threads()}
+
+
+def serialized_size(model: nn.Module) -> int:
+    """Bytes of the model's weights written as safetensors (what `lmcompress.save` puts on disk)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.safetensors"
+        save_model(model, str(path))
+        return path.stat().st_size

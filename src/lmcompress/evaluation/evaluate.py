@@ -1,0 +1,59 @@
+"""Evaluate a model on a task: the task metric plus efficiency, in one JSON-ready record."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lmcompress.batching import encode_batches
+from lmcompress.evaluation.efficiency import count_flops, measure_latency, parameter_counts, serialized_size
+from lmcompress.tasks import Examples, TaskSpec, compute_metrics
+
+
+@dataclass
+class EvalResult:
+    task: str
+    metric: dict            # {"name": primary metric, "value": float}
+    metrics: dict[str, float]
+    examples: int
+    params: dict[str, int]
+    flops: int              # per example at `flops_seq_len` tokens
+    flops_seq_len: int
+    latency_ms: float       # median
+    latency: dict[str, float]
+    size_bytes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def predict(model: nn.Module, tokenizer, examples: Examples, batch_size: int = 64, max_length: int = 128,
+            progress: bool = True) -> np.ndarray:
+    """Class ids (classification) or scores (regression), in example order."""
+    model.eval()
+    device = next(model.parameters()).device
+    outputs = []
+    total = math.ceil(len(examples) / batch_size)
+    with torch.inference_mode():
+        for batch in tqdm(encode_batches(tokenizer, examples, batch_size, max_length), total=total,
+                          desc="evaluating", unit="batch", disable=not progress, leave=False):
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+            outputs.append(logits.squeeze(-1) if examples.label_names is None else logits.argmax(-1))
+    return torch.cat(outputs).numpy()
+
+
+def evaluate(model: nn.Module, tokenizer, task: TaskSpec, examples: Examples, *, batch_size: int = 64,
+             max_length: int = 128, flops_seq_len: int = 128, latency_batch_size: int = 1,
+             latency_seq_len: int = 128, latency_repeats: int = 20, progress: bool = True) -> EvalResult:
+    predictions = predict(model, tokenizer, examples, batch_size, max_length, progress)
+    metrics = compute_metrics(task, predictions, np.asarray(examples.labels))
+    latency = measure_latency(model, latency_batch_size, latency_seq_len, repeats=latency_repeats)
+    return EvalResult(task=task.name, metric={"name": task.metric, "value": metrics[task.metric]},
+                      metrics=metrics, examples=len(examples), params=parameter_counts(model),
+                      flops=count_flops(model, flops_seq_len), flops_seq_len=flops_seq_len,
+                      latency_ms=latency["median_ms"], latency=latency, size_bytes=serialized_size(model))

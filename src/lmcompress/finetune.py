@@ -1,0 +1,97 @@
+"""Full fine-tuning of a sequence classifier/regressor on a task's training examples."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from lmcompress.batching import encode_batches
+from lmcompress.io import atomic_output_dir
+from lmcompress.models import load_model
+from lmcompress.tasks import Examples, TaskSpec
+
+log = logging.getLogger("lmcompress")
+
+
+class FinetuneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: float = Field(default=1.0, gt=0)
+    lr: float = Field(default=5e-5, gt=0)
+    batch_size: int = Field(default=32, ge=1)
+    max_length: int = Field(default=128, ge=8)
+    max_train_samples: int | None = Field(default=None, ge=1)
+    seed: int = 0
+    warmup_ratio: float = Field(default=0.06, ge=0, lt=1)
+    weight_decay: float = Field(default=0.01, ge=0)
+
+
+@dataclass
+class FinetuneResult:
+    steps: int
+    final_loss: float
+    config: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def finetune(model_spec, task: TaskSpec, train: Examples, config: FinetuneConfig | None = None,
+             out: str | Path | None = None, overwrite: bool = False, progress: bool = True):
+    """Fine-tune `model_spec` (None = bundled MiniLM) on `train`; save to `out` if given.
+
+    Returns (model, tokenizer, FinetuneResult). The saved directory is a normal Hugging Face checkpoint
+    (safetensors + tokenizer) with the task name and label names in its config.
+    """
+    config = config or FinetuneConfig()
+    if out is not None:
+        from lmcompress.io import check_output_dir
+
+        check_output_dir(out, overwrite)  # fail before training, not after
+    train = train.take(config.max_train_samples, seed=config.seed)
+    torch.manual_seed(config.seed)  # also fixes the new classification head's initialisation
+    model, tokenizer = load_model(model_spec, num_labels=train.num_labels, label_names=train.label_names,
+                                  is_regression=task.is_regression)
+    model.config.finetuning_task = task.name
+    model.train()
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    total_steps = max(1, math.ceil(steps_per_epoch * config.epochs))
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    generator = torch.Generator().manual_seed(config.seed)
+    step, loss_ema = 0, float("nan")
+    bar = tqdm(total=total_steps, desc="fine-tuning", unit="step", disable=not progress)
+    while step < total_steps:
+        order = torch.randperm(len(train), generator=generator).tolist()
+        for batch in encode_batches(tokenizer, train, config.batch_size, config.max_length, with_labels=True,
+                                    order=order):
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_ema = loss.item() if math.isnan(loss_ema) else 0.95 * loss_ema + 0.05 * loss.item()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_ema:.4f}")
+            if step >= total_steps:
+                break
+    bar.close()
+    model.eval()
+    log.info("fine-tuned %d steps on %d examples, final loss %.4f", step, len(train), loss_ema)
+    if out is not None:
+        with atomic_output_dir(out, overwrite) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    return model, tokenizer, FinetuneResult(step, loss_ema, config.model_dump())

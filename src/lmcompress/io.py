@@ -1,0 +1,153 @@
+"""Saving and loading compressed models.
+
+A saved directory holds: `config.json` (the base architecture), `model.safetensors` (all weights, the
+compressed layers' factors included), `lmcompress.json` (the manifest: which modules were replaced and
+with what shapes), `recipe.yaml` (how it was made) and the tokenizer. `load` rebuilds the architecture,
+swaps in empty compressed layers of the recorded shapes, then loads the weights strictly, so a missing
+or unexpected tensor is an error rather than a silently random layer.
+
+Everything is written into a temporary sibling directory and renamed into place at the end, so a failure
+never leaves a half-written model behind and an existing directory is only replaced when asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import transformers
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from lmcompress.errors import LMCompressError, ModelLoadError, first_line
+from lmcompress.layers import CompressedLayer, layer_from_manifest
+from lmcompress.linear import set_submodule
+
+MANIFEST_NAME = "lmcompress.json"
+WEIGHTS_NAME = "model.safetensors"
+RECIPE_NAME = "recipe.yaml"
+FORMAT_VERSION = 1
+
+
+def check_output_dir(path: str | Path, overwrite: bool) -> Path:
+    """Refuse, before any work starts, to write over a non-empty directory unless `overwrite`."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LMCompressError(f"output path exists and is not a directory: {path}")
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise LMCompressError(f"output directory is not empty: {path} (pass --overwrite to replace it)")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `path` only if the block finishes without error."""
+    path = check_output_dir(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    backup = None
+    if path.exists():
+        backup = path.with_name(f".{path.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
+        path.rename(backup)
+    tmp.rename(path)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def compressed_modules(model: nn.Module) -> dict[str, CompressedLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, CompressedLayer)}
+
+
+def write_model(model: nn.Module, directory: Path, tokenizer=None, recipe=None,
+                extra: dict[str, Any] | None = None) -> None:
+    """Write model, manifest, recipe and tokenizer into an existing directory (see `save`)."""
+    model.config.save_pretrained(directory)
+    save_model(model, str(directory / WEIGHTS_NAME))
+    manifest = {
+        "format": "lmcompress",
+        "format_version": FORMAT_VERSION,
+        "architecture": type(model).__name__,
+        "replaced": {name: layer.manifest_entry() for name, layer in compressed_modules(model).items()},
+        **(extra or {}),
+    }
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    if recipe is not None:
+        recipe.save(directory / RECIPE_NAME)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def save(model: nn.Module, path: str | Path, tokenizer=None, recipe=None, overwrite: bool = False,
+         extra: dict[str, Any] | None = None) -> Path:
+    """Save a (possibly compressed) model so that `load(path)` reproduces its outputs exactly."""
+    with atomic_output_dir(path, overwrite) as tmp:
+        write_model(model, tmp, tokenizer, recipe, extra)
+    return Path(path)
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Replace every compressed layer by the dense layer it represents (in place)."""
+    for name, layer in compressed_modules(model).items():
+        set_submodule(model, name, layer.to_dense())
+    return model
+
+
+def save_dense(model: nn.Module, path: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
+    """Export a plain Hugging Face directory (`from_pretrained` loads it) with compressed layers expanded.
+
+    The copy has the dense size: use it for consumers that only know `from_pretrained`.
+    """
+    import copy
+
+    dense = densify(copy.deepcopy(model))
+    with atomic_output_dir(path, overwrite) as tmp:
+        dense.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(path)
+
+
+def read_manifest(path: str | Path) -> dict[str, Any] | None:
+    file = Path(path) / MANIFEST_NAME
+    if not file.is_file():
+        return None
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{file}: corrupt manifest ({err})") from None
+    if manifest.get("format") != "lmcompress":
+        raise ModelLoadError(f"{file}: not an lmcompress manifest")
+    return manifest
+
+
+def load(path: str | Path) -> nn.Module:
+    """Rebuild a model saved by `save`: architecture, compressed layers, then strict weight loading."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise ModelLoadError(f"{path}: no {MANIFEST_NAME}; not a model saved by lmcompress")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise ModelLoadError(f"{path}: saved by a newer lmcompress (format {manifest['format_version']})")
+    architecture = getattr(transformers, manifest.get("architecture", ""), None)
+    if architecture is None:
+        raise ModelLoadError(f"{path}: unknown architecture {manifest.get('architecture')!r}")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+        model = architecture(config)
+        for name, entry in manifest["replaced"].items():
+            set_submodule(model, name, layer_from_manifest(entry))
+        load_model(model, str(path / WEIGHTS_NAME), strict=True)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
+        raise ModelLoadError(f"could not load {path}: {first_line(err)}") from None
+    return model.eval()

@@ -1,0 +1,10 @@
+"""Compressed replacements for dense linear layers.
+
+Every layer here can be rebuilt empty from its manifest entry (so `lmcompress.load` can restore uneven
+per-layer shapes before loading weights strictly) and can turn itself back into a dense layer.
+"""
+
+from lmcompress.layers.base import CompressedLayer, layer_from_manifest, register_layer
+from lmcompress.layers.lowrank import LowRankLinear
+
+__all__ = ["CompressedLayer", "LowRankLinear", "layer_from_manifest", "register_layer"]

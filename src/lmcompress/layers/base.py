@@ -1,0 +1,69 @@
+"""Shared contract of compressed layers and the registry that rebuilds them from a manifest."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+_LAYER_TYPES: dict[str, type[CompressedLayer]] = {}
+
+
+def register_layer(cls: type[CompressedLayer]) -> type[CompressedLayer]:
+    """Class decorator: make a compressed layer type rebuildable by name from a manifest."""
+    _LAYER_TYPES[cls.__name__] = cls
+    return cls
+
+
+def layer_from_manifest(entry: dict[str, Any]) -> CompressedLayer:
+    """Build an (uninitialised) compressed layer with the shapes its manifest entry records."""
+    kind = entry.get("type")
+    if kind not in _LAYER_TYPES:
+        raise KeyError(f"unknown compressed layer type {kind!r}; known: {', '.join(sorted(_LAYER_TYPES))}")
+    return _LAYER_TYPES[kind].from_manifest(entry)
+
+
+class CompressedLayer(nn.Module):
+    """Base class: a drop-in replacement for a dense linear map y = x W^T + b.
+
+    `dense_kind` remembers whether the original was `nn.Linear` or GPT-2's `Conv1D`, so `to_dense` gives
+    back the type the architecture's `from_pretrained` expects.
+    """
+
+    in_features: int
+    out_features: int
+    dense_kind: str
+    manifest_fields: ClassVar[tuple[str, ...]] = ()
+
+    def manifest_entry(self) -> dict[str, Any]:
+        entry = {"type": type(self).__name__, "dense_kind": self.dense_kind}
+        entry.update({field: getattr(self, field) for field in self.manifest_fields})
+        return entry
+
+    @classmethod
+    def from_manifest(cls, entry: dict[str, Any]) -> CompressedLayer:
+        raise NotImplementedError
+
+    def dense_weight(self) -> torch.Tensor:
+        """The (out, in) weight this layer represents; for export and analysis, never used in forward."""
+        raise NotImplementedError
+
+    def to_dense(self) -> nn.Module:
+        from lmcompress.linear import make_dense
+
+        return make_dense(self.dense_weight(), self.bias, self.dense_kind)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> int:
+        """Multiply-accumulates x2 for one input row (bias adds ignored, as in PyTorch's FLOP counter)."""
+        raise NotImplementedError
+
+    def dense_flops_per_token(self) -> int:
+        return 2 * self.in_features * self.out_features
+
+    def slower_than_dense(self) -> bool:
+        """True when this layer needs more arithmetic per token than the dense layer it replaces."""
+        return self.flops_per_token() >= self.dense_flops_per_token()

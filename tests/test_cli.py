@@ -1,0 +1,142 @@
+"""The command line: smoke tests of each subcommand and one clear line + exit 2 for each bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import SENTENCES, make_tiny_bert
+
+from lmcompress.cli import main
+
+
+@pytest.fixture
+def model_dir(tmp_path, tokenizer):
+    model = make_tiny_bert(tokenizer.vocab_size)
+    model.config.id2label, model.config.label2id = {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
+    path = tmp_path / "tiny"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def csv_file(tmp_path):
+    path = tmp_path / "data.csv"
+    rows = ["text,label"] + [f'"{s}",{"pos" if i % 2 else "neg"}' for i, s in enumerate(SENTENCES)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def data_args(csv_file):
+    return ["--task", "text-classification", "--data", str(csv_file), "--text-column", "text",
+            "--label-column", "label"]
+
+
+def run(argv, capsys):
+    code = main(["-q", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_compress_then_evaluate(model_dir, csv_file, tmp_path, capsys):
+    out = tmp_path / "small"
+    code, stdout, _ = run(["compress", "--model", str(model_dir), "--method", "whitened_svd", "--keep", "0.5",
+                           *data_args(csv_file), "--calib-samples", "8", "--out", str(out),
+                           "--dense-out", str(tmp_path / "dense")], capsys)
+    assert code == 0, stdout
+    assert "compressed 12 of 12 targeted layers" in stdout
+    assert (out / "recipe.yaml").is_file() and (out / "lmcompress.json").is_file()
+    assert (tmp_path / "dense" / "model.safetensors").is_file()
+    result_file = tmp_path / "eval.json"
+    code, stdout, _ = run(["evaluate", "--model", str(out), *data_args(csv_file), "--repeats", "2",
+                           "--seq-len", "16", "--json", str(result_file)], capsys)
+    assert code == 0
+    result = json.loads(result_file.read_text())
+    assert result["metric"]["name"] == "accuracy" and 0 <= result["metric"]["value"] <= 1
+    assert result["params"]["total"] == sum(v for k, v in result["params"].items() if k != "total")
+    assert result["flops"] > 0 and result["latency_ms"] > 0 and result["size_bytes"] > 0
+    assert "accuracy" in stdout
+
+
+def test_compress_with_recipe_file(model_dir, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("stages:\n  - method: svd\n    targets: ['intermediate']\n    options: {rank: 4}\n")
+    code, stdout, _ = run(["compress", "--model", str(model_dir), "--recipe", str(recipe),
+                           "--out", str(tmp_path / "o")], capsys)
+    assert code == 0 and "compressed 2 of 2" in stdout
+
+
+def test_finetune_small(model_dir, csv_file, tmp_path, capsys):
+    out = tmp_path / "ft"
+    code, stdout, _ = run(["finetune", "--model", str(model_dir), *data_args(csv_file), "--out", str(out),
+                           "--epochs", "1", "--batch-size", "4", "--max-length", "16"], capsys)
+    assert code == 0 and "saved to" in stdout
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_methods_lists_options(capsys):
+    code, stdout, _ = run(["methods"], capsys)
+    assert code == 0 and "whitened_svd" in stdout and "damp" in stdout
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "magic", "--keep", "0.5"], "unknown method 'magic'"),
+    (["--method", "svd", "--keep", "0"], "keep: Input should be greater than 0"),
+    (["--method", "svd", "--keep", "1.5"], "keep: Input should be less than or equal to 1"),
+    (["--method", "svd", "--keep", "0.5", "--targets", "nothing_matches"], "match no dense linear layer"),
+    (["--method", "whitened_svd", "--keep", "0.5", "--task", "nonsense"], "unknown task 'nonsense'"),
+    (["--method", "whitened_svd", "--keep", "0.5", "--task", "text-classification", "--text-column", "sentence",
+      "--label-column", "label"], "missing column 'sentence'"),
+    (["--method", "whitened_svd", "--keep", "0.5", "--calib-samples", "0"], "greater than or equal to 1"),
+])
+def test_bad_compress_input(model_dir, csv_file, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    if "--task" in extra and "--data" not in extra:
+        extra = [*extra, "--data", str(csv_file)]
+    code, _, stderr = run(["compress", "--model", str(model_dir), *extra, "--out", str(out)], capsys)
+    assert code == 2
+    assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
+
+
+def test_empty_calibration_set(model_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n")
+    code, _, stderr = run(["compress", "--model", str(model_dir), "--method", "whitened_svd",
+                           "--task", "text-classification", "--data", str(empty), "--text-column", "text",
+                           "--label-column", "label", "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and "no examples" in stderr and not (tmp_path / "out").exists()
+
+
+def test_missing_and_corrupt_model(tmp_path, capsys):
+    code, _, stderr = run(["evaluate", "--model", str(tmp_path / "absent")], capsys)
+    assert code == 2 and "not found" in stderr
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text("{ this is not json")
+    code, _, stderr = run(["compress", "--model", str(corrupt), "--method", "svd", "--out", str(tmp_path / "o")],
+                          capsys)
+    assert code == 2 and "could not load" in stderr and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_directory_is_not_overwritten(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("data")
+    code, _, stderr = run(["compress", "--model", str(model_dir), "--method", "svd", "--out", str(out)], capsys)
+    assert code == 2 and "not empty" in stderr and (out / "keep.txt").read_text() == "data"
+
+
+def test_entry_point_exit_codes():
+    ok = subprocess.run([sys.executable, "-m", "lmcompress.cli", "--help"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "compress" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "lmcompress.cli", "compress", "--method", "svd", "--keep", "2",
+                          "--out", "/nonexistent/x"], capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "lmcompress compress: error: invalid options for method 'svd': keep: Input " \
+                                 "should be less than or equal to 1"

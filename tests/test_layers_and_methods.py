@@ -1,0 +1,127 @@
+"""Low-rank layers and the svd / whitened_svd factorisations, on single layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lmcompress.calibration import LayerStats
+from lmcompress.errors import RecipeError
+from lmcompress.layers import LowRankLinear, layer_from_manifest
+from lmcompress.layers.lowrank import rank_for_keep
+from lmcompress.methods import available_methods, get_method
+from lmcompress.methods.whitened_svd import whitened_svd_factors
+
+
+def correlated_inputs(n: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """Inputs whose energy sits in a few directions, as activations inside transformers do."""
+    generator = torch.Generator().manual_seed(seed)
+    mix = torch.randn(dim, dim, generator=generator) * torch.logspace(0, -3, dim)[None, :]
+    return torch.randn(n, dim, generator=generator) @ mix.T
+
+
+def stats_of(x: torch.Tensor) -> LayerStats:
+    x = x.to(torch.float64)
+    return LayerStats(x.T @ x, x.shape[0])
+
+
+@pytest.mark.parametrize("method", ["svd", "whitened_svd"])
+@pytest.mark.parametrize("kind", ["Linear", "Conv1D"])
+def test_full_rank_reproduces_the_dense_layer(method, kind):
+    torch.manual_seed(0)
+    dense = nn.Linear(24, 16) if kind == "Linear" else Conv1D(16, 24)
+    x = correlated_inputs(200, 24)
+    handler = get_method(method)
+    result = handler.compress_layer("layer", dense, stats_of(x),
+                                    handler.parse_config({"rank": 16, "always_factorize": True}))
+    assert isinstance(result.module, LowRankLinear)
+    torch.testing.assert_close(result.module(x), dense(x), atol=1e-4, rtol=1e-4)
+    assert type(result.module.to_dense()) is type(dense)
+    torch.testing.assert_close(result.module.to_dense()(x), dense(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.2])
+def test_whitened_svd_has_lower_output_error_on_correlated_inputs(keep):
+    torch.manual_seed(1)
+    dense = nn.Linear(64, 48)
+    x = correlated_inputs(4000, 64)
+    errors = {}
+    for method in ("svd", "whitened_svd"):
+        handler = get_method(method)
+        layer = handler.compress_layer("layer", dense, stats_of(x), handler.parse_config({"keep": keep})).module
+        with torch.no_grad():
+            errors[method] = float((layer(x) - dense(x)).norm() / dense(x).norm())
+    assert errors["whitened_svd"] < 0.7 * errors["svd"], errors
+
+
+def test_whitened_svd_is_stable_on_singular_and_ill_conditioned_statistics():
+    torch.manual_seed(2)
+    weight = torch.randn(16, 32, dtype=torch.float64)
+    x = torch.randn(100, 4, dtype=torch.float64) @ torch.randn(4, 32, dtype=torch.float64)  # rank 4 of 32
+    x[:, 0] *= 1e8  # one enormous feature: condition number far beyond float64's reach
+    gram = x.T @ x / 100
+    for damp in (0.0, 0.01):
+        first, second = whitened_svd_factors(weight, gram, 8, damp)
+        assert torch.isfinite(first).all() and torch.isfinite(second).all()
+    first, second = whitened_svd_factors(weight, torch.zeros(32, 32, dtype=torch.float64), 8, 0.0)
+    assert torch.isfinite(second @ first).all()  # zero inputs: falls back to plain SVD
+
+
+def test_damping_moves_whitened_svd_towards_plain_svd():
+    torch.manual_seed(3)
+    weight = torch.randn(16, 32, dtype=torch.float64)
+    x = correlated_inputs(500, 32).to(torch.float64)
+    gram = x.T @ x / 500
+    svd = get_method("svd").factorize(weight, None, 6, None)
+    plain = svd[1] @ svd[0]
+    far = whitened_svd_factors(weight, gram, 6, 0.0)
+    near = whitened_svd_factors(weight, gram, 6, 1e6)
+    assert (near[1] @ near[0] - plain).norm() < 1e-3 * plain.norm()
+    assert (far[1] @ far[0] - plain).norm() > 0.1 * plain.norm()
+
+
+def test_layer_that_would_not_shrink_stays_dense():
+    dense = nn.Linear(8, 8)
+    handler = get_method("svd")
+    result = handler.compress_layer("layer", dense, None, handler.parse_config({"keep": 1.0}))
+    assert result.module is None and "kept dense" in result.note
+    assert result.params_before == result.params_after == 64
+
+
+def test_keep_sets_the_parameter_budget():
+    dense = nn.Linear(384, 1536)
+    handler = get_method("svd")
+    result = handler.compress_layer("layer", dense, None, handler.parse_config({"keep": 0.5}))
+    assert result.module.rank == rank_for_keep(384, 1536, 0.5) == 153
+    assert result.params_after <= 0.5 * result.params_before
+    assert result.module.num_parameters() == result.params_after + 1536  # + bias
+
+
+def test_manifest_rebuilds_the_same_shapes():
+    layer = LowRankLinear(10, 6, 3, bias=False, dense_kind="Conv1D")
+    clone = layer_from_manifest(layer.manifest_entry())
+    assert isinstance(clone, LowRankLinear)
+    assert (clone.rank, clone.in_features, clone.out_features, clone.bias) == (3, 10, 6, None)
+    assert clone.dense_kind == "Conv1D"
+    assert not layer.slower_than_dense() and LowRankLinear(10, 6, 6).slower_than_dense()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"keep": 0}, "greater than 0"),
+    ({"keep": 1.5}, "less than or equal to 1"),
+    ({"keep": 0.5, "rank": 3}, "either keep or rank"),
+    ({"rank": 0}, "greater than or equal to 1"),
+    ({"kep": 0.5}, "kep"),
+])
+def test_bad_method_options_are_one_line_errors(options, message):
+    with pytest.raises(RecipeError, match=message) as info:
+        get_method("svd").parse_config(options)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_method_lists_the_choices():
+    with pytest.raises(RecipeError, match="choose one of: svd, whitened_svd"):
+        get_method("magic")
+    assert {"svd", "whitened_svd"} <= set(available_methods())

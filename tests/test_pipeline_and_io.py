@@ -1,0 +1,180 @@
+"""compress() on tiny BERT and GPT-2 models, calibration statistics, and the save/load round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import SENTENCES, logits
+from transformers import AutoModelForSequenceClassification
+
+import lmcompress
+from lmcompress.calibration import GramCollector, calibrate
+from lmcompress.errors import CalibrationError, ModelLoadError, RecipeError
+from lmcompress.io import MANIFEST_NAME, compressed_modules
+from lmcompress.layers import LowRankLinear
+from lmcompress.pipeline import compress, select_layers
+from lmcompress.recipe import Calibration, Recipe, Stage
+from lmcompress.tasks.spec import Examples
+
+
+def test_calibration_excludes_padding(tiny_bert, tokenizer, examples):
+    layer_name = "bert.encoder.layer.0.attention.self.query"
+    layers = {layer_name: tiny_bert.get_submodule(layer_name)}
+    stats = calibrate(tiny_bert, tokenizer, examples, layers, batch_size=4, progress=False)[layer_name]
+    real_tokens = sum(len(tokenizer(t)["input_ids"]) for t in examples.texts)
+    assert stats.count == real_tokens
+    # same statistics one example at a time (no padding at all)
+    single = calibrate(tiny_bert, tokenizer, examples, layers, batch_size=1, progress=False)[layer_name]
+    torch.testing.assert_close(stats.gram, single.gram, rtol=1e-6, atol=1e-6)
+
+
+def test_calibration_memory_does_not_grow_with_samples(tiny_bert, tokenizer):
+    layer_name = "bert.encoder.layer.1.intermediate.dense"
+    layers = {layer_name: tiny_bert.get_submodule(layer_name)}
+    many = Examples(SENTENCES * 10, None, [0] * 120, ("a", "b"))
+    collector = GramCollector(layers)
+    assert collector.stats[layer_name].gram.shape == (32, 32)
+    stats = calibrate(tiny_bert, tokenizer, many, layers, progress=False)[layer_name]
+    assert stats.gram.shape == (32, 32) and stats.gram.dtype == torch.float64
+
+
+def test_empty_and_nan_calibration_fail_clearly(tiny_bert, tokenizer):
+    layers = {"bert.pooler.dense": tiny_bert.get_submodule("bert.pooler.dense")}
+    with pytest.raises(CalibrationError, match="empty"):
+        calibrate(tiny_bert, tokenizer, Examples([], None, [], ("a", "b")), layers, progress=False)
+    with torch.no_grad():
+        tiny_bert.bert.embeddings.word_embeddings.weight[:] = float("nan")
+    with pytest.raises(CalibrationError, match="NaN or inf"):
+        calibrate(tiny_bert, tokenizer, Examples(SENTENCES[:2], None, [0, 1], ("a", "b")), layers, progress=False)
+
+
+@pytest.mark.parametrize("method", ["svd", "whitened_svd"])
+def test_full_rank_model_reproduces_outputs(tiny_model, tokenizer, examples, method):
+    before = logits(tiny_model, tokenizer)
+    recipe = Recipe.single(method, rank=10_000, always_factorize=True)
+    summary = compress(tiny_model, recipe, tokenizer, examples, progress=False)
+    assert all(r.replaced for r in summary.layers) and len(summary.layers) > 0
+    assert compressed_modules(tiny_model)
+    torch.testing.assert_close(logits(tiny_model, tokenizer), before, atol=1e-4, rtol=1e-4)
+
+
+def test_default_targets_are_the_block_linears(tiny_model):
+    names = list(select_layers(tiny_model, Stage(method="svd")))
+    assert len(names) == (12 if tiny_model.config.model_type == "bert" else 8)
+    assert not any("classifier" in n or "score" in n or "pooler" in n for n in names)
+
+
+def test_targets_and_ignore(tiny_bert):
+    stage = Stage(method="svd", targets=[r"intermediate|output\.dense"], ignore=[r"attention"])
+    assert sorted(select_layers(tiny_bert, stage)) == [
+        "bert.encoder.layer.0.intermediate.dense", "bert.encoder.layer.0.output.dense",
+        "bert.encoder.layer.1.intermediate.dense", "bert.encoder.layer.1.output.dense"]
+    with pytest.raises(RecipeError, match="match no dense linear layer"):
+        select_layers(tiny_bert, Stage(method="svd", targets=["no_such_layer"]))
+
+
+def test_whitened_beats_svd_on_model_outputs(tokenizer, examples):
+    """Data-aware factorisation keeps the model's own outputs closer on the data it was calibrated on."""
+    from conftest import make_tiny_bert
+
+    errors = {}
+    for method in ("svd", "whitened_svd"):
+        model = make_tiny_bert(tokenizer.vocab_size)
+        reference = model.bert(**tokenizer(SENTENCES, padding=True, return_tensors="pt")).last_hidden_state
+        compress(model, Recipe.single(method, keep=0.3, targets=[r"encoder\.layer\.0\."]), tokenizer, examples,
+                 progress=False)
+        output = model.bert(**tokenizer(SENTENCES, padding=True, return_tensors="pt")).last_hidden_state
+        errors[method] = float((output - reference).detach().norm() / reference.detach().norm())
+    assert errors["whitened_svd"] < errors["svd"], errors
+
+
+def test_data_aware_method_without_data_fails(tiny_bert, tokenizer):
+    with pytest.raises(CalibrationError, match="needs calibration data"):
+        compress(tiny_bert, Recipe.single("whitened_svd", keep=0.5), tokenizer, None, progress=False)
+
+
+def test_save_load_round_trip_is_exact(tiny_model, tokenizer, examples, tmp_path):
+    recipe = Recipe.single("whitened_svd", keep=0.4, calibration=Calibration(samples=8))
+    compress(tiny_model, recipe, tokenizer, examples, progress=False)
+    expected = logits(tiny_model, tokenizer)
+    lmcompress.save(tiny_model, tmp_path / "out", tokenizer, recipe)
+    manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
+    assert manifest["replaced"] and all(e["type"] == "LowRankLinear" for e in manifest["replaced"].values())
+    assert Recipe.from_yaml(tmp_path / "out" / "recipe.yaml") == recipe
+    reloaded = lmcompress.load(tmp_path / "out")
+    assert isinstance(reloaded.get_submodule(next(iter(manifest["replaced"]))), LowRankLinear)
+    assert torch.equal(logits(reloaded, tokenizer), expected)
+    model, _ = lmcompress.load_model(tmp_path / "out")
+    assert torch.equal(logits(model, tokenizer), expected)
+
+
+def test_dense_export_loads_with_plain_from_pretrained(tiny_model, tokenizer, examples, tmp_path):
+    compress(tiny_model, Recipe.single("svd", keep=0.5), tokenizer, progress=False)
+    expected = logits(tiny_model, tokenizer)
+    lmcompress.save_dense(tiny_model, tmp_path / "dense", tokenizer)
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "dense").eval()
+    torch.testing.assert_close(logits(plain, tokenizer), expected, atol=1e-5, rtol=1e-5)
+    assert compressed_modules(tiny_model)  # the export did not densify the model itself
+
+
+def test_save_refuses_to_overwrite_and_leaves_nothing_half_written(tiny_bert, tokenizer, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(lmcompress.LMCompressError, match="not empty"):
+        lmcompress.save(tiny_bert, out, tokenizer)
+    assert (out / "precious.txt").read_text() == "keep me"
+
+    class Boom(RuntimeError):
+        pass
+
+    def broken_save_pretrained(*args, **kwargs):
+        raise Boom("disk full")
+
+    tokenizer_copy = type(tokenizer).from_pretrained(lmcompress.models.bundled_model_path())
+    tokenizer_copy.save_pretrained = broken_save_pretrained
+    with pytest.raises(Boom):
+        lmcompress.save(tiny_bert, tmp_path / "new", tokenizer_copy)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_corrupt_saved_model_is_a_clear_error(tiny_bert, tokenizer, tmp_path):
+    compress(tiny_bert, Recipe.single("svd", keep=0.5), tokenizer, progress=False)
+    lmcompress.save(tiny_bert, tmp_path / "out", tokenizer)
+    weights = tmp_path / "out" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ModelLoadError, match="could not load"):
+        lmcompress.load(tmp_path / "out")
+    (tmp_path / "out" / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(ModelLoadError, match="corrupt manifest"):
+        lmcompress.load(tmp_path / "out")
+
+
+def test_missing_model_directory(tmp_path):
+    with pytest.raises(ModelLoadError, match="not found"):
+        lmcompress.load_model(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        lmcompress.load_model(str(tmp_path / "empty"))
+
+
+def test_recipe_yaml_round_trip_and_validation(tmp_path):
+    recipe = Recipe(stages=[Stage(method="whitened_svd", targets=["intermediate"], options={"keep": 0.3}),
+                            Stage(method="svd", options={"rank": 4})], calibration=Calibration(samples=64))
+    path = tmp_path / "recipe.yaml"
+    recipe.save(path)
+    assert Recipe.from_yaml(path) == recipe
+    path.write_text("stages:\n  - method: svd\n    options: {keep: 2}\n")
+    with pytest.raises(RecipeError, match="keep: Input should be less than or equal to 1"):
+        Recipe.from_yaml(path)
+    path.write_text("stages: []\n")
+    with pytest.raises(RecipeError, match="stages"):
+        Recipe.from_yaml(path)
+    path.write_text("stages:\n  - method: svd\n    targets: ['(']\n")
+    with pytest.raises(RecipeError, match="bad regular expression"):
+        Recipe.from_yaml(path)
+    path.write_text("stages: [\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        Recipe.from_yaml(path)
