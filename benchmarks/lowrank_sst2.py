@@ -21,12 +21,13 @@ from datetime import date
 from pathlib import Path
 
 import torch
+import transformers
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from lmcompress.evaluation import evaluate  # noqa: E402
-from lmcompress.finetune import FinetuneConfig, finetune  # noqa: E402
+from lmcompress.training import FinetuneConfig, finetune  # noqa: E402
 from lmcompress.models import load_model  # noqa: E402
 from lmcompress.pipeline import compress  # noqa: E402
 from lmcompress.recipe import Calibration, Recipe  # noqa: E402
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "lowrank_sst2"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    transformers.logging.set_verbosity_error()  # the new classification head is expected
     started = time.perf_counter()
 
     task = get_task("sst2")

@@ -74,7 +74,7 @@ def tiny_model(request, tokenizer):
 
 @pytest.fixture
 def examples():
-    from lmcompress.tasks.spec import Examples
+    from lmcompress.tasks import Examples
 
     return Examples(texts=SENTENCES, text_pairs=None, labels=[i % 2 for i in range(len(SENTENCES))],
                     label_names=("negative", "positive"))

@@ -7,7 +7,7 @@ import torch
 from conftest import SHARED_DATA, logits
 
 import lmcompress
-from lmcompress.finetune import FinetuneConfig
+from lmcompress.training import FinetuneConfig
 from lmcompress.recipe import Calibration, Recipe
 
 

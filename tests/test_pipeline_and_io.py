@@ -16,7 +16,7 @@ from lmcompress.io import MANIFEST_NAME, compressed_modules
 from lmcompress.layers import LowRankLinear
 from lmcompress.pipeline import compress, select_layers
 from lmcompress.recipe import Calibration, Recipe, Stage
-from lmcompress.tasks.spec import Examples
+from lmcompress.tasks import Examples
 
 
 def test_calibration_excludes_padding(tiny_bert, tokenizer, examples):

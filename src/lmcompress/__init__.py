@@ -19,8 +19,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "finetune": "lmcompress.finetune",
-    "FinetuneConfig": "lmcompress.finetune",
+    "finetune": "lmcompress.training",
+    "FinetuneConfig": "lmcompress.training",
     "compress": "lmcompress.pipeline",
     "CompressionSummary": "lmcompress.pipeline",
     "evaluate": "lmcompress.evaluation",

@@ -95,7 +95,7 @@ def _task_and_examples(args, split: str, model=None, max_samples: int | None = N
 
 
 def cmd_finetune(args) -> None:
-    from lmcompress.finetune import FinetuneConfig, finetune
+    from lmcompress.training import FinetuneConfig, finetune
 
     config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
                             max_train_samples=args.max_train_samples, seed=args.seed)
@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()  # their warnings about new heads are expected here
+    transformers.utils.logging.disable_progress_bar()  # ours say what is happening; theirs clutter errors
     from pydantic import ValidationError
 
     from lmcompress.errors import LMCompressError, validation_message

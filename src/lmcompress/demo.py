@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lmcompress.evaluation import evaluate
-from lmcompress.finetune import FinetuneConfig, finetune
+from lmcompress.training import FinetuneConfig, finetune
 from lmcompress.io import atomic_output_dir
 from lmcompress.pipeline import compress
 from lmcompress.recipe import Calibration, Recipe
