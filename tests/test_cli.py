@@ -140,3 +140,34 @@ def test_entry_point_exit_codes():
     assert bad.returncode == 2
     assert bad.stderr.strip() == "lmcompress compress: error: invalid options for method 'svd': keep: Input " \
                                  "should be less than or equal to 1"
+
+
+def test_unreachable_hub_model_is_one_line(tmp_path, capsys):
+    code, _, stderr = run(["evaluate", "--model", "no-such-org/no-such-model"], capsys)
+    assert code == 2 and "could not be fetched from the Hugging Face hub" in stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
+def test_finetune_regression_task(model_dir, tmp_path, capsys):
+    folder = tmp_path / "STS-B"
+    folder.mkdir()
+    rows = ["index\tgenre\tsentence1\tsentence2\tscore"]
+    rows += [f"{i}\tx\t{SENTENCES[i]}\t{SENTENCES[-i - 1]}\t{i % 5}.0" for i in range(8)]
+    (folder / "train.tsv").write_text("\n".join(rows) + "\n")
+    (folder / "dev.tsv").write_text("\n".join(rows) + "\n")
+    base = tmp_path / "base"
+    from transformers import BertConfig, BertModel
+
+    from lmcompress.models import bundled_model_path  # a bare encoder (no head), like the bundled model
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(base)
+    (base / "vocab.txt").write_text((bundled_model_path() / "vocab.txt").read_text())
+    code, _, _ = run(["finetune", "--model", str(base), "--task", "stsb", "--data", str(folder), "--out",
+                      str(tmp_path / "ft"), "--batch-size", "4", "--max-length", "16"], capsys)
+    assert code == 0
+    result_file = tmp_path / "r.json"
+    code, stdout, _ = run(["evaluate", "--model", str(tmp_path / "ft"), "--data", str(folder), "--repeats", "2",
+                           "--seq-len", "16", "--json", str(result_file)], capsys)
+    assert code == 0, stdout
+    result = json.loads(result_file.read_text())
+    assert result["task"] == "stsb" and result["metric"]["name"] == "pearson"  # task taken from the model

@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.logging.set_verbosity_error()  # their warnings about new heads are expected here
     transformers.utils.logging.disable_progress_bar()  # ours say what is happening; theirs clutter errors
+    logging.getLogger("huggingface_hub").setLevel(logging.CRITICAL)  # offline retries: we report one line
     from pydantic import ValidationError
 
     from lmcompress.errors import LMCompressError, validation_message

@@ -14,12 +14,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lmcompress.evaluation import evaluate
-from lmcompress.training import FinetuneConfig, finetune
 from lmcompress.io import atomic_output_dir
 from lmcompress.pipeline import compress
 from lmcompress.recipe import Calibration, Recipe
 from lmcompress.report import RESULT_COLUMNS, markdown_table, result_row
 from lmcompress.tasks import DEFAULT_TASK, get_task, load_examples
+from lmcompress.training import FinetuneConfig, finetune
 
 log = logging.getLogger("lmcompress")
 
@@ -31,6 +31,7 @@ METHODS = ("svd", "whitened_svd")
 def run_demo(out: str | Path = "lmcompress-demo", keeps: Sequence[float] = (0.75, 0.5, 0.3),
              overwrite: bool = False, progress: bool = True) -> list[dict]:
     started = time.perf_counter()
+    logging.getLogger("lmcompress.layers").setLevel(logging.WARNING)  # six runs x 36 layers: summaries only
     task = get_task(DEFAULT_TASK)
     train = load_examples(task, None, "train")
     dev = load_examples(task, None, "dev")

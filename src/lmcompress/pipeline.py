@@ -22,6 +22,7 @@ from lmcompress.methods import get_method
 from lmcompress.recipe import Recipe, Stage
 
 log = logging.getLogger("lmcompress")
+layer_log = logging.getLogger("lmcompress.layers")  # one line per layer; quiet it to keep only summaries
 
 
 @dataclass
@@ -113,7 +114,7 @@ def compress(model: nn.Module, recipe: Recipe, tokenizer=None, calibration_data=
                                  result.params_after, result.module is not None, time.perf_counter() - start,
                                  result.note, result.metrics)
             records.append(record)
-            log.info("%s", _layer_line(record))
+            layer_log.info("%s", _layer_line(record))
     summary = CompressionSummary(records)
     log.info("%s", summary.describe())
     return summary
