@@ -178,3 +178,10 @@ def test_recipe_yaml_round_trip_and_validation(tmp_path):
     path.write_text("stages: [\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
         Recipe.from_yaml(path)
+
+
+def test_full_rank_factorisation_is_flagged_as_slower(tiny_bert, tokenizer):
+    summary = compress(tiny_bert, Recipe.single("svd", rank=10_000, always_factorize=True), tokenizer,
+                       progress=False)
+    assert all("needs more FLOPs than dense" in r.note for r in summary.layers)
+    assert "compressed 12 of 12" in summary.describe()

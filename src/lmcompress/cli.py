@@ -116,15 +116,16 @@ def _recipe_from_args(args):
                               "--ignore/--option")
         recipe = Recipe.from_yaml(args.recipe)
     else:
+        import yaml
+
         options: dict = {"keep": args.keep, "rank": args.rank}
         for item in args.option:
             key, sep, value = item.partition("=")
             if not sep:
                 raise RecipeError(f"--option expects KEY=VALUE, got {item!r}")
-            import yaml
-
-            options[key] = yaml.safe_load(value)
-        recipe = Recipe.from_dict(Recipe.single(args.method, args.targets, args.ignore, **options).model_dump())
+            options[key] = yaml.safe_load(value)  # so damp=0.1 is a number and flag=true a bool
+        recipe = Recipe.single(args.method, args.targets, args.ignore, **options)
+        recipe.check_methods()
     updates = {k: v for k, v in {"samples": args.calib_samples, "max_length": args.calib_max_length}.items()
                if v is not None}
     if updates:

@@ -17,6 +17,7 @@ from torch import nn
 from lmcompress.anatomy import default_target_pattern, dense_linear_layers
 from lmcompress.calibration import calibrate
 from lmcompress.errors import CalibrationError, RecipeError
+from lmcompress.layers import CompressedLayer
 from lmcompress.linear import set_submodule, weight_out_in
 from lmcompress.methods import get_method
 from lmcompress.recipe import Recipe, Stage
@@ -110,6 +111,8 @@ def compress(model: nn.Module, recipe: Recipe, tokenizer=None, calibration_data=
                 result = method.compress_layer(name, layer, stats.get(name), config)
             if result.module is not None:
                 set_submodule(model, name, result.module)
+                if isinstance(result.module, CompressedLayer) and result.module.slower_than_dense():
+                    result.note = (result.note + "; " if result.note else "") + "needs more FLOPs than dense"
             record = LayerRecord(index + 1, stage.method, name, tuple(weight_out_in(layer).shape), result.params_before,
                                  result.params_after, result.module is not None, time.perf_counter() - start,
                                  result.note, result.metrics)
