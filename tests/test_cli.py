@@ -122,6 +122,18 @@ def test_missing_and_corrupt_model(tmp_path, capsys):
                           capsys)
     assert code == 2 and "could not load" in stderr and len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+    broken_weights = tmp_path / "broken-weights"
+    from transformers import BertConfig
+    BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(
+        broken_weights)
+    (broken_weights / "model.safetensors").write_bytes(b"garbage" * 10)
+    code, _, stderr = run(["evaluate", "--model", str(broken_weights)], capsys)
+    assert code == 2 and "could not load model" in stderr and len(stderr.strip().splitlines()) == 1
+    pickle_only = tmp_path / "pickle-only"
+    BertConfig(vocab_size=100).save_pretrained(pickle_only)
+    (pickle_only / "pytorch_model.bin").write_bytes(b"never unpickled")
+    code, _, stderr = run(["evaluate", "--model", str(pickle_only)], capsys)
+    assert code == 2 and "model.safetensors" in stderr
 
 
 def test_output_directory_is_not_overwritten(model_dir, tmp_path, capsys):

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import transformers
+from safetensors import SafetensorError
 from torch import nn
 
 from lmcompress.errors import ModelLoadError, first_line
@@ -85,7 +86,7 @@ def load_model(spec: str | os.PathLike | None, num_labels: int | None = None,
     try:
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
             location, local_files_only=local, use_safetensors=True, **kwargs)
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
         raise ModelLoadError(f"could not load model from {location}: {first_line(err)}") from None
     tokenizer = load_tokenizer(location, local)
     if model.config.pad_token_id is None:
