@@ -185,3 +185,25 @@ def test_full_rank_factorisation_is_flagged_as_slower(tiny_bert, tokenizer):
                        progress=False)
     assert all("needs more FLOPs than dense" in r.note for r in summary.layers)
     assert "compressed 12 of 12" in summary.describe()
+
+
+def test_example_recipes_validate():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "examples" / "recipes").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        Recipe.from_yaml(path)  # raises RecipeError on any invalid method, option or regex
+
+
+def test_unknown_architecture_falls_back_to_linear_layers(tokenizer, caplog):
+    from transformers import ElectraConfig, ElectraForSequenceClassification
+
+    model = ElectraForSequenceClassification(ElectraConfig(vocab_size=100, embedding_size=16, hidden_size=16,
+                                                           num_hidden_layers=1, num_attention_heads=2,
+                                                           intermediate_size=32))
+    model.config.model_type = "not-a-known-family"
+    with caplog.at_level("WARNING", logger="lmcompress"):
+        names = list(select_layers(model, Stage(method="svd")))
+    assert "no anatomy entry" in caplog.text and "bert" in caplog.text
+    assert names and not any(n.startswith("classifier") for n in names)

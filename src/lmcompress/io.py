@@ -13,6 +13,7 @@ never leaves a half-written model behind and an existing directory is only repla
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import shutil
 import tempfile
@@ -108,8 +109,6 @@ def save_dense(model: nn.Module, path: str | Path, tokenizer=None, overwrite: bo
 
     The copy has the dense size: use it for consumers that only know `from_pretrained`.
     """
-    import copy
-
     dense = densify(copy.deepcopy(model))
     with atomic_output_dir(path, overwrite) as tmp:
         dense.save_pretrained(tmp, safe_serialization=True)

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from lmcompress.anatomy import default_target_pattern, dense_linear_layers
+from lmcompress.anatomy import default_target_pattern, dense_linear_layers, family_of, supported_model_types
 from lmcompress.calibration import calibrate
 from lmcompress.errors import CalibrationError, RecipeError
 from lmcompress.layers import CompressedLayer
@@ -72,6 +72,10 @@ class CompressionSummary:
 
 def select_layers(model: nn.Module, stage: Stage, index: int = 0) -> dict[str, nn.Module]:
     """Dense linear layers whose names match any `targets` pattern and no `ignore` pattern."""
+    if stage.targets is None and family_of(model) is None:
+        log.warning("model type %r has no anatomy entry (known: %s); default targets are all dense linear layers "
+                    "except output heads (see docs/adding-a-method.md)",
+                    getattr(model.config, "model_type", None), ", ".join(supported_model_types()))
     targets = stage.targets or [default_target_pattern(model)]
     candidates = dict(dense_linear_layers(model))
     chosen = {name: module for name, module in candidates.items()

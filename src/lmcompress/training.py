@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from lmcompress.batching import encode_batches
-from lmcompress.io import atomic_output_dir
+from lmcompress.io import atomic_output_dir, check_output_dir
 from lmcompress.models import load_model
 from lmcompress.tasks import Examples, TaskSpec
 
@@ -39,9 +39,6 @@ class FinetuneResult:
     final_loss: float
     config: dict
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def finetune(model_spec, task: TaskSpec, train: Examples, config: FinetuneConfig | None = None,
              out: str | Path | None = None, overwrite: bool = False, progress: bool = True):
@@ -52,8 +49,6 @@ def finetune(model_spec, task: TaskSpec, train: Examples, config: FinetuneConfig
     """
     config = config or FinetuneConfig()
     if out is not None:
-        from lmcompress.io import check_output_dir
-
         check_output_dir(out, overwrite)  # fail before training, not after
     train = train.take(config.max_train_samples, seed=config.seed)
     torch.manual_seed(config.seed)  # also fixes the new classification head's initialisation

@@ -7,6 +7,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lmcompress.linear import make_dense
+
 _LAYER_TYPES: dict[str, type[CompressedLayer]] = {}
 
 
@@ -50,8 +52,6 @@ class CompressedLayer(nn.Module):
         raise NotImplementedError
 
     def to_dense(self) -> nn.Module:
-        from lmcompress.linear import make_dense
-
         return make_dense(self.dense_weight(), self.bias, self.dense_kind)
 
     def num_parameters(self) -> int:
