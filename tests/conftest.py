@@ -84,3 +84,32 @@ def logits(model, tokenizer, texts=SENTENCES):
     batch = tokenizer(texts, padding=True, return_tensors="pt")
     with torch.inference_mode():
         return model(**batch).logits
+
+
+def make_tiny_llama(vocab_size: int, pad_token_id: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, num_labels=2,
+                         pad_token_id=pad_token_id)
+    return LlamaForSequenceClassification(config).eval()
+
+
+def make_tiny_distilbert(vocab_size: int, seed: int = 0):
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = DistilBertConfig(vocab_size=vocab_size, dim=32, hidden_dim=64, n_layers=2, n_heads=2,
+                              max_position_embeddings=128, num_labels=2)
+    return DistilBertForSequenceClassification(config).eval()
+
+
+@pytest.fixture(params=["bert", "gpt2", "llama", "distilbert"])
+def any_family_model(request, tokenizer):
+    """One tiny model of each architecture family the anatomy knows."""
+    makers = {"bert": lambda: make_tiny_bert(tokenizer.vocab_size),
+              "gpt2": lambda: make_tiny_gpt2(tokenizer.vocab_size, tokenizer.pad_token_id),
+              "llama": lambda: make_tiny_llama(tokenizer.vocab_size, tokenizer.pad_token_id),
+              "distilbert": lambda: make_tiny_distilbert(tokenizer.vocab_size)}
+    return makers[request.param]()

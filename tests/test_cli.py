@@ -183,3 +183,48 @@ def test_finetune_regression_task(model_dir, tmp_path, capsys):
     assert code == 0, stdout
     result = json.loads(result_file.read_text())
     assert result["task"] == "stsb" and result["metric"]["name"] == "pearson"  # task taken from the model
+
+
+def test_compress_with_a_budget_prints_and_saves_the_allocation(model_dir, csv_file, tmp_path, capsys):
+    out = tmp_path / "budget"
+    code, stdout, _ = run(["compress", "--model", str(model_dir), "--method", "whitened_svd", "--budget",
+                           "params=0.5", "--calibration-mode", "one-shot", *data_args(csv_file),
+                           "--calib-samples", "8", "--out", str(out)], capsys)
+    assert code == 0, stdout
+    manifest = json.loads((out / "lmcompress.json").read_text())
+    stage = manifest["summary"]["stages"][0]
+    assert stage["calibration_mode"] == "one_shot" and stage["allocation"]["strategy"] == "sensitivity"
+    assert manifest["summary"]["params_after"] <= 0.5 * manifest["summary"]["params_before"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "svd", "--budget", "params=2"], "less than or equal to 1"),
+    (["--method", "svd", "--budget", "weights=0.5"], "--budget expects params=F"),
+    (["--method", "svd", "--budget", "params=half"], "needs a number"),
+    (["--method", "svd", "--budget", "params=0.5", "flops=0.5"], "one of them"),
+    (["--method", "svd", "--keep", "0.5", "--budget", "params=0.5"], "drop keep/rank"),
+    (["--method", "svd", "--rank", "4", "--budget", "params=0.5"], "drop keep/rank"),
+    (["--method", "svd", "--keep", "0.5", "--allocation", "uniform"], "--allocation splits a --budget"),
+    (["--method", "svd", "--budget", "params=0.0001", "--allocation", "uniform"], "budget too small"),
+])
+def test_bad_budget_input(model_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    code, _, stderr = run(["compress", "--model", str(model_dir), *extra, "--out", str(out)], capsys)
+    assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert not out.exists()
+
+
+def test_unused_data_is_still_validated(model_dir, csv_file, tmp_path, capsys):
+    code, _, stderr = run(["compress", "--model", str(model_dir), "--method", "svd", "--keep", "0.5",
+                           "--task", "text-classification", "--data", str(csv_file), "--text-column", "nope",
+                           "--label-column", "label", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "missing column 'nope'" in stderr
+
+
+def test_unused_data_gets_a_warning(model_dir, csv_file, tmp_path, capsys, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="lmcompress"):
+        code, _, _ = run(["compress", "--model", str(model_dir), "--method", "svd", "--keep", "0.5",
+                          *data_args(csv_file), "--out", str(tmp_path / "o")], capsys)
+    assert code == 0 and any("not used" in r.getMessage() for r in caplog.records)

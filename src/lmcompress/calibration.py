@@ -1,95 +1,232 @@
-"""Streaming per-layer input statistics gathered with forward hooks.
+"""Calibration: running task examples through the model to gather the statistics a method `needs`.
 
-For each target layer we keep the Gram matrix X^T X of the inputs it receives (float64, because sums over
-tens of thousands of tokens lose precision in float32) and the number of tokens. Memory is in_features^2
-per layer whatever the number of calibration examples. Padding positions are excluded with the attention
-mask, so the statistics describe real tokens only.
+Two modes:
+
+- `one_shot`: one pass of the whole model, statistics for every target layer at once (`collect`);
+- `sequential` (the default for data-aware methods): blocks in data-flow order, and inside each block its
+  sub-steps (q/k/v, then the attention output, then the feed-forward in, then out), each calibrated on the
+  model *as compressed so far* (`SequentialCalibrator`). Block inputs are cached between steps, so each
+  sub-step costs one pass of one block, not of the model.
+
+Statistics are kept on the model's device (see `stats.py`).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
+import copy
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lmcompress.batching import encode_batches
+from lmcompress.blockcache import BlockInputs, capture_block_inputs, no_cache, run_block
 from lmcompress.errors import CalibrationError
-from lmcompress.linear import in_out_features
+from lmcompress.linear import weight_out_in
+from lmcompress.progress import track
+from lmcompress.stats import DEFAULT_PAIRS_MB, LABELLED_NEEDS, LayerStats, StatsCollector, check_stats
+
+log = logging.getLogger("lmcompress")
 
 
-@dataclass
-class LayerStats:
-    """What a data-aware method may know about one layer's inputs."""
-
-    gram: torch.Tensor   # (in, in) float64, sum over tokens of x x^T
-    count: int           # number of (non-padding) tokens summed
-
-    @property
-    def second_moment(self) -> torch.Tensor:
-        return self.gram / max(self.count, 1)
-
-
-class GramCollector:
-    """Context manager that hooks `layers` and accumulates X^T X of their inputs batch by batch."""
+class GramCollector(StatsCollector):
+    """Input Gram matrices only: the statistics `whitened_svd` needs."""
 
     def __init__(self, layers: dict[str, nn.Module]) -> None:
-        self.layers = layers
-        self.stats = {name: LayerStats(torch.zeros(in_out_features(m)[0], in_out_features(m)[0],
-                                                   dtype=torch.float64), 0)
-                      for name, m in layers.items()}
-        self.mask: torch.Tensor | None = None
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        super().__init__(layers, {"gram"})
 
-    def __enter__(self) -> GramCollector:
-        for name, module in self.layers.items():
-            self._handles.append(module.register_forward_hook(self._hook(name)))
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+def encode_calibration(tokenizer, examples, batch_size: int, max_length: int,
+                       with_labels: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Tokenise calibration examples once; every pass reuses the batches."""
+    if examples is None or len(examples) == 0:
+        raise CalibrationError("calibration set is empty: give at least one example")
+    if with_labels and (getattr(examples, "labels", None) is None or len(examples.labels) != len(examples)):
+        raise CalibrationError("this method needs labelled calibration data (Fisher information uses the task "
+                               "loss), and the calibration examples have no labels")
+    return list(encode_batches(tokenizer, examples, batch_size, max_length, with_labels=with_labels))
 
-    def _hook(self, name: str):
-        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
-            x = inputs[0].detach()
-            if self.mask is not None and x.dim() == 3 and x.shape[:2] == self.mask.shape:
-                x = x[self.mask]
-            x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-            entry = self.stats[name]
-            entry.gram.addmm_(x.T, x)
-            entry.count += x.shape[0]
-        return hook
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def collect(model: nn.Module, batches: list[dict[str, torch.Tensor]], layers: dict[str, nn.Module],
+            needs: set[str], *, pairs_mb: float = DEFAULT_PAIRS_MB, progress: bool = True,
+            desc: str = "calibrating") -> dict[str, LayerStats]:
+    """One-shot statistics: one pass of the whole model (plus a backward pass per batch for `fisher`)."""
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    collector = StatsCollector(layers, needs, pairs_mb)
+    forward_needs = set(needs) - LABELLED_NEEDS
+    try:
+        if forward_needs:
+            with collector, no_cache(model), torch.inference_mode():
+                for batch in track(batches, len(batches), desc, progress, unit="batch"):
+                    batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+                    mask = batch.get("attention_mask")
+                    collector.mask = mask.bool() if mask is not None else None
+                    model(**batch)
+        if "fisher" in needs:
+            fisher_pass(model, batches, layers, collector.stats, progress)
+    finally:
+        model.train(was_training)
+    check_stats(collector.stats)
+    return collector.stats
+
+
+def fisher_pass(model: nn.Module, batches: list[dict[str, torch.Tensor]], layers: dict[str, nn.Module],
+                stats: dict[str, LayerStats], progress: bool = True) -> None:
+    """Diagonal empirical Fisher: the sum over batches of the squared gradient of the mean task loss."""
+    if any("labels" not in batch for batch in batches):
+        raise CalibrationError("Fisher information needs labels; the calibration batches have none")
+    device = _device(model)
+    weights = {name: (layer.weight, layer.weight is not weight_out_in(layer)) for name, layer in layers.items()}
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for weight, _ in weights.values():
+        weight.requires_grad_(True)
+    try:
+        with no_cache(model), torch.enable_grad():
+            for batch in track(batches, len(batches), "fisher", progress, unit="batch"):
+                model.zero_grad(set_to_none=True)
+                loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+                if loss is None or not torch.isfinite(loss):
+                    raise CalibrationError("the task loss is not finite on the calibration data")
+                loss.backward()
+                for name, (weight, transposed) in weights.items():
+                    grad = weight.grad.detach().to(torch.float64)
+                    grad = grad.T if transposed else grad
+                    entry = stats[name]
+                    entry.fisher = grad * grad if entry.fisher is None else entry.fisher + grad * grad
+                    entry.fisher_batches += 1
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
 
 
 def calibrate(model: nn.Module, tokenizer, examples, layers: dict[str, nn.Module], *,
-              batch_size: int = 16, max_length: int = 128, progress: bool = True) -> dict[str, LayerStats]:
-    """Run `examples` through `model` once and return input statistics for each of `layers`."""
-    if len(examples) == 0:
-        raise CalibrationError("calibration set is empty: give at least one example")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    collector = GramCollector(layers)
-    batches: Iterable = encode_batches(tokenizer, examples, batch_size, max_length)
-    total = math.ceil(len(examples) / batch_size)
-    try:
-        with collector, torch.inference_mode():
-            for batch in tqdm(batches, total=total, desc="calibrating", unit="batch", disable=not progress,
-                              leave=False):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                mask = batch.get("attention_mask")
-                collector.mask = mask.bool() if mask is not None else None
-                model(**batch)
-    finally:
-        model.train(was_training)
-    for name, entry in collector.stats.items():
-        if entry.count == 0:
-            raise CalibrationError(f"no calibration tokens reached layer {name}")
-        if not torch.isfinite(entry.gram).all():
-            raise CalibrationError(f"calibration statistics of layer {name} contain NaN or inf")
-    return collector.stats
+              batch_size: int = 16, max_length: int = 128, progress: bool = True,
+              needs: set[str] | None = None) -> dict[str, LayerStats]:
+    """Run `examples` through `model` once and return statistics (default: input Gram) for `layers`."""
+    needs = {"gram"} if needs is None else set(needs)
+    batches = encode_calibration(tokenizer, examples, batch_size, max_length, with_labels="fisher" in needs)
+    return collect(model, batches, layers, needs, progress=progress)
+
+
+@dataclass
+class PassEstimate:
+    """What a calibration will cost, printed before it starts."""
+
+    stats_bytes: int
+    cache_bytes: int
+    block_passes: int
+    model_passes: int
+
+    def describe(self) -> str:
+        return (f"calibration: about {self.stats_bytes / 2**20:.0f} MiB of statistics, "
+                f"{self.cache_bytes / 2**20:.0f} MiB of cached block inputs; "
+                f"{self.model_passes} model pass(es) and {self.block_passes} single-block pass(es)")
+
+
+def cache_bytes_estimate(model: nn.Module, batches: list[dict[str, torch.Tensor]], teacher: bool) -> int:
+    hidden = next((getattr(model.config, a) for a in ("hidden_size", "n_embd", "dim")
+                   if getattr(model.config, a, None)), 0)
+    tokens = sum(b["input_ids"].numel() for b in batches)
+    dtype_bytes = next(model.parameters()).element_size()
+    return tokens * hidden * dtype_bytes * (2 if teacher else 1)
+
+
+class SequentialCalibrator:
+    """Walks the blocks in order, keeping the current block's inputs (and optionally the original
+    model's inputs at the same tokens, for `cross_gram`), so each sub-step is calibrated on the model as
+    compressed so far at the cost of one block pass."""
+
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList, batches: list[dict[str, torch.Tensor]],
+                 first_block: int = 0, teacher: bool = False, cache_mb: float = 1024.0,
+                 pairs_mb: float = DEFAULT_PAIRS_MB, progress: bool = True) -> None:
+        self.model, self.blocks, self.batches = model, blocks, batches
+        self.pairs_mb, self.progress = pairs_mb, progress
+        self.index = first_block
+        self.inputs: BlockInputs = capture_block_inputs(model, blocks[first_block], batches, cache_mb)
+        self.teacher_inputs: BlockInputs | None = None
+        self.teacher_block: nn.Module | None = None
+        if teacher:
+            self.teacher_inputs = self.inputs.with_hidden([self.inputs.hidden(i) for i in range(len(self.inputs))])
+        self.cache_mb = cache_mb
+
+    def begin_block(self, index: int) -> None:
+        """Advance the cached inputs to block `index`, keeping an unmodified copy of it if the teacher is on."""
+        while self.index < index:
+            self._advance()
+        if self.teacher_inputs is not None:
+            self.teacher_block = copy.deepcopy(self.blocks[index]).eval()
+
+    def collect(self, layers: dict[str, nn.Module], needs: set[str]) -> dict[str, LayerStats]:
+        """Statistics of `layers` (inside the current block) on the current block inputs."""
+        block = self.blocks[self.index]
+        forward_needs = set(needs) - LABELLED_NEEDS
+        teacher_layers = None
+        if "cross_gram" in needs and self.teacher_block is not None:
+            block_prefix = _prefix_of(self.model, block)
+            teacher_modules = dict(self.teacher_block.named_modules())
+            teacher_layers = {name: teacher_modules[name[len(block_prefix) + 1:]] for name in layers}
+        collector = StatsCollector(layers, forward_needs, self.pairs_mb, teacher_layers)
+
+        def set_mask(mask: torch.Tensor | None) -> None:
+            collector.mask = mask
+
+        if forward_needs:
+            with collector:
+                if teacher_layers is not None:
+                    self._teacher_pass(collector)
+                else:
+                    for _ in run_block(block, self.inputs, set_mask):
+                        pass
+        if "fisher" in needs:
+            fisher_pass(self.model, self.batches, layers, collector.stats, self.progress)
+        check_stats(collector.stats)
+        return collector.stats
+
+    def _teacher_pass(self, collector: StatsCollector) -> None:
+        """Pair each batch's current inputs with the teacher's: current block first, then the teacher."""
+        device = next(self.teacher_block.parameters()).device
+        block = self.blocks[self.index]
+        with torch.inference_mode():
+            for i in range(len(self.inputs)):
+                collector.mask = self.inputs.masks[i]
+                block(self.inputs.hidden(i, device), *self.inputs.args[i], **self.inputs.kwargs[i])
+                self.teacher_block(self.teacher_inputs.hidden(i, device), *self.teacher_inputs.args[i],
+                                   **self.teacher_inputs.kwargs[i])
+
+    def _advance(self) -> None:
+        block = self.blocks[self.index]
+        outputs = [h.detach() for h in run_block(block, self.inputs)]
+        self.inputs.close()
+        self.inputs = self.inputs.with_hidden(outputs, self.cache_mb)
+        if self.teacher_inputs is not None:
+            teacher = self.teacher_block if self.teacher_block is not None else block
+            teacher_out = [h.detach() for h in run_block(teacher, self.teacher_inputs)]
+            self.teacher_inputs.close()
+            self.teacher_inputs = self.teacher_inputs.with_hidden(teacher_out, self.cache_mb)
+            self.teacher_block = None
+        self.index += 1
+
+    def close(self) -> None:
+        self.inputs.close()
+        if self.teacher_inputs is not None:
+            self.teacher_inputs.close()
+
+
+def _prefix_of(model: nn.Module, target: nn.Module) -> str:
+    return next(name for name, module in model.named_modules() if module is target)
+
+
+def batches_tokens(batches: list[dict[str, torch.Tensor]]) -> int:
+    return int(sum((b["attention_mask"].sum() if "attention_mask" in b else b["input_ids"].numel())
+                   for b in batches))
+

@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", nargs="+", metavar="RE", help="regexes of layer names (default: transformer blocks)")
     p.add_argument("--ignore", nargs="+", metavar="RE", default=[], help="regexes of layer names to skip")
     p.add_argument("--option", nargs="+", metavar="KEY=VALUE", default=[], help="other method options")
+    p.add_argument("--budget", nargs="+", metavar="KIND=VALUE",
+                   help="one budget for all targeted layers instead of --keep: params=F or flops=F "
+                        "(optionally seq_len=N for flops)")
+    p.add_argument("--allocation", choices=["sensitivity", "uniform"],
+                   help="how --budget is split among layers (default: sensitivity, measured on calibration data)")
+    p.add_argument("--calibration-mode", choices=["sequential", "one_shot", "one-shot"],
+                   help="calibrate block by block on the model as compressed so far (default) or all at once")
     _add_task_args(p, "calibration data: GLUE folder (reads train.tsv), a file, a datasets directory or hf:NAME")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration examples (default 256)")
     p.add_argument("--calib-max-length", type=int, default=None, help="tokens per calibration example (default 128)")
@@ -111,9 +118,10 @@ def _recipe_from_args(args):
     from lmcompress.recipe import Calibration, Recipe
 
     if args.recipe:
-        if args.keep is not None or args.rank is not None or args.targets or args.ignore or args.option:
-            raise RecipeError("--recipe already says method, sizes and targets; drop --keep/--rank/--targets/"
-                              "--ignore/--option")
+        if (args.keep is not None or args.rank is not None or args.targets or args.ignore or args.option
+                or args.budget or args.allocation):
+            raise RecipeError("--recipe already says method, sizes and targets; drop --keep/--rank/--budget/"
+                              "--allocation/--targets/--ignore/--option")
         recipe = Recipe.from_yaml(args.recipe)
     else:
         import yaml
@@ -124,21 +132,41 @@ def _recipe_from_args(args):
             if not sep:
                 raise RecipeError(f"--option expects KEY=VALUE, got {item!r}")
             options[key] = yaml.safe_load(value)  # so damp=0.1 is a number and flag=true a bool
-        recipe = Recipe.single(args.method, args.targets, args.ignore, **options)
-        recipe.check_methods()
-    updates = {k: v for k, v in {"samples": args.calib_samples, "max_length": args.calib_max_length}.items()
-               if v is not None}
+        budget = _parse_budget(args.budget) if args.budget else None
+        if args.allocation and budget is None:
+            raise RecipeError("--allocation splits a --budget; give --budget params=F or flops=F too")
+        allocation = {"strategy": args.allocation} if args.allocation else None
+        recipe = Recipe.single(args.method, args.targets, args.ignore, budget=budget, allocation=allocation,
+                               **options)
+    mode = args.calibration_mode.replace("-", "_") if args.calibration_mode else None
+    updates = {k: v for k, v in {"samples": args.calib_samples, "max_length": args.calib_max_length,
+                                 "mode": mode}.items() if v is not None}
     if updates:
         recipe = recipe.model_copy(update={"calibration": Calibration(**{**recipe.calibration.model_dump(),
                                                                           **updates})})
     return recipe
 
 
+def _parse_budget(items: list[str]) -> dict:
+    """`params=0.5` / `flops=0.5 seq_len=64` -> the recipe's budget mapping (validated by the recipe)."""
+    from lmcompress.errors import RecipeError
+
+    budget: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("params", "flops", "seq_len"):
+            raise RecipeError(f"--budget expects params=F, flops=F or seq_len=N, got {item!r}")
+        try:
+            budget[key] = int(value) if key == "seq_len" else float(value)
+        except ValueError:
+            raise RecipeError(f"--budget {key} needs a number, got {value!r}") from None
+    return budget
+
+
 def cmd_compress(args) -> None:
     from lmcompress.io import check_output_dir, save, save_dense
-    from lmcompress.methods import get_method
     from lmcompress.models import load_model
-    from lmcompress.pipeline import compress
+    from lmcompress.pipeline import compress, recipe_uses_data
 
     recipe = _recipe_from_args(args)  # validate before the (slow) model load
     check_output_dir(args.out, args.overwrite)
@@ -146,8 +174,12 @@ def cmd_compress(args) -> None:
         check_output_dir(args.dense_out, args.overwrite)
     model, tokenizer = load_model(args.model)
     calibration = None
-    if any(get_method(stage.method).needs for stage in recipe.stages):
+    if recipe_uses_data(recipe):
         _, calibration = _task_and_examples(args, "train", model)
+    elif args.data or args.task or args.text_column or args.label_column:
+        _task_and_examples(args, "train", model)  # still catch a wrong path or column now
+        log.warning("calibration data is not used: %s sizes and compresses from the weights alone",
+                    ", ".join(dict.fromkeys(stage.method for stage in recipe.stages)))
     summary = compress(model, recipe, tokenizer, calibration, progress=not args.quiet)
     save(model, args.out, tokenizer, recipe, overwrite=args.overwrite, extra={"summary": summary.to_dict()})
     if args.dense_out:

@@ -1,7 +1,12 @@
-"""compress(): for each recipe stage, pick the layers, calibrate what the method needs, apply, log a line per layer.
+"""compress(): run a recipe's stages in order on the model, in place.
 
-The pipeline knows nothing about any particular method: it asks the method which statistics it `needs`
-and hands each selected layer to the method's handler.
+For each stage: pick the layers (`targets`/`ignore`), group them into the units the method acts on, size
+the units (the method's own `keep`/`rank`, or a stage `budget` split by the allocator), calibrate what the
+method `needs` (sequentially, block by block on the model as compressed so far, or in one shot), apply the
+method unit by unit and log one line per layer. Each stage sees the model the earlier stages left, so a
+later stage may target layers an earlier one produced (for example the factors of a `LowRankLinear`).
+
+The pipeline knows nothing about any particular method: it never branches on a method's name.
 """
 
 from __future__ import annotations
@@ -9,18 +14,30 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from lmcompress.anatomy import default_target_pattern, dense_linear_layers, family_of, supported_model_types
-from lmcompress.calibration import calibrate
+from lmcompress.allocation import AllocationResult, SensitivityProbe, allocate
+from lmcompress.anatomy import blocks_of, default_target_pattern, dense_linear_layers, family_of, supported_model_types
+from lmcompress.calibration import (
+    PassEstimate,
+    SequentialCalibrator,
+    cache_bytes_estimate,
+    collect,
+    encode_calibration,
+)
 from lmcompress.errors import CalibrationError, RecipeError
 from lmcompress.layers import CompressedLayer
-from lmcompress.linear import set_submodule, weight_out_in
+from lmcompress.linear import in_out_features, set_submodule, weight_out_in
 from lmcompress.methods import get_method
-from lmcompress.recipe import Recipe, Stage
+from lmcompress.methods.base import LayerResult, Method, MethodConfig
+from lmcompress.recipe import Calibration, Recipe, Stage
+from lmcompress.stats import LayerStats, estimate_bytes
+from lmcompress.units import Unit, substep_of, units_for
 
 log = logging.getLogger("lmcompress")
 layer_log = logging.getLogger("lmcompress.layers")  # one line per layer; quiet it to keep only summaries
@@ -41,8 +58,18 @@ class LayerRecord:
 
 
 @dataclass
+class StageRecord:
+    index: int
+    method: str
+    calibration_mode: str | None      # None: the method needed no calibration
+    seconds: float
+    allocation: dict[str, Any] | None = None
+
+
+@dataclass
 class CompressionSummary:
     layers: list[LayerRecord]
+    stages: list[StageRecord] = field(default_factory=list)
 
     @property
     def params_before(self) -> int:
@@ -56,25 +83,36 @@ class CompressionSummary:
     def kept_dense(self) -> list[LayerRecord]:
         return [r for r in self.layers if not r.replaced]
 
+    def stage_layers(self, index: int) -> list[LayerRecord]:
+        return [r for r in self.layers if r.stage == index]
+
     def describe(self) -> str:
-        replaced = len(self.layers) - len(self.kept_dense)
-        text = (f"compressed {replaced} of {len(self.layers)} targeted layers: "
-                f"{self.params_before:,} -> {self.params_after:,} weight parameters "
-                f"({self.params_after / max(self.params_before, 1):.1%})")
-        if self.kept_dense:
-            text += f"; {len(self.kept_dense)} kept dense (factorising would not save parameters)"
-        return text
+        if len(self.stages) <= 1:
+            return _describe(self.layers)
+        return "; ".join(f"stage {s.index} ({s.method}): {_describe(self.stage_layers(s.index))}"
+                         for s in self.stages)
 
     def to_dict(self) -> dict:
         return {"params_before": self.params_before, "params_after": self.params_after,
-                "layers": [asdict(r) for r in self.layers]}
+                "stages": [asdict(s) for s in self.stages], "layers": [asdict(r) for r in self.layers]}
+
+
+def _describe(layers: list[LayerRecord]) -> str:
+    kept = [r for r in layers if not r.replaced]
+    before, after = sum(r.params_before for r in layers), sum(r.params_after for r in layers)
+    text = (f"compressed {len(layers) - len(kept)} of {len(layers)} targeted layers: "
+            f"{before:,} -> {after:,} weight parameters ({after / max(before, 1):.1%})")
+    if kept:
+        text += f"; {len(kept)} kept dense"
+    return text
 
 
 def select_layers(model: nn.Module, stage: Stage, index: int = 0) -> dict[str, nn.Module]:
     """Dense linear layers whose names match any `targets` pattern and no `ignore` pattern."""
     if stage.targets is None and family_of(model) is None:
         log.warning("model type %r has no anatomy entry (known: %s); default targets are all dense linear layers "
-                    "except output heads (see docs/adding-a-method.md)",
+                    "except output heads, and only layer-wise methods with one-shot calibration can run "
+                    "(see docs/adding-a-method.md)",
                     getattr(model.config, "model_type", None), ", ".join(supported_model_types()))
     targets = stage.targets or [default_target_pattern(model)]
     candidates = dict(dense_linear_layers(model))
@@ -87,44 +125,215 @@ def select_layers(model: nn.Module, stage: Stage, index: int = 0) -> dict[str, n
     return chosen
 
 
+def recipe_uses_data(recipe: Recipe) -> bool:
+    """Whether any stage needs calibration data (statistics, or a sensitivity-split budget)."""
+    for stage in recipe.stages:
+        method = get_method(stage.method)
+        if method.needs_for(method.parse_config(stage.options)):
+            return True
+        if stage.budget is not None and stage.allocation.strategy == "sensitivity":
+            return True
+    return False
+
+
 def compress(model: nn.Module, recipe: Recipe, tokenizer=None, calibration_data=None,
              progress: bool = True) -> CompressionSummary:
-    """Apply `recipe` to `model` in place and return what happened to each layer.
+    """Apply `recipe` to `model` in place and return what happened to each layer, stage by stage.
 
-    `calibration_data` (task `Examples`) is required only by methods that need statistics.
+    `calibration_data` (task `Examples`) is required by methods that need statistics and by the
+    sensitivity allocator.
     """
     recipe.check_methods()
-    records: list[LayerRecord] = []
+    summary = CompressionSummary([])
     model.eval()
     for index, stage in enumerate(recipe.stages):
-        method = get_method(stage.method)
-        config = method.parse_config(stage.options)
-        layers = select_layers(model, stage, index)
-        stats = {}
-        if "gram" in method.needs:
-            if calibration_data is None or tokenizer is None:
-                raise CalibrationError(f"method {stage.method!r} needs calibration data: give a task and data")
-            cal = recipe.calibration
-            sample = calibration_data.take(cal.samples, seed=cal.seed)
-            stats = calibrate(model, tokenizer, sample, layers, batch_size=cal.batch_size,
-                              max_length=cal.max_length, progress=progress)
-        log.info("stage %d: %s on %d layers", index + 1, stage.method, len(layers))
-        for name, layer in layers.items():
-            start = time.perf_counter()
-            with torch.no_grad():
-                result = method.compress_layer(name, layer, stats.get(name), config)
-            if result.module is not None:
-                set_submodule(model, name, result.module)
-                if isinstance(result.module, CompressedLayer) and result.module.slower_than_dense():
-                    result.note = (result.note + "; " if result.note else "") + "needs more FLOPs than dense"
-            record = LayerRecord(index + 1, stage.method, name, tuple(weight_out_in(layer).shape), result.params_before,
-                                 result.params_after, result.module is not None, time.perf_counter() - start,
-                                 result.note, result.metrics)
-            records.append(record)
-            layer_log.info("%s", _layer_line(record))
-    summary = CompressionSummary(records)
+        _StageRun(model, stage, index, recipe.calibration, tokenizer, calibration_data, progress, summary).run()
     log.info("%s", summary.describe())
     return summary
+
+
+class _StageRun:
+    """One stage: select, size, calibrate, apply. Kept as a small class so each step reads on its own."""
+
+    def __init__(self, model: nn.Module, stage: Stage, index: int, calibration: Calibration, tokenizer,
+                 data, progress: bool, summary: CompressionSummary) -> None:
+        self.model, self.stage, self.index, self.cal = model, stage, index, calibration
+        self.tokenizer, self.data, self.progress, self.summary = tokenizer, data, progress, summary
+        self.method: Method = get_method(stage.method)
+        self.config: MethodConfig = self.method.parse_config(stage.options)
+        self.needs = set(self.method.needs_for(self.config))
+        self.sizes: dict[str, Any] | None = None
+
+    def run(self) -> None:
+        started = time.perf_counter()
+        layers = select_layers(self.model, self.stage, self.index)
+        units = units_for(self.model, self.method.unit, list(layers))
+        budget = self.stage.budget
+        sensitivity = budget is not None and self.stage.allocation.strategy == "sensitivity"
+        batches = self._batches(need_data=bool(self.needs) or sensitivity)
+        mode = self._mode(units) if self.needs else None
+        log.info("stage %d: %s on %d %s unit(s)%s", self.index + 1, self.stage.method, len(units),
+                 self.method.unit, f", {mode.replace('_', '-')} calibration" if mode else "")
+        if batches is not None and self.needs:
+            log.info("%s", self._estimate(layers, units, batches, mode, sensitivity).describe())
+        allocation, stats = None, None
+        if budget is not None:
+            allocation, stats = self._allocate(layers, units, batches, sensitivity)
+        if mode == "sequential":
+            self._apply_sequential(units, batches)
+        else:
+            if stats is None:
+                stats = collect(self.model, batches, layers, self.needs, pairs_mb=self.cal.pairs_mb,
+                                progress=self.progress) if self.needs else {}
+            for unit in units:
+                self._apply(unit, stats)
+        self.summary.stages.append(StageRecord(self.index + 1, self.stage.method, mode,
+                                               round(time.perf_counter() - started, 2),
+                                               allocation.to_dict() if allocation else None))
+
+    def _batches(self, need_data: bool) -> list[dict[str, torch.Tensor]] | None:
+        if not need_data:
+            return None
+        if self.data is None or self.tokenizer is None:
+            why = (f"method {self.stage.method!r} needs calibration data ({', '.join(sorted(self.needs))})"
+                   if self.needs else "allocation 'sensitivity' needs calibration data to score sizes "
+                   "(or use allocation 'uniform')")
+            raise CalibrationError(f"stage {self.index + 1}: {why}: give a task and data")
+        sample = self.data.take(self.cal.samples, seed=self.cal.seed)
+        return encode_calibration(self.tokenizer, sample, self.cal.batch_size, self.cal.max_length,
+                                  with_labels="fisher" in self.needs)
+
+    def _mode(self, units: list[Unit]) -> str:
+        if self.cal.mode == "one_shot":
+            return "one_shot"
+        if blocks_of(self.model) is None or any(u.block is None for u in units):
+            log.warning("stage %d: sequential calibration needs every target inside a transformer block of a "
+                        "known architecture; calibrating in one shot instead", self.index + 1)
+            return "one_shot"
+        return "sequential"
+
+    def _estimate(self, layers, units, batches, mode, sensitivity) -> PassEstimate:
+        teacher = "cross_gram" in self.needs and mode == "sequential"
+        if mode == "sequential":
+            by_block: dict[int, dict[str, nn.Module]] = defaultdict(dict)
+            steps = 0
+            for block, block_units in _by_block(units).items():
+                steps += len(_substeps(self.model, block_units)) + 1
+                for unit in block_units:
+                    by_block[block].update({n: layers[n] for n in unit.layer_names if n in layers})
+            stats_bytes = max(estimate_bytes(ls, self.needs, self.cal.pairs_mb) for ls in by_block.values())
+            cache = cache_bytes_estimate(self.model, batches, teacher)
+            passes = 1 + ("fisher" in self.needs) * steps
+        else:
+            stats_bytes, cache, steps, passes = estimate_bytes(layers, self.needs, self.cal.pairs_mb), 0, 0, 1
+        if sensitivity:
+            passes += 1
+        return PassEstimate(stats_bytes, cache, steps * (2 if teacher else 1), passes)
+
+    def _allocate(self, layers, units, batches, sensitivity) -> tuple[AllocationResult, dict | None]:
+        """Decompose each unit once (on the model as the stage finds it), then choose sizes."""
+        started = time.perf_counter()
+        budget = self.stage.budget
+        stats = collect(self.model, batches, layers, self.needs, pairs_mb=self.cal.pairs_mb,
+                        progress=self.progress, desc="calibrating (allocation)") if self.needs else {}
+        candidates = []
+        for unit in units:
+            found = self.method.candidates(self.model, unit, stats, self.config)
+            if found is None:
+                raise RecipeError(f"stage {self.index + 1}: method {self.stage.method!r} cannot be sized by a "
+                                  "budget; give its own size options instead")
+            candidates.append(found)
+        probe = None
+        if sensitivity:
+            found = blocks_of(self.model)
+            sample = batches[:max(1, -(-self.stage.allocation.samples // self.cal.batch_size))]
+            probe = SensitivityProbe(self.model, found[1] if found else None, sample, self.cal.cache_mb)
+        try:
+            result = allocate(units, candidates, budget.fraction, budget.metric, budget.seq_len,
+                              self.stage.allocation.strategy, probe, self.stage.allocation.probes, self.progress)
+        finally:
+            if probe is not None:
+                probe.close()
+        result.seconds = time.perf_counter() - started
+        self.sizes = result.sizes()
+        log.info("allocation (%s, %s budget %.0f%%): used %s of %s%s in %.1fs", result.strategy, result.metric,
+                 100 * budget.fraction, f"{result.used:,}", f"{result.dense:,}",
+                 "; uniform predicted better and was kept" if result.chose_uniform else "", result.seconds)
+        for unit in result.units:
+            layer_log.info("  %-48s size %-6s %5.1f%% of dense  predicted divergence %.2e", unit.unit,
+                           "dense" if unit.size is None else unit.size, 100 * unit.fraction, unit.predicted_loss)
+        # one-shot application may reuse this calibration; sequential recalibrates as it goes
+        return result, stats if self.cal.mode == "one_shot" or not self.needs else None
+
+    def _apply_sequential(self, units: list[Unit], batches) -> None:
+        found = blocks_of(self.model)
+        assert found is not None
+        grouped = _by_block(units)
+        calibrator = SequentialCalibrator(self.model, found[1], batches, first_block=min(grouped),
+                                          teacher="cross_gram" in self.needs, cache_mb=self.cal.cache_mb,
+                                          pairs_mb=self.cal.pairs_mb, progress=False)
+        try:
+            steps = [(block, step) for block, block_units in sorted(grouped.items())
+                     for step in _substeps(self.model, block_units)]
+            for block, step in _track_steps(steps, self.progress):
+                calibrator.begin_block(block)
+                step_layers = {n: self.model.get_submodule(n) for u in step for n in u.layer_names}
+                stats = calibrator.collect(step_layers, self.needs)
+                for unit in step:
+                    self._apply(unit, stats)
+        finally:
+            calibrator.close()
+
+    def _apply(self, unit: Unit, stats: dict[str, LayerStats]) -> None:
+        start = time.perf_counter()
+        if self.sizes is not None and self.sizes.get(unit.name) is None:
+            results = []
+            for name in unit.layer_names:
+                layer = self.model.get_submodule(name)
+                params = weight_out_in(layer).numel()
+                results.append(LayerResult(None, params, params, note="allocation left it dense", name=name))
+        else:
+            size = None if self.sizes is None else self.sizes[unit.name]
+            with torch.no_grad():
+                results = self.method.compress_unit(self.model, unit, stats, self.config, size)
+        seconds = (time.perf_counter() - start) / max(len(results), 1)
+        for result in results:
+            layer = self.model.get_submodule(result.name)
+            shape = tuple(weight_out_in(layer).shape) if hasattr(layer, "weight") else \
+                tuple(reversed(in_out_features(layer)))
+            if result.module is not None:
+                set_submodule(self.model, result.name, result.module)
+                if isinstance(result.module, CompressedLayer) and result.module.slower_than_dense():
+                    result.note = (result.note + "; " if result.note else "") + "needs more FLOPs than dense"
+            record = LayerRecord(self.index + 1, self.stage.method, result.name, shape, result.params_before,
+                                 result.params_after, result.module is not None, seconds, result.note,
+                                 result.metrics)
+            self.summary.layers.append(record)
+            layer_log.info("%s", _layer_line(record))
+
+
+def _by_block(units: list[Unit]) -> dict[int, list[Unit]]:
+    grouped: dict[int, list[Unit]] = defaultdict(list)
+    for unit in units:
+        grouped[unit.block].append(unit)
+    return dict(grouped)
+
+
+def _substeps(model: nn.Module, units: list[Unit]) -> list[list[Unit]]:
+    """Units of one block in data-flow order; linear units sharing an input form one sub-step, a group unit
+    is a sub-step of its own."""
+    steps: dict[tuple, list[Unit]] = defaultdict(list)
+    for unit in units:
+        first = min(substep_of(model, n) for n in unit.layer_names)
+        key = (first, "") if unit.kind == "linear" else (first, unit.name)
+        steps[key].append(unit)
+    return [steps[k] for k in sorted(steps)]
+
+
+def _track_steps(steps, progress: bool):
+    from lmcompress.progress import track
+
+    return track(steps, len(steps), "sequential calibration", progress, unit="step")
 
 
 def _layer_line(record: LayerRecord) -> str:

@@ -6,12 +6,60 @@ A recipe is saved beside every compressed model so the result says how it was ma
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmcompress.errors import RecipeError, validation_message
+
+
+class Budget(BaseModel):
+    """One budget for all targeted units of a stage: a fraction of their weight parameters, or of their
+    forward FLOPs at `seq_len` tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    params: float | None = Field(default=None, gt=0, le=1, description="fraction of the targets' parameters")
+    flops: float | None = Field(default=None, gt=0, le=1, description="fraction of the targets' FLOPs")
+    seq_len: int = Field(default=128, ge=1, description="tokens per example for a FLOPs budget")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Budget:
+        if (self.params is None) == (self.flops is None):
+            raise ValueError("a budget is either params=F or flops=F (one of them)")
+        return self
+
+    @property
+    def metric(self) -> str:
+        return "params" if self.params is not None else "flops"
+
+    @property
+    def fraction(self) -> float:
+        return self.params if self.params is not None else self.flops  # type: ignore[return-value]
+
+
+ALLOCATIONS = ("sensitivity", "uniform")
+
+
+class Allocation(BaseModel):
+    """How a budget is split among units. `sensitivity` measures, on `samples` calibration examples, how
+    much the model's output moves when one unit alone is shrunk to each of `probes` (fractions of its
+    size), interpolates between them, and solves the budget; `uniform` gives every unit the same fraction."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: Literal["sensitivity", "uniform"] = "sensitivity"
+    samples: int = Field(default=128, ge=1, description="calibration examples used to score sensitivity")
+    probes: list[float] = Field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75], min_length=1,
+                                description="unit sizes tried, as fractions of the dense unit")
+
+    @field_validator("probes")
+    @classmethod
+    def _fractions(cls, probes: list[float]) -> list[float]:
+        if any(not 0 < p < 1 for p in probes):
+            raise ValueError("probes are fractions strictly between 0 and 1")
+        return sorted(set(probes))
 
 
 class Stage(BaseModel):
@@ -24,6 +72,8 @@ class Stage(BaseModel):
         default=None, description="regular expressions searched in layer names; default: transformer blocks")
     ignore: list[str] = Field(default_factory=list, description="regular expressions of layers to leave alone")
     options: dict[str, Any] = Field(default_factory=dict, description="the method's own options")
+    budget: Budget | None = Field(default=None, description="one budget for all targeted units of the stage")
+    allocation: Allocation = Field(default_factory=Allocation, description="how the budget is split")
 
     @field_validator("targets", "ignore")
     @classmethod
@@ -45,6 +95,10 @@ class Calibration(BaseModel):
     batch_size: int = Field(default=16, ge=1)
     max_length: int = Field(default=128, ge=1)
     seed: int = 0
+    mode: Literal["sequential", "one_shot"] = Field(
+        default="sequential", description="calibrate each block on the model as compressed so far, or all at once")
+    cache_mb: float = Field(default=1024, gt=0, description="block inputs kept in memory; the rest spill to disk")
+    pairs_mb: float = Field(default=256, gt=0, description="memory cap for captured (x, y) pairs")
 
 
 class Recipe(BaseModel):
@@ -55,11 +109,20 @@ class Recipe(BaseModel):
 
     @classmethod
     def single(cls, method: str, targets: list[str] | None = None, ignore: list[str] | None = None,
-               calibration: Calibration | None = None, **options: Any) -> Recipe:
-        """A one-stage recipe, e.g. `Recipe.single("whitened_svd", keep=0.5)`."""
-        return cls(stages=[Stage(method=method, targets=targets, ignore=ignore or [],
-                                 options={k: v for k, v in options.items() if v is not None})],
-                   calibration=calibration or Calibration())
+               calibration: Calibration | None = None, budget: Budget | dict | None = None,
+               allocation: Allocation | dict | None = None, **options: Any) -> Recipe:
+        """A one-stage recipe, e.g. `Recipe.single("whitened_svd", keep=0.5)` or
+        `Recipe.single("whitened_svd", budget={"params": 0.5})`."""
+        stage: dict[str, Any] = {"method": method, "targets": targets, "ignore": ignore or [],
+                                 "options": {k: v for k, v in options.items() if v is not None}}
+        if budget is not None:
+            stage["budget"] = budget
+        if allocation is not None:
+            stage["allocation"] = allocation
+        data = {"stages": [stage]}
+        if calibration is not None:
+            data["calibration"] = calibration
+        return cls.from_dict(data)
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "recipe") -> Recipe:
@@ -91,5 +154,11 @@ class Recipe(BaseModel):
         """Fail early, before any model is loaded, on unknown methods or bad options."""
         from lmcompress.methods import get_method
 
-        for stage in self.stages:
-            get_method(stage.method).parse_config(stage.options)
+        for index, stage in enumerate(self.stages):
+            method = get_method(stage.method)
+            config = method.parse_config(stage.options)
+            if stage.budget is not None:
+                try:
+                    method.sized_by_budget(config)
+                except RecipeError as err:
+                    raise RecipeError(f"stage {index + 1}: {err}") from None

@@ -1,15 +1,25 @@
-"""The method contract: a pydantic config class plus a handler that compresses one layer at a time."""
+"""The method contract: a pydantic config class plus a handler.
+
+A method says what it acts on (`unit`: one linear layer, an attention or feed-forward group, a block, the
+model), which statistics it needs (`needs`, see `lmcompress.stats`), and how to compress one unit. A method
+that can be sized by a global budget also offers `candidates`: the sizes a unit may take, what each costs
+and a cheap way to build each, so the allocator can try sizes without recomputing decompositions.
+
+Layer-wise methods implement `compress_layer` only; the base class loops over the layers of a unit.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
-from lmcompress.calibration import LayerStats
 from lmcompress.errors import RecipeError, validation_message
+from lmcompress.stats import LayerStats
+from lmcompress.units import Unit
 
 _METHODS: dict[str, Method] = {}
 
@@ -22,22 +32,55 @@ class MethodConfig(BaseModel):
 
 @dataclass
 class LayerResult:
-    """What happened to one layer: its replacement (None = stays dense) and numbers for the log."""
+    """What happened to one layer: its replacement (None = stays as it is) and numbers for the log."""
 
     module: nn.Module | None
     params_before: int
     params_after: int
     note: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
+    name: str = ""
+
+
+@dataclass
+class Candidates:
+    """The sizes one unit may take under a budget, smallest first, with their costs and a builder.
+
+    `sizes[i]` is a method-specific size (a rank, a number of heads ...); `None` means "leave the unit as
+    it is" and costs the dense figures. `build(size)` returns {layer name: replacement module} and must be
+    cheap: it is called once per probe while the allocator measures sensitivity.
+    """
+
+    sizes: Sequence[Any]
+    params: Sequence[int]                 # weight parameters at each size
+    flops_per_token: Sequence[int]        # forward FLOPs per token at each size
+    build: Callable[[Any], dict[str, nn.Module]]
+    dense_params: int
+    dense_flops_per_token: int
+
+    def cost(self, metric: str, seq_len: int = 1) -> list[int]:
+        if metric == "params":
+            return list(self.params)
+        return [f * seq_len for f in self.flops_per_token]
+
+    def dense_cost(self, metric: str, seq_len: int = 1) -> int:
+        return self.dense_params if metric == "params" else self.dense_flops_per_token * seq_len
+
+    def index_for_fraction(self, fraction: float, metric: str = "params") -> int:
+        """The largest size costing at most `fraction` of the dense unit (the smallest if none does)."""
+        costs, limit = self.cost(metric), fraction * self.dense_cost(metric)
+        fitting = [i for i, c in enumerate(costs) if c <= limit]
+        return fitting[-1] if fitting else 0
 
 
 class Method:
-    """Subclass, set `name`, `config_class`, `needs`, implement `compress_layer`, decorate with
-    `@register_method`. `needs` names the calibration statistics the pipeline must gather ("gram")."""
+    """Subclass, set `name`, `config_class`, `needs` (and `unit` if not "linear"), implement
+    `compress_layer` (layer-wise) or `compress_unit`, and decorate with `@register_method`."""
 
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
     needs: ClassVar[frozenset[str]] = frozenset()
+    unit: ClassVar[str] = "linear"
 
     def parse_config(self, options: dict[str, Any]) -> MethodConfig:
         try:
@@ -45,9 +88,32 @@ class Method:
         except ValidationError as err:
             raise RecipeError(f"invalid options for method {self.name!r}: {validation_message(err)}") from None
 
+    def needs_for(self, config: MethodConfig) -> frozenset[str]:
+        """Statistics needed with these options (override when an option changes them)."""
+        return self.needs
+
+    def sized_by_budget(self, config: MethodConfig) -> None:
+        """Raise RecipeError if the config fixes sizes that a stage budget would contradict."""
+
+    def compress_unit(self, model: nn.Module, unit: Unit, stats: dict[str, LayerStats], config: MethodConfig,
+                      size: Any = None) -> list[LayerResult]:
+        results = []
+        for name in unit.layer_names:
+            layer = model.get_submodule(name)
+            result = (self.compress_layer(name, layer, stats.get(name), config) if size is None
+                      else self.compress_layer(name, layer, stats.get(name), config, size=size))
+            result.name = name
+            results.append(result)
+        return results
+
     def compress_layer(self, name: str, layer: nn.Module, stats: LayerStats | None,
-                       config: MethodConfig) -> LayerResult:
-        raise NotImplementedError
+                       config: MethodConfig, size: Any = None) -> LayerResult:
+        raise NotImplementedError(f"method {self.name!r} implements neither compress_unit nor compress_layer")
+
+    def candidates(self, model: nn.Module, unit: Unit, stats: dict[str, LayerStats],
+                   config: MethodConfig) -> Candidates | None:
+        """Sizes for the global allocator; None when the method cannot be sized by a budget."""
+        return None
 
 
 def register_method(cls: type[Method]) -> type[Method]:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from lmcompress.calibration import LayerStats
 from lmcompress.methods.base import register_method
 from lmcompress.methods.lowrank_common import LowRankConfig, LowRankMethod
+from lmcompress.stats import LayerStats
 
 
-def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def svd_factors(weight: torch.Tensor, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A (r x in), B (out x r) with B A the best rank-r approximation of `weight`; sqrt(sigma) on each side."""
     u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    rank = s.shape[0] if rank is None else rank
     root = s[:rank].sqrt()
     return root[:, None] * vh[:rank], u[:, :rank] * root[None, :]
 
@@ -20,6 +21,6 @@ def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
 class SVD(LowRankMethod):
     name = "svd"
 
-    def factorize(self, weight: torch.Tensor, stats: LayerStats | None, rank: int,
-                  config: LowRankConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        return svd_factors(weight, rank)
+    def full_factors(self, weight: torch.Tensor, stats: LayerStats | None,
+                     config: LowRankConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        return svd_factors(weight)

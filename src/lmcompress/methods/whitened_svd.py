@@ -5,42 +5,69 @@ S^{-1} times the truncated SVD of S W^T. G is often singular (dead features) or 
 ridge `damp * mean eigenvalue` to it. That ridge is not only numerics: it minimises
 ||X dW^T||^2 + damp' ||dW||^2, which moves smoothly from the data-aware optimum (damp=0) to plain SVD
 (damp -> infinity).
+
+With `target: original` (sequential calibration only) the layer aims at what the *uncompressed* model
+produced at the same tokens, ||X W'^T - X_t W^T||, where X are the inputs the layer receives now (earlier
+layers already compressed) and X_t the original model's. With C = X^T X_t / n and the same ridge (pulling
+W' towards W) this is ||S W'^T - S^{-1} (C + ridge) W^T||^2 + const, so W' is S^{-1} times the truncated
+SVD of S^{-1} (C + ridge) W^T: errors made upstream are corrected downstream instead of being copied.
+When nothing upstream changed, C = G and both targets agree.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field
 
-from lmcompress.calibration import LayerStats
 from lmcompress.errors import CalibrationError
 from lmcompress.methods.base import register_method
 from lmcompress.methods.lowrank_common import LowRankConfig, LowRankMethod
 from lmcompress.methods.svd import svd_factors
+from lmcompress.stats import LayerStats
 
 
 class WhitenedSVDConfig(LowRankConfig):
     damp: float = Field(default=0.01, ge=0, description="ridge added to X^T X, relative to its mean eigenvalue")
+    target: Literal["current", "original"] = Field(
+        default="current", description="fit the layer's current output, or the original model's "
+        "(sequential calibration; uses the cross-Gram with the original inputs)")
+
+
+def whitened_full_factors(weight: torch.Tensor, second_moment: torch.Tensor, damp: float,
+                          cross_moment: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-rank A (k x in), B (out x k), components by decreasing importance, minimising
+    tr((W - BA) G (W - BA)^T) (or the original-output objective when `cross_moment` is given)."""
+    second_moment = second_moment.to(weight.device, torch.float64)
+    eigvals, eigvecs = torch.linalg.eigh(second_moment)
+    eigvals = eigvals.clamp_min(0)
+    scale = float(eigvals.mean())
+    if scale <= 0:  # the layer only ever saw zeros: no direction is preferred, so plain SVD is optimal
+        return svd_factors(weight)
+    # the floor keeps S^{-1} finite even with damp=0 and exactly singular G
+    ridge = damp * scale
+    eigvals = (eigvals + ridge).clamp_min(scale * 1e-12)
+    root = eigvals.sqrt()
+    inv_sqrt_g = (eigvecs / root) @ eigvecs.T
+    if cross_moment is None:
+        target = ((eigvecs * root) @ eigvecs.T) @ weight.T            # S W^T
+    else:  # S^{-1} (C + ridge I) W^T: the ridge pulls towards W, as it does for the current target
+        cross = cross_moment.to(weight.device, torch.float64)
+        target = inv_sqrt_g @ (cross + ridge * torch.eye(cross.shape[0], dtype=cross.dtype,
+                                                         device=cross.device)) @ weight.T
+    p, s, qh = torch.linalg.svd(target, full_matrices=False)  # (in x out) = P S Q^T
+    half = s.sqrt()
+    first = half[:, None] * (p.T @ inv_sqrt_g)   # (k x in)
+    second = qh.T * half[None, :]                # (out x k)
+    return first, second
 
 
 def whitened_svd_factors(weight: torch.Tensor, second_moment: torch.Tensor, rank: int,
                          damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """A (r x in), B (out x r) minimising tr((W - BA) G (W - BA)^T) with G = second_moment + ridge."""
-    eigvals, eigvecs = torch.linalg.eigh(second_moment.to(torch.float64))
-    eigvals = eigvals.clamp_min(0)
-    scale = float(eigvals.mean())
-    if scale <= 0:  # the layer only ever saw zeros: no direction is preferred, so plain SVD is optimal
-        return svd_factors(weight, rank)
-    # the floor keeps S^{-1} finite even with damp=0 and exactly singular G
-    eigvals = (eigvals + damp * scale).clamp_min(scale * 1e-12)
-    root = eigvals.sqrt()
-    sqrt_g = (eigvecs * root) @ eigvecs.T
-    inv_sqrt_g = (eigvecs / root) @ eigvecs.T
-    p, s, qh = torch.linalg.svd(sqrt_g @ weight.T, full_matrices=False)  # (in x out) = P S Q^T
-    half = s[:rank].sqrt()
-    first = half[:, None] * (p[:, :rank].T @ inv_sqrt_g)   # (r x in)
-    second = qh[:rank].T * half[None, :]                  # (out x r)
-    return first, second
+    first, second = whitened_full_factors(weight, second_moment, damp)
+    return first[:rank], second[:, :rank]
 
 
 @register_method
@@ -49,8 +76,14 @@ class WhitenedSVD(LowRankMethod):
     config_class = WhitenedSVDConfig
     needs = frozenset({"gram"})
 
-    def factorize(self, weight: torch.Tensor, stats: LayerStats | None, rank: int,
-                  config: WhitenedSVDConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        if stats is None:
+    def needs_for(self, config: WhitenedSVDConfig) -> frozenset[str]:
+        return self.needs | {"cross_gram"} if config.target == "original" else self.needs
+
+    def full_factors(self, weight: torch.Tensor, stats: LayerStats | None,
+                     config: WhitenedSVDConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        if stats is None or stats.gram is None:
             raise CalibrationError("whitened_svd needs calibration statistics (X^T X) for every layer")
-        return whitened_svd_factors(weight, stats.second_moment, rank, config.damp)
+        cross = None
+        if config.target == "original" and stats.cross_gram is not None:
+            cross = stats.cross_gram / max(stats.count, 1)
+        return whitened_full_factors(weight, stats.second_moment, config.damp, cross)

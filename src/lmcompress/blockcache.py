@@ -1,0 +1,164 @@
+"""Block inputs cached between steps, so sequential calibration never re-runs the model from the embeddings.
+
+`capture_block_inputs` runs the model once, stopping at the chosen block, and keeps for every batch what
+that block received: the hidden states plus every other argument (attention masks, rotary embeddings ...),
+exactly as the architecture passes them, so a block can be re-run on its own with `run_block`. Hidden states
+are kept in memory up to `cap_mb` and spilled to safetensors files in a private temporary directory past
+it; the other arguments are small (masks, position tables) and stay in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+class _Stop(Exception):
+    """Raised by the capture hook so the rest of the model does not run."""
+
+
+def block_output(output: Any) -> torch.Tensor:
+    """Blocks return a tensor in recent transformers and a tuple whose first item is it in older ones."""
+    return output if torch.is_tensor(output) else output[0]
+
+
+class BlockInputs:
+    """Per-batch inputs of one block; hidden states held in memory up to a cap, then on disk."""
+
+    def __init__(self, cap_mb: float = 1024.0, spill_dir: Path | None = None) -> None:
+        self.cap_bytes = int(cap_mb * 2**20)
+        self.in_memory_bytes = 0
+        self.spilled_bytes = 0
+        self._hidden: list[torch.Tensor | Path] = []
+        self.args: list[tuple] = []       # positional arguments after the hidden states
+        self.kwargs: list[dict] = []
+        self.masks: list[torch.Tensor | None] = []
+        self.returns_tuple = False
+        self._spill_dir = spill_dir
+        self._own_dir: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self._hidden)
+
+    def append(self, hidden: torch.Tensor, args: tuple, kwargs: dict, mask: torch.Tensor | None) -> None:
+        hidden = hidden.detach()
+        size = hidden.numel() * hidden.element_size()
+        if self.in_memory_bytes + size <= self.cap_bytes:
+            self._hidden.append(hidden)
+            self.in_memory_bytes += size
+        else:
+            path = self._directory() / f"hidden-{len(self._hidden)}.safetensors"
+            save_file({"hidden": hidden.contiguous().cpu()}, str(path))
+            self._hidden.append(path)
+            self.spilled_bytes += size
+        self.args.append(args)
+        self.kwargs.append(kwargs)
+        self.masks.append(mask)
+
+    def hidden(self, index: int, device: torch.device | None = None) -> torch.Tensor:
+        item = self._hidden[index]
+        if isinstance(item, Path):
+            item = load_file(str(item))["hidden"]
+        return item if device is None else item.to(device)
+
+    def with_hidden(self, outputs: Sequence[torch.Tensor], cap_mb: float | None = None) -> BlockInputs:
+        """The next block's inputs: new hidden states, the same other arguments and masks."""
+        nxt = BlockInputs(self.cap_bytes / 2**20 if cap_mb is None else cap_mb, self._spill_dir)
+        nxt.returns_tuple = self.returns_tuple
+        for hidden, args, kwargs, mask in zip(outputs, self.args, self.kwargs, self.masks, strict=True):
+            nxt.append(hidden, args, kwargs, mask)
+        return nxt
+
+    def _directory(self) -> Path:
+        if self._spill_dir is not None:
+            return self._spill_dir
+        if self._own_dir is None:
+            self._own_dir = Path(tempfile.mkdtemp(prefix="lmcompress-blockcache-"))
+        return self._own_dir
+
+    def close(self) -> None:
+        self._hidden.clear()
+        if self._own_dir is not None:
+            shutil.rmtree(self._own_dir, ignore_errors=True)
+            self._own_dir = None
+
+
+def _hidden_and_rest(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    if args:
+        return args[0], args[1:], kwargs
+    kwargs = dict(kwargs)
+    return kwargs.pop("hidden_states"), (), kwargs
+
+
+def capture_block_inputs(model: nn.Module, block: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
+                         cap_mb: float = 1024.0) -> BlockInputs:
+    """Run `model` on each batch up to `block` and keep what `block` receives."""
+    cache = BlockInputs(cap_mb)
+    device = next(model.parameters()).device
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden, rest, other = _hidden_and_rest(args, kwargs)
+        cache.append(hidden, rest, other, current_mask[0])
+        raise _Stop
+
+    current_mask: list[torch.Tensor | None] = [None]
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with no_cache(model), torch.inference_mode():
+            for batch in batches:
+                batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+                mask = batch.get("attention_mask")
+                current_mask[0] = mask.bool() if mask is not None else None
+                with contextlib.suppress(_Stop):
+                    model(**batch)
+    finally:
+        handle.remove()
+    with torch.inference_mode():  # record whether the architecture's blocks return tuples
+        out = block(cache.hidden(0, device), *cache.args[0], **cache.kwargs[0])
+    cache.returns_tuple = not torch.is_tensor(out)
+    return cache
+
+
+def run_block(block: nn.Module, inputs: BlockInputs, mask_setter=None) -> Iterator[torch.Tensor]:
+    """Run `block` on every cached batch, yielding its output hidden states."""
+    device = next(block.parameters()).device
+    with torch.inference_mode():
+        for index in range(len(inputs)):
+            if mask_setter is not None:
+                mask_setter(inputs.masks[index])
+            yield block_output(block(inputs.hidden(index, device), *inputs.args[index], **inputs.kwargs[index]))
+
+
+class no_cache:  # noqa: N801 - used as a context manager, named like one
+    """Turn off key/value caching while calibrating: re-running a block must not grow a cache."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.config = getattr(model, "config", None)
+        self.saved = getattr(self.config, "use_cache", None)
+
+    def __enter__(self) -> None:
+        if self.saved is not None:
+            self.config.use_cache = False
+
+    def __exit__(self, *exc: object) -> None:
+        if self.saved is not None:
+            self.config.use_cache = self.saved
+
+
+class Passthrough(nn.Module):
+    """Stands in for a block that must not run: hands its input on unchanged."""
+
+    def __init__(self, returns_tuple: bool) -> None:
+        super().__init__()
+        self.returns_tuple = returns_tuple
+
+    def forward(self, hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        return (hidden_states,) if self.returns_tuple else hidden_states
