@@ -207,3 +207,15 @@ def test_unknown_architecture_falls_back_to_linear_layers(tokenizer, caplog):
         names = list(select_layers(model, Stage(method="svd")))
     assert "no anatomy entry" in caplog.text and "bert" in caplog.text
     assert names and not any(n.startswith("classifier") for n in names)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_load_restores_the_saved_dtype(tiny_bert, tokenizer, tmp_path, dtype):
+    compress(tiny_bert, Recipe.single("svd", keep=0.5, targets=["intermediate"]), tokenizer, progress=False)
+    tiny_bert.to(dtype)
+    expected = logits(tiny_bert, tokenizer)
+    lmcompress.save(tiny_bert, tmp_path / "out", tokenizer)
+    reloaded = lmcompress.load(tmp_path / "out")
+    assert compressed_modules(reloaded)  # compressed and dense layers alike
+    assert {p.dtype for p in reloaded.parameters()} == {dtype}
+    assert torch.equal(logits(reloaded, tokenizer), expected)

@@ -15,14 +15,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 import transformers
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -34,6 +36,7 @@ MANIFEST_NAME = "lmcompress.json"
 WEIGHTS_NAME = "model.safetensors"
 RECIPE_NAME = "recipe.yaml"
 FORMAT_VERSION = 1
+_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def check_output_dir(path: str | Path, overwrite: bool) -> Path:
@@ -130,8 +133,26 @@ def read_manifest(path: str | Path) -> dict[str, Any] | None:
     return manifest
 
 
+def saved_dtype(file: str | Path) -> torch.dtype | None:
+    """The floating-point dtype holding most of the saved weights (None if none is floating-point).
+
+    Models are built in float32; without this a bf16 or fp16 model would silently come back as float32.
+    """
+    sizes: dict[torch.dtype, int] = {}
+    with safe_open(str(file), framework="pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
+            tensor = handle.get_slice(key)
+            dtype = _FLOAT_DTYPES.get(tensor.get_dtype())
+            if dtype is not None:
+                sizes[dtype] = sizes.get(dtype, 0) + math.prod(tensor.get_shape())
+    return max(sizes, key=sizes.__getitem__) if sizes else None
+
+
 def load(path: str | Path) -> nn.Module:
-    """Rebuild a model saved by `save`: architecture, compressed layers, then strict weight loading."""
+    """Rebuild a model saved by `save`: architecture, compressed layers, then strict weight loading.
+
+    The model comes back in the dtype its weights were saved in (dense and compressed layers alike).
+    """
     path = Path(path)
     manifest = read_manifest(path)
     if manifest is None:
@@ -146,6 +167,9 @@ def load(path: str | Path) -> nn.Module:
         model = architecture(config)
         for name, entry in manifest["replaced"].items():
             set_submodule(model, name, layer_from_manifest(entry))
+        dtype = saved_dtype(path / WEIGHTS_NAME)
+        if dtype is not None:
+            model.to(dtype)
         load_model(model, str(path / WEIGHTS_NAME), strict=True)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
         raise ModelLoadError(f"could not load {path}: {first_line(err)}") from None
