@@ -219,3 +219,19 @@ def test_load_restores_the_saved_dtype(tiny_bert, tokenizer, tmp_path, dtype):
     assert compressed_modules(reloaded)  # compressed and dense layers alike
     assert {p.dtype for p in reloaded.parameters()} == {dtype}
     assert torch.equal(logits(reloaded, tokenizer), expected)
+
+
+def test_evaluate_refuses_examples_numbered_unlike_the_model(tiny_bert, tokenizer):
+    from lmcompress.errors import DataError
+    from lmcompress.evaluation import evaluate
+    from lmcompress.tasks import get_task
+
+    tiny_bert.config.id2label, tiny_bert.config.label2id = {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
+    task = get_task("text-classification", text_column="text", label_column="label")
+    texts = SENTENCES[:4]
+    for examples, message in [(Examples(texts, None, [0, 1, 0, 1], ("pos", "neg")), r"\(pos, neg\) are not"),
+                              (Examples(texts, None, [0, 1, 2, 1], ("a", "b", "c")), "are not the model's"),
+                              (Examples(texts, None, [0.5, 1.0, 2.0, 3.0], None), "2-class classifier")]:
+        with pytest.raises(DataError, match=message) as info:
+            evaluate(tiny_bert, tokenizer, task, examples, latency_repeats=1, progress=False)
+        assert "\n" not in str(info.value)

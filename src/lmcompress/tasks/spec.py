@@ -250,20 +250,44 @@ def _check_labels_present(rows: RawRows) -> None:
             raise DataError(f"{rows.source}: {where}: empty label")
 
 
+def generic_label_names(names: Sequence[str]) -> bool:
+    """Whether class names say nothing but the position (transformers' LABEL_0, LABEL_1 ... or 0, 1 ...)."""
+    return all(name in (f"LABEL_{i}", str(i)) for i, name in enumerate(names))
+
+
+def model_class_ids(task_names: Sequence[str], model_names: Sequence[str], source: str) -> list[int]:
+    """The model's class id for each of the task's classes: by name (ignoring case), or by position when the
+    model's names are generic. A model trained with its classes in another order is thus read correctly."""
+    by_name = {name.casefold(): i for i, name in enumerate(model_names)}
+    if all(name.casefold() in by_name for name in task_names):
+        return [by_name[name.casefold()] for name in task_names]
+    if len(task_names) == len(model_names) and generic_label_names(model_names):
+        return list(range(len(model_names)))
+    raise DataError(f"{source}: the data's labels ({', '.join(task_names)}) do not match the model's "
+                    f"({', '.join(model_names)})")
+
+
 def to_examples(task: TaskSpec, rows: RawRows, label_names: Sequence[str] | None = None) -> Examples:
-    """Convert raw rows to examples, choosing label names: given > task's > data's own > inferred."""
+    """Convert raw rows to examples whose class ids are those of `label_names` (the model's classes) if given.
+
+    Labels are first read in the task's own naming (or the data's, or names inferred from the rows), where
+    integer labels mean positions, as in GLUE's 0/1; only then are they mapped to the model's classes by name.
+    """
     if len(rows) == 0:
         raise DataError(f"no examples in {rows.source}")
     _check_labels_present(rows)
     if task.is_regression:
         return Examples(rows.texts, rows.text_pairs, _regression_labels(rows), None)
-    if label_names is not None:
-        names = tuple(str(name) for name in label_names)
-        secondary = task.label_names or rows.label_names
-    else:
-        names = task.label_names or rows.label_names or infer_label_names(rows.labels)
-        secondary = rows.label_names if task.label_names else None
-    return Examples(rows.texts, rows.text_pairs, _class_labels(rows, names, secondary), names)
+    spelled = task.label_names or rows.label_names
+    model = None if label_names is None else tuple(str(name) for name in label_names)
+    if spelled is None:
+        names = model or infer_label_names(rows.labels)
+        return Examples(rows.texts, rows.text_pairs, _class_labels(rows, names, None), names)
+    ids = _class_labels(rows, spelled, rows.label_names if task.label_names else None)
+    if model is None:
+        return Examples(rows.texts, rows.text_pairs, ids, spelled)
+    to_model = model_class_ids(spelled, model, rows.source)
+    return Examples(rows.texts, rows.text_pairs, [to_model[i] for i in ids], model)
 
 
 def _normalize_split(split: str) -> str:
@@ -303,5 +327,24 @@ def load_examples(task: TaskSpec, data: str | os.PathLike | None, split: str,
     """Load one split of a task from any supported source, optionally as a reproducible subset."""
     if max_samples is not None and max_samples < 1:
         raise DataError(f"max_samples must be at least 1 (got {max_samples})")
-    rows = _read_rows(task, data, _normalize_split(split))
+    split = _normalize_split(split)
+    rows = _read_rows(task, data, split)
+    names_from_rows = not task.is_regression and not task.label_names and not rows.label_names
+    if label_names is None and split != "train" and names_from_rows:
+        label_names = training_label_names(task, data)
     return to_examples(task, rows, label_names).take(max_samples, seed)
+
+
+def training_label_names(task: TaskSpec, data: str | os.PathLike | None) -> tuple[str, ...] | None:
+    """Class names inferred from the training split, so that every split numbers the classes alike.
+
+    Inferred per split, a dev set without one of the training classes would shift every id after it. None
+    when the data has no separate training split (a single file serves every split as it is).
+    """
+    if data is None or (not str(data).startswith("hf:") and Path(data).expanduser().is_file()):
+        return None
+    try:
+        rows = _read_rows(task, data, "train")
+    except DataError:
+        return None
+    return rows.label_names or infer_label_names([label for label in rows.labels if label != ""]) or None
