@@ -235,3 +235,32 @@ def test_evaluate_refuses_examples_numbered_unlike_the_model(tiny_bert, tokenize
         with pytest.raises(DataError, match=message) as info:
             evaluate(tiny_bert, tokenizer, task, examples, latency_repeats=1, progress=False)
         assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_gpt2_statistics_and_predictions_do_not_depend_on_padding(tiny_gpt2, side):
+    """Batched (padded) and one-at-a-time runs agree whatever side the tokenizer pads on."""
+    from lmcompress.batching import encode_batches
+    from lmcompress.evaluation import predict
+    from lmcompress.models import bundled_model_path, load_tokenizer
+
+    tokenizer = load_tokenizer(str(bundled_model_path()))  # a fresh one: the shared fixture stays as it is
+    tokenizer.padding_side = side
+    examples = Examples(SENTENCES, None, [i % 2 for i in range(len(SENTENCES))], ("negative", "positive"))
+    names = ["transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj"]
+    layers = {name: tiny_gpt2.get_submodule(name) for name in names}
+    batched = calibrate(tiny_gpt2, tokenizer, examples, layers, batch_size=6, max_length=32, progress=False)
+    single = calibrate(tiny_gpt2, tokenizer, examples, layers, batch_size=1, max_length=32, progress=False)
+    for name in names:
+        assert batched[name].count == single[name].count
+        torch.testing.assert_close(batched[name].gram, single[name].gram, rtol=1e-5, atol=1e-5)
+
+    def all_logits(batch_size):
+        with torch.inference_mode():
+            return torch.cat([tiny_gpt2(**batch).logits for batch in encode_batches(tokenizer, examples,
+                                                                                     batch_size, 32)])
+
+    torch.testing.assert_close(all_logits(6), all_logits(1), rtol=1e-5, atol=1e-5)
+    assert (predict(tiny_gpt2, tokenizer, examples, 6, 32, progress=False)
+            == predict(tiny_gpt2, tokenizer, examples, 1, 32, progress=False)).all()
+    assert tokenizer.padding_side == side  # the tokenizer is left as it was
