@@ -5,6 +5,7 @@ Weights are only ever read from safetensors (`use_safetensors=True`): no pickled
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -16,6 +17,7 @@ from torch import nn
 from lmcompress.errors import ModelLoadError, first_line
 
 BUNDLED = "bundled"
+log = logging.getLogger("lmcompress")
 
 
 def bundled_model_path() -> Path:
@@ -64,8 +66,8 @@ def load_model(spec: str | os.PathLike | None, num_labels: int | None = None,
     """A sequence classifier (or regressor) and its tokenizer.
 
     A directory saved by lmcompress is rebuilt with its compressed layers. A checkpoint that already is a
-    sequence classifier loads as it is; a bare encoder (such as the bundled MiniLM) gets a new head sized
-    for the task (`num_labels`, or 1 output for regression).
+    sequence classifier loads as it is unless the task (`num_labels`, or 1 output for regression) needs a head
+    of another size; that head, and the head of a bare encoder (such as the bundled MiniLM), is new.
     """
     from lmcompress import io
 
@@ -81,8 +83,14 @@ def load_model(spec: str | os.PathLike | None, num_labels: int | None = None,
                              f"Hugging Face hub (offline or unknown id?): {first_line(err)}") from None
     is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     kwargs = {}
-    if not is_classifier and (num_labels is not None or is_regression):
+    if num_labels is not None or is_regression:
         kwargs = _head_kwargs(num_labels, label_names, is_regression)
+        if is_classifier and kwargs["num_labels"] == config.num_labels:
+            kwargs = {"problem_type": kwargs["problem_type"]}  # the head has the task's size: fine-tune it
+        elif is_classifier:
+            log.warning("replacing the %d-output head of %s with a new %d-output head for the task",
+                        config.num_labels, location, kwargs["num_labels"])
+            kwargs["ignore_mismatched_sizes"] = True
     try:
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
             location, local_files_only=local, use_safetensors=True, **kwargs)

@@ -14,8 +14,9 @@ from transformers import get_linear_schedule_with_warmup
 
 from lmcompress.batching import encode_batches
 from lmcompress.io import atomic_output_dir, check_output_dir
-from lmcompress.models import load_model
+from lmcompress.models import load_model, model_label_names
 from lmcompress.tasks import Examples, TaskSpec
+from lmcompress.tasks.spec import generic_label_names
 
 log = logging.getLogger("lmcompress")
 
@@ -40,6 +41,27 @@ class FinetuneResult:
     config: dict
 
 
+def match_model_labels(model, train: Examples) -> Examples:
+    """Number the training classes as the model's head does, so that its label names stay true after training.
+
+    A head that already has the task's classes (in any order or case) keeps its ids. Otherwise its classes are
+    renamed after the task's, since training gives them that meaning.
+    """
+    names = model_label_names(model)
+    if train.label_names is None or names is None or len(names) != len(train.label_names):
+        return train
+    folded = [name.casefold() for name in names]
+    if sorted(folded) == sorted(name.casefold() for name in train.label_names):
+        ids = [folded.index(name.casefold()) for name in train.label_names]
+        return Examples(train.texts, train.text_pairs, [ids[label] for label in train.labels], names)
+    if not generic_label_names(names):
+        log.warning("the checkpoint's classes (%s) are renamed to the task's (%s)", ", ".join(names),
+                    ", ".join(train.label_names))
+    model.config.id2label = dict(enumerate(train.label_names))
+    model.config.label2id = {name: i for i, name in enumerate(train.label_names)}
+    return train
+
+
 def finetune(model_spec, task: TaskSpec, train: Examples, config: FinetuneConfig | None = None,
              out: str | Path | None = None, overwrite: bool = False, progress: bool = True):
     """Fine-tune `model_spec` (None = bundled MiniLM) on `train`; save to `out` if given.
@@ -55,6 +77,7 @@ def finetune(model_spec, task: TaskSpec, train: Examples, config: FinetuneConfig
     model, tokenizer = load_model(model_spec, num_labels=train.num_labels, label_names=train.label_names,
                                   is_regression=task.is_regression)
     model.config.finetuning_task = task.name
+    train = match_model_labels(model, train)
     model.train()
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total_steps = max(1, math.ceil(steps_per_epoch * config.epochs))
