@@ -22,24 +22,26 @@ class LowRankLinear(CompressedLayer):
     manifest_fields: ClassVar[tuple[str, ...]] = ("in_features", "out_features", "rank", "has_bias")
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
-                 dense_kind: str = "Linear", dtype: torch.dtype | None = None) -> None:
+                 dense_kind: str = "Linear", dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
         if not 1 <= rank <= min(in_features, out_features):
             raise ValueError(f"rank must be in [1, {min(in_features, out_features)}], got {rank}")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.has_bias = bias
         self.dense_kind = dense_kind
-        self.first = nn.Parameter(torch.empty(rank, in_features, dtype=dtype))
-        self.second = nn.Parameter(torch.empty(out_features, rank, dtype=dtype))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+        self.first = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
+        self.second = nn.Parameter(torch.empty(out_features, rank, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
     def from_factors(cls, first: torch.Tensor, second: torch.Tensor, bias: torch.Tensor | None,
                      dense_kind: str = "Linear") -> LowRankLinear:
-        """Build from A (r x in) and B (out x r) so that W' = B A."""
+        """Build from A (r x in) and B (out x r) so that W' = B A, on A's device and in A's dtype."""
         rank, in_features = first.shape
         out_features = second.shape[0]
-        layer = cls(in_features, out_features, rank, bias is not None, dense_kind, dtype=first.dtype)
+        layer = cls(in_features, out_features, rank, bias is not None, dense_kind, dtype=first.dtype,
+                    device=first.device)
         with torch.no_grad():
             layer.first.copy_(first)
             layer.second.copy_(second)

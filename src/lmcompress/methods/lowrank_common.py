@@ -57,9 +57,12 @@ class LowRankMethod(Method):
         if params_at_rank(in_features, out_features, rank) >= dense_params and not config.always_factorize:
             return LayerResult(None, dense_params, dense_params,
                                note=f"kept dense: rank {rank} would not save parameters")
+        if stats is not None and stats.gram.device != weight.device:  # statistics may be kept on the CPU
+            stats = LayerStats(stats.gram.to(weight.device), stats.count)
         first, second = self.factorize(weight.to(torch.float64), stats, rank, config)
-        new = LowRankLinear.from_factors(first.to(weight.dtype), second.to(weight.dtype), layer.bias,
-                                         dense_kind(layer))
+        # the new layer lives where the old one did, in its dtype (factors are computed in float64)
+        new = LowRankLinear.from_factors(first.to(weight.device, weight.dtype), second.to(weight.device, weight.dtype),
+                                         layer.bias, dense_kind(layer))
         return LayerResult(new, dense_params, params_at_rank(in_features, out_features, rank), note=note,
                            metrics={"rank": rank, **approximation_errors(weight, new.dense_weight().detach(), stats)})
 
