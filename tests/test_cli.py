@@ -183,3 +183,52 @@ def test_finetune_regression_task(model_dir, tmp_path, capsys):
     assert code == 0, stdout
     result = json.loads(result_file.read_text())
     assert result["task"] == "stsb" and result["metric"]["name"] == "pearson"  # task taken from the model
+
+
+def refuse(what: str):
+    def started(*args, **kwargs):
+        raise AssertionError(f"{what} started")
+    return started
+
+
+@pytest.fixture
+def no_evaluation(monkeypatch):
+    """Bad arguments must be refused before any evaluation starts."""
+    monkeypatch.setattr("lmcompress.evaluation.evaluate", refuse("evaluation"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--repeats", "0"], "--repeats must be at least 1 (got 0)"),
+    (["--batch-size", "0"], "--batch-size must be at least 1 (got 0)"),
+    (["--latency-batch-size", "0"], "--latency-batch-size must be at least 1 (got 0)"),
+    (["--max-samples", "0"], "--max-samples must be at least 1 (got 0)"),
+    (["--seq-len", "1000"], "--seq-len 1000 is longer than the model's 128 positions"),
+    (["--max-length", "129"], "--max-length 129 is longer than the model's 128 positions"),
+])
+def test_bad_evaluate_numbers_fail_before_evaluating(model_dir, csv_file, capsys, no_evaluation, extra, message):
+    code, _, stderr = run(["evaluate", "--model", str(model_dir), *data_args(csv_file), *extra], capsys)
+    assert code == 2 and stderr.strip() == f"lmcompress evaluate: error: {message}"
+
+
+def test_option_that_names_a_recipe_parameter_is_one_line(model_dir, tmp_path, capsys):
+    for item, message in [("targets=x", "'targets' is not a method option (use --targets)"),
+                          ("calibration=1", "'calibration' is not a method option")]:
+        code, _, stderr = run(["compress", "--model", str(model_dir), "--method", "svd", "--option", item,
+                               "--out", str(tmp_path / "o")], capsys)
+        assert code == 2 and stderr.strip() == f"lmcompress compress: error: --option {item}: {message}"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--epochs", "inf"], "epochs: Input should be a finite number"),
+    (["--lr", "nan"], "lr: Input should be a finite number"),
+    (["--seed", "-1"], "seed: Input should be greater than or equal to 0"),
+    (["--seed", str(2**64)], "seed: Input should be less than"),
+    (["--max-length", "1000"], "max_length 1000 is longer than the model's 128 positions"),
+])
+def test_bad_finetune_numbers_fail_before_training(model_dir, csv_file, tmp_path, capsys, monkeypatch, extra,
+                                                    message):
+    monkeypatch.setattr("torch.optim.AdamW", refuse("training"))
+    code, _, stderr = run(["finetune", "--model", str(model_dir), *data_args(csv_file), "--out",
+                           str(tmp_path / "ft"), *extra], capsys)
+    assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert not (tmp_path / "ft").exists()

