@@ -232,3 +232,11 @@ def test_bad_finetune_numbers_fail_before_training(model_dir, csv_file, tmp_path
                            str(tmp_path / "ft"), *extra], capsys)
     assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert not (tmp_path / "ft").exists()
+
+
+def test_demo_with_a_bad_keep_fails_before_fine_tuning(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("lmcompress.demo.finetune", refuse("fine-tuning"))
+    code, _, stderr = run(["demo", "--keep", "0.5", "1.5", "--out", str(tmp_path / "demo")], capsys)
+    assert code == 2 and stderr.strip() == ("lmcompress demo: error: invalid options for method 'svd': keep: "
+                                            "Input should be less than or equal to 1")
+    assert list(tmp_path.iterdir()) == []

@@ -264,3 +264,12 @@ def test_gpt2_statistics_and_predictions_do_not_depend_on_padding(tiny_gpt2, sid
     assert (predict(tiny_gpt2, tokenizer, examples, 6, 32, progress=False)
             == predict(tiny_gpt2, tokenizer, examples, 1, 32, progress=False)).all()
     assert tokenizer.padding_side == side  # the tokenizer is left as it was
+
+
+def test_recipes_and_stages_validate_method_options_when_made():
+    with pytest.raises(RecipeError, match="keep: Input should be less than or equal to 1"):
+        Recipe.single("svd", keep=1.5)
+    with pytest.raises(RecipeError, match="keep: Input should be greater than 0"):
+        Stage(method="whitened_svd", options={"keep": 0})
+    with pytest.raises(RecipeError, match="unknown method 'magic'"):
+        Recipe(stages=[Stage(method="magic")])

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmcompress.errors import RecipeError, validation_message
 
@@ -36,6 +36,14 @@ class Stage(BaseModel):
             except re.error as err:
                 raise ValueError(f"bad regular expression {pattern!r}: {err}") from None
         return patterns
+
+    @model_validator(mode="after")
+    def _method_accepts_options(self) -> Stage:
+        """An unknown method or a bad option (keep=1.5) fails here, not after fine-tuning or calibration."""
+        from lmcompress.methods import get_method
+
+        get_method(self.method).parse_config(self.options)  # raises RecipeError, one line
+        return self
 
 
 class Calibration(BaseModel):
