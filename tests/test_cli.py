@@ -240,3 +240,40 @@ def test_demo_with_a_bad_keep_fails_before_fine_tuning(tmp_path, capsys, monkeyp
     assert code == 2 and stderr.strip() == ("lmcompress demo: error: invalid options for method 'svd': keep: "
                                             "Input should be less than or equal to 1")
     assert list(tmp_path.iterdir()) == []
+
+
+_SLOW_COMMAND = """
+import sys, time
+from lmcompress import cli
+from lmcompress.io import atomic_output_dir
+
+def slow(args):
+    with atomic_output_dir(args.out) as tmp:
+        print(tmp, flush=True)
+        time.sleep(60)
+
+cli.COMMANDS["demo"] = slow
+sys.exit(cli.main(["-q", "demo", "--out", sys.argv[1]]))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_removes_the_temporary_output_directory(tmp_path):
+    import os
+    import signal
+    from pathlib import Path
+
+    import lmcompress
+
+    env = {**os.environ, "PYTHONPATH": str(Path(lmcompress.__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_COMMAND, str(tmp_path / "out")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        tmp = Path(proc.stdout.readline().strip())
+        assert tmp.name.startswith(".out.tmp-") and tmp.is_dir()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM and "terminated" in stderr
+    assert list(tmp_path.iterdir()) == []

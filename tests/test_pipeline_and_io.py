@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -273,3 +278,45 @@ def test_recipes_and_stages_validate_method_options_when_made():
         Stage(method="whitened_svd", options={"keep": 0})
     with pytest.raises(RecipeError, match="unknown method 'magic'"):
         Recipe(stages=[Stage(method="magic")])
+
+
+def test_output_directories_honour_the_umask(tmp_path):
+    from lmcompress.io import atomic_output_dir
+
+    for mask, mode in ((0o022, 0o755), (0o077, 0o700)):
+        old = os.umask(mask)
+        try:
+            with atomic_output_dir(tmp_path / f"out{mask:o}") as tmp:
+                (tmp / "weights").write_text("x")
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE((tmp_path / f"out{mask:o}").stat().st_mode) == mode
+        assert [p.name for p in (tmp_path / f"out{mask:o}").iterdir()] == ["weights"]  # no owner marker left
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX only")
+def test_temporaries_left_by_dead_runs_are_swept(tmp_path):
+    from lmcompress.io import OWNER_NAME, atomic_output_dir
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    dead_pid = int(finished.stdout)
+
+    def leftover(name, pid=None, host=None):
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "model.safetensors").write_text("half written")
+        if pid is not None:
+            (directory / OWNER_NAME).write_text(json.dumps({"pid": pid, "host": host or socket.gethostname()}))
+        return directory
+
+    stale = leftover(".out.tmp-killed", dead_pid)
+    running = leftover(".out.tmp-running", os.getpid())
+    unmarked = leftover(".out.tmp-unknown")
+    elsewhere = leftover(".out.tmp-otherhost", dead_pid, host="not-" + socket.gethostname())
+    other_output = leftover(".other.tmp-killed", dead_pid)
+    with atomic_output_dir(tmp_path / "out") as tmp:
+        (tmp / "weights").write_text("x")
+    assert not stale.exists()
+    assert running.exists() and unmarked.exists() and elsewhere.exists() and other_output.exists()
+    assert (tmp_path / "out" / "weights").is_file()

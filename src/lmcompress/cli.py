@@ -6,10 +6,13 @@ Every user error (LMCompressError) becomes one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger("lmcompress")
@@ -229,6 +232,34 @@ COMMANDS = {"finetune": cmd_finetune, "compress": cmd_compress, "evaluate": cmd_
             "methods": cmd_methods}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C so that cleanup (temporary output directories) runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_raise() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into `Terminated` for the duration (not where they are ignored, as under nohup)."""
+    def handler(signum: int, _frame: object) -> None:
+        raise Terminated(signum)
+
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        number = getattr(signal, name, None)
+        if number is None or signal.getsignal(number) == signal.SIG_IGN:
+            continue
+        with contextlib.suppress(ValueError):  # only the main thread may set handlers; elsewhere leave them
+            previous[number] = signal.signal(number, handler)
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
@@ -243,15 +274,19 @@ def main(argv: list[str] | None = None) -> int:
     from lmcompress.errors import LMCompressError, validation_message
 
     try:
-        check_args(args)
-        COMMANDS[args.command](args)
+        with signals_raise():
+            check_args(args)
+            COMMANDS[args.command](args)
     except LMCompressError as err:
         print(f"lmcompress {args.command}: error: {err}", file=sys.stderr)
         return 2
     except ValidationError as err:  # option values checked by a config model (e.g. --lr -1)
         print(f"lmcompress {args.command}: error: {validation_message(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        if isinstance(err, Terminated):
+            print(f"lmcompress {args.command}: terminated by signal {err.signum}", file=sys.stderr)
+            return 128 + err.signum
         print(f"lmcompress {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
