@@ -277,3 +277,54 @@ def test_sigterm_removes_the_temporary_output_directory(tmp_path):
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM and "terminated" in stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("contents", ["text,label\n" + "".join(f'"{s}",happy\n' for s in SENTENCES),
+                                      "text\n" + "".join(f'"{s}"\n' for s in SENTENCES)])
+def test_calibration_data_needs_no_labels_the_model_knows(model_dir, tmp_path, capsys, contents):
+    calib = tmp_path / "calib.csv"
+    calib.write_text(contents)
+    code, stdout, stderr = run(["compress", "--model", str(model_dir), "--method", "whitened_svd", "--task",
+                                "text-classification", "--data", str(calib), "--text-column", "text",
+                                "--calib-samples", "8", "--out", str(tmp_path / "out")], capsys)
+    assert code == 0, stderr
+    assert "compressed 12 of 12" in stdout
+
+
+@pytest.mark.parametrize("dense", ["out", "out/dense", "."])
+def test_dense_out_may_not_overlap_out(model_dir, tmp_path, capsys, monkeypatch, dense):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "previous.txt").write_text("keep")
+    code, _, stderr = run(["compress", "--model", str(model_dir), "--method", "svd", "--out", "out",
+                           "--dense-out", dense, "--overwrite"], capsys)
+    assert code == 2 and stderr.strip().endswith("must be separate directories")
+    assert (tmp_path / "out" / "previous.txt").read_text() == "keep"
+
+
+def test_quiet_before_or_after_the_subcommand():
+    from lmcompress.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["-q", "methods"]).quiet and parser.parse_args(["methods", "-q"]).quiet
+    assert parser.parse_args(["evaluate", "--quiet", "--repeats", "3"]).quiet
+    assert not parser.parse_args(["methods"]).quiet
+
+
+def test_columns_given_to_finetune_are_remembered(model_dir, tmp_path, capsys):
+    folder = tmp_path / "reviews"
+    folder.mkdir()
+    rows = "review,mood\n" + "".join(f'"{s}",{"good" if i % 2 else "bad"}\n' for i, s in enumerate(SENTENCES))
+    (folder / "train.csv").write_text(rows)
+    (folder / "dev.csv").write_text(rows)
+    code, _, stderr = run(["finetune", "--model", str(model_dir), "--task", "text-classification", "--data",
+                           str(folder), "--text-column", "review", "--label-column", "mood", "--out",
+                           str(tmp_path / "ft"), "--batch-size", "4", "--max-length", "16"], capsys)
+    assert code == 0, stderr
+    config = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert config["lmcompress_columns"] == {"text_column": "review", "text_pair_column": None,
+                                            "label_column": "mood"}
+    code, stdout, stderr = run(["evaluate", "--model", str(tmp_path / "ft"), "--data", str(folder), "--repeats",
+                                "1", "--seq-len", "16"], capsys)
+    assert code == 0, stderr
+    assert stdout.startswith("text-classification accuracy:")

@@ -453,3 +453,16 @@ def test_dev_split_numbers_classes_as_the_training_split_does(tmp_path: Path) ->
     write(tmp_path / "data" / "dev.csv", "review,mood\ne,neu\nf,meh\n")
     with pytest.raises(DataError, match=r"unknown label values 'meh' \(labels: neg, neu, pos\)"):
         load_examples(text_task(), tmp_path / "data", "dev")
+
+
+def test_examples_without_labels(tmp_path: Path) -> None:
+    """Calibration reads texts only: no label column needed, and labels the task does not know are fine."""
+    unlabelled = write(tmp_path / "calib.csv", "review\nfirst\nsecond\n")
+    ex = load_examples(text_task(), unlabelled, "train", labels=False)
+    assert ex.texts == ["first", "second"] and ex.labels == [None, None] and ex.label_names is None
+    odd = write(tmp_path / "train.tsv", tsv("sentence\tlabel", "a\tmaybe", "b\t"))
+    assert load_examples(get_task("sst2"), odd, "train", labels=False).texts == ["a", "b"]
+    write(tmp_path / "bare" / "train.tsv", tsv("sentence", "only text"))
+    assert load_examples(get_task("sst2"), tmp_path / "bare", "train", labels=False).texts == ["only text"]
+    with pytest.raises(DataError, match="missing column 'label'"):
+        load_examples(get_task("sst2"), tmp_path / "bare", "train")

@@ -83,18 +83,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
 
     sub.add_parser("methods", help="list compression methods and their options")
+    for command in sub.choices.values():  # -q after the subcommand too; SUPPRESS keeps one given before it
+        command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                             help="no progress bars or per-layer log lines")
     return parser
 
 
-def _task_and_examples(args, split: str, model=None, max_samples: int | None = None):
+def _columns(args, task_name: str, config, labels: bool) -> dict[str, str | None]:
+    """Column overrides: the command line's, else (none given) those the model was fine-tuned with on that task."""
+    from lmcompress.tasks.spec import canonical_task_name
+
+    columns = {"text_column": args.text_column, "text_pair_column": args.text_pair_column,
+               "label_column": args.label_column}
+    saved = getattr(config, "lmcompress_columns", None)
+    same_task = canonical_task_name(task_name) == getattr(config, "finetuning_task", None)
+    if not any(columns.values()) and same_task and isinstance(saved, dict):
+        columns = {key: saved.get(key) for key in columns}
+    if not labels and not columns["label_column"] and canonical_task_name(task_name) == "text-classification":
+        columns["label_column"] = "label"  # the task wants one, but it is not read
+    return columns
+
+
+def _task_and_examples(args, split: str, model=None, max_samples: int | None = None, labels: bool = True):
+    """The task (named, or the model's) and one split of its data, labelled as the model's classes."""
     from lmcompress.models import model_label_names
     from lmcompress.tasks import DEFAULT_TASK, get_task, load_examples
 
-    name = args.task or getattr(getattr(model, "config", None), "finetuning_task", None) or DEFAULT_TASK
-    task = get_task(name, text_column=args.text_column, text_pair_column=args.text_pair_column,
-                    label_column=args.label_column)
-    label_names = model_label_names(model) if model is not None and not task.is_regression else None
-    return task, load_examples(task, args.data, split, label_names=label_names, max_samples=max_samples)
+    config = getattr(model, "config", None)
+    name = args.task or getattr(config, "finetuning_task", None) or DEFAULT_TASK
+    task = get_task(name, **_columns(args, name, config, labels))
+    label_names = model_label_names(model) if labels and model is not None and not task.is_regression else None
+    return task, load_examples(task, args.data, split, label_names=label_names, max_samples=max_samples,
+                               labels=labels)
 
 
 # Numeric options that crash deep inside a run when below their minimum; checked before any work starts.
@@ -158,6 +178,17 @@ def _recipe_from_args(args):
     return recipe
 
 
+def _check_dense_out(args) -> None:
+    """--dense-out must not replace (or sit inside, or contain) the compressed model's --out."""
+    from lmcompress.errors import LMCompressError
+
+    if not args.dense_out:
+        return
+    out, dense = Path(args.out).expanduser().resolve(), Path(args.dense_out).expanduser().resolve()
+    if out == dense or out in dense.parents or dense in out.parents:
+        raise LMCompressError(f"--dense-out {args.dense_out} and --out {args.out} must be separate directories")
+
+
 def cmd_compress(args) -> None:
     from lmcompress.io import check_output_dir, save, save_dense
     from lmcompress.methods import get_method
@@ -165,14 +196,17 @@ def cmd_compress(args) -> None:
     from lmcompress.pipeline import compress
 
     recipe = _recipe_from_args(args)  # validate before the (slow) model load
+    _check_dense_out(args)
     check_output_dir(args.out, args.overwrite)
     if args.dense_out:
         check_output_dir(args.dense_out, args.overwrite)
     model, tokenizer = load_model(args.model)
     calibration = None
-    if any(get_method(stage.method).needs for stage in recipe.stages):
+    needs = set().union(*(get_method(stage.method).needs for stage in recipe.stages))
+    if needs:
         check_sequence_length(model, recipe.calibration.max_length, "calibration max_length")
-        _, calibration = _task_and_examples(args, "train", model)
+        # labels are read (and matched to the model's classes) only if a method uses them
+        _, calibration = _task_and_examples(args, "train", model, labels="labels" in needs)
     summary = compress(model, recipe, tokenizer, calibration, progress=not args.quiet)
     save(model, args.out, tokenizer, recipe, overwrite=args.overwrite, extra={"summary": summary.to_dict()})
     if args.dense_out:

@@ -67,7 +67,7 @@ def finetune(model_spec, task: TaskSpec, train: Examples, config: FinetuneConfig
     """Fine-tune `model_spec` (None = bundled MiniLM) on `train`; save to `out` if given.
 
     Returns (model, tokenizer, FinetuneResult). The saved directory is a normal Hugging Face checkpoint
-    (safetensors + tokenizer) with the task name and label names in its config.
+    (safetensors + tokenizer) with the task name, label names and data columns in its config.
     """
     config = config or FinetuneConfig()
     if out is not None:
@@ -78,6 +78,9 @@ def finetune(model_spec, task: TaskSpec, train: Examples, config: FinetuneConfig
                                   is_regression=task.is_regression)
     check_sequence_length(model, config.max_length, "max_length")
     model.config.finetuning_task = task.name
+    # the columns read, so that evaluating or calibrating on the same kind of data later needs no overrides
+    model.config.lmcompress_columns = {"text_column": task.text_column, "text_pair_column": task.text_pair_column,
+                                       "label_column": task.label_column}
     train = match_model_labels(model, train)
     model.train()
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
