@@ -93,13 +93,14 @@ def _columns(args, task_name: str, config, labels: bool) -> dict[str, str | None
     """Column overrides: the command line's, else (none given) those the model was fine-tuned with on that task."""
     from lmcompress.tasks.spec import canonical_task_name
 
+    task_name = canonical_task_name(task_name)
     columns = {"text_column": args.text_column, "text_pair_column": args.text_pair_column,
                "label_column": args.label_column}
     saved = getattr(config, "lmcompress_columns", None)
-    same_task = canonical_task_name(task_name) == getattr(config, "finetuning_task", None)
+    same_task = task_name == getattr(config, "finetuning_task", None)
     if not any(columns.values()) and same_task and isinstance(saved, dict):
         columns = {key: saved.get(key) for key in columns}
-    if not labels and not columns["label_column"] and canonical_task_name(task_name) == "text-classification":
+    if not labels and not columns["label_column"] and task_name == "text-classification":
         columns["label_column"] = "label"  # the task wants one, but it is not read
     return columns
 

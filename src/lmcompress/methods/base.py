@@ -33,7 +33,8 @@ class LayerResult:
 
 class Method:
     """Subclass, set `name`, `config_class`, `needs`, implement `compress_layer`, decorate with
-    `@register_method`. `needs` names the calibration statistics the pipeline must gather ("gram")."""
+    `@register_method`. `needs` names the calibration statistics the pipeline must gather ("gram"), and
+    "labels" if the method reads the calibration examples' labels (otherwise they are not even loaded)."""
 
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
