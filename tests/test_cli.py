@@ -258,7 +258,9 @@ sys.exit(cli.main(["-q", "demo", "--out", sys.argv[1]]))
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_sigterm_removes_the_temporary_output_directory(tmp_path):
+@pytest.mark.parametrize("signal_name, code, message", [("SIGTERM", 143, "terminated"),
+                                                        ("SIGINT", 130, "interrupted")])
+def test_signals_remove_the_temporary_output_directory(tmp_path, signal_name, code, message):
     import os
     import signal
     from pathlib import Path
@@ -271,11 +273,11 @@ def test_sigterm_removes_the_temporary_output_directory(tmp_path):
     try:
         tmp = Path(proc.stdout.readline().strip())
         assert tmp.name.startswith(".out.tmp-") and tmp.is_dir()
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(getattr(signal, signal_name))
         _, stderr = proc.communicate(timeout=30)
     finally:
         proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM and "terminated" in stderr
+    assert proc.returncode == code and message in stderr
     assert list(tmp_path.iterdir()) == []
 
 
