@@ -23,14 +23,13 @@ from pathlib import Path
 
 import torch
 import transformers
+from common import finetuned_model
 
 from lmcompress.evaluation import evaluate
-from lmcompress.models import load_model
 from lmcompress.pipeline import compress
 from lmcompress.recipe import Calibration, Recipe
 from lmcompress.report import markdown_table
 from lmcompress.tasks import get_task, load_examples
-from lmcompress.training import FinetuneConfig, finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +60,8 @@ def main() -> None:
     runs = []  # one dict per (seed, scope, method, keep)
     for seed in args.seeds:
         model, tokenizer = finetuned_model(task, train, args.train_samples, seed, Path(args.cache))
-        calibration = Calibration(samples=args.calib_samples, batch_size=32, max_length=64, seed=seed)
+        calibration = Calibration(samples=args.calib_samples, batch_size=32, max_length=64, seed=seed,
+                                  mode="one_shot")  # the foundation table: one-shot calibration
         base = evaluate(model, tokenizer, task, dev, **EVAL_KWARGS)
         total = base.params["total"]
         runs.append({"seed": seed, "scope": "none (fine-tuned)", "method": "dense", "keep": 1.0, "params": total,
@@ -80,18 +80,6 @@ def main() -> None:
                     print(f"seed {seed} {scope:>20} keep {keep:.2f} {method:>13}: {runs[-1]['accuracy']:.1f}",
                           flush=True)
     write_report(args, runs, len(dev), (time.perf_counter() - started) / 60)
-
-
-def finetuned_model(task, train, train_samples: int, seed: int, cache: Path):
-    """Fine-tune once per seed; later runs reuse the cached checkpoint."""
-    cached = cache / f"minilm-sst2-{train_samples}-seed{seed}"
-    if cached.is_dir():
-        print(f"using cached fine-tuned model {cached}")
-        return load_model(cached)
-    config = FinetuneConfig(epochs=1, lr=5e-5, batch_size=32, max_length=64, max_train_samples=train_samples,
-                            seed=seed)
-    model, tokenizer, _ = finetune(None, task, train, config, out=cached)
-    return model, tokenizer
 
 
 def write_report(args, runs: list[dict], dev_size: int, minutes: float) -> None:

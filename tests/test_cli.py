@@ -228,3 +228,150 @@ def test_unused_data_gets_a_warning(model_dir, csv_file, tmp_path, capsys, caplo
         code, _, _ = run(["compress", "--model", str(model_dir), "--method", "svd", "--keep", "0.5",
                           *data_args(csv_file), "--out", str(tmp_path / "o")], capsys)
     assert code == 0 and any("not used" in r.getMessage() for r in caplog.records)
+
+
+def refuse(what: str):
+    def started(*args, **kwargs):
+        raise AssertionError(f"{what} started")
+    return started
+
+
+@pytest.fixture
+def no_evaluation(monkeypatch):
+    """Bad arguments must be refused before any evaluation starts."""
+    monkeypatch.setattr("lmcompress.evaluation.evaluate", refuse("evaluation"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--repeats", "0"], "--repeats must be at least 1 (got 0)"),
+    (["--batch-size", "0"], "--batch-size must be at least 1 (got 0)"),
+    (["--latency-batch-size", "0"], "--latency-batch-size must be at least 1 (got 0)"),
+    (["--max-samples", "0"], "--max-samples must be at least 1 (got 0)"),
+    (["--seq-len", "1000"], "--seq-len 1000 is longer than the model's 128 positions"),
+    (["--max-length", "129"], "--max-length 129 is longer than the model's 128 positions"),
+])
+def test_bad_evaluate_numbers_fail_before_evaluating(model_dir, csv_file, capsys, no_evaluation, extra, message):
+    code, _, stderr = run(["evaluate", "--model", str(model_dir), *data_args(csv_file), *extra], capsys)
+    assert code == 2 and stderr.strip() == f"lmcompress evaluate: error: {message}"
+
+
+def test_option_that_names_a_recipe_parameter_is_one_line(model_dir, tmp_path, capsys):
+    for item, message in [("targets=x", "'targets' is not a method option (use --targets)"),
+                          ("calibration=1", "'calibration' is not a method option")]:
+        code, _, stderr = run(["compress", "--model", str(model_dir), "--method", "svd", "--option", item,
+                               "--out", str(tmp_path / "o")], capsys)
+        assert code == 2 and stderr.strip() == f"lmcompress compress: error: --option {item}: {message}"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--epochs", "inf"], "epochs: Input should be a finite number"),
+    (["--lr", "nan"], "lr: Input should be a finite number"),
+    (["--seed", "-1"], "seed: Input should be greater than or equal to 0"),
+    (["--seed", str(2**64)], "seed: Input should be less than"),
+    (["--max-length", "1000"], "max_length 1000 is longer than the model's 128 positions"),
+])
+def test_bad_finetune_numbers_fail_before_training(model_dir, csv_file, tmp_path, capsys, monkeypatch, extra,
+                                                    message):
+    monkeypatch.setattr("torch.optim.AdamW", refuse("training"))
+    code, _, stderr = run(["finetune", "--model", str(model_dir), *data_args(csv_file), "--out",
+                           str(tmp_path / "ft"), *extra], capsys)
+    assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert not (tmp_path / "ft").exists()
+
+
+def test_demo_with_a_bad_keep_fails_before_fine_tuning(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("lmcompress.demo.finetune", refuse("fine-tuning"))
+    code, _, stderr = run(["demo", "--keep", "0.5", "1.5", "--out", str(tmp_path / "demo")], capsys)
+    assert code == 2 and stderr.strip() == ("lmcompress demo: error: invalid options for method 'svd': keep: "
+                                            "Input should be less than or equal to 1")
+    assert list(tmp_path.iterdir()) == []
+
+
+_SLOW_COMMAND = """
+import sys, time
+from lmcompress import cli
+from lmcompress.io import atomic_output_dir
+
+def slow(args):
+    with atomic_output_dir(args.out) as tmp:
+        print(tmp, flush=True)
+        time.sleep(60)
+
+cli.COMMANDS["demo"] = slow
+sys.exit(cli.main(["-q", "demo", "--out", sys.argv[1]]))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("signal_name, code, message", [("SIGTERM", 143, "terminated"),
+                                                        ("SIGINT", 130, "interrupted")])
+def test_signals_remove_the_temporary_output_directory(tmp_path, signal_name, code, message):
+    import os
+    import signal
+    from pathlib import Path
+
+    import lmcompress
+
+    env = {**os.environ, "PYTHONPATH": str(Path(lmcompress.__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_COMMAND, str(tmp_path / "out")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        tmp = Path(proc.stdout.readline().strip())
+        assert tmp.name.startswith(".out.tmp-") and tmp.is_dir()
+        proc.send_signal(getattr(signal, signal_name))
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == code and message in stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("contents", ["text,label\n" + "".join(f'"{s}",happy\n' for s in SENTENCES),
+                                      "text\n" + "".join(f'"{s}"\n' for s in SENTENCES)])
+def test_calibration_data_needs_no_labels_the_model_knows(model_dir, tmp_path, capsys, contents):
+    calib = tmp_path / "calib.csv"
+    calib.write_text(contents)
+    code, stdout, stderr = run(["compress", "--model", str(model_dir), "--method", "whitened_svd", "--task",
+                                "text-classification", "--data", str(calib), "--text-column", "text",
+                                "--calib-samples", "8", "--out", str(tmp_path / "out")], capsys)
+    assert code == 0, stderr
+    assert "compressed 12 of 12" in stdout
+
+
+@pytest.mark.parametrize("dense", ["out", "out/dense", "."])
+def test_dense_out_may_not_overlap_out(model_dir, tmp_path, capsys, monkeypatch, dense):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "previous.txt").write_text("keep")
+    code, _, stderr = run(["compress", "--model", str(model_dir), "--method", "svd", "--out", "out",
+                           "--dense-out", dense, "--overwrite"], capsys)
+    assert code == 2 and stderr.strip().endswith("must be separate directories")
+    assert (tmp_path / "out" / "previous.txt").read_text() == "keep"
+
+
+def test_quiet_before_or_after_the_subcommand():
+    from lmcompress.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["-q", "methods"]).quiet and parser.parse_args(["methods", "-q"]).quiet
+    assert parser.parse_args(["evaluate", "--quiet", "--repeats", "3"]).quiet
+    assert not parser.parse_args(["methods"]).quiet
+
+
+def test_columns_given_to_finetune_are_remembered(model_dir, tmp_path, capsys):
+    folder = tmp_path / "reviews"
+    folder.mkdir()
+    rows = "review,mood\n" + "".join(f'"{s}",{"good" if i % 2 else "bad"}\n' for i, s in enumerate(SENTENCES))
+    (folder / "train.csv").write_text(rows)
+    (folder / "dev.csv").write_text(rows)
+    code, _, stderr = run(["finetune", "--model", str(model_dir), "--task", "text-classification", "--data",
+                           str(folder), "--text-column", "review", "--label-column", "mood", "--out",
+                           str(tmp_path / "ft"), "--batch-size", "4", "--max-length", "16"], capsys)
+    assert code == 0, stderr
+    config = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert config["lmcompress_columns"] == {"text_column": "review", "text_pair_column": None,
+                                            "label_column": "mood"}
+    code, stdout, stderr = run(["evaluate", "--model", str(tmp_path / "ft"), "--data", str(folder), "--repeats",
+                                "1", "--seq-len", "16"], capsys)
+    assert code == 0, stderr
+    assert stdout.startswith("text-classification accuracy:")

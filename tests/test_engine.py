@@ -16,7 +16,7 @@ from lmcompress.errors import CalibrationError, RecipeError
 from lmcompress.io import load, save
 from lmcompress.layers import LowRankLinear
 from lmcompress.methods import get_method
-from lmcompress.methods.base import Candidates, Method, MethodConfig, register_method
+from lmcompress.methods.base import Candidates, Method, MethodConfig, register_method, registered_methods
 from lmcompress.pipeline import compress, select_layers
 from lmcompress.recipe import Recipe
 from lmcompress.stats import PairSample, StatsCollector
@@ -275,7 +275,10 @@ def test_a_group_method_sees_every_projection_of_its_unit(tiny_model, tokenizer,
             seen.append((unit.name, {role_of(model, n) for n in unit.layer_names}, set(stats)))
             return []
 
-    compress(tiny_model, Recipe.single("_test_attention_probe"), tokenizer, examples, progress=False)
+    try:
+        compress(tiny_model, Recipe.single("_test_attention_probe"), tokenizer, examples, progress=False)
+    finally:
+        registered_methods().pop("_test_attention_probe")
     assert len(seen) == 2
     for _, roles, stats_names in seen:
         assert roles in ({"q", "k", "v", "o"}, {"qkv", "o"})

@@ -125,3 +125,42 @@ def test_unknown_method_lists_the_choices():
     with pytest.raises(RecipeError, match="choose one of: svd, whitened_svd"):
         get_method("magic")
     assert {"svd", "whitened_svd"} <= set(available_methods())
+
+
+def test_new_layers_are_created_on_the_factors_device():
+    """Checked on the `meta` device here; the CUDA test below does the same on a GPU when there is one."""
+    first, second = torch.empty(3, 10, device="meta"), torch.empty(6, 3, device="meta", dtype=torch.float16)
+    layer = LowRankLinear.from_factors(first.half(), second, torch.empty(6, device="meta", dtype=torch.float16))
+    assert {p.device.type for p in layer.parameters()} == {"meta"}
+    assert {p.dtype for p in layer.parameters()} == {torch.float16}
+    from lmcompress.linear import make_dense
+
+    dense = make_dense(torch.empty(6, 10, device="meta", dtype=torch.bfloat16), None, "Linear")
+    assert dense.weight.device.type == "meta" and dense.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_layers_stay_on_the_gpu_and_latency_waits_for_it(tokenizer, monkeypatch):
+    from conftest import make_tiny_bert
+
+    from lmcompress.evaluation import measure_latency
+    from lmcompress.pipeline import compress
+    from lmcompress.recipe import Recipe
+
+    model = make_tiny_bert(tokenizer.vocab_size).to("cuda", torch.float16)
+    compress(model, Recipe.single("svd", keep=0.5), tokenizer, progress=False)
+    layer = model.get_submodule("bert.encoder.layer.0.intermediate.dense")
+    assert isinstance(layer, LowRankLinear)
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {("cuda", torch.float16)}
+    dense = model.get_submodule("bert.encoder.layer.0.output.dense")
+    handler = get_method("whitened_svd")  # statistics kept on the CPU are moved to the layer
+    result = handler.compress_layer("layer", dense, stats_of(correlated_inputs(100, 64)),
+                                    handler.parse_config({"keep": 0.5}))
+    assert {(p.device.type, p.dtype) for p in result.module.parameters()} == {("cuda", torch.float16)}
+    assert result.module.to_dense().weight.device.type == "cuda"
+
+    calls = []
+    real = torch.cuda.synchronize
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append(a) or real(*a))
+    latency = measure_latency(model, seq_len=16, repeats=3)
+    assert latency["median_ms"] > 0 and len(calls) >= 6  # before and after each timed pass

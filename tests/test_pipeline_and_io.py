@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -207,3 +212,111 @@ def test_unknown_architecture_falls_back_to_linear_layers(tokenizer, caplog):
         names = list(select_layers(model, Stage(method="svd")))
     assert "no anatomy entry" in caplog.text and "bert" in caplog.text
     assert names and not any(n.startswith("classifier") for n in names)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_load_restores_the_saved_dtype(tiny_bert, tokenizer, tmp_path, dtype):
+    compress(tiny_bert, Recipe.single("svd", keep=0.5, targets=["intermediate"]), tokenizer, progress=False)
+    tiny_bert.to(dtype)
+    expected = logits(tiny_bert, tokenizer)
+    lmcompress.save(tiny_bert, tmp_path / "out", tokenizer)
+    reloaded = lmcompress.load(tmp_path / "out")
+    assert compressed_modules(reloaded)  # compressed and dense layers alike
+    assert {p.dtype for p in reloaded.parameters()} == {dtype}
+    assert torch.equal(logits(reloaded, tokenizer), expected)
+
+
+def test_evaluate_refuses_examples_numbered_unlike_the_model(tiny_bert, tokenizer):
+    from lmcompress.errors import DataError
+    from lmcompress.evaluation import evaluate
+    from lmcompress.tasks import get_task
+
+    tiny_bert.config.id2label, tiny_bert.config.label2id = {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
+    task = get_task("text-classification", text_column="text", label_column="label")
+    texts = SENTENCES[:4]
+    for examples, message in [(Examples(texts, None, [0, 1, 0, 1], ("pos", "neg")), r"\(pos, neg\) are not"),
+                              (Examples(texts, None, [0, 1, 2, 1], ("a", "b", "c")), "are not the model's"),
+                              (Examples(texts, None, [0.5, 1.0, 2.0, 3.0], None), "2-class classifier")]:
+        with pytest.raises(DataError, match=message) as info:
+            evaluate(tiny_bert, tokenizer, task, examples, latency_repeats=1, progress=False)
+        assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_gpt2_statistics_and_predictions_do_not_depend_on_padding(tiny_gpt2, side):
+    """Batched (padded) and one-at-a-time runs agree whatever side the tokenizer pads on."""
+    from lmcompress.batching import encode_batches
+    from lmcompress.evaluation import predict
+    from lmcompress.models import bundled_model_path, load_tokenizer
+
+    tokenizer = load_tokenizer(str(bundled_model_path()))  # a fresh one: the shared fixture stays as it is
+    tokenizer.padding_side = side
+    examples = Examples(SENTENCES, None, [i % 2 for i in range(len(SENTENCES))], ("negative", "positive"))
+    names = ["transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj"]
+    layers = {name: tiny_gpt2.get_submodule(name) for name in names}
+    batched = calibrate(tiny_gpt2, tokenizer, examples, layers, batch_size=6, max_length=32, progress=False)
+    single = calibrate(tiny_gpt2, tokenizer, examples, layers, batch_size=1, max_length=32, progress=False)
+    for name in names:
+        assert batched[name].count == single[name].count
+        torch.testing.assert_close(batched[name].gram, single[name].gram, rtol=1e-5, atol=1e-5)
+
+    def all_logits(batch_size):
+        with torch.inference_mode():
+            return torch.cat([tiny_gpt2(**batch).logits for batch in encode_batches(tokenizer, examples,
+                                                                                     batch_size, 32)])
+
+    torch.testing.assert_close(all_logits(6), all_logits(1), rtol=1e-5, atol=1e-5)
+    assert (predict(tiny_gpt2, tokenizer, examples, 6, 32, progress=False)
+            == predict(tiny_gpt2, tokenizer, examples, 1, 32, progress=False)).all()
+    assert tokenizer.padding_side == side  # the tokenizer is left as it was
+
+
+def test_recipes_and_stages_validate_method_options_when_made():
+    with pytest.raises(RecipeError, match="keep: Input should be less than or equal to 1"):
+        Recipe.single("svd", keep=1.5)
+    with pytest.raises(RecipeError, match="keep: Input should be greater than 0"):
+        Stage(method="whitened_svd", options={"keep": 0})
+    with pytest.raises(RecipeError, match="unknown method 'magic'"):
+        Recipe(stages=[Stage(method="magic")])
+
+
+def test_output_directories_honour_the_umask(tmp_path):
+    from lmcompress.io import atomic_output_dir
+
+    for mask, mode in ((0o022, 0o755), (0o077, 0o700)):
+        old = os.umask(mask)
+        try:
+            with atomic_output_dir(tmp_path / f"out{mask:o}") as tmp:
+                (tmp / "weights").write_text("x")
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE((tmp_path / f"out{mask:o}").stat().st_mode) == mode
+        assert [p.name for p in (tmp_path / f"out{mask:o}").iterdir()] == ["weights"]  # no owner marker left
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX only")
+def test_temporaries_left_by_dead_runs_are_swept(tmp_path):
+    from lmcompress.io import OWNER_NAME, atomic_output_dir
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    dead_pid = int(finished.stdout)
+
+    def leftover(name, pid=None, host=None):
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "model.safetensors").write_text("half written")
+        if pid is not None:
+            (directory / OWNER_NAME).write_text(json.dumps({"pid": pid, "host": host or socket.gethostname()}))
+        return directory
+
+    stale = leftover(".out.tmp-killed", dead_pid)
+    running = leftover(".out.tmp-running", os.getpid())
+    unmarked = leftover(".out.tmp-unknown")
+    elsewhere = leftover(".out.tmp-otherhost", dead_pid, host="not-" + socket.gethostname())
+    other_output = leftover(".other.tmp-killed", dead_pid)
+    with atomic_output_dir(tmp_path / "out") as tmp:
+        (tmp / "weights").write_text("x")
+    assert not stale.exists()
+    assert running.exists() and unmarked.exists() and elsewhere.exists() and other_output.exists()
+    assert (tmp_path / "out" / "weights").is_file()

@@ -429,3 +429,40 @@ def test_real_glue_dev(task: str, folder: str, rows: int) -> None:
         assert all(0.0 <= label <= 5.0 for label in ex.labels) and ex.text_pairs is not None
     else:
         assert set(ex.labels) == {0, 1}
+
+
+# --- label ids: the task's naming first, then the model's classes -----------------------------------------
+
+
+def test_integer_labels_map_through_the_task_names_to_the_model(tmp_path: Path) -> None:
+    path = write(tmp_path / "dev.tsv", tsv("sentence\tlabel", "good\t1", "bad\t0", "fine\tpositive"))
+    for model in (("positive", "negative"), ("POSITIVE", "NEGATIVE")):
+        ex = load_examples(get_task("sst2"), path, "dev", label_names=model)
+        assert ex.label_names == model and ex.labels == [0, 1, 0]
+    with pytest.raises(DataError, match=r"dev\.tsv: the data's labels \(negative, positive\) do not match the "
+                                        r"model's \(good, bad\)$"):
+        load_examples(get_task("sst2"), path, "dev", label_names=("good", "bad"))
+
+
+def test_dev_split_numbers_classes_as_the_training_split_does(tmp_path: Path) -> None:
+    write(tmp_path / "data" / "train.csv", "review,mood\na,neg\nb,neu\nc,pos\nd,neu\n")
+    write(tmp_path / "data" / "dev.csv", "review,mood\ne,neu\nf,pos\n")
+    train, dev = (load_examples(text_task(), tmp_path / "data", split) for split in ("train", "dev"))
+    assert train.label_names == dev.label_names == ("neg", "neu", "pos")
+    assert dev.labels == [1, 2]
+    write(tmp_path / "data" / "dev.csv", "review,mood\ne,neu\nf,meh\n")
+    with pytest.raises(DataError, match=r"unknown label values 'meh' \(labels: neg, neu, pos\)"):
+        load_examples(text_task(), tmp_path / "data", "dev")
+
+
+def test_examples_without_labels(tmp_path: Path) -> None:
+    """Calibration reads texts only: no label column needed, and labels the task does not know are fine."""
+    unlabelled = write(tmp_path / "calib.csv", "review\nfirst\nsecond\n")
+    ex = load_examples(text_task(), unlabelled, "train", labels=False)
+    assert ex.texts == ["first", "second"] and ex.labels == [None, None] and ex.label_names is None
+    odd = write(tmp_path / "train.tsv", tsv("sentence\tlabel", "a\tmaybe", "b\t"))
+    assert load_examples(get_task("sst2"), odd, "train", labels=False).texts == ["a", "b"]
+    write(tmp_path / "bare" / "train.tsv", tsv("sentence", "only text"))
+    assert load_examples(get_task("sst2"), tmp_path / "bare", "train", labels=False).texts == ["only text"]
+    with pytest.raises(DataError, match="missing column 'label'"):
+        load_examples(get_task("sst2"), tmp_path / "bare", "train")

@@ -6,10 +6,13 @@ Every user error (LMCompressError) becomes one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger("lmcompress")
@@ -87,18 +90,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
 
     sub.add_parser("methods", help="list compression methods and their options")
+    for command in sub.choices.values():  # -q after the subcommand too; SUPPRESS keeps one given before it
+        command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                             help="no progress bars or per-layer log lines")
     return parser
 
 
-def _task_and_examples(args, split: str, model=None, max_samples: int | None = None):
+def _columns(args, task_name: str, config, labels: bool) -> dict[str, str | None]:
+    """Column overrides: the command line's, else (none given) those the model was fine-tuned with on that task."""
+    from lmcompress.tasks.spec import canonical_task_name
+
+    task_name = canonical_task_name(task_name)
+    columns = {"text_column": args.text_column, "text_pair_column": args.text_pair_column,
+               "label_column": args.label_column}
+    saved = getattr(config, "lmcompress_columns", None)
+    same_task = task_name == getattr(config, "finetuning_task", None)
+    if not any(columns.values()) and same_task and isinstance(saved, dict):
+        columns = {key: saved.get(key) for key in columns}
+    if not labels and not columns["label_column"] and task_name == "text-classification":
+        columns["label_column"] = "label"  # the task wants one, but it is not read
+    return columns
+
+
+def _task_and_examples(args, split: str, model=None, max_samples: int | None = None, labels: bool = True):
+    """The task (named, or the model's) and one split of its data, labelled as the model's classes."""
     from lmcompress.models import model_label_names
     from lmcompress.tasks import DEFAULT_TASK, get_task, load_examples
 
-    name = args.task or getattr(getattr(model, "config", None), "finetuning_task", None) or DEFAULT_TASK
-    task = get_task(name, text_column=args.text_column, text_pair_column=args.text_pair_column,
-                    label_column=args.label_column)
-    label_names = model_label_names(model) if model is not None and not task.is_regression else None
-    return task, load_examples(task, args.data, split, label_names=label_names, max_samples=max_samples)
+    config = getattr(model, "config", None)
+    name = args.task or getattr(config, "finetuning_task", None) or DEFAULT_TASK
+    task = get_task(name, **_columns(args, name, config, labels))
+    label_names = model_label_names(model) if labels and model is not None and not task.is_regression else None
+    return task, load_examples(task, args.data, split, label_names=label_names, max_samples=max_samples,
+                               labels=labels)
+
+
+# Numeric options that crash deep inside a run when below their minimum; checked before any work starts.
+# (Options read into a config model, such as finetune's or --calib-samples, are checked by that model.)
+_AT_LEAST: dict[str, dict[str, int]] = {
+    "evaluate": {"max_samples": 1, "batch_size": 1, "max_length": 1, "seq_len": 1, "latency_batch_size": 1,
+                 "repeats": 1},
+}
+
+
+def check_args(args) -> None:
+    """One-line errors for out-of-range options, before a model or data set is loaded."""
+    from lmcompress.errors import LMCompressError
+
+    for dest, low in _AT_LEAST.get(args.command, {}).items():
+        value = getattr(args, dest, None)
+        if value is not None and value < low:
+            raise LMCompressError(f"--{dest.replace('_', '-')} must be at least {low} (got {value})")
 
 
 def cmd_finetune(args) -> None:
@@ -131,6 +173,9 @@ def _recipe_from_args(args):
             key, sep, value = item.partition("=")
             if not sep:
                 raise RecipeError(f"--option expects KEY=VALUE, got {item!r}")
+            if key in ("method", "targets", "ignore", "calibration", "cls"):  # Recipe.single's own parameters
+                flag = f" (use --{key})" if key in ("method", "targets", "ignore") else ""
+                raise RecipeError(f"--option {item}: {key!r} is not a method option{flag}")
             options[key] = yaml.safe_load(value)  # so damp=0.1 is a number and flag=true a bool
         budget = _parse_budget(args.budget) if args.budget else None
         if args.allocation and budget is None:
@@ -163,21 +208,37 @@ def _parse_budget(items: list[str]) -> dict:
     return budget
 
 
+def _check_dense_out(args) -> None:
+    """--dense-out must not replace (or sit inside, or contain) the compressed model's --out."""
+    from lmcompress.errors import LMCompressError
+
+    if not args.dense_out:
+        return
+    out, dense = Path(args.out).expanduser().resolve(), Path(args.dense_out).expanduser().resolve()
+    if out == dense or out in dense.parents or dense in out.parents:
+        raise LMCompressError(f"--dense-out {args.dense_out} and --out {args.out} must be separate directories")
+
+
 def cmd_compress(args) -> None:
     from lmcompress.io import check_output_dir, save, save_dense
-    from lmcompress.models import load_model
-    from lmcompress.pipeline import compress, recipe_uses_data
+    from lmcompress.models import check_sequence_length, load_model
+    from lmcompress.pipeline import compress, recipe_needs, recipe_uses_data
+    from lmcompress.stats import LABELLED_NEEDS
 
     recipe = _recipe_from_args(args)  # validate before the (slow) model load
+    _check_dense_out(args)
     check_output_dir(args.out, args.overwrite)
     if args.dense_out:
         check_output_dir(args.dense_out, args.overwrite)
     model, tokenizer = load_model(args.model)
     calibration = None
     if recipe_uses_data(recipe):
-        _, calibration = _task_and_examples(args, "train", model)
+        check_sequence_length(model, recipe.calibration.max_length, "calibration max_length")
+        # labels are read (and matched to the model's classes) only if a method uses them
+        labels = bool(recipe_needs(recipe) & LABELLED_NEEDS)
+        _, calibration = _task_and_examples(args, "train", model, labels=labels)
     elif args.data or args.task or args.text_column or args.label_column:
-        _task_and_examples(args, "train", model)  # still catch a wrong path or column now
+        _task_and_examples(args, "train", model, labels=False)  # still catch a wrong path or column now
         log.warning("calibration data is not used: %s sizes and compresses from the weights alone",
                     ", ".join(dict.fromkeys(stage.method for stage in recipe.stages)))
     summary = compress(model, recipe, tokenizer, calibration, progress=not args.quiet)
@@ -189,9 +250,11 @@ def cmd_compress(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from lmcompress.evaluation import evaluate
-    from lmcompress.models import load_model
+    from lmcompress.models import check_sequence_length, load_model
 
     model, tokenizer = load_model(args.model)
+    check_sequence_length(model, args.seq_len, "--seq-len")
+    check_sequence_length(model, args.max_length, "--max-length")
     task, dev = _task_and_examples(args, "dev", model, max_samples=args.max_samples)
     result = evaluate(model, tokenizer, task, dev, batch_size=args.batch_size, max_length=args.max_length,
                       flops_seq_len=args.seq_len, latency_batch_size=args.latency_batch_size,
@@ -237,6 +300,34 @@ COMMANDS = {"finetune": cmd_finetune, "compress": cmd_compress, "evaluate": cmd_
             "methods": cmd_methods}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C so that cleanup (temporary output directories) runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_raise() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into `Terminated` for the duration (not where they are ignored, as under nohup)."""
+    def handler(signum: int, _frame: object) -> None:
+        raise Terminated(signum)
+
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        number = getattr(signal, name, None)
+        if number is None or signal.getsignal(number) == signal.SIG_IGN:
+            continue
+        with contextlib.suppress(ValueError):  # only the main thread may set handlers; elsewhere leave them
+            previous[number] = signal.signal(number, handler)
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
@@ -251,14 +342,19 @@ def main(argv: list[str] | None = None) -> int:
     from lmcompress.errors import LMCompressError, validation_message
 
     try:
-        COMMANDS[args.command](args)
+        with signals_raise():
+            check_args(args)
+            COMMANDS[args.command](args)
     except LMCompressError as err:
         print(f"lmcompress {args.command}: error: {err}", file=sys.stderr)
         return 2
     except ValidationError as err:  # option values checked by a config model (e.g. --lr -1)
         print(f"lmcompress {args.command}: error: {validation_message(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        if isinstance(err, Terminated):
+            print(f"lmcompress {args.command}: terminated by signal {err.signum}", file=sys.stderr)
+            return 128 + err.signum
         print(f"lmcompress {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0

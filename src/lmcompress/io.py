@@ -7,22 +7,30 @@ swaps in empty compressed layers of the recorded shapes, then loads the weights 
 or unexpected tensor is an error rather than a silently random layer.
 
 Everything is written into a temporary sibling directory and renamed into place at the end, so a failure
-never leaves a half-written model behind and an existing directory is only replaced when asked.
+never leaves a half-written model behind and an existing directory is only replaced when asked. A run that
+is killed outright cannot clean up; the temporary directory records its process, and the next run writing
+to the same place removes it once that process is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import glob
 import json
+import logging
+import math
+import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 import transformers
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -30,10 +38,14 @@ from lmcompress.errors import LMCompressError, ModelLoadError, first_line
 from lmcompress.layers import CompressedLayer, layer_from_manifest
 from lmcompress.linear import set_submodule
 
+log = logging.getLogger("lmcompress")
+
 MANIFEST_NAME = "lmcompress.json"
 WEIGHTS_NAME = "model.safetensors"
 RECIPE_NAME = "recipe.yaml"
 FORMAT_VERSION = 1
+OWNER_NAME = ".lmcompress-owner"  # in a temporary output directory while it is written: who is writing it
+_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def check_output_dir(path: str | Path, overwrite: bool) -> Path:
@@ -46,14 +58,58 @@ def check_output_dir(path: str | Path, overwrite: bool) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _alive(pid: object) -> bool:
+    """Whether process `pid` exists; anything unclear counts as alive, so its directory is left alone."""
+    if not isinstance(pid, int) or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists but is someone else's
+        return True
+    return True
+
+
+def _stale(directory: Path) -> bool:
+    """A temporary directory of ours (same user, same host) whose writing process no longer exists."""
+    try:
+        if directory.is_symlink() or not directory.is_dir() or directory.stat().st_uid != os.getuid():
+            return False
+        owner = json.loads((directory / OWNER_NAME).read_text())
+    except (OSError, ValueError):  # no marker (not ours, or an older lmcompress): leave it
+        return False
+    return isinstance(owner, dict) and owner.get("host") == socket.gethostname() and not _alive(owner.get("pid"))
+
+
+def sweep_stale_temporaries(path: Path) -> None:
+    """Remove `.NAME.tmp-*` siblings of `path` left behind by killed runs (see the module docstring)."""
+    if os.name != "posix":  # os.kill(pid, 0) is no existence test elsewhere
+        return
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        if _stale(candidate):
+            shutil.rmtree(candidate, ignore_errors=True)
+            log.info("removed %s, left behind by an interrupted run", candidate)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes `path` only if the block finishes without error."""
     path = check_output_dir(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temporaries(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would make the saved model private; mkdir honours umask
+        (tmp / OWNER_NAME).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
         yield tmp
+        (tmp / OWNER_NAME).unlink(missing_ok=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -130,8 +186,26 @@ def read_manifest(path: str | Path) -> dict[str, Any] | None:
     return manifest
 
 
+def saved_dtype(file: str | Path) -> torch.dtype | None:
+    """The floating-point dtype holding most of the saved weights (None if none is floating-point).
+
+    Models are built in float32; without this a bf16 or fp16 model would silently come back as float32.
+    """
+    sizes: dict[torch.dtype, int] = {}
+    with safe_open(str(file), framework="pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
+            tensor = handle.get_slice(key)
+            dtype = _FLOAT_DTYPES.get(tensor.get_dtype())
+            if dtype is not None:
+                sizes[dtype] = sizes.get(dtype, 0) + math.prod(tensor.get_shape())
+    return max(sizes, key=sizes.__getitem__) if sizes else None
+
+
 def load(path: str | Path) -> nn.Module:
-    """Rebuild a model saved by `save`: architecture, compressed layers, then strict weight loading."""
+    """Rebuild a model saved by `save`: architecture, compressed layers, then strict weight loading.
+
+    The model comes back in the dtype its weights were saved in (dense and compressed layers alike).
+    """
     path = Path(path)
     manifest = read_manifest(path)
     if manifest is None:
@@ -146,6 +220,9 @@ def load(path: str | Path) -> nn.Module:
         model = architecture(config)
         for name, entry in manifest["replaced"].items():
             set_submodule(model, name, layer_from_manifest(entry))
+        dtype = saved_dtype(path / WEIGHTS_NAME)
+        if dtype is not None:
+            model.to(dtype)
         load_model(model, str(path / WEIGHTS_NAME), strict=True)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
         raise ModelLoadError(f"could not load {path}: {first_line(err)}") from None

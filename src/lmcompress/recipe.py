@@ -87,6 +87,17 @@ class Stage(BaseModel):
                 raise ValueError(f"bad regular expression {pattern!r}: {err}") from None
         return patterns
 
+    @model_validator(mode="after")
+    def _method_accepts_options(self) -> Stage:
+        """An unknown method or a bad option (keep=1.5) fails here, not after fine-tuning or calibration."""
+        from lmcompress.methods import get_method
+
+        method = get_method(self.method)
+        config = method.parse_config(self.options)  # raises RecipeError, one line
+        if self.budget is not None:
+            method.sized_by_budget(config)
+        return self
+
 
 class Calibration(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -28,8 +28,8 @@ from torch import nn
 from lmcompress.errors import CalibrationError
 from lmcompress.linear import in_out_features
 
-NEEDS: tuple[str, ...] = ("gram", "output_gram", "cross_gram", "fisher", "pairs", "summary")
-LABELLED_NEEDS = frozenset({"fisher"})
+NEEDS: tuple[str, ...] = ("gram", "output_gram", "cross_gram", "fisher", "pairs", "summary", "labels")
+LABELLED_NEEDS = frozenset({"fisher", "labels"})   # "labels": the method reads the examples' labels itself
 DEFAULT_PAIRS_MB = 256.0
 
 

@@ -64,16 +64,23 @@ def count_flops(model: nn.Module, seq_len: int = 128) -> int:
 
 def measure_latency(model: nn.Module, batch_size: int = 1, seq_len: int = 128, warmup: int = 3,
                     repeats: int = 20) -> dict[str, float]:
-    """Median (and spread) of wall-clock milliseconds per forward pass, after warm-up runs."""
+    """Median (and spread) of wall-clock milliseconds per forward pass, after warm-up runs.
+
+    On a GPU the forward pass only queues kernels, so the clock is read after waiting for them to finish.
+    """
     batch = dummy_batch(model, batch_size, seq_len)
+    device = next(model.parameters()).device
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
     model.eval()
     times = []
     with torch.inference_mode():
         for _ in range(warmup):
             model(**batch)
         for _ in range(repeats):
+            synchronize(device)
             start = time.perf_counter()
             model(**batch)
+            synchronize(device)
             times.append((time.perf_counter() - start) * 1000)
     quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return {"median_ms": statistics.median(times), "p25_ms": quartiles[0], "p75_ms": quartiles[2],

@@ -11,8 +11,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmcompress.batching import encode_batches
+from lmcompress.errors import DataError
 from lmcompress.evaluation.efficiency import count_flops, measure_latency, parameter_counts, serialized_size
 from lmcompress.tasks import Examples, TaskSpec, compute_metrics
+from lmcompress.tasks.spec import generic_label_names
 
 
 @dataclass
@@ -47,9 +49,33 @@ def predict(model: nn.Module, tokenizer, examples: Examples, batch_size: int = 6
     return torch.cat(outputs).numpy()
 
 
+def check_labels(model: nn.Module, examples: Examples) -> None:
+    """Fail with one line unless the examples number their classes as the model does.
+
+    Predictions are compared with labels as ids, so examples whose classes are named or ordered differently
+    from the model's (e.g. loaded without the model's label names) would be scored silently wrong.
+    """
+    from lmcompress.models import model_label_names
+
+    if getattr(model, "config", None) is None:
+        return
+    model_names, names = model_label_names(model), examples.label_names
+    if model_names is None or names is None:
+        if model_names != names:
+            model_kind = f"a {len(model_names)}-class classifier" if model_names else "a regressor"
+            data_kind = f"{len(names)} classes" if names else "scores (regression)"
+            raise DataError(f"the model is {model_kind} but the examples have {data_kind}")
+        return
+    same = [a.casefold() for a in names] == [b.casefold() for b in model_names]
+    if not same and not (len(names) == len(model_names) and generic_label_names(model_names)):
+        raise DataError(f"the examples' labels ({', '.join(names)}) are not the model's ({', '.join(model_names)}); "
+                        "load them with label_names=the model's")
+
+
 def evaluate(model: nn.Module, tokenizer, task: TaskSpec, examples: Examples, *, batch_size: int = 64,
              max_length: int = 128, flops_seq_len: int = 128, latency_batch_size: int = 1,
              latency_seq_len: int = 128, latency_repeats: int = 20, progress: bool = True) -> EvalResult:
+    check_labels(model, examples)
     predictions = predict(model, tokenizer, examples, batch_size, max_length, progress)
     metrics = compute_metrics(task, predictions, np.asarray(examples.labels))
     latency = measure_latency(model, latency_batch_size, latency_seq_len, repeats=latency_repeats)

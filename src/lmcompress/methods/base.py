@@ -75,7 +75,9 @@ class Candidates:
 
 class Method:
     """Subclass, set `name`, `config_class`, `needs` (and `unit` if not "linear"), implement
-    `compress_layer` (layer-wise) or `compress_unit`, and decorate with `@register_method`."""
+    `compress_layer` (layer-wise) or `compress_unit`, and decorate with `@register_method`. `needs` names
+    the statistics to gather (see `lmcompress.stats`), plus "labels" if the method reads the calibration
+    examples' labels (otherwise they are not even loaded)."""
 
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]

@@ -56,7 +56,7 @@ def rows_from_records(records: Iterable[tuple[str, Mapping[str, Any]]], columns:
                 raise DataError(f"{source}: {where}: missing column '{column}' "
                                 f"(columns: {', '.join(map(str, record))})")
         texts.append(cell_text(record[text_col]))
-        labels.append(cell_text(record[label_col]))
+        labels.append("" if label_col is None else cell_text(record[label_col]))
         if pair_col is not None:
             pairs.append(cell_text(record[pair_col]))
         locations.append(where)
@@ -165,8 +165,8 @@ def _class_names(dataset: Any, column: str) -> tuple[str, ...] | None:
 def rows_from_dataset(dataset: Any, task: TaskSpec, source: str) -> RawRows:
     """Rows of a `datasets.Dataset`, with ClassLabel ids turned back into their names."""
     text_col, pair_col, label_col = find_columns(task, dataset.column_names, source)
-    names = _class_names(dataset, label_col)
-    raw_labels = dataset[label_col]
+    names = None if label_col is None else _class_names(dataset, label_col)
+    raw_labels = [""] * len(dataset) if label_col is None else dataset[label_col]
     if names is not None:
         raw_labels = [names[v] if isinstance(v, int) and 0 <= v < len(names) else v for v in raw_labels]
     pairs = None if pair_col is None else [cell_text(v) for v in dataset[pair_col]]

@@ -48,7 +48,7 @@ def _check_width(path: Path, line: int, fields: list[str], expected: int) -> Non
 
 
 def _has_header(first: list[str], task: TaskSpec) -> bool:
-    return task.text_column in first and task.label_column in first
+    return task.text_column in first and (task.label_column is None or task.label_column in first)
 
 
 def _read_headerless(path: Path, rows: list[tuple[int, list[str]]], where: _Positions) -> RawRows:
@@ -65,13 +65,14 @@ def _read_with_header(path: Path, rows: list[tuple[int, list[str]]], task: TaskS
     (_, header), body = rows[0], rows[1:]
     header = [name.strip() for name in header]
     text_col, pair_col, label_col = find_columns(task, header, str(path))
-    text_at, label_at = header.index(text_col), header.index(label_col)
+    text_at = header.index(text_col)
+    label_at = None if label_col is None else header.index(label_col)
     pair_at = None if pair_col is None else header.index(pair_col)
     texts, pairs, labels, locations = [], [], [], []
     for line, fields in body:
         _check_width(path, line, fields, len(header))
         texts.append(fields[text_at].strip())
-        labels.append(fields[label_at].strip())
+        labels.append("" if label_at is None else fields[label_at].strip())
         if pair_at is not None:
             pairs.append(fields[pair_at].strip())
         locations.append(f"line {line}")

@@ -28,7 +28,7 @@ class TaskSpec:
     name: str
     text_column: str
     text_pair_column: str | None
-    label_column: str
+    label_column: str | None  # None: labels are not read (calibration needs none)
     label_names: tuple[str, ...] | None
     is_regression: bool
     metric: str
@@ -38,11 +38,12 @@ class TaskSpec:
 
 @dataclass
 class Examples:
-    """Parallel lists of texts and labels; labels are class ids, or floats for regression."""
+    """Parallel lists of texts and labels; labels are class ids, floats for regression, or None when the
+    examples were loaded without labels (`load_examples(..., labels=False)`, enough for calibration)."""
 
     texts: list[str]
     text_pairs: list[str] | None
-    labels: list[int] | list[float]
+    labels: list[int] | list[float] | list[None]
     label_names: tuple[str, ...] | None
 
     def __post_init__(self) -> None:
@@ -135,7 +136,7 @@ def _compact(name: str) -> str:
     return name.replace("-", "").replace("_", "")
 
 
-def _canonical_name(name: str) -> str:
+def canonical_task_name(name: str) -> str:
     """Accept 'SST-2', 'glue/sst2', 'sts_b' ... so users can type task names the way GLUE spells them."""
     key = name.strip().lower()
     for prefix in ("glue/", "glue:", "glue-"):
@@ -150,15 +151,18 @@ def _canonical_name(name: str) -> str:
 def get_task(name: str, *, text_column: str | None = None, text_pair_column: str | None = None,
              label_column: str | None = None) -> TaskSpec:
     """Look up a task by (alias) name, applying column overrides for data whose columns differ."""
-    spec = _REGISTRY[_canonical_name(name)]
+    spec = _REGISTRY[canonical_task_name(name)]
     if spec.name == "text-classification" and (not text_column or not label_column):
         raise DataError("task 'text-classification' needs both a text column and a label column")
     overrides = {"text_column": text_column, "text_pair_column": text_pair_column, "label_column": label_column}
     return dataclasses.replace(spec, **{key: value for key, value in overrides.items() if value})
 
 
-def find_columns(task: TaskSpec, available: Sequence[str], source: str) -> tuple[str, str | None, str]:
-    """Resolve the task's text, pair and label columns among `available`, or fail naming the missing one."""
+def find_columns(task: TaskSpec, available: Sequence[str], source: str) -> tuple[str, str | None, str | None]:
+    """Resolve the task's text, pair and label columns among `available`, or fail naming the missing one.
+
+    A task without a label column (labels not read) gives None for it, as for a missing pair column.
+    """
     default = _REGISTRY.get(task.name)
     wanted = (("text_column", task.text_column), ("text_pair_column", task.text_pair_column),
               ("label_column", task.label_column))
@@ -175,7 +179,7 @@ def find_columns(task: TaskSpec, available: Sequence[str], source: str) -> tuple
             raise DataError(f"{source}: missing column '{column}' (columns: {', '.join(map(str, available))})")
         found.append(match)
     text, pair, label = found
-    assert text is not None and label is not None
+    assert text is not None
     return text, pair, label
 
 
@@ -250,20 +254,46 @@ def _check_labels_present(rows: RawRows) -> None:
             raise DataError(f"{rows.source}: {where}: empty label")
 
 
+def generic_label_names(names: Sequence[str]) -> bool:
+    """Whether class names say nothing but the position (transformers' LABEL_0, LABEL_1 ... or 0, 1 ...)."""
+    return all(name in (f"LABEL_{i}", str(i)) for i, name in enumerate(names))
+
+
+def model_class_ids(task_names: Sequence[str], model_names: Sequence[str], source: str) -> list[int]:
+    """The model's class id for each of the task's classes: by name (ignoring case), or by position when the
+    model's names are generic. A model trained with its classes in another order is thus read correctly."""
+    by_name = {name.casefold(): i for i, name in enumerate(model_names)}
+    if all(name.casefold() in by_name for name in task_names):
+        return [by_name[name.casefold()] for name in task_names]
+    if len(task_names) == len(model_names) and generic_label_names(model_names):
+        return list(range(len(model_names)))
+    raise DataError(f"{source}: the data's labels ({', '.join(task_names)}) do not match the model's "
+                    f"({', '.join(model_names)})")
+
+
 def to_examples(task: TaskSpec, rows: RawRows, label_names: Sequence[str] | None = None) -> Examples:
-    """Convert raw rows to examples, choosing label names: given > task's > data's own > inferred."""
+    """Convert raw rows to examples whose class ids are those of `label_names` (the model's classes) if given.
+
+    Labels are first read in the task's own naming (or the data's, or names inferred from the rows), where
+    integer labels mean positions, as in GLUE's 0/1; only then are they mapped to the model's classes by name.
+    """
     if len(rows) == 0:
         raise DataError(f"no examples in {rows.source}")
+    if task.label_column is None:
+        return Examples(rows.texts, rows.text_pairs, [None] * len(rows), None)
     _check_labels_present(rows)
     if task.is_regression:
         return Examples(rows.texts, rows.text_pairs, _regression_labels(rows), None)
-    if label_names is not None:
-        names = tuple(str(name) for name in label_names)
-        secondary = task.label_names or rows.label_names
-    else:
-        names = task.label_names or rows.label_names or infer_label_names(rows.labels)
-        secondary = rows.label_names if task.label_names else None
-    return Examples(rows.texts, rows.text_pairs, _class_labels(rows, names, secondary), names)
+    spelled = task.label_names or rows.label_names
+    model = None if label_names is None else tuple(str(name) for name in label_names)
+    if spelled is None:
+        names = model or infer_label_names(rows.labels)
+        return Examples(rows.texts, rows.text_pairs, _class_labels(rows, names, None), names)
+    ids = _class_labels(rows, spelled, rows.label_names if task.label_names else None)
+    if model is None:
+        return Examples(rows.texts, rows.text_pairs, ids, spelled)
+    to_model = model_class_ids(spelled, model, rows.source)
+    return Examples(rows.texts, rows.text_pairs, [to_model[i] for i in ids], model)
 
 
 def _normalize_split(split: str) -> str:
@@ -299,9 +329,34 @@ def _read_rows(task: TaskSpec, data: str | os.PathLike | None, split: str) -> Ra
 
 def load_examples(task: TaskSpec, data: str | os.PathLike | None, split: str,
                   label_names: Sequence[str] | None = None, max_samples: int | None = None,
-                  seed: int = 0) -> Examples:
-    """Load one split of a task from any supported source, optionally as a reproducible subset."""
+                  seed: int = 0, labels: bool = True) -> Examples:
+    """Load one split of a task from any supported source, optionally as a reproducible subset.
+
+    With `labels=False` the label column is neither required nor read (labels are None): calibration data
+    may then be unlabelled, or labelled in a way the model does not know.
+    """
     if max_samples is not None and max_samples < 1:
         raise DataError(f"max_samples must be at least 1 (got {max_samples})")
-    rows = _read_rows(task, data, _normalize_split(split))
+    if not labels:
+        task = dataclasses.replace(task, label_column=None)
+    split = _normalize_split(split)
+    rows = _read_rows(task, data, split)
+    names_from_rows = labels and not task.is_regression and not task.label_names and not rows.label_names
+    if label_names is None and split != "train" and names_from_rows:
+        label_names = training_label_names(task, data)
     return to_examples(task, rows, label_names).take(max_samples, seed)
+
+
+def training_label_names(task: TaskSpec, data: str | os.PathLike | None) -> tuple[str, ...] | None:
+    """Class names inferred from the training split, so that every split numbers the classes alike.
+
+    Inferred per split, a dev set without one of the training classes would shift every id after it. None
+    when the data has no separate training split (a single file serves every split as it is).
+    """
+    if data is None or (not str(data).startswith("hf:") and Path(data).expanduser().is_file()):
+        return None
+    try:
+        rows = _read_rows(task, data, "train")
+    except DataError:
+        return None
+    return rows.label_names or infer_label_names([label for label in rows.labels if label != ""]) or None

@@ -1,0 +1,48 @@
+"""Shared by the benchmark scripts: cached fine-tuning, the int8 baseline, and the environment line."""
+
+from __future__ import annotations
+
+import io
+import platform
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmcompress.models import load_model
+from lmcompress.training import FinetuneConfig, finetune
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_GLUE = ROOT.parent / "shared" / "data" / "glue"
+
+
+def finetuned_model(task, train, train_samples: int, seed: int, cache: Path, epochs: float = 1.0,
+                    max_length: int = 64):
+    """Fine-tune the bundled MiniLM once per (task, seed); later runs reuse the cached checkpoint."""
+    suffix = "" if epochs == 1 else f"-ep{epochs:g}"
+    cached = cache / f"minilm-{task.name}-{train_samples}-seed{seed}{suffix}"
+    if cached.is_dir():
+        print(f"using cached fine-tuned model {cached}", flush=True)
+        return load_model(cached)
+    config = FinetuneConfig(epochs=epochs, lr=5e-5, batch_size=32, max_length=max_length,
+                            max_train_samples=train_samples, seed=seed)
+    model, tokenizer, _ = finetune(None, task, train, config, out=cached)
+    return model, tokenizer
+
+
+def int8_dynamic(model: nn.Module) -> nn.Module:
+    """What a user would pick instead: one line of PyTorch dynamic int8 quantization of every nn.Linear
+    (a LowRankLinear's factors are nn.Linear, so this also stacks on factorised models)."""
+    return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of the model's state written to memory (int8 packed weights are not plain tensors, so
+    safetensors cannot hold them; this counts dense and quantized models the same way)."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()
+
+
+def environment() -> str:
+    return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
