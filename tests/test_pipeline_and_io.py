@@ -32,7 +32,7 @@ def test_calibration_excludes_padding(tiny_bert, tokenizer, examples):
     assert stats.count == real_tokens
     # same statistics one example at a time (no padding at all)
     single = calibrate(tiny_bert, tokenizer, examples, layers, batch_size=1, progress=False)[layer_name]
-    torch.testing.assert_close(stats.gram, single.gram, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stats.gram, single.gram, rtol=1e-5, atol=1e-5)  # float32 per batch
 
 
 def test_calibration_memory_does_not_grow_with_samples(tiny_bert, tokenizer):

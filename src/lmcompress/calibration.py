@@ -45,7 +45,12 @@ def encode_calibration(tokenizer, examples, batch_size: int, max_length: int,
     if with_labels and (getattr(examples, "labels", None) is None or len(examples.labels) != len(examples)):
         raise CalibrationError("this method needs labelled calibration data (Fisher information uses the task "
                                "loss), and the calibration examples have no labels")
-    return list(encode_batches(tokenizer, examples, batch_size, max_length, with_labels=with_labels))
+    # statistics are sums, so order is free: batching similar lengths together wastes little on padding
+    def length(i: int) -> int:
+        return len(examples.texts[i]) + (len(examples.text_pairs[i]) if examples.text_pairs is not None else 0)
+
+    order = sorted(range(len(examples)), key=length)
+    return list(encode_batches(tokenizer, examples, batch_size, max_length, with_labels=with_labels, order=order))
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -255,7 +255,9 @@ class _StageRun:
         probe = None
         if sensitivity:
             found = blocks_of(self.model)
-            sample = batches[:max(1, -(-self.stage.allocation.samples // self.cal.batch_size))]
+            # batches are sorted by length: take evenly spaced ones so every length is represented
+            wanted = min(len(batches), max(1, -(-self.stage.allocation.samples // self.cal.batch_size)))
+            sample = [batches[round(i * (len(batches) - 1) / max(wanted - 1, 1))] for i in range(wanted)]
             probe = SensitivityProbe(self.model, found[1] if found else None, sample, self.cal.cache_mb)
         try:
             result = allocate(units, candidates, budget.fraction, budget.metric, budget.seq_len,
