@@ -168,4 +168,9 @@ def parameters_by_component(model: nn.Module) -> dict[str, int]:
             continue
         seen.add(id(param))
         counts[component_of(name, family)] += param.numel()
+    for name, module in model.named_modules():  # int8-packed linear layers hold weights but no parameters
+        if hasattr(module, "_packed_params") and hasattr(module, "in_features"):
+            has_bias = getattr(module, "bias", lambda: None)() is not None
+            count = module.in_features * module.out_features + module.out_features * has_bias
+            counts[component_of(name + ".weight", family)] += count
     return counts

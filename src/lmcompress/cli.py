@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="fine-tune the bundled model on the embedded task, compress, compare")
     p.add_argument("--out", default="lmcompress-demo", help="output directory (default: lmcompress-demo)")
-    p.add_argument("--keep", type=float, nargs="+", default=[0.75, 0.5, 0.3], help="sizes to compare")
+    p.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.3], help="sizes to compare")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
 
     sub.add_parser("methods", help="list compression methods and their options")

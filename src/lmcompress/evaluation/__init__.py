@@ -1,7 +1,8 @@
 """Task metric and efficiency numbers (parameters by component, FLOPs, latency, bytes)."""
 
+from lmcompress.evaluation.baselines import int8_dynamic
 from lmcompress.evaluation.efficiency import count_flops, measure_latency, parameter_counts, serialized_size
 from lmcompress.evaluation.evaluate import EvalResult, evaluate, predict
 
-__all__ = ["EvalResult", "count_flops", "evaluate", "measure_latency", "parameter_counts", "predict",
+__all__ = ["EvalResult", "int8_dynamic", "count_flops", "evaluate", "measure_latency", "parameter_counts", "predict",
            "serialized_size"]

@@ -57,9 +57,24 @@ def count_flops(model: nn.Module, seq_len: int = 128) -> int:
     _register_attention_flops()
     batch = dummy_batch(model, 1, seq_len)
     counter = FlopCounterMode(display=False)
-    with counter, torch.inference_mode():
-        model(**batch)
-    return int(counter.get_total_flops())
+    packed = [0]  # int8 kernels run below the counter: count their multiply-adds from the shapes
+
+    def count_packed(module: nn.Module, inputs: tuple, _output) -> None:
+        packed[0] += 2 * module.in_features * module.out_features * inputs[0].numel() // module.in_features
+
+    handles = [m.register_forward_hook(count_packed) for m in model.modules() if _is_packed_int8(m)]
+    try:
+        with counter, torch.inference_mode():
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return int(counter.get_total_flops()) + packed[0]
+
+
+def _is_packed_int8(module: nn.Module) -> bool:
+    """PyTorch's dynamically quantized Linear (weights packed as int8, no float `weight` parameter)."""
+    return hasattr(module, "_packed_params") and hasattr(module, "in_features")
 
 
 def measure_latency(model: nn.Module, batch_size: int = 1, seq_len: int = 128, warmup: int = 3,
@@ -88,8 +103,15 @@ def measure_latency(model: nn.Module, batch_size: int = 1, seq_len: int = 128, w
 
 
 def serialized_size(model: nn.Module) -> int:
-    """Bytes of the model's weights written as safetensors (what `lmcompress.save` puts on disk)."""
+    """Bytes of the model's weights written as safetensors (what `lmcompress.save` puts on disk).
+
+    PyTorch's int8 packed weights are not tensors safetensors can hold; such a model's state is measured
+    with `torch.save` instead (written only, never read back), so int8 baselines still get a size."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.safetensors"
-        save_model(model, str(path))
+        if any(_is_packed_int8(m) for m in model.modules()):
+            path = Path(tmp) / "model.pt"
+            torch.save(model.state_dict(), path)
+        else:
+            path = Path(tmp) / "model.safetensors"
+            save_model(model, str(path))
         return path.stat().st_size

@@ -1,10 +1,10 @@
 """`whitened_svd`: the rank-r W' minimising the layer's output error ||X (W - W')^T||_F on calibration data.
 
 With G = X^T X / n and any square root S^T S = G, ||X dW^T||_F^2 = n ||S dW^T||_F^2, so the best W' is
-S^{-1} times the truncated SVD of S W^T (S = L^T from a Cholesky factor, the symmetric root as fallback). G is often singular (dead features) or ill-conditioned, so we add a
-ridge `damp * mean eigenvalue` to it. That ridge is not only numerics: it minimises
-||X dW^T||^2 + damp' ||dW||^2, which moves smoothly from the data-aware optimum (damp=0) to plain SVD
-(damp -> infinity).
+S^{-1} times the truncated SVD of S W^T (S = L^T from a Cholesky factor; the symmetric root as fallback).
+G is often singular (dead features) or ill-conditioned, so we add a ridge `damp * mean eigenvalue` to it.
+That ridge is not only numerics: it minimises ||X dW^T||^2 + damp' ||dW||^2, which moves smoothly from
+the data-aware optimum (damp=0) to plain SVD (damp -> infinity).
 
 With `target: original` (sequential calibration only) the layer aims at what the *uncompressed* model
 produced at the same tokens, ||X W'^T - X_t W^T||, where X are the inputs the layer receives now (earlier
