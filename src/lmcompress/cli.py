@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how --budget is split among layers (default: sensitivity, measured on calibration data)")
     p.add_argument("--calibration-mode", choices=["sequential", "one_shot", "one-shot"],
                    help="calibrate block by block on the model as compressed so far (default) or all at once")
+    p.add_argument("--fast", action="store_true",
+                   help="quicker and a little less accurate: one-shot calibration and sensitivity scored on 32 "
+                        "examples")
     _add_task_args(p, "calibration data: GLUE folder (reads train.tsv), a file, a datasets directory or hf:NAME")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration examples (default 256)")
     p.add_argument("--calib-max-length", type=int, default=None, help="tokens per calibration example (default 128)")
@@ -155,6 +158,9 @@ def cmd_finetune(args) -> None:
           f"({result.steps} steps, loss {result.final_loss:.4f}); saved to {args.out}")
 
 
+FAST_ALLOCATION_SAMPLES = 32
+
+
 def _recipe_from_args(args):
     from lmcompress.errors import RecipeError
     from lmcompress.recipe import Calibration, Recipe
@@ -183,7 +189,12 @@ def _recipe_from_args(args):
         allocation = {"strategy": args.allocation} if args.allocation else None
         recipe = Recipe.single(args.method, args.targets, args.ignore, budget=budget, allocation=allocation,
                                **options)
-    mode = args.calibration_mode.replace("-", "_") if args.calibration_mode else None
+    if args.fast:
+        for stage in recipe.stages:
+            stage.allocation.samples = min(stage.allocation.samples, FAST_ALLOCATION_SAMPLES)
+    if args.fast and args.calibration_mode:
+        raise RecipeError("--fast already chooses one-shot calibration; drop --calibration-mode")
+    mode = args.calibration_mode.replace("-", "_") if args.calibration_mode else ("one_shot" if args.fast else None)
     updates = {k: v for k, v in {"samples": args.calib_samples, "max_length": args.calib_max_length,
                                  "mode": mode}.items() if v is not None}
     if updates:

@@ -50,9 +50,10 @@ class Allocation(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     strategy: Literal["sensitivity", "uniform"] = "sensitivity"
-    samples: int = Field(default=128, ge=1, description="calibration examples used to score sensitivity")
-    probes: list[float] = Field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75], min_length=1,
-                                description="unit sizes tried, as fractions of the dense unit")
+    samples: int = Field(default=64, ge=1, description="calibration examples used to score sensitivity")
+    probes: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.6], min_length=1,
+                                description="unit sizes tried, as fractions of the dense unit; no unit is "
+                                            "made smaller than the smallest")
 
     @field_validator("probes")
     @classmethod
