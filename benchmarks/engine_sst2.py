@@ -42,7 +42,7 @@ SETTINGS = {
     "one-shot-global": ("one_shot", True),
     "sequential-global": ("sequential", True),
 }
-TASKS = {"sst2": ("SST-2", 16_000, 1.0), "stsb": ("STS-B", 5_749, 3.0)}
+TASKS = {"sst2": ("SST-2", 16_000, 1.0), "stsb": ("STS-B", 5_749, 2.0)}
 ROLES = {r"attention\.self\.query": "q", r"attention\.self\.key": "k", r"attention\.self\.value": "v",
          r"attention\.output\.dense": "o", r"intermediate\.dense": "ffn in", r"\d+\.output\.dense": "ffn out"}
 LATENCY = {"batch_size": 1, "seq_len": 128, "repeats": 30}
