@@ -5,8 +5,9 @@
         --settings one-shot-uniform sequential-global --out docs/benchmarks/engine_stsb
 
 For each fine-tuned seed (cached under .cache/benchmarks/), each method and each fraction F of the encoder
-linears' weights, four settings: one-shot uniform (every matrix keeps F), sequential uniform, one-shot global
-(`budget: {params: F}` split by measured sensitivity) and sequential global. Reports dev accuracy, the wall
+linears' weights, four settings: one-shot uniform (every matrix keeps F), sequential uniform, one-shot
+global (`budget: {params: F}` split by measured sensitivity) and sequential global; on request also
+`one-shot-global-fast`, what `lmcompress compress --fast` runs. Reports dev accuracy, the wall
 time of the whole compression (calibration, allocation, factorisation), and where the global allocation put
 the parameters, by matrix type and by depth. The dense model and PyTorch's int8 dynamic quantization (alone
 and stacked on the compressed model) are measured in the same run, with latency for the first seed.
@@ -36,12 +37,14 @@ from lmcompress.recipe import Calibration, Recipe
 from lmcompress.report import markdown_table
 from lmcompress.tasks import compute_metrics, get_task, load_examples
 
-SETTINGS = {
-    "one-shot-uniform": ("one_shot", False),
-    "sequential-uniform": ("sequential", False),
-    "one-shot-global": ("one_shot", True),
-    "sequential-global": ("sequential", True),
+SETTINGS = {  # calibration mode, global budget, sensitivity samples (None: the default)
+    "one-shot-uniform": ("one_shot", False, None),
+    "sequential-uniform": ("sequential", False, None),
+    "one-shot-global": ("one_shot", True, None),
+    "sequential-global": ("sequential", True, None),
+    "one-shot-global-fast": ("one_shot", True, 32),  # what `lmcompress compress --fast` runs
 }
+DEFAULT_SETTINGS = list(SETTINGS)[:4]
 TASKS = {"sst2": ("SST-2", 16_000, 1.0), "stsb": ("STS-B", 5_749, 2.0)}
 ROLES = {r"attention\.self\.query": "q", r"attention\.self\.key": "k", r"attention\.self\.value": "v",
          r"attention\.output\.dense": "o", r"intermediate\.dense": "ffn in", r"\d+\.output\.dense": "ffn out"}
@@ -56,7 +59,7 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=512)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.3])
     parser.add_argument("--methods", nargs="+", default=["whitened_svd", "svd"])
-    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=DEFAULT_SETTINGS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -80,10 +83,12 @@ def main() -> None:
         for method in args.methods:
             for fraction in args.fractions:
                 for setting in args.settings:
-                    mode, global_budget = SETTINGS[setting]
+                    mode, global_budget, samples = SETTINGS[setting]
                     calibration = Calibration(samples=args.calib_samples, batch_size=32, max_length=64, seed=seed,
                                               mode=mode)
-                    recipe = (Recipe.single(method, calibration=calibration, budget={"params": fraction})
+                    allocation = {"samples": samples} if samples else None
+                    recipe = (Recipe.single(method, calibration=calibration, budget={"params": fraction},
+                                            allocation=allocation)
                               if global_budget else Recipe.single(method, calibration=calibration, keep=fraction))
                     compressed = copy.deepcopy(model)
                     start = time.perf_counter()
@@ -175,7 +180,9 @@ def write_report(args, runs: list[dict], dev_size: int, minutes: float) -> str:
             f"whole compression (calibration, allocation, factorisation) on this machine. Latency: batch "
             f"{LATENCY['batch_size']}, {LATENCY['seq_len']} tokens, median of {LATENCY['repeats']}, first seed "
             f"only; speed-up is against the dense model in the same run. int8 rows are PyTorch dynamic "
-            f"quantization of every nn.Linear (MB counts the state dict, so int8 and float models compare).\n\n"
+            f"quantization of every nn.Linear (MB counts the state dict, so int8 and float models compare). `svd` "
+            f"needs no calibration, so its sequential and one-shot rows are the same runs' twins. Latency is "
+            f"one seed's and noisy (models of identical shape have differed by 30%); compare it within a run.\n\n"
             f"{table}\n\n## Where the global budget went\n\nPercent of weight parameters kept, by matrix type and "
             f"by block (mean over seeds):\n\n{share_table}\n")
     out.with_suffix(".md").write_text(text)

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from lmcompress.batching import encode_batches
 from lmcompress.io import atomic_output_dir, check_output_dir
 from lmcompress.models import check_sequence_length, load_model, model_label_names
+from lmcompress.progress import track
 from lmcompress.tasks import Examples, TaskSpec
 from lmcompress.tasks.spec import generic_label_names
 
@@ -92,24 +92,23 @@ def finetune(model_spec, task: TaskSpec, train: Examples, config: FinetuneConfig
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     generator = torch.Generator().manual_seed(config.seed)
     step, loss_ema = 0, float("nan")
-    bar = tqdm(total=total_steps, desc="fine-tuning", unit="step", disable=not progress)
-    while step < total_steps:
-        order = torch.randperm(len(train), generator=generator).tolist()
-        for batch in encode_batches(tokenizer, train, config.batch_size, config.max_length, with_labels=True,
-                                    order=order):
-            loss = model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_ema = loss.item() if math.isnan(loss_ema) else 0.95 * loss_ema + 0.05 * loss.item()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_ema:.4f}")
-            if step >= total_steps:
-                break
-    bar.close()
+    def epochs():  # reshuffled every epoch, for as many steps as asked
+        while True:
+            order = torch.randperm(len(train), generator=generator).tolist()
+            yield from encode_batches(tokenizer, train, config.batch_size, config.max_length, with_labels=True,
+                                      order=order)
+
+    steps = track(range(total_steps), total_steps, "fine-tuning", progress, unit="step",
+                  status=lambda: f"loss {loss_ema:.4f}")
+    for _, batch in zip(steps, epochs()):  # noqa: B905 - epochs() never ends; the steps decide
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_ema = loss.item() if math.isnan(loss_ema) else 0.95 * loss_ema + 0.05 * loss.item()
+        step += 1
     model.eval()
     log.info("fine-tuned %d steps on %d examples, final loss %.4f", step, len(train), loss_ema)
     if out is not None:

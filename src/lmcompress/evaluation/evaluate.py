@@ -8,11 +8,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lmcompress.batching import encode_batches
 from lmcompress.errors import DataError
 from lmcompress.evaluation.efficiency import count_flops, measure_latency, parameter_counts, serialized_size
+from lmcompress.progress import track
 from lmcompress.tasks import Examples, TaskSpec, compute_metrics
 from lmcompress.tasks.spec import generic_label_names
 
@@ -42,8 +42,8 @@ def predict(model: nn.Module, tokenizer, examples: Examples, batch_size: int = 6
     outputs = []
     total = math.ceil(len(examples) / batch_size)
     with torch.inference_mode():
-        for batch in tqdm(encode_batches(tokenizer, examples, batch_size, max_length), total=total,
-                          desc="evaluating", unit="batch", disable=not progress, leave=False):
+        for batch in track(encode_batches(tokenizer, examples, batch_size, max_length), total, "evaluating",
+                           progress, unit="batch"):
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
             outputs.append(logits.squeeze(-1) if examples.label_names is None else logits.argmax(-1))
     return torch.cat(outputs).numpy()
