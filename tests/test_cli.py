@@ -375,3 +375,19 @@ def test_columns_given_to_finetune_are_remembered(model_dir, tmp_path, capsys):
                                 "1", "--seq-len", "16"], capsys)
     assert code == 0, stderr
     assert stdout.startswith("text-classification accuracy:")
+
+
+def test_fast_mode_is_one_shot_with_a_small_sensitivity_sample(model_dir, csv_file, tmp_path, capsys):
+    out = tmp_path / "fast"
+    code, stdout, _ = run(["compress", "--model", str(model_dir), "--method", "whitened_svd", "--budget",
+                           "params=0.5", "--fast", *data_args(csv_file), "--calib-samples", "8", "--out", str(out)],
+                          capsys)
+    assert code == 0, stdout
+    from lmcompress.recipe import Recipe
+
+    recipe = Recipe.from_yaml(out / "recipe.yaml")
+    assert recipe.calibration.mode == "one_shot" and recipe.stages[0].allocation.samples == 32
+    code, _, stderr = run(["compress", "--model", str(model_dir), "--method", "whitened_svd", "--budget",
+                           "params=0.5", "--fast", "--calibration-mode", "sequential", "--out",
+                           str(tmp_path / "o")], capsys)
+    assert code == 2 and "--fast already chooses" in stderr
