@@ -230,8 +230,3 @@ class SequentialCalibrator:
 def _prefix_of(model: nn.Module, target: nn.Module) -> str:
     return next(name for name, module in model.named_modules() if module is target)
 
-
-def batches_tokens(batches: list[dict[str, torch.Tensor]]) -> int:
-    return int(sum((b["attention_mask"].sum() if "attention_mask" in b else b["input_ids"].numel())
-                   for b in batches))
-
