@@ -30,12 +30,6 @@ def finetuned_model(task, train, train_samples: int, seed: int, cache: Path, epo
     return model, tokenizer
 
 
-def int8_dynamic(model: nn.Module) -> nn.Module:
-    """What a user would pick instead: one line of PyTorch dynamic int8 quantization of every nn.Linear
-    (a LowRankLinear's factors are nn.Linear, so this also stacks on factorised models)."""
-    return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
-
-
 def state_bytes(model: nn.Module) -> int:
     """Bytes of the model's state written to memory (int8 packed weights are not plain tensors, so
     safetensors cannot hold them; this counts dense and quantized models the same way)."""

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import transformers
-from common import ROOT, SHARED_GLUE, environment, finetuned_model, int8_dynamic, state_bytes
+from common import ROOT, SHARED_GLUE, environment, finetuned_model, state_bytes
 
-from lmcompress.evaluation import count_flops, measure_latency, predict
+from lmcompress.evaluation import count_flops, int8_dynamic, measure_latency, predict
 from lmcompress.pipeline import compress
 from lmcompress.recipe import Calibration, Recipe
 from lmcompress.report import markdown_table
@@ -78,7 +78,7 @@ def main() -> None:
         model, tokenizer = finetuned_model(task, train, train_samples, seed, Path(args.cache), epochs)
         timed = seed == args.seeds[0]
         runs.append(measure(model, tokenizer, task, dev, seed, "dense", "-", 1.0, 0.0, None, timed))
-        runs.append(measure(int8_dynamic(copy.deepcopy(model)), tokenizer, task, dev, seed, "int8 dynamic (dense)",
+        runs.append(measure(int8_dynamic(model), tokenizer, task, dev, seed, "int8 dynamic (dense)",
                             "-", 1.0, 0.0, None, timed))
         for method in args.methods:
             for fraction in args.fractions:
@@ -98,7 +98,7 @@ def main() -> None:
                                   summary, timed)
                     runs.append(run)
                     if timed and setting == args.settings[-1]:
-                        runs.append(measure(int8_dynamic(compressed), tokenizer, task, dev, seed,
+                        runs.append(measure(int8_dynamic(compressed, inplace=True), tokenizer, task, dev, seed,
                                             f"{setting} + int8", method, fraction, seconds, None, True))
                     write_report(args, runs, len(dev), (time.perf_counter() - started) / 60)
     print(write_report(args, runs, len(dev), (time.perf_counter() - started) / 60))

@@ -294,9 +294,8 @@ def allocate(units: Sequence[Unit], candidates: Sequence[Candidates], fraction: 
         chose_uniform = uniform_total < total
         if chose_uniform:
             choice = uniform
-    allocations = [UnitAllocation(unit.name, candidates[u].sizes[i], costs[u][i], costs[u][-1] if
-                                  candidates[u].sizes[-1] is None else candidates[u].dense_cost(metric, seq_len),
-                                  losses[u][i], measured[u])
+    allocations = [UnitAllocation(unit.name, candidates[u].sizes[i], costs[u][i],
+                                  candidates[u].dense_cost(metric, seq_len), losses[u][i], measured[u])
                    for u, (unit, i) in enumerate(zip(units, choice, strict=True))]
     return AllocationResult(strategy, metric, budget, sum(a.cost for a in allocations), dense, allocations,
                             chose_uniform)

@@ -26,6 +26,7 @@ log = logging.getLogger("lmcompress")
 DEMO_FINETUNE = FinetuneConfig(epochs=2, lr=1e-4, batch_size=32, max_length=48, seed=0)
 DEMO_CALIBRATION = Calibration(samples=256, batch_size=32, max_length=48)
 ONE_SHOT = DEMO_CALIBRATION.model_copy(update={"mode": "one_shot"})
+BEST = "whitened_svd, global budget, sequential"
 
 
 def demo_recipes(keeps: Sequence[float]) -> dict[tuple[str, float], Recipe]:
@@ -39,8 +40,6 @@ def demo_recipes(keeps: Sequence[float]) -> dict[tuple[str, float], Recipe]:
         recipes[BEST, keep] = Recipe.single("whitened_svd", calibration=DEMO_CALIBRATION, budget={"params": keep})
     return recipes
 
-
-BEST = "whitened_svd, global budget, sequential"
 
 
 def run_demo(out: str | Path = "lmcompress-demo", keeps: Sequence[float] = (0.5, 0.3),

@@ -32,7 +32,7 @@ from lmcompress.calibration import (
 )
 from lmcompress.errors import CalibrationError, RecipeError
 from lmcompress.layers import CompressedLayer
-from lmcompress.linear import in_out_features, set_submodule, weight_out_in
+from lmcompress.linear import set_submodule, weight_out_in
 from lmcompress.methods import get_method
 from lmcompress.methods.base import LayerResult, Method, MethodConfig
 from lmcompress.recipe import Calibration, Recipe, Stage
@@ -310,8 +310,7 @@ class _StageRun:
         seconds = (time.perf_counter() - start) / max(len(results), 1)
         for result in results:
             layer = self.model.get_submodule(result.name)
-            shape = tuple(weight_out_in(layer).shape) if hasattr(layer, "weight") else \
-                tuple(reversed(in_out_features(layer)))
+            shape = tuple(weight_out_in(layer).shape)
             if result.module is not None:
                 set_submodule(self.model, result.name, result.module)
                 if isinstance(result.module, CompressedLayer) and result.module.slower_than_dense():

@@ -91,13 +91,16 @@ class Stage(BaseModel):
     @model_validator(mode="after")
     def _method_accepts_options(self) -> Stage:
         """An unknown method or a bad option (keep=1.5) fails here, not after fine-tuning or calibration."""
+        self.check_method()
+        return self
+
+    def check_method(self) -> None:
         from lmcompress.methods import get_method
 
         method = get_method(self.method)
         config = method.parse_config(self.options)  # raises RecipeError, one line
         if self.budget is not None:
             method.sized_by_budget(config)
-        return self
 
 
 class Calibration(BaseModel):
@@ -163,14 +166,7 @@ class Recipe(BaseModel):
         Path(path).write_text(self.to_yaml())
 
     def check_methods(self) -> None:
-        """Fail early, before any model is loaded, on unknown methods or bad options."""
-        from lmcompress.methods import get_method
-
-        for index, stage in enumerate(self.stages):
-            method = get_method(stage.method)
-            config = method.parse_config(stage.options)
-            if stage.budget is not None:
-                try:
-                    method.sized_by_budget(config)
-                except RecipeError as err:
-                    raise RecipeError(f"stage {index + 1}: {err}") from None
+        """Fail early, before any model is loaded, on unknown methods or bad options (stages may have been
+        edited since they were validated)."""
+        for stage in self.stages:
+            stage.check_method()
