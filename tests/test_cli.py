@@ -86,7 +86,7 @@ def test_methods_lists_options(capsys):
     (["--method", "magic", "--keep", "0.5"], "unknown method 'magic'"),
     (["--method", "svd", "--keep", "0"], "keep: Input should be greater than 0"),
     (["--method", "svd", "--keep", "1.5"], "keep: Input should be less than or equal to 1"),
-    (["--method", "svd", "--keep", "0.5", "--targets", "nothing_matches"], "match no dense linear layer"),
+    (["--method", "svd", "--keep", "0.5", "--targets", "nothing_matches"], "match no layer it can compress"),
     (["--method", "whitened_svd", "--keep", "0.5", "--task", "nonsense"], "unknown task 'nonsense'"),
     (["--method", "whitened_svd", "--keep", "0.5", "--task", "text-classification", "--text-column", "sentence",
       "--label-column", "label"], "missing column 'sentence'"),

@@ -23,13 +23,29 @@ def dense_kind(module: nn.Module) -> str:
 
 
 def weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The weight as (out_features, in_features), whatever the module stores."""
-    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+    """The weight as (out_features, in_features), whatever the module stores (a compressed layer gives the
+    dense weight it represents; an embedding its (vocabulary, width) table)."""
+    if isinstance(module, Conv1D):
+        return module.weight.t()
+    if not isinstance(module, (nn.Linear, nn.Embedding)) and hasattr(module, "dense_weight"):
+        return module.dense_weight()
+    return module.weight
 
 
 def in_out_features(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if hasattr(module, "in_features") and hasattr(module, "out_features") and not isinstance(module, Conv1D):
+        return int(module.in_features), int(module.out_features)
     out_features, in_features = weight_out_in(module).shape
     return in_features, out_features
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module's tensors live (parameters first, then buffers: a quantized layer may hold only buffers)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def make_dense(weight: torch.Tensor, bias: torch.Tensor | None, kind: str) -> nn.Module:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lmcompress.allocation import AllocationResult, SensitivityProbe, allocate
-from lmcompress.anatomy import blocks_of, default_target_pattern, dense_linear_layers, family_of, supported_model_types
+from lmcompress.anatomy import blocks_of, default_target_pattern, family_of, supported_model_types
 from lmcompress.calibration import (
     PassEstimate,
     SequentialCalibrator,
@@ -32,7 +32,7 @@ from lmcompress.calibration import (
 )
 from lmcompress.errors import CalibrationError, RecipeError
 from lmcompress.layers import CompressedLayer
-from lmcompress.linear import set_submodule, weight_out_in
+from lmcompress.linear import in_out_features, set_submodule
 from lmcompress.methods import get_method
 from lmcompress.methods.base import LayerResult, Method, MethodConfig
 from lmcompress.recipe import Calibration, Recipe, Stage
@@ -64,12 +64,14 @@ class StageRecord:
     calibration_mode: str | None      # None: the method needed no calibration
     seconds: float
     allocation: dict[str, Any] | None = None
+    report: dict[str, Any] | None = None
 
 
 @dataclass
 class CompressionSummary:
     layers: list[LayerRecord]
     stages: list[StageRecord] = field(default_factory=list)
+    tokenizer: Any = None    # a stage replaced the tokenizer (vocabulary pruning): save this one with the model
 
     @property
     def params_before(self) -> int:
@@ -107,21 +109,23 @@ def _describe(layers: list[LayerRecord]) -> str:
     return text
 
 
-def select_layers(model: nn.Module, stage: Stage, index: int = 0) -> dict[str, nn.Module]:
-    """Dense linear layers whose names match any `targets` pattern and no `ignore` pattern."""
+def select_layers(model: nn.Module, stage: Stage, index: int = 0, method: Method | None = None) -> dict[str, nn.Module]:
+    """Modules the stage's method accepts (dense linear layers by default) whose names match any `targets`
+    pattern and no `ignore` pattern."""
     if stage.targets is None and family_of(model) is None:
         log.warning("model type %r has no anatomy entry (known: %s); default targets are all dense linear layers "
                     "except output heads, and only layer-wise methods with one-shot calibration can run "
                     "(see docs/adding-a-method.md)",
                     getattr(model.config, "model_type", None), ", ".join(supported_model_types()))
     targets = stage.targets or [default_target_pattern(model)]
-    candidates = dict(dense_linear_layers(model))
+    method = method or get_method(stage.method)
+    candidates = {name: module for name, module in model.named_modules() if name and method.accepts(module)}
     chosen = {name: module for name, module in candidates.items()
               if any(re.search(t, name) for t in targets) and not any(re.search(i, name) for i in stage.ignore)}
     if not chosen:
         examples = ", ".join(list(candidates)[:4]) or "none"
         raise RecipeError(f"stage {index + 1} ({stage.method}): targets {targets} (ignore {stage.ignore}) match no "
-                          f"dense linear layer; linear layers look like: {examples}")
+                          f"layer it can compress; such layers look like: {examples}")
     return chosen
 
 
@@ -150,13 +154,15 @@ def compress(model: nn.Module, recipe: Recipe, tokenizer=None, calibration_data=
     """Apply `recipe` to `model` in place and return what happened to each layer, stage by stage.
 
     `calibration_data` (task `Examples`) is required by methods that need statistics and by the
-    sensitivity allocator.
+    sensitivity allocator. A stage that replaces the tokenizer (vocabulary pruning) leaves the new one in
+    `summary.tokenizer`; save that one with the model.
     """
     recipe.check_methods()
     summary = CompressionSummary([])
     model.eval()
     for index, stage in enumerate(recipe.stages):
-        _StageRun(model, stage, index, recipe.calibration, tokenizer, calibration_data, progress, summary).run()
+        _StageRun(model, stage, index, recipe.calibration, summary.tokenizer or tokenizer, calibration_data,
+                  progress, summary).run()
     log.info("%s", summary.describe())
     return summary
 
@@ -175,7 +181,10 @@ class _StageRun:
 
     def run(self) -> None:
         started = time.perf_counter()
-        layers = select_layers(self.model, self.stage, self.index)
+        layers = select_layers(self.model, self.stage, self.index, self.method)
+        if self.method.unit == "model":
+            self._apply_model(layers, started)
+            return
         units = units_for(self.model, self.method.unit, list(layers))
         budget = self.stage.budget
         sensitivity = budget is not None and self.stage.allocation.strategy == "sensitivity"
@@ -199,6 +208,27 @@ class _StageRun:
         self.summary.stages.append(StageRecord(self.index + 1, self.stage.method, mode,
                                                round(time.perf_counter() - started, 2),
                                                allocation.to_dict() if allocation else None))
+
+    def _apply_model(self, layers: dict[str, nn.Module], started: float) -> None:
+        """A model-level method (vocabulary pruning ...): one call, sees all the stage's data."""
+        if self.stage.budget is not None:
+            raise RecipeError(f"stage {self.index + 1}: method {self.stage.method!r} cannot be sized by a budget")
+        if self.needs and self.data is None:
+            raise CalibrationError(f"stage {self.index + 1}: method {self.stage.method!r} needs the task's data")
+        log.info("stage %d: %s on the whole model", self.index + 1, self.stage.method)
+        with torch.no_grad():
+            result = self.method.compress_model(self.model, self.tokenizer, self.data, self.config, layers)
+        if result.tokenizer is not None:
+            self.summary.tokenizer = result.tokenizer
+        for layer in result.layers:
+            record = LayerRecord(self.index + 1, self.stage.method, layer.name, _shape(layers.get(layer.name)),
+                                 layer.params_before, layer.params_after, layer.module is not None, 0.0,
+                                 layer.note, layer.metrics)
+            self.summary.layers.append(record)
+            layer_log.info("%s", _layer_line(record))
+        self.summary.stages.append(StageRecord(self.index + 1, self.stage.method, None,
+                                               round(time.perf_counter() - started, 2), None,
+                                               result.report or None))
 
     def _batches(self, need_data: bool) -> list[dict[str, torch.Tensor]] | None:
         if not need_data:
@@ -300,8 +330,8 @@ class _StageRun:
         if self.sizes is not None and self.sizes.get(unit.name) is None:
             results = []
             for name in unit.layer_names:
-                layer = self.model.get_submodule(name)
-                params = weight_out_in(layer).numel()
+                fan_in, fan_out = in_out_features(self.model.get_submodule(name))
+                params = fan_in * fan_out
                 results.append(LayerResult(None, params, params, note="allocation left it dense", name=name))
         else:
             size = None if self.sizes is None else self.sizes[unit.name]
@@ -309,8 +339,7 @@ class _StageRun:
                 results = self.method.compress_unit(self.model, unit, stats, self.config, size)
         seconds = (time.perf_counter() - start) / max(len(results), 1)
         for result in results:
-            layer = self.model.get_submodule(result.name)
-            shape = tuple(weight_out_in(layer).shape)
+            shape = _shape(self.model.get_submodule(result.name))
             if result.module is not None:
                 set_submodule(self.model, result.name, result.module)
                 if isinstance(result.module, CompressedLayer) and result.module.slower_than_dense():
@@ -320,6 +349,14 @@ class _StageRun:
                                  result.metrics)
             self.summary.layers.append(record)
             layer_log.info("%s", _layer_line(record))
+
+
+def _shape(module: nn.Module | None) -> tuple[int, int]:
+    """(out, in) of a targeted module, (0, 0) when unknown."""
+    if module is None:
+        return (0, 0)
+    fan_in, fan_out = in_out_features(module)
+    return (fan_out, fan_in)
 
 
 def _by_block(units: list[Unit]) -> dict[int, list[Unit]]:

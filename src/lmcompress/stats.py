@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lmcompress.errors import CalibrationError
-from lmcompress.linear import in_out_features
+from lmcompress.linear import in_out_features, module_device
 
 NEEDS: tuple[str, ...] = ("gram", "output_gram", "cross_gram", "fisher", "pairs", "summary", "labels")
 LABELLED_NEEDS = frozenset({"fisher", "labels"})   # "labels": the method reads the examples' labels itself
@@ -164,7 +164,7 @@ class StatsCollector:
         self.stats: dict[str, LayerStats] = {}
         for index, (name, module) in enumerate(layers.items()):
             fan_in, fan_out = in_out_features(module)
-            zeros = functools.partial(torch.zeros, dtype=torch.float64, device=next(module.parameters()).device)
+            zeros = functools.partial(torch.zeros, dtype=torch.float64, device=module_device(module))
             entry = LayerStats()
             if "gram" in needs:
                 entry.gram = zeros(fan_in, fan_in)

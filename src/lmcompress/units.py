@@ -55,7 +55,7 @@ def role_of(model: nn.Module, name: str) -> str | None:
         return None
     relative = name[len(found[0]) + 1:].split(".", 1)[1] if found[0] else name.split(".", 1)[1]
     for role, rel in {**family.attention_roles, **family.ffn_roles}.items():
-        if relative == rel:
+        if relative == rel or relative.startswith(rel + "."):  # a factor of a compressed layer keeps its role
             return role
     return None
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 from lmcompress.errors import RecipeError, validation_message
+from lmcompress.linear import is_dense_linear
 from lmcompress.stats import LayerStats
 from lmcompress.units import Unit
 
@@ -40,6 +41,16 @@ class LayerResult:
     note: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     name: str = ""
+
+
+@dataclass
+class ModelResult:
+    """What a model-level method did: per-layer records, a replacement tokenizer (None = unchanged) and a
+    report saved in the manifest summary."""
+
+    layers: list[LayerResult] = field(default_factory=list)
+    tokenizer: Any = None
+    report: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -84,6 +95,11 @@ class Method:
     needs: ClassVar[frozenset[str]] = frozenset()
     unit: ClassVar[str] = "linear"
 
+    def accepts(self, module: nn.Module) -> bool:
+        """Which modules a stage may target with this method (default: dense linear layers, including the
+        factors of compressed layers). A method that also takes compressed layers or embeddings says so."""
+        return is_dense_linear(module)
+
     def parse_config(self, options: dict[str, Any]) -> MethodConfig:
         try:
             return self.config_class(**options)
@@ -111,6 +127,12 @@ class Method:
     def compress_layer(self, name: str, layer: nn.Module, stats: LayerStats | None,
                        config: MethodConfig, size: Any = None) -> LayerResult:
         raise NotImplementedError(f"method {self.name!r} implements neither compress_unit nor compress_layer")
+
+    def compress_model(self, model: nn.Module, tokenizer: Any, data: Any, config: MethodConfig,
+                       targets: dict[str, nn.Module]) -> ModelResult:
+        """For `unit = "model"` methods: change the model as a whole (and maybe its tokenizer). `data` is
+        every example the stage was given (not only the calibration sample); `targets` the selected modules."""
+        raise NotImplementedError(f"method {self.name!r} has unit 'model' but no compress_model")
 
     def candidates(self, model: nn.Module, unit: Unit, stats: dict[str, LayerStats],
                    config: MethodConfig) -> Candidates | None:
