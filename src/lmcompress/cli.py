@@ -253,6 +253,7 @@ def cmd_compress(args) -> None:
         log.warning("calibration data is not used: %s sizes and compresses from the weights alone",
                     ", ".join(dict.fromkeys(stage.method for stage in recipe.stages)))
     summary = compress(model, recipe, tokenizer, calibration, progress=not args.quiet)
+    tokenizer = summary.tokenizer or tokenizer  # vocabulary pruning replaces it
     save(model, args.out, tokenizer, recipe, overwrite=args.overwrite, extra={"summary": summary.to_dict()})
     if args.dense_out:
         save_dense(model, args.dense_out, tokenizer, overwrite=args.overwrite)
