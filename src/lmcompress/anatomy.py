@@ -169,7 +169,10 @@ def parameters_by_component(model: nn.Module) -> dict[str, int]:
         seen.add(id(param))
         counts[component_of(name, family)] += param.numel()
     for name, module in model.named_modules():  # int8-packed linear layers hold weights but no parameters
-        if hasattr(module, "_packed_params") and hasattr(module, "in_features"):
+        held = getattr(module, "buffer_weights", None)
+        if callable(held) and held():
+            counts[component_of(name + ".weight", family)] += held()
+        elif hasattr(module, "_packed_params") and hasattr(module, "in_features"):
             has_bias = getattr(module, "bias", lambda: None)() is not None
             count = module.in_features * module.out_features + module.out_features * has_bias
             counts[component_of(name + ".weight", family)] += count

@@ -112,13 +112,14 @@ def _describe(layers: list[LayerRecord]) -> str:
 def select_layers(model: nn.Module, stage: Stage, index: int = 0, method: Method | None = None) -> dict[str, nn.Module]:
     """Modules the stage's method accepts (dense linear layers by default) whose names match any `targets`
     pattern and no `ignore` pattern."""
-    if stage.targets is None and family_of(model) is None:
+    method = method or get_method(stage.method)
+    defaults = None if stage.targets else method.default_targets(model)
+    if stage.targets is None and defaults is None and family_of(model) is None:
         log.warning("model type %r has no anatomy entry (known: %s); default targets are all dense linear layers "
                     "except output heads, and only layer-wise methods with one-shot calibration can run "
                     "(see docs/adding-a-method.md)",
                     getattr(model.config, "model_type", None), ", ".join(supported_model_types()))
-    targets = stage.targets or [default_target_pattern(model)]
-    method = method or get_method(stage.method)
+    targets = stage.targets or defaults or [default_target_pattern(model)]
     candidates = {name: module for name, module in model.named_modules() if name and method.accepts(module)}
     chosen = {name: module for name, module in candidates.items()
               if any(re.search(t, name) for t in targets) and not any(re.search(i, name) for i in stage.ignore)}
@@ -139,10 +140,10 @@ def recipe_needs(recipe: Recipe) -> set[str]:
 
 
 def recipe_uses_data(recipe: Recipe) -> bool:
-    """Whether any stage needs calibration data (statistics, or a sensitivity-split budget)."""
+    """Whether any stage needs the task's data (statistics, texts, or a sensitivity-split budget)."""
     for stage in recipe.stages:
         method = get_method(stage.method)
-        if method.needs_for(method.parse_config(stage.options)):
+        if method.uses_data(method.parse_config(stage.options)):
             return True
         if stage.budget is not None and stage.allocation.strategy == "sensitivity":
             return True
@@ -182,6 +183,7 @@ class _StageRun:
     def run(self) -> None:
         started = time.perf_counter()
         layers = select_layers(self.model, self.stage, self.index, self.method)
+        self.method.check_targets(layers, self.config)
         if self.method.unit == "model":
             self._apply_model(layers, started)
             return
@@ -213,7 +215,7 @@ class _StageRun:
         """A model-level method (vocabulary pruning ...): one call, sees all the stage's data."""
         if self.stage.budget is not None:
             raise RecipeError(f"stage {self.index + 1}: method {self.stage.method!r} cannot be sized by a budget")
-        if self.needs and self.data is None:
+        if self.method.uses_data(self.config) and self.data is None:
             raise CalibrationError(f"stage {self.index + 1}: method {self.stage.method!r} needs the task's data")
         log.info("stage %d: %s on the whole model", self.index + 1, self.stage.method)
         with torch.no_grad():

@@ -60,9 +60,11 @@ def count_flops(model: nn.Module, seq_len: int = 128) -> int:
     packed = [0]  # int8 kernels run below the counter: count their multiply-adds from the shapes
 
     def count_packed(module: nn.Module, inputs: tuple, _output) -> None:
-        packed[0] += 2 * module.in_features * module.out_features * inputs[0].numel() // module.in_features
+        if getattr(module, "ran_packed_kernel", True):
+            packed[0] += 2 * module.in_features * module.out_features * inputs[0].numel() // module.in_features
 
-    handles = [m.register_forward_hook(count_packed) for m in model.modules() if _is_packed_int8(m)]
+    handles = [m.register_forward_hook(count_packed) for m in model.modules()
+               if _is_packed_int8(m) or hasattr(m, "ran_packed_kernel")]
     try:
         with counter, torch.inference_mode():
             model(**batch)

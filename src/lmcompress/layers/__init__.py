@@ -6,5 +6,8 @@ per-layer shapes before loading weights strictly) and can turn itself back into 
 
 from lmcompress.layers.base import CompressedLayer, layer_from_manifest, register_layer
 from lmcompress.layers.lowrank import LowRankLinear
+from lmcompress.layers.quantized import QuantizedEmbedding, QuantizedLinear
+from lmcompress.layers.sparse import SparseLinear
 
-__all__ = ["CompressedLayer", "LowRankLinear", "layer_from_manifest", "register_layer"]
+__all__ = ["CompressedLayer", "LowRankLinear", "QuantizedEmbedding", "QuantizedLinear", "SparseLinear",
+           "layer_from_manifest", "register_layer"]

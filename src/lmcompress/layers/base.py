@@ -55,7 +55,13 @@ class CompressedLayer(nn.Module):
         return make_dense(self.dense_weight(), self.bias, self.dense_kind)
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        held = sum(m.buffer_weights() for m in self.modules() if isinstance(m, CompressedLayer))
+        return sum(p.numel() for p in self.parameters()) + held
+
+    def buffer_weights(self) -> int:
+        """Weights held as integer codes in buffers rather than parameters (quantized layers); reports count
+        them as parameters."""
+        return 0
 
     def flops_per_token(self) -> int:
         """Multiply-accumulates x2 for one input row (bias adds ignored, as in PyTorch's FLOP counter)."""

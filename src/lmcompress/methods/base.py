@@ -94,6 +94,7 @@ class Method:
     config_class: ClassVar[type[MethodConfig]]
     needs: ClassVar[frozenset[str]] = frozenset()
     unit: ClassVar[str] = "linear"
+    budget_metrics: ClassVar[tuple[str, ...]] = ("params", "flops")   # what a stage budget may count
 
     def accepts(self, module: nn.Module) -> bool:
         """Which modules a stage may target with this method (default: dense linear layers, including the
@@ -109,6 +110,19 @@ class Method:
     def needs_for(self, config: MethodConfig) -> frozenset[str]:
         """Statistics needed with these options (override when an option changes them)."""
         return self.needs
+
+    def uses_data(self, config: MethodConfig) -> bool:
+        """Whether the stage must be given the task's examples: when statistics are needed, or (override) when
+        a model-level method reads the texts themselves, as vocabulary pruning does."""
+        return bool(self.needs_for(config))
+
+    def default_targets(self, model: nn.Module) -> list[str] | None:
+        """`targets` for a stage that gives none; None: every accepted module inside the transformer blocks."""
+        return None
+
+    def check_targets(self, layers: dict[str, nn.Module], config: MethodConfig) -> None:
+        """Raise RecipeError, before any calibration, for a selected layer these options cannot handle
+        (a group size that does not divide its width, say)."""
 
     def sized_by_budget(self, config: MethodConfig) -> None:
         """Raise RecipeError if the config fixes sizes that a stage budget would contradict."""
