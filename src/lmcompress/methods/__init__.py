@@ -14,6 +14,7 @@ from lmcompress.methods.base import LayerResult, Method, register_method, regist
 # name -> module that registers it on import
 _BUILTIN: dict[str, str] = {
     "svd": "lmcompress.methods.svd",
+    "vocab": "lmcompress.methods.vocab",
     "whitened_svd": "lmcompress.methods.whitened_svd",
 }
 
