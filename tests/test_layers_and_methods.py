@@ -122,7 +122,7 @@ def test_bad_method_options_are_one_line_errors(options, message):
 
 
 def test_unknown_method_lists_the_choices():
-    with pytest.raises(RecipeError, match="choose one of: svd, whitened_svd"):
+    with pytest.raises(RecipeError, match=r"choose one of: .*svd, .*whitened_svd"):
         get_method("magic")
     assert {"svd", "whitened_svd"} <= set(available_methods())
 

@@ -13,6 +13,8 @@ from lmcompress.methods.base import LayerResult, Method, register_method, regist
 
 # name -> module that registers it on import
 _BUILTIN: dict[str, str] = {
+    "quantize": "lmcompress.methods.quantize",
+    "sparsify": "lmcompress.methods.sparsify",
     "svd": "lmcompress.methods.svd",
     "vocab": "lmcompress.methods.vocab",
     "whitened_svd": "lmcompress.methods.whitened_svd",
