@@ -68,6 +68,8 @@ def sweep(weight: torch.Tensor, hessian: torch.Tensor, *, spec: GridSpec | None 
     if keep is not None and order is not None:
         keep = keep[:, order]
     pruning = sparsity is not None or pattern is not None
+    if pattern is not None:  # an N:M group must not straddle two blocks: it is chosen from one block's columns
+        block_size = max(pattern[1], block_size - block_size % pattern[1])
     if pruning:
         keep = torch.ones_like(work, dtype=torch.bool)
 

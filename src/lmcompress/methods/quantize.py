@@ -78,6 +78,8 @@ class Quantize(Method):
                 if config.scheme != "weight_only" or config.algorithm != "rtn":
                     raise RecipeError(f"{name}: embeddings are quantized with scheme=weight_only algorithm=rtn")
                 width = module.embedding_dim
+                if spec.bits == 4 and width % 2:
+                    raise RecipeError(f"method 'quantize': 4-bit embeddings need an even width; {name} has {width}")
             else:
                 width = in_out_features(module)[0]
             try:

@@ -45,10 +45,12 @@ class SparsifyConfig(MethodConfig):
     block_size: int = Field(default=128, ge=1, description="sparsegpt: columns per mask-selection block")
     seed: int = Field(default=0, description="random: seed")
 
-    @field_validator("pattern")
+    @field_validator("pattern", mode="before")
     @classmethod
-    def _pattern(cls, value: str | None) -> str | None:
-        if value is None:
+    def _pattern(cls, value: object) -> object:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 60:
+            value = f"{value // 60}:{value % 60}"   # YAML 1.1 (PyYAML) reads an unquoted 2:4 as base-60 int 124
+        if not isinstance(value, str):
             return value
         kept, sep, group = value.partition(":")
         if not (sep and kept.isdigit() and group.isdigit() and 0 < int(kept) < int(group)):
@@ -151,7 +153,8 @@ class Sparsify(Method):
         in_features, out_features = in_out_features(layer)
         dense = in_features * out_features
         sizes: list[float | None] = [*DENSITIES, None]
-        params = [int(round(d * dense)) if d is not None else dense for d in sizes]
+        params = [kept_weights(out_features, in_features, 1 - d, config.score, config.block_size)
+                  if d is not None else dense for d in sizes]
 
         def build(density: float | None) -> dict[str, nn.Module]:
             if density is None:
@@ -159,6 +162,18 @@ class Sparsify(Method):
             return {name: self._prune(name, layer, stats.get(name), config, 1 - density).module}
 
         return Candidates(sizes, params, [2 * dense] * len(sizes), build, dense, 2 * dense)
+
+
+def kept_weights(rows: int, cols: int, sparsity: float, score: str, block_size: int) -> int:
+    """Weights `prune_weight` keeps at `sparsity`. It rounds the count dropped per row (wanda, random), per
+    layer (magnitude) or per block of columns (sparsegpt, which may drop a few more on ties), so this can
+    differ from round((1 - sparsity) * rows * cols); a budget must be checked against the real count."""
+    if score == "magnitude":
+        return rows * cols - int(round(rows * cols * sparsity))
+    if score == "sparsegpt":
+        widths = [min(block_size, cols - start) for start in range(0, cols, block_size)]
+        return sum(rows * width - int(round(rows * width * sparsity)) for width in widths)
+    return rows * (cols - int(round(cols * sparsity)))
 
 
 def keep_mask(score: torch.Tensor, sparsity: float | None, pattern: tuple[int, int] | None,
