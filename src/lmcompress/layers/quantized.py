@@ -102,6 +102,7 @@ class QuantizedLinear(CompressedLayer):
     def store(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
               mask: torch.Tensor | None) -> None:
         """Pack full (out, in) int8 `codes` into this layer's storage."""
+        self._kernel, self._kernel_version = None, ()   # new tensors restart their version counters
         if mask is not None:
             self.mask = pack_mask(mask.bool())
             codes = codes[mask.bool()]
