@@ -59,8 +59,9 @@ POINTS: dict[str, tuple[list[dict] | None, str]] = {
     "wsvd-flops0.4+int8": ([{**WSVD, "budget": {"flops": 0.4, "seq_len": 128}}, INT8],
                            "FLOPs budget 0.4, then int8 (dynamic)"),
     "wsvd-0.5+int4": ([{**WSVD, "budget": {"params": 0.5}},
-                       {"method": "quantize", "options": {"scheme": "weight_only", "bits": 4, "group_size": 64,
-                                                          "algorithm": "gptq"}}], "factors to int4 GPTQ g64"),
+                       {"method": "quantize", "options": {"scheme": "weight_only", "bits": 4,
+                                                          "algorithm": "gptq"}}],
+                      "factors to int4 GPTQ, per-row scales (ranks need not divide a group size)"),
     "2:4-sparsegpt": ([{"method": "sparsify", "options": {"pattern": "2:4", "score": "sparsegpt"}}],
                       "bitmask + fp32 values"),
     "2:4-wanda": ([{"method": "sparsify", "options": {"pattern": "2:4", "score": "wanda"}}], "bitmask + fp32 values"),
@@ -94,6 +95,7 @@ def main() -> None:
     parser.add_argument("--points", nargs="+", default=list(POINTS), choices=list(POINTS))
     parser.add_argument("--latency-repeats", type=int, default=20)
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "quant_sst2"))
+    parser.add_argument("--resume", action="store_true", help="keep the points already in OUT.json, run the rest")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     transformers.logging.set_verbosity_error()
@@ -103,7 +105,13 @@ def main() -> None:
     dev = load_examples(task, args.data, "dev")
     model, tokenizer = finetuned_model(task, train, 16_000, args.seed, Path(args.cache))
     runs: list[dict] = []
+    previous = Path(args.out).with_suffix(".json")
+    if args.resume and previous.is_file():
+        runs = [r for r in json.loads(previous.read_text())["runs"] if r["point"] in args.points]
+    done = {r["point"] for r in runs}
     for name in args.points:
+        if name in done:
+            continue
         stages, note = POINTS[name]
         start = time.perf_counter()
         if name == "dense":

@@ -524,3 +524,13 @@ def test_quantized_model_still_predicts_like_the_dense_one(tiny_bert, tokenizer)
     lmcompress.compress(tiny_bert, Recipe.single("quantize"), tokenizer, progress=False)
     got = logits(tiny_bert, tokenizer, SENTENCES[:4])
     assert float((got - expected).norm() / expected.norm()) < 0.05
+
+
+def test_tied_embeddings_are_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32)).eval()
+    recipe = Recipe.from_dict({"stages": [{"method": "quantize", "targets": ["wte$"],
+                                           "options": {"scheme": "weight_only"}}]})
+    with pytest.raises(RecipeError, match="tied to the output head"):
+        lmcompress.compress(model, recipe, progress=False)

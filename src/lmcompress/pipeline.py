@@ -183,7 +183,7 @@ class _StageRun:
     def run(self) -> None:
         started = time.perf_counter()
         layers = select_layers(self.model, self.stage, self.index, self.method)
-        self.method.check_targets(layers, self.config)
+        self.method.check_targets(layers, self.config, self.model)
         if self.method.unit == "model":
             self._apply_model(layers, started)
             return

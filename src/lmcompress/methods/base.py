@@ -120,7 +120,8 @@ class Method:
         """`targets` for a stage that gives none; None: every accepted module inside the transformer blocks."""
         return None
 
-    def check_targets(self, layers: dict[str, nn.Module], config: MethodConfig) -> None:
+    def check_targets(self, layers: dict[str, nn.Module], config: MethodConfig,
+                      model: nn.Module | None = None) -> None:
         """Raise RecipeError, before any calibration, for a selected layer these options cannot handle
         (a group size that does not divide its width, say)."""
 

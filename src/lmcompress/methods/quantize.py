@@ -71,9 +71,14 @@ class Quantize(Method):
     def sized_by_budget(self, config: QuantizeConfig) -> None:
         raise RecipeError("method 'quantize' is sized by bits and group_size, not by a stage budget")
 
-    def check_targets(self, layers: dict[str, nn.Module], config: QuantizeConfig) -> None:
+    def check_targets(self, layers: dict[str, nn.Module], config: QuantizeConfig,
+                      model: nn.Module | None = None) -> None:
         spec = config.grid()
+        head = model.get_output_embeddings() if model is not None and hasattr(model, "get_output_embeddings") else None
         for name, module in layers.items():
+            if isinstance(module, nn.Embedding) and head is not None and getattr(head, "weight", None) is module.weight:
+                raise RecipeError(f"method 'quantize': {name} is tied to the output head; quantizing tied "
+                                  "embeddings is not supported (the head would keep the float copy)")
             if isinstance(module, nn.Embedding):
                 if config.scheme != "weight_only" or config.algorithm != "rtn":
                     raise RecipeError(f"{name}: embeddings are quantized with scheme=weight_only algorithm=rtn")

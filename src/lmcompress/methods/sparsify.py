@@ -91,7 +91,8 @@ class Sparsify(Method):
         if config.sparsity is not None or config.pattern is not None:
             raise RecipeError("method 'sparsify': a stage budget sizes every layer; drop sparsity/pattern")
 
-    def check_targets(self, layers: dict[str, nn.Module], config: SparsifyConfig) -> None:
+    def check_targets(self, layers: dict[str, nn.Module], config: SparsifyConfig,
+                      model: nn.Module | None = None) -> None:
         if config.nm is None:
             return
         for name, module in layers.items():
