@@ -131,6 +131,7 @@ def write_model(model: nn.Module, directory: Path, tokenizer=None, recipe=None,
     """Write model, manifest, recipe and tokenizer into an existing directory (see `save`)."""
     model.config.save_pretrained(directory)
     save_model(model, str(directory / WEIGHTS_NAME))
+    (directory / WEIGHTS_NAME).chmod(0o666 & ~_umask())  # safetensors writes 0600; the model is not a secret
     manifest = {
         "format": "lmcompress",
         "format_version": FORMAT_VERSION,
