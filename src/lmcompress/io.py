@@ -36,7 +36,7 @@ from torch import nn
 
 from lmcompress.errors import LMCompressError, ModelLoadError, first_line
 from lmcompress.layers import CompressedLayer, layer_from_manifest
-from lmcompress.linear import set_submodule
+from lmcompress.linear import dense_kind, in_out_features, is_dense_linear, make_dense, set_submodule
 
 log = logging.getLogger("lmcompress")
 
@@ -137,6 +137,7 @@ def write_model(model: nn.Module, directory: Path, tokenizer=None, recipe=None,
         "format_version": FORMAT_VERSION,
         "architecture": type(model).__name__,
         "replaced": {name: layer.manifest_entry() for name, layer in compressed_modules(model).items()},
+        **structural_changes(model),
         **(extra or {}),
     }
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
@@ -144,6 +145,39 @@ def write_model(model: nn.Module, directory: Path, tokenizer=None, recipe=None,
         recipe.save(directory / RECIPE_NAME)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+
+
+def structural_changes(model: nn.Module) -> dict[str, Any]:
+    """What structured pruning changed that the config cannot say: dense layers whose shape (or bias)
+    differs from what the architecture builds, and the attributes (head counts ...) set on modules.
+    Empty when nothing changed, so unpruned models keep their manifest as before."""
+    with torch.device("meta"):
+        reference = dict(type(model)(model.config).named_modules())
+    resized = {}
+    for name, module in model.named_modules():
+        original = reference.get(name)
+        if not (is_dense_linear(module) and original is not None and is_dense_linear(original)):
+            continue
+        has_bias = getattr(module, "bias", None) is not None
+        if in_out_features(module) != in_out_features(original) or has_bias != (original.bias is not None):
+            fan_in, fan_out = in_out_features(module)
+            resized[name] = {"kind": dense_kind(module), "in_features": fan_in, "out_features": fan_out,
+                             "bias": has_bias}
+    attributes = {name: dict(m.lmcompress_attributes) for name, m in model.named_modules()
+                  if getattr(m, "lmcompress_attributes", None)}
+    return {key: value for key, value in (("resized", resized), ("attributes", attributes)) if value}
+
+
+def _restore_structure(model: nn.Module, manifest: dict[str, Any]) -> None:
+    for name, entry in manifest.get("resized", {}).items():
+        weight = torch.zeros(entry["out_features"], entry["in_features"])
+        bias = torch.zeros(entry["out_features"]) if entry["bias"] else None
+        set_submodule(model, name, make_dense(weight, bias, entry["kind"]))
+    for name, attributes in manifest.get("attributes", {}).items():
+        module = model.get_submodule(name)
+        for attr, value in attributes.items():
+            setattr(module, attr, value)
+        module.lmcompress_attributes = dict(attributes)
 
 
 def save(model: nn.Module, path: str | Path, tokenizer=None, recipe=None, overwrite: bool = False,
@@ -219,6 +253,7 @@ def load(path: str | Path) -> nn.Module:
     try:
         config = transformers.AutoConfig.from_pretrained(path)
         model = architecture(config)
+        _restore_structure(model, manifest)
         for name, entry in manifest["replaced"].items():
             set_submodule(model, name, layer_from_manifest(entry))
         dtype = saved_dtype(path / WEIGHTS_NAME)

@@ -34,7 +34,7 @@ from lmcompress.errors import CalibrationError, RecipeError
 from lmcompress.layers import CompressedLayer
 from lmcompress.linear import in_out_features, set_submodule
 from lmcompress.methods import get_method
-from lmcompress.methods.base import LayerResult, Method, MethodConfig
+from lmcompress.methods.base import LayerResult, Method, MethodConfig, StageContext
 from lmcompress.recipe import Calibration, Recipe, Stage
 from lmcompress.stats import LABELLED_NEEDS, LayerStats, estimate_bytes
 from lmcompress.units import Unit, substep_of, units_for
@@ -213,13 +213,12 @@ class _StageRun:
 
     def _apply_model(self, layers: dict[str, nn.Module], started: float) -> None:
         """A model-level method (vocabulary pruning ...): one call, sees all the stage's data."""
-        if self.stage.budget is not None:
-            raise RecipeError(f"stage {self.index + 1}: method {self.stage.method!r} cannot be sized by a budget")
         if self.method.uses_data(self.config) and self.data is None:
             raise CalibrationError(f"stage {self.index + 1}: method {self.stage.method!r} needs the task's data")
         log.info("stage %d: %s on the whole model", self.index + 1, self.stage.method)
         with torch.no_grad():
-            result = self.method.compress_model(self.model, self.tokenizer, self.data, self.config, layers)
+            context = StageContext(self.stage.budget, self.cal, self.index, self.progress)
+            result = self.method.compress_model(self.model, self.tokenizer, self.data, self.config, layers, context)
         if result.tokenizer is not None:
             self.summary.tokenizer = result.tokenizer
         for layer in result.layers:

@@ -101,6 +101,8 @@ class Stage(BaseModel):
         config = method.parse_config(self.options)  # raises RecipeError, one line
         if self.budget is not None:
             method.sized_by_budget(config)
+            if not method.budget_metrics:
+                raise RecipeError(f"method {self.method!r} cannot be sized by a budget")
             if self.budget.metric not in method.budget_metrics:
                 raise RecipeError(f"method {self.method!r} takes a {' or '.join(method.budget_metrics)} budget, "
                                   f"not {self.budget.metric}")

@@ -54,6 +54,17 @@ class ModelResult:
 
 
 @dataclass
+class StageContext:
+    """What a model-level method may need besides its options: the stage's budget (None: its own sizes),
+    the recipe's calibration settings, the stage number for messages, and whether to show progress."""
+
+    budget: Any = None
+    calibration: Any = None
+    index: int = 0
+    progress: bool = True
+
+
+@dataclass
 class Candidates:
     """The sizes one unit may take under a budget, smallest first, with their costs and a builder.
 
@@ -144,7 +155,7 @@ class Method:
         raise NotImplementedError(f"method {self.name!r} implements neither compress_unit nor compress_layer")
 
     def compress_model(self, model: nn.Module, tokenizer: Any, data: Any, config: MethodConfig,
-                       targets: dict[str, nn.Module]) -> ModelResult:
+                       targets: dict[str, nn.Module], context: StageContext | None = None) -> ModelResult:
         """For `unit = "model"` methods: change the model as a whole (and maybe its tokenizer). `data` is
         every example the stage was given (not only the calibration sample); `targets` the selected modules."""
         raise NotImplementedError(f"method {self.name!r} has unit 'model' but no compress_model")

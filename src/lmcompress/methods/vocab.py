@@ -91,7 +91,7 @@ class Vocab(Method):
         raise RecipeError("method 'vocab' keeps the tokens its corpus uses and cannot be sized by a budget")
 
     def compress_model(self, model: nn.Module, tokenizer: Any, data: Any, config: VocabConfig,  # type: ignore[override]
-                       targets: dict[str, nn.Module]) -> ModelResult:
+                       targets: dict[str, nn.Module], context: Any = None) -> ModelResult:
         if tokenizer is None:
             raise RecipeError("method 'vocab' needs the model's tokenizer")
         spec = surgery.tokenizer_spec(tokenizer)
