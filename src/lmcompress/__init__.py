@@ -28,6 +28,7 @@ _EXPORTS = {
     "load": "lmcompress.io",
     "save": "lmcompress.io",
     "save_dense": "lmcompress.io",
+    "export_hf": "lmcompress.export",
     "load_model": "lmcompress.models",
     "Recipe": "lmcompress.recipe",
     "Stage": "lmcompress.recipe",

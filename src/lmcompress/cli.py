@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-max-length", type=int, default=None, help="tokens per calibration example (default 128)")
     p.add_argument("--out", required=True, help="output directory for the compressed model")
     p.add_argument("--dense-out", help="also export a dense copy that plain from_pretrained loads")
+    p.add_argument("--export-hf", metavar="DIR",
+                   help="also write the pruned model as a plain Hugging Face model (new sizes in its config) that "
+                        "from_pretrained loads without lmcompress; refused, before anything is written, where the "
+                        "config cannot express it")
     p.add_argument("--overwrite", action="store_true", help="replace non-empty output directories")
 
     p = sub.add_parser("evaluate", help="task metric, parameters, FLOPs, latency and size of a model")
@@ -220,17 +224,21 @@ def _parse_budget(items: list[str]) -> dict:
 
 
 def _check_dense_out(args) -> None:
-    """--dense-out must not replace (or sit inside, or contain) the compressed model's --out."""
+    """--dense-out and --export-hf must not replace (or sit inside, or contain) --out or each other."""
     from lmcompress.errors import LMCompressError
 
-    if not args.dense_out:
-        return
-    out, dense = Path(args.out).expanduser().resolve(), Path(args.dense_out).expanduser().resolve()
-    if out == dense or out in dense.parents or dense in out.parents:
-        raise LMCompressError(f"--dense-out {args.dense_out} and --out {args.out} must be separate directories")
+    given = [(flag, value) for flag, value in (("--dense-out", args.dense_out),
+                                               ("--export-hf", getattr(args, "export_hf", None)),
+                                               ("--out", args.out)) if value]
+    for i, (flag, value) in enumerate(given):
+        for other_flag, other in given[i + 1:]:
+            a, b = Path(value).expanduser().resolve(), Path(other).expanduser().resolve()
+            if a == b or a in b.parents or b in a.parents:
+                raise LMCompressError(f"{flag} {value} and {other_flag} {other} must be separate directories")
 
 
 def cmd_compress(args) -> None:
+    from lmcompress.export import check_exportable, export_hf
     from lmcompress.io import check_output_dir, save, save_dense
     from lmcompress.models import check_sequence_length, load_model
     from lmcompress.pipeline import compress, recipe_needs, recipe_uses_data
@@ -239,8 +247,9 @@ def cmd_compress(args) -> None:
     recipe = _recipe_from_args(args)  # validate before the (slow) model load
     _check_dense_out(args)
     check_output_dir(args.out, args.overwrite)
-    if args.dense_out:
-        check_output_dir(args.dense_out, args.overwrite)
+    for extra_out in (args.dense_out, args.export_hf):
+        if extra_out:
+            check_output_dir(extra_out, args.overwrite)
     model, tokenizer = load_model(args.model)
     calibration = None
     if recipe_uses_data(recipe):
@@ -254,10 +263,15 @@ def cmd_compress(args) -> None:
                     ", ".join(dict.fromkeys(stage.method for stage in recipe.stages)))
     summary = compress(model, recipe, tokenizer, calibration, progress=not args.quiet)
     tokenizer = summary.tokenizer or tokenizer  # vocabulary pruning replaces it
+    if args.export_hf:
+        check_exportable(model)  # before anything is written
     save(model, args.out, tokenizer, recipe, overwrite=args.overwrite, extra={"summary": summary.to_dict()})
     if args.dense_out:
         save_dense(model, args.dense_out, tokenizer, overwrite=args.overwrite)
-    print(f"{summary.describe()}; saved to {args.out}")
+    if args.export_hf:
+        export_hf(model, args.export_hf, tokenizer, overwrite=args.overwrite)
+    exported = f"; Hugging Face export in {args.export_hf}" if args.export_hf else ""
+    print(f"{summary.describe()}; saved to {args.out}{exported}")
 
 
 def cmd_evaluate(args) -> None:

@@ -5,9 +5,10 @@ per-layer shapes before loading weights strictly) and can turn itself back into 
 """
 
 from lmcompress.layers.base import CompressedLayer, layer_from_manifest, register_layer
+from lmcompress.layers.block_linear import LinearBlock
 from lmcompress.layers.lowrank import LowRankLinear
 from lmcompress.layers.quantized import QuantizedEmbedding, QuantizedLinear
 from lmcompress.layers.sparse import SparseLinear
 
-__all__ = ["CompressedLayer", "LowRankLinear", "QuantizedEmbedding", "QuantizedLinear", "SparseLinear",
+__all__ = ["CompressedLayer", "LinearBlock", "LowRankLinear", "QuantizedEmbedding", "QuantizedLinear", "SparseLinear",
            "layer_from_manifest", "register_layer"]
