@@ -36,7 +36,8 @@ from torch import nn
 from lmcompress.anatomy import blocks_of, family_of, supported_model_types
 from lmcompress.calibration import SequentialCalibrator, collect, encode_calibration
 from lmcompress.errors import CalibrationError, RecipeError
-from lmcompress.linear import in_out_features, weight_out_in
+from lmcompress.layers import CompressedLayer
+from lmcompress.linear import in_out_features, is_dense_linear, weight_out_in
 from lmcompress.methods.base import LayerResult, Method, MethodConfig, ModelResult, StageContext, register_method
 from lmcompress.progress import track
 from lmcompress.structured import Pieces, bias_shift, check_prunable, lstsq_refit, pieces_of, slice_unit
@@ -69,6 +70,11 @@ class Prune(Method):
     config_class = PruneConfig
     unit = "model"
 
+    def accepts(self, module: nn.Module) -> bool:
+        """Dense linear layers, and layers another method already replaced: those are selected only so that
+        a group containing one is refused with the reason (prune first) rather than silently skipped."""
+        return is_dense_linear(module) or isinstance(module, CompressedLayer)
+
     def needs_for(self, config: PruneConfig) -> frozenset[str]:
         return frozenset({"labels"}) if config.score == "fisher" else frozenset()
 
@@ -97,8 +103,13 @@ class Prune(Method):
                 raise CalibrationError(f"method 'prune' (score {config.score}, compensate {config.compensate}) "
                                        "needs calibration data: give a task and data")
             cal = context.calibration
-            batches = encode_calibration(tokenizer, data.take(cal.samples, seed=cal.seed), cal.batch_size,
-                                         cal.max_length, with_labels=config.score == "fisher")
+            sample = data.take(cal.samples, seed=cal.seed)
+            if config.score == "fisher" and any(label is None for label in getattr(sample, "labels", None) or [None]):
+                # examples loaded with labels=False hold None labels, which batching cannot turn into a tensor
+                raise CalibrationError("score 'fisher' needs labelled calibration data (it uses the task loss); "
+                                       "the calibration examples have no labels")
+            batches = encode_calibration(tokenizer, sample, cal.batch_size, cal.max_length,
+                                         with_labels=config.score == "fisher")
         scores = self._scores(model, units, pieces, batches, config, context.progress)
         keep = self._select(model, units, pieces, scores, config, context.budget)
         results = self._apply(model, units, pieces, keep, batches, config, context)
@@ -117,13 +128,13 @@ class Prune(Method):
         for kind, wanted in (("attention", config.heads), ("feed_forward", config.neurons)):
             if wanted:
                 units += [u for u in group_units(model, kind, selected) if set(u.layer_names) <= selected]
-        if not units:
-            raise RecipeError("method 'prune': the targets contain no whole attention or feed-forward group")
-        for unit in units:
+        for unit in units:   # a group another method replaced is selected too (see `accepts`): say so
             try:
                 check_prunable(model, unit)
             except ValueError as err:
                 raise RecipeError(f"method 'prune': {err}") from None
+        if not units:
+            raise RecipeError("method 'prune': the targets contain no whole attention or feed-forward group")
         return units
 
     # --- scores ------------------------------------------------------------------------------------
@@ -220,7 +231,10 @@ class Prune(Method):
             else:
                 new_weight = weight[:, index]
                 new_bias = bias_shift(weight, bias, stats.summary.mean, drop, weight.shape[0])
-            metrics = _refit_errors(weight, gram, index, new_weight)
+            shift = None
+            if new_bias is not bias:   # compensate=bias: the output moved by the bias change too
+                shift = new_bias.to(torch.float64) - (bias.to(torch.float64) if bias is not None else 0)
+            metrics = _refit_errors(weight, gram, index, new_weight, stats.summary.mean, shift)
             refits = {out_name: (new_weight.to(layer.weight.dtype),
                                  None if new_bias is None else new_bias.to(layer.weight.dtype))}
         if len(keep) < pieces.count:
@@ -331,9 +345,10 @@ def _fisher(model, units, pieces, batches, progress) -> dict[str, torch.Tensor]:
     return totals
 
 
-def _refit_errors(weight: torch.Tensor, gram: torch.Tensor, index: torch.Tensor,
-                  new_weight: torch.Tensor) -> dict[str, float]:
-    """Relative output error of the output projection after removal: plain slice and the compensated one."""
+def _refit_errors(weight: torch.Tensor, gram: torch.Tensor, index: torch.Tensor, new_weight: torch.Tensor,
+                  mean: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> dict[str, float]:
+    """Relative output error of the output projection after removal: plain slice and the compensated one
+    (new weight, and `shift` added to the bias: E||x D^T - s||^2 = tr(D G D^T) - 2 s.(D mean) + ||s||^2)."""
     full = torch.einsum("oi,ij,oj->", weight, gram, weight).clamp_min(1e-300)
     sliced = weight.clone()
     mask = torch.ones(weight.shape[1], dtype=torch.bool, device=weight.device)
@@ -342,8 +357,12 @@ def _refit_errors(weight: torch.Tensor, gram: torch.Tensor, index: torch.Tensor,
     compensated = torch.zeros_like(weight)
     compensated[:, index] = new_weight.to(torch.float64)
 
-    def error(approx: torch.Tensor) -> float:
+    def error(approx: torch.Tensor, shift: torch.Tensor | None = None) -> float:
         delta = weight - approx
-        return float((torch.einsum("oi,ij,oj->", delta, gram, delta).clamp_min(0) / full).sqrt())
+        energy = torch.einsum("oi,ij,oj->", delta, gram, delta)
+        if shift is not None and mean is not None:
+            shift = shift.to(delta)
+            energy = energy - 2 * shift @ (delta @ mean.to(delta)) + shift @ shift
+        return float((energy.clamp_min(0) / full).sqrt())
 
-    return {"slice_err": error(sliced), "output_err": error(compensated)}
+    return {"slice_err": error(sliced), "output_err": error(compensated, shift)}
