@@ -42,7 +42,8 @@ def encode_calibration(tokenizer, examples, batch_size: int, max_length: int,
     """Tokenise calibration examples once; every pass reuses the batches."""
     if examples is None or len(examples) == 0:
         raise CalibrationError("calibration set is empty: give at least one example")
-    if with_labels and (getattr(examples, "labels", None) is None or len(examples.labels) != len(examples)):
+    labels = getattr(examples, "labels", None)
+    if with_labels and (labels is None or len(labels) != len(examples) or any(label is None for label in labels)):
         raise CalibrationError("this method needs labelled calibration data (Fisher information uses the task "
                                "loss), and the calibration examples have no labels")
     # statistics are sums, so order is free: batching similar lengths together wastes little on padding
