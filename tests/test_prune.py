@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import SENTENCES, logits
+from conftest import SENTENCES, logits, make_tiny_bert
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.pytorch_utils import Conv1D
 
@@ -551,3 +551,22 @@ def test_recorded_errors_are_measured_output_errors(family, compensate, tokenize
     assert metrics["slice_err"] == pytest.approx(slice_err, rel=1e-4)
     assert metrics["output_err"] == pytest.approx(output_err, rel=1e-3)
     assert output_err < 0.95 * slice_err
+
+
+def test_uniform_budget_gives_equal_layers_that_export(tokenizer, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from lmcompress.export import export_hf
+
+    model = make_tiny_bert(tokenizer.vocab_size)
+    recipe = Recipe.from_dict({"stages": [{"method": "prune", "budget": {"params": 0.5},
+                                           "options": {"score": "magnitude", "compensate": "none", "uniform": True,
+                                                       "heads": False}}]})
+    lmcompress.compress(model, recipe, progress=False)
+    widths = {model.bert.encoder.layer[i].intermediate.dense.out_features for i in range(2)}
+    assert len(widths) == 1 and widths.pop() <= 32
+    export_hf(model, tmp_path / "hf", tokenizer)
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    batch = tokenizer(["a fine film"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(plain(**batch).logits, model(**batch).logits)

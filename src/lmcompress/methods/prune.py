@@ -57,6 +57,8 @@ class PruneConfig(MethodConfig):
                                      "their bias by the removed mean, or nothing")
     keep: float | None = Field(default=None, gt=0, le=1,
                                description="without a budget: fraction of every layer's heads and neurons kept")
+    uniform: bool = Field(default=False, description="with a budget: the same number of heads in every layer and of "
+                                                     "neurons in every layer (what --export-hf can express)")
     heads: bool = Field(default=True, description="prune attention heads (key/value groups)")
     neurons: bool = Field(default=True, description="prune feed-forward neurons")
     damp: float = Field(default=0.01, ge=0, description="ridge of the least-squares refit, relative to the "
@@ -175,6 +177,8 @@ class Prune(Method):
         if floor > allowed:
             raise RecipeError(f"budget too small: {budget.metric} {budget.fraction:g} of the targets, but keeping "
                               f"one head group and one neuron per layer already needs {floor / total:.1%}")
+        if config.uniform:
+            return _uniform_select(units, pieces, scores, unit_cost, total - allowed)
         order = sorted((float(scores[u.name][i]) / unit_cost[u.name], u.name, i)
                         for u in units for i in range(pieces[u.name].count))
         kept = {u.name: set(range(pieces[u.name].count)) for u in units}
@@ -248,6 +252,31 @@ class Prune(Method):
                                        after, note=kept_note, metrics=metrics if name == out_name else {},
                                        name=name))
         return results
+
+
+def _uniform_select(units, pieces, scores, unit_cost, excess: float) -> dict[str, list[int]]:
+    """Remove whole levels (one piece from every layer of a kind, its lowest-scoring one) in order of score
+    lost per unit of cost, until `excess` cost is gone: every layer of a kind keeps the same count."""
+    kinds: dict[str, list[Unit]] = {}
+    for unit in units:
+        kinds.setdefault(pieces[unit.name].kind, []).append(unit)
+    ranked = {u.name: torch.argsort(scores[u.name]).tolist() for u in units}   # lowest first
+    removed = dict.fromkeys(ranked, 0)
+    while excess > 0:
+        options = []
+        for kind, members in kinds.items():
+            if all(removed[u.name] < pieces[u.name].count - 1 for u in members):
+                lost = sum(float(scores[u.name][ranked[u.name][removed[u.name]]]) for u in members)
+                cost = sum(unit_cost[u.name] for u in members)
+                options.append((lost / cost, kind, cost))
+        if not options:
+            raise RecipeError("budget too small for uniform layers: one head group and one neuron per layer "
+                              "already exceed it")
+        _, kind, cost = min(options)
+        for unit in kinds[kind]:
+            removed[unit.name] += 1
+        excess -= cost
+    return {name: sorted(order[removed[name]:]) for name, order in ranked.items()}
 
 
 def _top(scores: torch.Tensor, count: int) -> list[int]:
