@@ -27,18 +27,24 @@ DEMO_FINETUNE = FinetuneConfig(epochs=2, lr=1e-4, batch_size=32, max_length=48, 
 DEMO_CALIBRATION = Calibration(samples=256, batch_size=32, max_length=48)
 ONE_SHOT = DEMO_CALIBRATION.model_copy(update={"mode": "one_shot"})
 BEST = "whitened_svd, global budget, sequential"
+PRUNE = "prune heads+neurons (fisher, lstsq), FLOPs budget, + int8"
 INT8 = {"method": "quantize", "options": {"scheme": "dynamic"}}
 
 
 def demo_recipes(keeps: Sequence[float]) -> dict[tuple[str, float], Recipe]:
-    """For each size: the data-free baseline, the foundation's data-aware method, and the engine's best
-    (sequential calibration + one global budget split by measured sensitivity)."""
+    """For each size: the data-free baseline, the foundation's data-aware method, the engine's best
+    factorisation (sequential calibration + one global budget split by measured sensitivity), and structured
+    pruning to that fraction of FLOPs followed by int8."""
     recipes = {}
     for keep in keeps:
         recipes["svd", keep] = Recipe.single("svd", calibration=ONE_SHOT, keep=keep)
         recipes["whitened_svd, uniform, one-shot", keep] = Recipe.single("whitened_svd", calibration=ONE_SHOT,
                                                                          keep=keep)
         recipes[BEST, keep] = Recipe.single("whitened_svd", calibration=DEMO_CALIBRATION, budget={"params": keep})
+        # structured pruning to the same fraction of FLOPs, then int8: the fastest answer
+        recipes[PRUNE, keep] = Recipe.from_dict({
+            "stages": [{"method": "prune", "budget": {"flops": keep}, "options": {"score": "fisher"}}, INT8],
+            "calibration": DEMO_CALIBRATION.model_dump()})
     return recipes
 
 
@@ -98,6 +104,9 @@ def _report(task: str, n_train: int, n_dev: int, table: str, minutes: float) -> 
             f"output is least sensitive and calibrates each block on the model as compressed so far. The int8 "
             f"rows are PyTorch's one-line dynamic quantization (what a user would pick instead), lmcompress's "
             f"`quantize` stage on the dense model, and the global-budget model with a `quantize` stage chained "
-            f"after it (its factors become int8, saved as int8 in safetensors).\n\n"
+            f"after it (its factors become int8, saved as int8 in safetensors). The last rows at each size prune "
+            f"attention heads and feed-forward neurons (ranked by Fisher information, output projections refit by "
+            f"least squares) to that fraction of FLOPs, then quantize to int8 in the same recipe; there `keep` is "
+            f"the FLOPs fraction.\n\n"
             f"GFLOPs and latency are per example at 128 tokens (latency: batch 1, median of 10 CPU runs).\n\n"
             f"{table}\n\nMade by `lmcompress demo` in {minutes:.1f} minutes.\n")
