@@ -252,3 +252,12 @@ def test_cli(tokenizer, tmp_path, capsys):
                  f"corpus={empty}", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "has no text" in err
+
+
+def test_cli_vocab_without_data_is_refused(tmp_path, capsys):
+    from lmcompress.cli import main
+
+    code = main(["compress", "--method", "vocab", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "give --data" in err
+    assert not (tmp_path / "out").exists()

@@ -237,6 +237,21 @@ def _check_dense_out(args) -> None:
                 raise LMCompressError(f"{flag} {value} and {other_flag} {other} must be separate directories")
 
 
+def _check_content_data(args, recipe) -> None:
+    """A stage that keeps what the data contains (vocabulary pruning) must not fall back to the embedded demo
+    data: that would prune the vocabulary to a few hundred generated tokens."""
+    from lmcompress.errors import RecipeError
+    from lmcompress.methods import get_method
+
+    if args.data:
+        return
+    for stage in recipe.stages:
+        method = get_method(stage.method)
+        if method.keeps_data_content and method.uses_data(method.parse_config(stage.options)):
+            raise RecipeError(f"method {stage.method!r} keeps what the task's text contains: give --data (or its "
+                              "corpus option); without it the embedded demo task would be used")
+
+
 def cmd_compress(args) -> None:
     from lmcompress.export import check_exportable, export_hf
     from lmcompress.io import check_output_dir, save, save_dense
@@ -253,6 +268,7 @@ def cmd_compress(args) -> None:
     model, tokenizer = load_model(args.model)
     calibration = None
     if recipe_uses_data(recipe):
+        _check_content_data(args, recipe)
         check_sequence_length(model, recipe.calibration.max_length, "calibration max_length")
         # labels are read (and matched to the model's classes) only if a method uses them
         labels = bool(recipe_needs(recipe) & LABELLED_NEEDS)

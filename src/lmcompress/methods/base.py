@@ -106,6 +106,9 @@ class Method:
     needs: ClassVar[frozenset[str]] = frozenset()
     unit: ClassVar[str] = "linear"
     budget_metrics: ClassVar[tuple[str, ...]] = ("params", "flops")   # what a stage budget may count
+    # the result keeps what the data contains (not just its statistics): the CLI's embedded default data
+    # would be a silent mistake, so it asks for --data
+    keeps_data_content: ClassVar[bool] = False
 
     def accepts(self, module: nn.Module) -> bool:
         """Which modules a stage may target with this method (default: dense linear layers, including the

@@ -76,6 +76,7 @@ class Vocab(Method):
     name = "vocab"
     config_class = VocabConfig
     unit = "model"
+    keeps_data_content = True
 
     def accepts(self, module: nn.Module) -> bool:
         return isinstance(module, nn.Embedding)
