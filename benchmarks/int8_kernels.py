@@ -93,6 +93,14 @@ def variants(model) -> dict[str, callable]:
     return found
 
 
+def _torchao_line() -> str:
+    try:
+        import torchao
+    except ImportError:
+        return "torchao is not installed, so its rows are absent (`pip install torchao` adds them)."
+    return f"torchao {torchao.__version__} was installed for this run (not a dependency), so its rows appear."
+
+
 def latency(model, batch_size: int, repeats: int) -> float:
     batch = dummy_batch(model, batch_size, 128)
     times = []
@@ -132,7 +140,8 @@ def main() -> None:
     Path(args.out).write_text(
         f"# int8 paths on this CPU (all-MiniLM-L6-v2 fine-tuned on SST-2, seed 0)\n\nMade by `{command}` on "
         f"{date.today()} ({environment()}). 128 tokens; median of {args.repeats * 2} (batch 1) and {args.repeats} "
-        f"(batch 8) runs after warm-up, all in one process; speed-ups against fp32 in the same run.\n\n"
+        f"(batch 8) runs after warm-up, all in one process; speed-ups against fp32 in the same run. "
+        f"{_torchao_line()}\n\n"
         f"{table}\n")
     print(table)
 

@@ -56,7 +56,8 @@ class PruneConfig(MethodConfig):
         default="lstsq", description="after removal: refit the output projections by least squares, shift "
                                      "their bias by the removed mean, or nothing")
     keep: float | None = Field(default=None, gt=0, le=1,
-                               description="without a budget: fraction of every layer's heads and neurons kept")
+                               description="without a budget: fraction of every layer's heads and neurons kept "
+                                           "(default 0.5 when neither is given)")
     uniform: bool = Field(default=False, description="with a budget: the same number of heads in every layer and of "
                                                      "neurons in every layer (what --export-hf can express)")
     heads: bool = Field(default=True, description="prune attention heads (key/value groups)")
@@ -99,6 +100,7 @@ class Prune(Method):
             raise RecipeError("method 'prune': heads and neurons are both off; nothing to prune")
         units = self._units(model, targets, config)
         pieces = {u.name: pieces_of(model, u) for u in units}
+        costs = _budget_costs(model, units, pieces, context.budget)   # a too-small budget fails before any data
         batches = None
         if self.uses_data(config):
             if data is None or tokenizer is None:
@@ -113,7 +115,7 @@ class Prune(Method):
             batches = encode_calibration(tokenizer, sample, cal.batch_size, cal.max_length,
                                          with_labels=config.score == "fisher")
         scores = self._scores(model, units, pieces, batches, config, context.progress)
-        keep = self._select(model, units, pieces, scores, config, context.budget)
+        keep = self._select(units, pieces, scores, config, costs)
         results = self._apply(model, units, pieces, keep, batches, config, context)
         kept_heads = {u: len(k) for u, k in keep.items() if pieces[u].kind == "heads"}
         kept_neurons = {u: len(k) for u, k in keep.items() if pieces[u].kind == "neurons"}
@@ -162,21 +164,11 @@ class Prune(Method):
         return scores
 
     # --- selection ---------------------------------------------------------------------------------
-    def _select(self, model, units, pieces, scores, config, budget) -> dict[str, list[int]]:
-        hidden = in_out_features(model.get_submodule(units[0].layers["o" if units[0].kind == "attention"
-                                                                       else "out"]))[1]
-        if budget is None:
+    def _select(self, units, pieces, scores, config, costs) -> dict[str, list[int]]:
+        if costs is None:
             keep = 0.5 if config.keep is None else config.keep
             return {u.name: _top(scores[u.name], max(1, round(keep * pieces[u.name].count))) for u in units}
-        seq_len = budget.seq_len
-        unit_cost = {u.name: (pieces[u.name].params_per_piece(hidden) if budget.metric == "params"
-                              else pieces[u.name].flops_per_piece(hidden, seq_len)) for u in units}
-        total = sum(unit_cost[u.name] * pieces[u.name].count for u in units)
-        allowed = budget.fraction * total
-        floor = sum(unit_cost[u.name] for u in units)   # one piece per unit stays
-        if floor > allowed:
-            raise RecipeError(f"budget too small: {budget.metric} {budget.fraction:g} of the targets, but keeping "
-                              f"one head group and one neuron per layer already needs {floor / total:.1%}")
+        unit_cost, total, allowed = costs
         if config.uniform:
             return _uniform_select(units, pieces, scores, unit_cost, total - allowed)
         order = sorted((float(scores[u.name][i]) / unit_cost[u.name], u.name, i)
@@ -252,6 +244,24 @@ class Prune(Method):
                                        after, note=kept_note, metrics=metrics if name == out_name else {},
                                        name=name))
         return results
+
+
+def _budget_costs(model, units, pieces, budget) -> tuple[dict[str, int], int, float] | None:
+    """Cost of one piece of each unit under the budget's metric, the targets' total, and what is allowed;
+    a one-line error when even one head group and one neuron per layer exceed the budget."""
+    if budget is None:
+        return None
+    first = units[0]
+    hidden = in_out_features(model.get_submodule(first.layers["o" if first.kind == "attention" else "out"]))[1]
+    unit_cost = {u.name: (pieces[u.name].params_per_piece(hidden) if budget.metric == "params"
+                          else pieces[u.name].flops_per_piece(hidden, budget.seq_len)) for u in units}
+    total = sum(unit_cost[u.name] * pieces[u.name].count for u in units)
+    allowed = budget.fraction * total
+    floor = sum(unit_cost[u.name] for u in units)   # one piece per unit stays
+    if floor > allowed:
+        raise RecipeError(f"budget too small: {budget.metric} {budget.fraction:g} of the targets, but keeping "
+                          f"one head group and one neuron per layer already needs {floor / total:.1%}")
+    return unit_cost, total, allowed
 
 
 def _uniform_select(units, pieces, scores, unit_cost, excess: float) -> dict[str, list[int]]:

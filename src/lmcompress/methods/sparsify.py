@@ -39,7 +39,8 @@ DENSITIES = tuple(round(0.05 * k, 2) for k in range(1, 20))   # candidate kept f
 class SparsifyConfig(MethodConfig):
     score: Literal["magnitude", "random", "wanda", "sparsegpt"] = Field(
         default="wanda", description="which weights go: magnitude, random, wanda (|w| ||x||) or sparsegpt (OBS update)")
-    sparsity: float | None = Field(default=None, ge=0, lt=1, description="fraction of each layer's weights zeroed")
+    sparsity: float | None = Field(default=None, ge=0, lt=1, description="fraction of each layer's weights zeroed "
+                                    "(default 0.5 when neither it, pattern nor a budget is given)")
     pattern: str | None = Field(default=None, description="N:M, e.g. 2:4: N weights kept in every M inputs of a row")
     damp: float = Field(default=0.01, gt=0, description="sparsegpt: ridge on X^T X relative to its mean diagonal")
     block_size: int = Field(default=128, ge=1, description="sparsegpt: columns per mask-selection block")
