@@ -49,17 +49,19 @@ def main() -> None:
     parser.add_argument("--compensate", nargs="+", default=["none", "bias", "lstsq"])
     parser.add_argument("--stack", nargs="+", default=["kcm", "fisher"], help="scores also stacked with int8")
     parser.add_argument("--latency-repeats", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0, help="which cached fine-tuned model (fine-tuning seed)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     folder, train_samples, epochs = TASKS[args.task]
-    args.out = args.out or str(ROOT / "docs" / "benchmarks" / f"prune_{args.task}")
+    args.out = args.out or str(ROOT / "docs" / "benchmarks" / f"prune_{args.task}"
+                                  + (f"_seed{args.seed}" if args.seed else ""))
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     transformers.logging.set_verbosity_error()
     started = time.perf_counter()
     task = get_task(args.task)
     train = load_examples(task, str(SHARED_GLUE / folder), "train")
     dev = load_examples(task, str(SHARED_GLUE / folder), "dev")
-    model, tokenizer = finetuned_model(task, train, train_samples, 0, Path(args.cache), epochs)
+    model, tokenizer = finetuned_model(task, train, train_samples, args.seed, Path(args.cache), epochs)
     dense_flops = count_flops(model, 128)
     runs = [measure("dense", "-", 1.0, model, tokenizer, task, dev, 0.0, dense_flops, args.latency_repeats)]
     runs.append(run_recipe("int8 dynamic", "-", 1.0, [INT8], model, tokenizer, task, train, dev, dense_flops, args))
@@ -81,7 +83,7 @@ def main() -> None:
 
 def run_recipe(name, score, fraction, stages, model, tokenizer, task, train, dev, dense_flops, args) -> dict:
     recipe = Recipe.from_dict({"stages": stages, "calibration": {"samples": args.calib_samples, "batch_size": 32,
-                                                                 "max_length": 64, "seed": 0}})
+                                                                 "max_length": 64, "seed": args.seed}})
     pruned = copy.deepcopy(model)
     start = time.perf_counter()
     compress(pruned, recipe, tokenizer, train, progress=False)
@@ -122,7 +124,7 @@ def write_report(args, task, runs: list[dict], minutes: float) -> str:
     command = "python benchmarks/prune_sst2.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    text = (f"# Structured pruning on {task.name} (all-MiniLM-L6-v2, seed 0)\n\n"
+    text = (f"# Structured pruning on {task.name} (all-MiniLM-L6-v2, seed {args.seed})\n\n"
             f"Made by `{command}` on {date.today()} ({environment()}) in {minutes:.0f} minutes.\n\n"
             f"Heads and feed-forward neurons of all 6 blocks, ranked jointly under one FLOPs budget (128 tokens, "
             f"attention included), removed physically. Calibration: {args.calib_samples} training sentences (max "

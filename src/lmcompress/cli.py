@@ -324,7 +324,7 @@ def cmd_methods(_args) -> None:
     for name in available_methods():
         method = get_method(name)
         doc = (sys.modules[type(method).__module__].__doc__ or "").strip().splitlines()[0]
-        print(f"{name}: {doc}")
+        print(f"{name}: {doc.removeprefix(f'`{name}`: ').removeprefix(f'`{name}` ')}")
         for field, info in method.config_class.model_fields.items():
             print(f"    {field} (default {info.default!r}): {info.description or ''}")
 
