@@ -14,6 +14,7 @@ from lmcompress.methods.base import LayerResult, Method, register_method, regist
 # name -> module that registers it on import
 _BUILTIN: dict[str, str] = {
     "drop_blocks": "lmcompress.methods.drop_blocks",
+    "fisher_svd": "lmcompress.methods.fisher_svd",
     "prune": "lmcompress.methods.prune",
     "quantize": "lmcompress.methods.quantize",
     "sparsify": "lmcompress.methods.sparsify",
