@@ -53,8 +53,8 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     folder, train_samples, epochs = TASKS[args.task]
-    args.out = args.out or str(ROOT / "docs" / "benchmarks" / f"prune_{args.task}"
-                                  + (f"_seed{args.seed}" if args.seed else ""))
+    suffix = f"_seed{args.seed}" if args.seed else ""
+    args.out = args.out or str(ROOT / "docs" / "benchmarks" / f"prune_{args.task}{suffix}")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     transformers.logging.set_verbosity_error()
     started = time.perf_counter()
