@@ -1,5 +1,5 @@
 """Removing whole blocks on SST-2: redundancy score against the last-blocks baseline, with and without a
-fitted linear bridge, beside head/neuron pruning at the same FLOPs, in one run.
+fitted linear bridge, beside head/neuron pruning at the same FLOPs and int8, in one run.
 
     python benchmarks/blocks_sst2.py          # -> docs/benchmarks/blocks_sst2.md (+ .json)
 
@@ -30,7 +30,8 @@ from lmcompress.tasks import compute_metrics, get_task, load_examples
 
 
 def points(counts: list[int]) -> dict[str, list[dict] | None]:
-    found: dict[str, list[dict] | None] = {"dense": None}
+    found: dict[str, list[dict] | None] = {
+        "dense": None, "int8 dynamic": [{"method": "quantize", "options": {"scheme": "dynamic"}}]}
     for count in counts:
         for score in ("redundancy", "last"):
             for replace in ("none", "linear"):
@@ -87,7 +88,8 @@ def main() -> None:
         f"({environment()}) in {minutes:.0f} minutes.\n\n`drop_blocks` removes `count` of the 6 blocks, chosen by "
         f"redundancy (mean cosine between a block's input and output on {args.calib_samples} calibration "
         f"sentences) or the last ones, deleted or bridged by a fitted linear map; `prune` removes heads and "
-        f"neurons to the same FLOPs for comparison. Accuracy on all 872 dev sentences; latency at batch 8, 128 "
+        f"neurons to the same FLOPs for comparison; int8 dynamic quantization of the dense model "
+        f"is the no-data baseline. Accuracy on all 872 dev sentences; latency at batch 8, 128 "
         f"tokens, median of 10, against dense in this run.\n\n{table}\n")
     out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2))
     print(table)
