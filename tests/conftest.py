@@ -113,3 +113,18 @@ def any_family_model(request, tokenizer):
               "llama": lambda: make_tiny_llama(tokenizer.vocab_size, tokenizer.pad_token_id),
               "distilbert": lambda: make_tiny_distilbert(tokenizer.vocab_size)}
     return makers[request.param]()
+
+
+def save_classifier(model, tokenizer, path: Path) -> Path:
+    """Save a tiny two-class (neg/pos) classifier and its tokenizer as a model directory the CLI can load."""
+    model.config.id2label, model.config.label2id = {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_sentiment_csv(path: Path, texts) -> Path:
+    """A text,label CSV alternating neg/pos labels over `texts`."""
+    rows = ["text,label"] + [f'"{s}",{"pos" if i % 2 else "neg"}' for i, s in enumerate(texts)]
+    path.write_text("\n".join(rows) + "\n")
+    return path

@@ -7,27 +7,19 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SENTENCES, make_tiny_bert
+from conftest import SENTENCES, make_tiny_bert, save_classifier, write_sentiment_csv
 
 from lmcompress.cli import main
 
 
 @pytest.fixture
 def model_dir(tmp_path, tokenizer):
-    model = make_tiny_bert(tokenizer.vocab_size)
-    model.config.id2label, model.config.label2id = {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
-    path = tmp_path / "tiny"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_classifier(make_tiny_bert(tokenizer.vocab_size), tokenizer, tmp_path / "tiny")
 
 
 @pytest.fixture
 def csv_file(tmp_path):
-    path = tmp_path / "data.csv"
-    rows = ["text,label"] + [f'"{s}",{"pos" if i % 2 else "neg"}' for i, s in enumerate(SENTENCES)]
-    path.write_text("\n".join(rows) + "\n")
-    return path
+    return write_sentiment_csv(tmp_path / "data.csv", SENTENCES)
 
 
 def data_args(csv_file):

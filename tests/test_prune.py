@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import SENTENCES, logits, make_tiny_bert
+from conftest import SENTENCES, logits, make_tiny_bert, save_classifier, write_sentiment_csv
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.pytorch_utils import Conv1D
 
@@ -424,20 +424,12 @@ def test_targets_must_cover_whole_groups(tokenizer, data):
 
 @pytest.fixture
 def model_dir(tmp_path, tokenizer):
-    model = make("llama", tokenizer)
-    model.config.id2label, model.config.label2id = {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
-    path = tmp_path / "tiny"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_classifier(make("llama", tokenizer), tokenizer, tmp_path / "tiny")
 
 
 @pytest.fixture
 def csv_file(tmp_path):
-    path = tmp_path / "data.csv"
-    rows = ["text,label"] + [f'"{s}",{"pos" if i % 2 else "neg"}' for i, s in enumerate(CALIB_TEXTS)]
-    path.write_text("\n".join(rows) + "\n")
-    return path
+    return write_sentiment_csv(tmp_path / "data.csv", CALIB_TEXTS)
 
 
 def cli(argv, model_dir, csv_file, out, capsys):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import SENTENCES, logits, make_tiny_bert
+from conftest import SENTENCES, logits, make_tiny_bert, save_classifier, write_sentiment_csv
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 import lmcompress
@@ -224,12 +224,8 @@ def test_unsupported_tokenizer_is_one_line(tmp_path):
 
 
 def test_cli(tokenizer, tmp_path, capsys):
-    model = make_tiny_bert(tokenizer.vocab_size)
-    model.config.id2label, model.config.label2id = {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
-    model.save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
-    data = tmp_path / "data.csv"
-    data.write_text("text,label\n" + "".join(f'"{s}",{"pos" if i % 2 else "neg"}\n' for i, s in enumerate(SENTENCES)))
+    save_classifier(make_tiny_bert(tokenizer.vocab_size), tokenizer, tmp_path / "tiny")
+    data = write_sentiment_csv(tmp_path / "data.csv", SENTENCES)
     dev = tmp_path / "dev.txt"
     dev.write_text("the film was xylophone\n")
     out = tmp_path / "small"

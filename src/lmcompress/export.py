@@ -22,12 +22,11 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from lmcompress.anatomy import blocks_of, family_of, head_layout
 from lmcompress.errors import LMCompressError
-from lmcompress.io import atomic_output_dir, compressed_modules
+from lmcompress.io import architecture_reference, atomic_output_dir, compressed_modules
 from lmcompress.layers import LinearBlock
 from lmcompress.linear import in_out_features
 
@@ -110,8 +109,7 @@ def _heads(model: nn.Module, config: Any, family, prefix: str, depth: int) -> No
 
 def _check_structure(model: nn.Module, config: Any) -> None:
     """The architecture built from `config` must have exactly the model's tensors and pruned attributes."""
-    with torch.device("meta"):
-        reference = type(model)(config)
+    reference = architecture_reference(model, config)
     mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
     for name, shape in mine.items():

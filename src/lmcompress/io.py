@@ -147,12 +147,18 @@ def write_model(model: nn.Module, directory: Path, tokenizer=None, recipe=None,
         tokenizer.save_pretrained(directory)
 
 
+def architecture_reference(model: nn.Module, config: Any = None) -> nn.Module:
+    """What the model's architecture builds from `config` (default: its own), on the meta device: every
+    shape and attribute, no memory."""
+    with torch.device("meta"):
+        return type(model)(config if config is not None else model.config)
+
+
 def structural_changes(model: nn.Module) -> dict[str, Any]:
     """What structured pruning changed that the config cannot say: dense layers whose shape (or bias)
     differs from what the architecture builds, and the attributes (head counts ...) set on modules.
     Empty when nothing changed, so unpruned models keep their manifest as before."""
-    with torch.device("meta"):
-        reference = dict(type(model)(model.config).named_modules())
+    reference = dict(architecture_reference(model).named_modules())
     resized = {}
     for name, module in model.named_modules():
         original = reference.get(name)

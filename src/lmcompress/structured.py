@@ -65,7 +65,7 @@ def check_prunable(model: nn.Module, unit: Unit) -> None:
             raise ValueError(f"{name} ({role}) is not a dense linear layer; prune before other methods")
 
 
-def _feature_index(pieces: Pieces, keep: list[int], role: str, model: nn.Module) -> torch.Tensor:
+def feature_index(pieces: Pieces, keep: list[int], role: str, model: nn.Module) -> torch.Tensor:
     """Indices (into a projection's sliced side) of the kept pieces' features."""
     if pieces.kind == "neurons":
         return torch.tensor(sorted(keep), dtype=torch.long)
@@ -89,7 +89,7 @@ def slice_unit(model: nn.Module, pieces: Pieces, keep: list[int],
         layer = model.get_submodule(name)
         weight = weight_out_in(layer).detach()
         bias = layer.bias.detach() if getattr(layer, "bias", None) is not None else None
-        index = _feature_index(pieces, keep, role, model).to(weight.device)
+        index = feature_index(pieces, keep, role, model).to(weight.device)
         if role in ROW_ROLES:
             new_weight, new_bias = weight[index], (bias[index] if bias is not None else None)
         elif out_weights is not None and name in out_weights:

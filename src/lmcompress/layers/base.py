@@ -37,6 +37,20 @@ class CompressedLayer(nn.Module):
     out_features: int
     dense_kind: str
     manifest_fields: ClassVar[tuple[str, ...]] = ()
+    # caches derived from the stored tensors (a packed kernel, a rebuilt dense weight) and their reset values:
+    # cleared when the layer moves device or dtype, and left out of copies and pickles
+    transient: ClassVar[dict[str, Any]] = {}
+
+    def reset_transient(self) -> None:
+        for attr, value in self.transient.items():
+            setattr(self, attr, value)
+
+    def _apply(self, fn, recurse: bool = True):
+        self.reset_transient()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), **self.transient}
 
     def manifest_entry(self) -> dict[str, Any]:
         entry = {"type": type(self).__name__, "dense_kind": self.dense_kind}

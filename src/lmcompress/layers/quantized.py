@@ -47,6 +47,9 @@ class QuantizedLinear(CompressedLayer):
 
     manifest_fields: ClassVar[tuple[str, ...]] = ("in_features", "out_features", "bits", "group_size", "symmetric",
                                                   "scheme", "has_bias", "nnz")
+    # fbgemm packed weight (built lazily from the codes, never saved; False if unavailable) and the tensor
+    # versions it was built from
+    transient: ClassVar[dict[str, Any]] = {"_kernel": None, "_kernel_version": ()}
 
     def __init__(self, in_features: int, out_features: int, bits: int = 8, group_size: int | None = None,
                  symmetric: bool = True, scheme: str = "weight_only", bias: bool = True, nnz: int | None = None,
@@ -74,8 +77,7 @@ class QuantizedLinear(CompressedLayer):
         self.register_buffer("mask", None if nnz is None else torch.zeros(packed_mask_size(in_features * out_features),
                                                                           dtype=torch.uint8))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self._kernel: Any = None          # fbgemm packed weight (built lazily, never saved), False if unavailable
-        self._kernel_version: tuple[int, ...] = ()
+        self.reset_transient()
         self.ran_packed_kernel = False   # the last forward ran below PyTorch's FLOP counter
 
     # --- construction -------------------------------------------------------------------------------
@@ -102,7 +104,7 @@ class QuantizedLinear(CompressedLayer):
     def store(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
               mask: torch.Tensor | None) -> None:
         """Pack full (out, in) int8 `codes` into this layer's storage."""
-        self._kernel, self._kernel_version = None, ()   # new tensors restart their version counters
+        self.reset_transient()   # new tensors restart their version counters
         if mask is not None:
             self.mask = pack_mask(mask.bool())
             codes = codes[mask.bool()]
@@ -178,16 +180,6 @@ class QuantizedLinear(CompressedLayer):
                 self._kernel = False
                 return None
         return self._kernel
-
-    def _apply(self, fn, recurse: bool = True):
-        self._kernel, self._kernel_version = None, ()   # device or dtype changes: rebuild from the codes
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
-        state["_kernel"], state["_kernel_version"] = None, ()   # packed kernel objects do not copy or pickle
-        return state
 
     def extra_repr(self) -> str:
         grid = f"int{self.bits}" + (f", group_size={self.group_size}" if self.group_size else ", per-row")

@@ -20,6 +20,7 @@ from lmcompress.layers.packing import pack_mask, packed_mask_size, unpack_mask
 @register_layer
 class SparseLinear(CompressedLayer):
     manifest_fields: ClassVar[tuple[str, ...]] = ("in_features", "out_features", "nnz", "has_bias")
+    transient: ClassVar[dict[str, Any]] = {"_cache": None}   # (tensor versions, dense weight)
 
     def __init__(self, in_features: int, out_features: int, nnz: int, bias: bool = True,
                  dense_kind: str = "Linear", dtype: torch.dtype | None = None) -> None:
@@ -29,7 +30,7 @@ class SparseLinear(CompressedLayer):
         self.register_buffer("mask", torch.zeros(packed_mask_size(in_features * out_features), dtype=torch.uint8))
         self.values = nn.Parameter(torch.zeros(nnz, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
-        self._cache: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self.reset_transient()
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None,
@@ -69,15 +70,6 @@ class SparseLinear(CompressedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self._weight(), self.bias)
-
-    def _apply(self, fn, recurse: bool = True):
-        self._cache = None
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(super().__getstate__())
-        state["_cache"] = None
-        return state
 
     def flops_per_token(self) -> int:
         return self.dense_flops_per_token()   # dense kernels: zeros are multiplied like any other weight

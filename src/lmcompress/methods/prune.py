@@ -40,7 +40,15 @@ from lmcompress.layers import CompressedLayer
 from lmcompress.linear import in_out_features, is_dense_linear, weight_out_in
 from lmcompress.methods.base import LayerResult, Method, MethodConfig, ModelResult, StageContext, register_method
 from lmcompress.progress import track
-from lmcompress.structured import Pieces, bias_shift, check_prunable, lstsq_refit, pieces_of, slice_unit
+from lmcompress.structured import (
+    Pieces,
+    bias_shift,
+    check_prunable,
+    feature_index,
+    lstsq_refit,
+    pieces_of,
+    slice_unit,
+)
 from lmcompress.units import Unit, group_units
 
 log = logging.getLogger("lmcompress")
@@ -216,9 +224,7 @@ class Prune(Method):
             stats = calibrator.collect({out_name: layer}, {"gram", "summary"})[out_name]
             weight = weight_out_in(layer).detach().to(torch.float64)
             bias = layer.bias.detach() if getattr(layer, "bias", None) is not None else None
-            from lmcompress.structured import _feature_index
-
-            index = _feature_index(pieces, keep, role, model).to(weight.device)
+            index = feature_index(pieces, keep, role, model).to(weight.device)
             drop = torch.tensor(sorted(set(range(weight.shape[1])) - set(index.tolist())), dtype=torch.long,
                                 device=weight.device)
             gram = stats.gram.to(torch.float64) / max(stats.count, 1)
@@ -320,12 +326,10 @@ def _magnitude(model: nn.Module, pieces: Pieces) -> torch.Tensor:
     out_role = "o" if pieces.kind == "heads" else "out"
     reads = torch.zeros(pieces.count, dtype=torch.float64)
     writes = torch.zeros(pieces.count, dtype=torch.float64)
-    from lmcompress.structured import _feature_index
-
     for i in range(pieces.count):
         for role, name in unit.layers.items():
             weight = weight_out_in(model.get_submodule(name)).detach().to(torch.float64)
-            index = _feature_index(pieces, [i], role, model).to(weight.device)
+            index = feature_index(pieces, [i], role, model).to(weight.device)
             if role == out_role:
                 writes[i] += weight[:, index].pow(2).sum()
             else:
