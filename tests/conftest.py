@@ -128,3 +128,23 @@ def write_sentiment_csv(path: Path, texts) -> Path:
     rows = ["text,label"] + [f'"{s}",{"pos" if i % 2 else "neg"}' for i, s in enumerate(texts)]
     path.write_text("\n".join(rows) + "\n")
     return path
+
+
+def largest_tensor_during(fn, *args) -> int:
+    """Elements in the largest tensor any operator produces while `fn(*args)` runs (inputs excluded): checks
+    that a structured layer never rebuilds its dense (out x in) matrix in `forward`."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    largest = [0]
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            largest[0] = max([largest[0], *sizes])
+            return out
+
+    with torch.no_grad(), Watch():
+        fn(*args)
+    return largest[0]

@@ -29,6 +29,7 @@ def _add_task_args(parser: argparse.ArgumentParser, data_help: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from lmcompress import __version__
+    from lmcompress.configs import shipped_names
 
     parser = argparse.ArgumentParser(prog="lmcompress", description="Fine-tune, then compress, transformer models "
                                      "using what each layer sees on the task's own data.")
@@ -78,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the pruned model as a plain Hugging Face model (new sizes in its config) that "
                         "from_pretrained loads without lmcompress; refused, before anything is written, where the "
                         "config cannot express it")
+    p.add_argument("--no-timing", action="store_true",
+                   help="skip timing each compressed layer against the dense layer it replaces")
     p.add_argument("--overwrite", action="store_true", help="replace non-empty output directories")
 
     p = sub.add_parser("evaluate", help="task metric, parameters, FLOPs, latency and size of a model")
@@ -97,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
 
     sub.add_parser("methods", help="list compression methods and their options")
+
+    p = sub.add_parser("anatomy", help="where a model's parameters and FLOPs live, by part and block, from its "
+                       "config alone (built on the meta device: nothing loaded or downloaded)")
+    p.add_argument("model", metavar="MODEL", help="model directory (reads its config.json), config JSON file, or "
+                   f"a shipped config: {', '.join(shipped_names())}")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence for FLOPs (default 128)")
+    p.add_argument("--json", help="write the breakdown as JSON to this file")
     for command in sub.choices.values():  # -q after the subcommand too; SUPPRESS keeps one given before it
         command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                              help="no progress bars or per-layer log lines")
@@ -135,6 +145,7 @@ def _task_and_examples(args, split: str, model=None, max_samples: int | None = N
 # Numeric options that crash deep inside a run when below their minimum; checked before any work starts.
 # (Options read into a config model, such as finetune's or --calib-samples, are checked by that model.)
 _AT_LEAST: dict[str, dict[str, int]] = {
+    "anatomy": {"seq_len": 1},
     "evaluate": {"max_samples": 1, "batch_size": 1, "max_length": 1, "seq_len": 1, "latency_batch_size": 1,
                  "repeats": 1},
 }
@@ -277,7 +288,7 @@ def cmd_compress(args) -> None:
         _task_and_examples(args, "train", model, labels=False)  # still catch a wrong path or column now
         log.warning("calibration data is not used: %s sizes and compresses from the weights alone",
                     ", ".join(dict.fromkeys(stage.method for stage in recipe.stages)))
-    summary = compress(model, recipe, tokenizer, calibration, progress=not args.quiet)
+    summary = compress(model, recipe, tokenizer, calibration, progress=not args.quiet, timing=not args.no_timing)
     tokenizer = summary.tokenizer or tokenizer  # vocabulary pruning replaces it
     if args.export_hf:
         check_exportable(model)  # before anything is written
@@ -329,6 +340,15 @@ def cmd_methods(_args) -> None:
             print(f"    {field} (default {info.default!r}): {info.description or ''}")
 
 
+def cmd_anatomy(args) -> None:
+    from lmcompress.breakdown import anatomy, describe
+
+    result = anatomy(args.model, args.seq_len)
+    print(describe(result))
+    if args.json:
+        write_json(args.json, result.to_dict())
+
+
 def write_json(path: str | os.PathLike, data: dict) -> None:
     """Write JSON via a temporary file and rename, so a crash never leaves half a file."""
     path = Path(path)
@@ -339,7 +359,7 @@ def write_json(path: str | os.PathLike, data: dict) -> None:
 
 
 COMMANDS = {"finetune": cmd_finetune, "compress": cmd_compress, "evaluate": cmd_evaluate, "demo": cmd_demo,
-            "methods": cmd_methods}
+            "methods": cmd_methods, "anatomy": cmd_anatomy}
 
 
 class Terminated(KeyboardInterrupt):

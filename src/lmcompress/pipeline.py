@@ -36,6 +36,7 @@ from lmcompress.linear import in_out_features, set_submodule
 from lmcompress.methods import get_method
 from lmcompress.methods.base import LayerResult, Method, MethodConfig, StageContext
 from lmcompress.recipe import Calibration, Recipe, Stage
+from lmcompress.speed import SEQ_LEN, LayerSpeed, time_layers
 from lmcompress.stats import LABELLED_NEEDS, LayerStats, estimate_bytes
 from lmcompress.units import Unit, substep_of, units_for
 
@@ -72,6 +73,7 @@ class CompressionSummary:
     layers: list[LayerRecord]
     stages: list[StageRecord] = field(default_factory=list)
     tokenizer: Any = None    # a stage replaced the tokenizer (vocabulary pruning): save this one with the model
+    speed: list[LayerSpeed] = field(default_factory=list)   # measured against dense (see lmcompress.speed)
 
     @property
     def params_before(self) -> int:
@@ -90,13 +92,20 @@ class CompressionSummary:
 
     def describe(self) -> str:
         if len(self.stages) <= 1:
-            return _describe(self.layers)
-        return "; ".join(f"stage {s.index} ({s.method}): {_describe(self.stage_layers(s.index))}"
-                         for s in self.stages)
+            text = _describe(self.layers)
+        else:
+            text = "; ".join(f"stage {s.index} ({s.method}): {_describe(self.stage_layers(s.index))}"
+                             for s in self.stages)
+        if self.speed:
+            verdicts = [s.verdict for s in self.speed]
+            text += (f"; timed against dense: {verdicts.count('faster')} faster, {verdicts.count('as fast')} "
+                     f"about as fast, {verdicts.count('slower')} slower")
+        return text
 
     def to_dict(self) -> dict:
         return {"params_before": self.params_before, "params_after": self.params_after,
-                "stages": [asdict(s) for s in self.stages], "layers": [asdict(r) for r in self.layers]}
+                "stages": [asdict(s) for s in self.stages], "layers": [asdict(r) for r in self.layers],
+                "speed": [{**asdict(s), "verdict": s.verdict} for s in self.speed]}
 
 
 def _describe(layers: list[LayerRecord]) -> str:
@@ -151,12 +160,13 @@ def recipe_uses_data(recipe: Recipe) -> bool:
 
 
 def compress(model: nn.Module, recipe: Recipe, tokenizer=None, calibration_data=None,
-             progress: bool = True) -> CompressionSummary:
+             progress: bool = True, timing: bool = True) -> CompressionSummary:
     """Apply `recipe` to `model` in place and return what happened to each layer, stage by stage.
 
     `calibration_data` (task `Examples`) is required by methods that need statistics and by the
     sensitivity allocator. A stage that replaces the tokenizer (vocabulary pruning) leaves the new one in
-    `summary.tokenizer`; save that one with the model.
+    `summary.tokenizer`; save that one with the model. With `timing`, every compressed layer is then timed
+    against the dense layer it replaced (`summary.speed`), and layers that turned out slower are flagged.
     """
     recipe.check_methods()
     summary = CompressionSummary([])
@@ -164,8 +174,32 @@ def compress(model: nn.Module, recipe: Recipe, tokenizer=None, calibration_data=
     for index, stage in enumerate(recipe.stages):
         _StageRun(model, stage, index, recipe.calibration, summary.tokenizer or tokenizer, calibration_data,
                   progress, summary).run()
+    if timing:
+        _record_speed(model, summary, progress)
     log.info("%s", summary.describe())
     return summary
+
+
+def _record_speed(model: nn.Module, summary: CompressionSummary, progress: bool) -> None:
+    """Time the compressed layers, put the numbers on their records and warn once about slower ones."""
+    summary.speed = time_layers(model, progress=progress)
+    by_name = {s.name: s for s in summary.speed}
+    for record in summary.layers:
+        speed = by_name.get(record.name)
+        if speed is None or not record.replaced:
+            continue
+        record.metrics.update(speedup_b1=round(speed.speedup_b1, 3), speedup_b8=round(speed.speedup_b8, 3))
+        if speed.verdict == "slower":
+            note = f"slower than dense when timed ({speed.speedup_b1:.2f}x b1, {speed.speedup_b8:.2f}x b8)"
+            record.note = f"{record.note}; {note}" if record.note else note
+    slower = [s for s in summary.speed if s.verdict == "slower"]
+    if slower:
+        kinds = ", ".join(sorted({s.kind for s in slower}))
+        worst = min(slower, key=lambda s: min(s.speedup_b1, s.speedup_b8))
+        log.warning("%d of %d compressed layers (%s) are slower than the dense layers they replace when timed at "
+                    "batch 1 and 8 x %d tokens (worst: %s at %.2fx); a smaller size, a FLOPs budget or another "
+                    "method would be faster", len(slower), len(summary.speed), kinds, SEQ_LEN, worst.name,
+                    min(worst.speedup_b1, worst.speedup_b8))
 
 
 class _StageRun:
