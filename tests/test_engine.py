@@ -196,6 +196,15 @@ def test_solver_meets_the_budget_and_never_does_worse_than_uniform():
         assert total <= sum(losses[u][i] for u, i in enumerate(uniform)) + 1e-12
 
 
+def test_solver_never_spends_budget_on_a_worse_size():
+    """A size dearer than dense in the budget's metric and worse in loss (a Kronecker sum under a FLOPs budget)
+    is never taken over leaving the unit dense, even when budget is left over."""
+    costs = [[10, 30, 20], [10, 20]]          # unit 0: small, oversized (dearer than dense), dense
+    losses = [[1.0, 0.5, 0.0], [1.0, 0.0]]
+    assert solve_budget(costs, losses, 60) == [2, 1]
+    assert solve_budget([[10, 30, 20]], [[1.0, 0.5, 0.0]], 25) == [2]
+
+
 def test_solver_refuses_an_impossible_budget():
     with pytest.raises(RecipeError, match="budget too small"):
         solve_budget([[10, 20], [10, 20]], [[1.0, 0.0], [1.0, 0.0]], 15)

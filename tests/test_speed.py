@@ -49,7 +49,7 @@ def test_factors_of_a_chained_layer_are_timed_as_part_of_it(tiny_bert, tokenizer
 
 
 def test_layers_timed_slower_are_flagged_with_one_warning(tiny_bert, tokenizer, monkeypatch, caplog):
-    monkeypatch.setattr(speed_module, "milliseconds", lambda module, x, repeats: 1.0 if
+    monkeypatch.setattr(speed_module, "milliseconds", lambda module, x, repeats, **_: 1.0 if
                         type(module).__name__ == "Linear" else 4.0)
     with caplog.at_level(logging.WARNING, logger="lmcompress"):
         summary = compress(tiny_bert, Recipe.single("svd", keep=0.3), tokenizer, progress=False)
@@ -63,7 +63,7 @@ def test_one_timing_per_distinct_configuration(tiny_bert, tokenizer, monkeypatch
     calls = []
     real = speed_module.milliseconds
     monkeypatch.setattr(speed_module, "milliseconds",
-                        lambda module, x, repeats: calls.append(type(module).__name__) or real(module, x, 1))
+                        lambda module, x, repeats, **_: calls.append(type(module).__name__) or real(module, x, 1))
     summary = compress(tiny_bert, Recipe.single("svd", keep=0.3), tokenizer, progress=False)
     configurations = {json.dumps(tiny_bert.get_submodule(s.name).manifest_entry(), sort_keys=True)
                       for s in summary.speed}

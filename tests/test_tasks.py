@@ -44,7 +44,7 @@ def tsv(*rows: str) -> str:
 
 def test_registry_contents() -> None:
     assert TASK_NAMES == ("sst2", "cola", "stsb", "mrpc", "rte", "qnli", "text-classification",
-                          "embedded-sentiment")
+                          "embedded-sentiment", "language-modeling")
     assert DEFAULT_TASK == "embedded-sentiment"
     for name in TASK_NAMES:
         spec = get_task(name, text_column="t", label_column="l") if name == "text-classification" else get_task(name)

@@ -232,7 +232,7 @@ def solve_budget(costs: Sequence[Sequence[int]], losses: Sequence[Sequence[float
         choice[u] = b
         push(u)
     while True:  # spend what is left on the cheapest next sizes, best loss drop per cost first
-        best, best_gain = None, -1.0
+        best, best_gain = None, 0.0   # only moves that lower the predicted loss
         for u, c in enumerate(costs):
             nxt = [i for i in range(len(c)) if c[i] > c[choice[u]] and used + c[i] - c[choice[u]] <= budget]
             if not nxt:

@@ -19,8 +19,9 @@ log = logging.getLogger("lmcompress")
 
 
 def _add_task_args(parser: argparse.ArgumentParser, data_help: str) -> None:
-    parser.add_argument("--task", help="sst2, cola, stsb, mrpc, rte, qnli, text-classification or "
-                        "embedded-sentiment (default: the task the model was fine-tuned on, else embedded-sentiment)")
+    parser.add_argument("--task", help="sst2, cola, stsb, mrpc, rte, qnli, text-classification, embedded-sentiment "
+                        "or language-modeling (lm: a plain text file or a wiki.{valid,test}.raw folder; "
+                        "docs/perplexity.md) (default: the task the model was fine-tuned on, else embedded-sentiment)")
     parser.add_argument("--data", help=data_help)
     parser.add_argument("--text-column", help="text column (text-classification; or to rename GLUE columns)")
     parser.add_argument("--text-pair-column", help="second text column for sentence-pair tasks")
@@ -93,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=128, help="sequence length for FLOPs and latency")
     p.add_argument("--latency-batch-size", type=int, default=1)
     p.add_argument("--repeats", type=int, default=20, help="timed forward passes (median is reported)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="language-modeling: tokens between window starts, at most --max-length (default: half of it)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="language-modeling: score only the text's first N tokens (masked LMs: default 1024)")
+    p.add_argument("--lm-eval", metavar="TASKS",
+                   help="run these lm-evaluation-harness tasks (comma-separated) on the causal LM instead; needs "
+                        "lm-eval installed and its data cached locally (runs offline)")
 
     p = sub.add_parser("demo", help="fine-tune the bundled model on the embedded task, compress, compare")
     p.add_argument("--out", default="lmcompress-demo", help="output directory (default: lmcompress-demo)")
@@ -147,7 +155,7 @@ def _task_and_examples(args, split: str, model=None, max_samples: int | None = N
 _AT_LEAST: dict[str, dict[str, int]] = {
     "anatomy": {"seq_len": 1},
     "evaluate": {"max_samples": 1, "batch_size": 1, "max_length": 1, "seq_len": 1, "latency_batch_size": 1,
-                 "repeats": 1},
+                 "repeats": 1, "stride": 1, "max_tokens": 1},
 }
 
 
@@ -161,9 +169,19 @@ def check_args(args) -> None:
             raise LMCompressError(f"--{dest.replace('_', '-')} must be at least {low} (got {value})")
 
 
+def _language_modeling(args) -> bool:
+    """Whether --task names the language-modeling task (its model loads with its language-modelling head)."""
+    from lmcompress.tasks.spec import canonical_task_name
+
+    return bool(args.task) and canonical_task_name(args.task) == "language-modeling"
+
+
 def cmd_finetune(args) -> None:
+    from lmcompress.errors import LMCompressError
     from lmcompress.training import FinetuneConfig, finetune
 
+    if _language_modeling(args):
+        raise LMCompressError("finetune trains classifiers; the language-modeling task has no labels to train on")
     config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
                             max_train_samples=args.max_train_samples, seed=args.seed)
     task, train = _task_and_examples(args, "train")
@@ -276,7 +294,8 @@ def cmd_compress(args) -> None:
     for extra_out in (args.dense_out, args.export_hf):
         if extra_out:
             check_output_dir(extra_out, args.overwrite)
-    model, tokenizer = load_model(args.model)
+    language_modeling = _language_modeling(args)
+    model, tokenizer = load_model(args.model, language_model=language_modeling)
     calibration = None
     if recipe_uses_data(recipe):
         _check_content_data(args, recipe)
@@ -284,6 +303,10 @@ def cmd_compress(args) -> None:
         # labels are read (and matched to the model's classes) only if a method uses them
         labels = bool(recipe_needs(recipe) & LABELLED_NEEDS)
         _, calibration = _task_and_examples(args, "train", model, labels=labels)
+        if language_modeling:  # running text, in windows of the calibration length, not one line per example
+            from lmcompress.tasks.text import token_chunks
+
+            calibration = token_chunks(tokenizer, calibration, recipe.calibration.max_length)
     elif args.data or args.task or args.text_column or args.label_column:
         _task_and_examples(args, "train", model, labels=False)  # still catch a wrong path or column now
         log.warning("calibration data is not used: %s sizes and compresses from the weights alone",
@@ -305,15 +328,24 @@ def cmd_evaluate(args) -> None:
     from lmcompress.evaluation import evaluate
     from lmcompress.models import check_sequence_length, load_model
 
-    model, tokenizer = load_model(args.model)
+    if args.lm_eval:
+        _evaluate_harness(args)
+        return
+    language_modeling = _language_modeling(args)
+    if language_modeling and args.stride is not None:  # before the (slow) model load
+        from lmcompress.evaluation.perplexity import check_window_args
+
+        check_window_args(args.max_length, args.stride)
+    model, tokenizer = load_model(args.model, language_model=language_modeling)
     check_sequence_length(model, args.seq_len, "--seq-len")
     check_sequence_length(model, args.max_length, "--max-length")
-    task, dev = _task_and_examples(args, "dev", model, max_samples=args.max_samples)
+    task, dev = _task_and_examples(args, "dev", model, max_samples=args.max_samples, labels=not language_modeling)
     result = evaluate(model, tokenizer, task, dev, batch_size=args.batch_size, max_length=args.max_length,
                       flops_seq_len=args.seq_len, latency_batch_size=args.latency_batch_size,
-                      latency_seq_len=args.seq_len, latency_repeats=args.repeats, progress=not args.quiet)
+                      latency_seq_len=args.seq_len, latency_repeats=args.repeats, progress=not args.quiet,
+                      stride=args.stride, max_tokens=args.max_tokens)
     params = ", ".join(f"{k} {v:,}" for k, v in result.params.items())
-    print(f"{task.name} {result.metric['name']}: {result.metric['value']:.4f} on {result.examples} examples\n"
+    print(f"{_metric_line(task.name, result)}\n"
           f"parameters: {params}\n"
           f"FLOPs/example @ {args.seq_len} tokens: {result.flops / 1e9:.3f} G\n"
           f"latency (batch {args.latency_batch_size}, {args.seq_len} tokens, median of {args.repeats}): "
@@ -321,6 +353,40 @@ def cmd_evaluate(args) -> None:
           f"size: {result.size_bytes / 1e6:.2f} MB")
     if args.json:
         write_json(args.json, result.to_dict())
+
+
+def _metric_line(task: str, result) -> str:
+    lm = result.language_modeling
+    if lm is None:
+        return f"{task} {result.metric['name']}: {result.metric['value']:.4f} on {result.examples} examples"
+    if lm["method"] == "pseudo_perplexity":
+        how = f"masked LM, chunks of {lm['max_length']} tokens; not comparable with a causal LM's perplexity"
+    else:
+        how = f"windows of {lm['max_length']} tokens, stride {lm['stride']}"
+    return (f"{task} {lm['method']}: {lm['perplexity']:.4f} (lower is better) on {lm['tokens']:,} tokens scored of "
+            f"{lm['text_tokens']:,} read from {result.examples:,} documents ({how})")
+
+
+def _evaluate_harness(args) -> None:
+    """--lm-eval: the harness's tasks on the causal LM, checked for the harness before the model loads."""
+    from lmcompress.errors import LMCompressError
+    from lmcompress.evaluation.harness import import_harness, run_harness
+    from lmcompress.models import load_model, model_language_kind
+
+    import_harness()
+    if args.data or args.task:
+        raise LMCompressError("--lm-eval runs the harness's own tasks on their own data; drop --task and --data")
+    tasks = [name.strip() for name in args.lm_eval.split(",") if name.strip()]
+    if not tasks:
+        raise LMCompressError("--lm-eval needs at least one task name")
+    model, tokenizer = load_model(args.model, language_model=True)
+    if model_language_kind(model) != "causal":
+        raise LMCompressError(f"--lm-eval needs a causal LM; {args.model} is a {type(model).__name__}")
+    results = run_harness(model, tokenizer, tasks, batch_size=args.batch_size, limit=args.max_samples)
+    for task, metrics in results.items():
+        print(f"{task}: " + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
+    if args.json:
+        write_json(args.json, {"lm_eval": results, "tasks": tasks})
 
 
 def cmd_demo(args) -> None:

@@ -63,19 +63,24 @@ def load_tokenizer(location: str, local: bool = True):
 
 
 def load_model(spec: str | os.PathLike | None, num_labels: int | None = None,
-               label_names: tuple[str, ...] | None = None, is_regression: bool = False
-               ) -> tuple[nn.Module, object]:
-    """A sequence classifier (or regressor) and its tokenizer.
+               label_names: tuple[str, ...] | None = None, is_regression: bool = False, *,
+               language_model: bool = False) -> tuple[nn.Module, object]:
+    """A sequence classifier (or regressor) and its tokenizer; with `language_model`, the checkpoint's own
+    language model instead (causal or masked, from the config's `architectures`).
 
     A directory saved by lmcompress is rebuilt with its compressed layers. A checkpoint that already is a
     sequence classifier loads as it is unless the task (`num_labels`, or 1 output for regression) needs a head
-    of another size; that head, and the head of a bare encoder (such as the bundled MiniLM), is new.
+    of another size; that head, and the head of a bare encoder (such as the bundled MiniLM), is new. A language
+    model keeps its trained head: one without it would score text with random weights, so that is refused.
     """
     from lmcompress import io
 
     location, local = resolve_model(spec)
     if local and io.read_manifest(location) is not None:
-        return io.load(location), load_tokenizer(location)
+        model = io.load(location)
+        if language_model and model_language_kind(model) is None:
+            raise ModelLoadError(f"{location} holds a {type(model).__name__}, not a language model")
+        return model, load_tokenizer(location)
     try:
         config = transformers.AutoConfig.from_pretrained(location, local_files_only=local)
     except (OSError, ValueError) as err:
@@ -83,25 +88,66 @@ def load_model(spec: str | os.PathLike | None, num_labels: int | None = None,
             raise ModelLoadError(f"could not load {location}: {first_line(err)}") from None
         raise ModelLoadError(f"model {location!r} is not a local directory and could not be fetched from the "
                              f"Hugging Face hub (offline or unknown id?): {first_line(err)}") from None
-    is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
-    kwargs = {}
-    if num_labels is not None or is_regression:
-        kwargs = _head_kwargs(num_labels, label_names, is_regression)
-        if is_classifier and kwargs["num_labels"] == config.num_labels:
-            kwargs = {"problem_type": kwargs["problem_type"]}  # the head has the task's size: fine-tune it
-        elif is_classifier:
-            log.warning("replacing the %d-output head of %s with a new %d-output head for the task",
-                        config.num_labels, location, kwargs["num_labels"])
-            kwargs["ignore_mismatched_sizes"] = True
+    if language_model:
+        auto_class, kwargs = _language_model_class(config, location), {}
+    else:
+        auto_class, kwargs = transformers.AutoModelForSequenceClassification, _classifier_kwargs(
+            config, location, num_labels, label_names, is_regression)
     try:
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(
-            location, local_files_only=local, use_safetensors=True, **kwargs)
+        model = auto_class.from_pretrained(location, local_files_only=local, use_safetensors=True, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
         raise ModelLoadError(f"could not load model from {location}: {first_line(err)}") from None
     tokenizer = load_tokenizer(location, local)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
+
+
+def _classifier_kwargs(config, location: str, num_labels: int | None, label_names: tuple[str, ...] | None,
+                       is_regression: bool) -> dict:
+    """from_pretrained arguments for the task's head: kept when it already has the task's size, else new."""
+    is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    if num_labels is None and not is_regression:
+        return {}
+    kwargs = _head_kwargs(num_labels, label_names, is_regression)
+    if is_classifier and kwargs["num_labels"] == config.num_labels:
+        return {"problem_type": kwargs["problem_type"]}  # the head has the task's size: fine-tune it
+    if is_classifier:
+        log.warning("replacing the %d-output head of %s with a new %d-output head for the task",
+                    config.num_labels, location, kwargs["num_labels"])
+        kwargs["ignore_mismatched_sizes"] = True
+    return kwargs
+
+
+# Class-name endings of Hugging Face models with a trained language-modelling head.
+_CAUSAL_LM_ENDINGS: tuple[str, ...] = ("ForCausalLM", "LMHeadModel", "WithLMHead")
+_MASKED_LM_ENDINGS: tuple[str, ...] = ("ForMaskedLM",)
+
+
+def language_model_kind(architectures: list[str] | tuple[str, ...] | None) -> str | None:
+    """'causal' or 'masked' when one of these class names has a language-modelling head, else None."""
+    for name in architectures or ():
+        if name.endswith(_CAUSAL_LM_ENDINGS):
+            return "causal"
+        if name.endswith(_MASKED_LM_ENDINGS):
+            return "masked"
+    return None
+
+
+def model_language_kind(model: nn.Module) -> str | None:
+    """`language_model_kind` of a loaded model: its class first, then the architectures it was saved as."""
+    config = getattr(model, "config", None)
+    return (language_model_kind([type(model).__name__])
+            or language_model_kind(getattr(config, "architectures", None)))
+
+
+def _language_model_class(config, location: str):
+    kind = language_model_kind(config.architectures)
+    if kind is None:
+        raise ModelLoadError(f"{location} is not a language model (architectures: "
+                             f"{', '.join(config.architectures or []) or 'none'}); language modeling needs a causal "
+                             "LM (...ForCausalLM, ...LMHeadModel) or a masked LM (...ForMaskedLM)")
+    return transformers.AutoModelForCausalLM if kind == "causal" else transformers.AutoModelForMaskedLM
 
 
 def _head_kwargs(num_labels: int | None, label_names: tuple[str, ...] | None,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lmcompress.layers.base import CompressedLayer
+from lmcompress.layers.quantized import QuantizedEmbedding
 
 SEQ_LEN = 128
 BATCHES = (1, 8)
@@ -46,7 +47,7 @@ def outermost_compressed(model: nn.Module) -> dict[str, CompressedLayer]:
     part of it), embeddings excluded (a lookup has no dense GEMM to compare against)."""
     found: dict[str, CompressedLayer] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, CompressedLayer) or isinstance(module, nn.Embedding):
+        if not isinstance(module, CompressedLayer) or isinstance(module, (nn.Embedding, QuantizedEmbedding)):
             continue
         if not hasattr(module, "in_features") or any(name.startswith(outer + ".") for outer in found):
             continue
@@ -54,12 +55,14 @@ def outermost_compressed(model: nn.Module) -> dict[str, CompressedLayer]:
     return found
 
 
-def milliseconds(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
+def milliseconds(module: nn.Module, x: torch.Tensor, repeats: int, max_seconds: float = 1.0) -> float:
+    """Median wall-clock time of `module(x)` over `repeats` calls (fewer, but at least 3, when a slow layer
+    would take longer than `max_seconds`: its verdict is not in doubt)."""
     sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-    times = []
+    times: list[float] = []
     with torch.inference_mode():
         module(x)   # warm-up: builds packed kernels and caches
-        for _ in range(repeats):
+        while len(times) < repeats and (len(times) < 3 or sum(times) < max_seconds):
             sync()
             start = time.perf_counter()
             module(x)

@@ -29,9 +29,13 @@ class EvalResult:
     latency_ms: float       # median
     latency: dict[str, float]
     size_bytes: int
+    language_modeling: dict | None = None  # LMScore.to_dict() for the language-modeling task
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if data["language_modeling"] is None:  # classification records keep their shape
+            del data["language_modeling"]
+        return data
 
 
 def predict(model: nn.Module, tokenizer, examples: Examples, batch_size: int = 64, max_length: int = 128,
@@ -74,12 +78,25 @@ def check_labels(model: nn.Module, examples: Examples) -> None:
 
 def evaluate(model: nn.Module, tokenizer, task: TaskSpec, examples: Examples, *, batch_size: int = 64,
              max_length: int = 128, flops_seq_len: int = 128, latency_batch_size: int = 1,
-             latency_seq_len: int = 128, latency_repeats: int = 20, progress: bool = True) -> EvalResult:
-    check_labels(model, examples)
-    predictions = predict(model, tokenizer, examples, batch_size, max_length, progress)
-    metrics = compute_metrics(task, predictions, np.asarray(examples.labels))
+             latency_seq_len: int = 128, latency_repeats: int = 20, progress: bool = True,
+             stride: int | None = None, max_tokens: int | None = None) -> EvalResult:
+    """The task metric plus efficiency. For language modeling the metric is the perplexity (lower is better)
+    of the documents joined by newlines, in windows of `max_length` tokens every `stride` (default half),
+    or a masked LM's pseudo-perplexity; `max_tokens` scores only the text's first tokens."""
+    if task.kind == "language-modeling":
+        from lmcompress.evaluation.perplexity import score_text
+
+        score = score_text(model, tokenizer, "\n".join(examples.texts), max_length=max_length, stride=stride,
+                           batch_size=batch_size, max_tokens=max_tokens, progress=progress)
+        metric = {"name": score.method, "value": score.perplexity, "lower_is_better": True}
+        metrics, extra = {score.method: score.perplexity, "nll": score.nll}, score.to_dict()
+    else:
+        check_labels(model, examples)
+        predictions = predict(model, tokenizer, examples, batch_size, max_length, progress)
+        metrics = compute_metrics(task, predictions, np.asarray(examples.labels))
+        metric, extra = {"name": task.metric, "value": metrics[task.metric]}, None
     latency = measure_latency(model, latency_batch_size, latency_seq_len, repeats=latency_repeats)
-    return EvalResult(task=task.name, metric={"name": task.metric, "value": metrics[task.metric]},
-                      metrics=metrics, examples=len(examples), params=parameter_counts(model),
-                      flops=count_flops(model, flops_seq_len), flops_seq_len=flops_seq_len,
-                      latency_ms=latency["median_ms"], latency=latency, size_bytes=serialized_size(model))
+    return EvalResult(task=task.name, metric=metric, metrics=metrics, examples=len(examples),
+                      params=parameter_counts(model), flops=count_flops(model, flops_seq_len),
+                      flops_seq_len=flops_seq_len, latency_ms=latency["median_ms"], latency=latency,
+                      size_bytes=serialized_size(model), language_modeling=extra)

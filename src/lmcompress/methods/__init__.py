@@ -15,12 +15,16 @@ from lmcompress.methods.base import LayerResult, Method, register_method, regist
 _BUILTIN: dict[str, str] = {
     "drop_blocks": "lmcompress.methods.drop_blocks",
     "fisher_svd": "lmcompress.methods.fisher_svd",
+    "kronecker": "lmcompress.methods.kronecker",
     "prune": "lmcompress.methods.prune",
     "quantize": "lmcompress.methods.quantize",
     "sparsify": "lmcompress.methods.sparsify",
     "svd": "lmcompress.methods.svd",
+    "tensor_train": "lmcompress.methods.tensor_train",
     "vocab": "lmcompress.methods.vocab",
+    "whitened_kronecker": "lmcompress.methods.whitened_kronecker",
     "whitened_svd": "lmcompress.methods.whitened_svd",
+    "whitened_tensor_train": "lmcompress.methods.whitened_tensor_train",
 }
 
 

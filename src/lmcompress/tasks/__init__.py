@@ -1,8 +1,8 @@
 """Tasks: what data a model is evaluated and calibrated on, how it is read, and how predictions are scored.
 
 Supported: GLUE SST-2, CoLA, STS-B, MRPC, RTE, QNLI (their TSVs as shipped, CSV/JSONL exports, saved or hub
-`datasets`), generic text classification with user-named columns, and a generated default task that needs
-no data at all.
+`datasets`), generic text classification with user-named columns, a generated default task that needs
+no data at all, and language modeling on plain text (perplexity; `tasks/text.py`).
 """
 
 from lmcompress.tasks.embedded import generate_sentiment

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lmcompress.errors import DataError
 
-METRICS: tuple[str, ...] = ("accuracy", "f1", "matthews", "pearson", "spearman")
+METRICS: tuple[str, ...] = ("accuracy", "f1", "matthews", "pearson", "spearman", "perplexity")
 DEFAULT_TASK = "embedded-sentiment"
 SPLITS: tuple[str, ...] = ("train", "dev")
 
@@ -34,6 +34,7 @@ class TaskSpec:
     metric: str
     metrics: tuple[str, ...]
     description: str
+    kind: str = "classification"  # or "language-modeling": plain text, scored by (pseudo-)perplexity
 
 
 @dataclass
@@ -121,6 +122,10 @@ _REGISTRY: dict[str, TaskSpec] = {
         TaskSpec(name=DEFAULT_TASK, text_column="text", text_pair_column=None, label_column="label",
                  label_names=("negative", "positive"), is_regression=False, metric="accuracy",
                  metrics=("accuracy",), description="generated English sentiment sentences (needs no data)"),
+        TaskSpec(name="language-modeling", text_column="text", text_pair_column=None, label_column=None,
+                 label_names=None, is_regression=False, metric="perplexity", metrics=("perplexity",),
+                 description="perplexity of a causal LM (pseudo-perplexity of a masked LM) on plain text",
+                 kind="language-modeling"),
     )
 }
 TASK_NAMES: tuple[str, ...] = tuple(_REGISTRY)
@@ -128,6 +133,7 @@ GLUE_TASKS: tuple[str, ...] = ("sst2", "cola", "stsb", "mrpc", "rte", "qnli")
 
 # Column names the Hugging Face `glue` datasets use where the GLUE TSV header differs; tried only when the
 # task still has its default column, so an explicit override is never silently swapped for another column.
+_TASK_ALIASES: dict[str, str] = {"lm": "language-modeling"}
 _HF_COLUMN_ALIASES: dict[str, str] = {"#1 String": "sentence1", "#2 String": "sentence2",
                                       "Quality": "label", "score": "label"}
 
@@ -143,6 +149,7 @@ def canonical_task_name(name: str) -> str:
         if key.startswith(prefix):
             key = key[len(prefix):]
     by_compact = {_compact(task): task for task in TASK_NAMES}
+    by_compact.update({_compact(alias): task for alias, task in _TASK_ALIASES.items()})
     if _compact(key) not in by_compact:
         raise DataError(f"unknown task '{name}'; choose one of: {', '.join(TASK_NAMES)}")
     return by_compact[_compact(key)]
@@ -333,10 +340,15 @@ def load_examples(task: TaskSpec, data: str | os.PathLike | None, split: str,
     """Load one split of a task from any supported source, optionally as a reproducible subset.
 
     With `labels=False` the label column is neither required nor read (labels are None): calibration data
-    may then be unlabelled, or labelled in a way the model does not know.
+    may then be unlabelled, or labelled in a way the model does not know. The language-modeling task reads
+    plain text instead (see `tasks/text.py`): unlabelled documents, and `max_samples` keeps the first ones.
     """
     if max_samples is not None and max_samples < 1:
         raise DataError(f"max_samples must be at least 1 (got {max_samples})")
+    if task.kind == "language-modeling":
+        from lmcompress.tasks.text import text_examples
+
+        return text_examples(data, split, max_samples)
     if not labels:
         task = dataclasses.replace(task, label_column=None)
     split = _normalize_split(split)
