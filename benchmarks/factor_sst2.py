@@ -29,7 +29,11 @@ import numpy as np
 import transformers
 from common import ROOT, SHARED_GLUE, environment, finetuned_model, state_bytes
 
+from lmcompress.calibration import collect, encode_calibration
 from lmcompress.evaluation import count_flops, int8_dynamic, measure_latency, predict
+from lmcompress.layers import CompressedLayer
+from lmcompress.linear import is_dense_linear, weight_out_in
+from lmcompress.methods.lowrank_common import approximation_errors
 from lmcompress.pipeline import compress
 from lmcompress.recipe import Calibration, Recipe
 from lmcompress.report import markdown_table
@@ -59,6 +63,9 @@ def main() -> None:
                         help="fraction for the attention-only and feed-forward-only rows (0: skip them)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the JSON")
+    parser.add_argument("--errors-only", action="store_true",
+                        help="recompress the uniform runs already in the JSON (no evaluation) to fill in their "
+                             "per-type output errors")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     folder, train_samples, epochs = TASKS[args.task]
@@ -73,8 +80,10 @@ def main() -> None:
     dev = load_examples(task, args.data, "dev")
     runs: list[dict] = []
     json_path = Path(args.out).with_suffix(".json")
+    args.commands = [command_line()]
     if args.resume and json_path.exists():
-        runs = json.loads(json_path.read_text())["runs"]
+        previous = json.loads(json_path.read_text())
+        runs, args.commands = previous["runs"], [*(previous.get("commands") or [previous["command"]]), command_line()]
     done = {key(r) for r in runs}
     jobs = [("all", budget, f, m) for f in args.fractions for budget in args.budgets for m in args.methods]
     if args.scope_fraction:
@@ -82,6 +91,11 @@ def main() -> None:
     for seed in args.seeds:
         model, tokenizer = finetuned_model(task, train, train_samples, seed, Path(args.cache), epochs)
         timed = seed == args.seeds[0]
+        grams = reference_grams(model, tokenizer, train, args.calib_samples, seed)
+        if args.errors_only:
+            backfill_errors(runs, model, tokenizer, train, grams, args, seed,
+                            lambda: write_report(args, runs, len(dev), (time.perf_counter() - started) / 60))
+            continue
         for name, reference in (("dense", model), ("int8 dynamic", None)):
             run = {"seed": seed, "scope": "-", "budget": "-", "fraction": 1.0, "method": name}
             if key(run) not in done:
@@ -98,9 +112,15 @@ def main() -> None:
             compressed = copy.deepcopy(model)
             start = time.perf_counter()
             summary = compress(compressed, recipe, tokenizer, train, progress=False)
-            runs.append(measure(compressed, tokenizer, task, dev, run, time.perf_counter() - start, summary, timed))
+            seconds = time.perf_counter() - start
+            run["errors"] = errors_by_type(compressed, model, grams)
+            runs.append(measure(compressed, tokenizer, task, dev, run, seconds, summary, timed))
             write_report(args, runs, len(dev), (time.perf_counter() - started) / 60)
     print(write_report(args, runs, len(dev), (time.perf_counter() - started) / 60))
+
+
+def command_line() -> str:
+    return "python benchmarks/factor_sst2.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
 
 
 def key(run: dict) -> tuple:
@@ -118,20 +138,48 @@ def measure(model, tokenizer, task, dev, run: dict, seconds: float, summary, tim
             run[f"latency_b{batch}"] = measure_latency(model, batch, 128, repeats=LATENCY_REPEATS[batch])["median_ms"]
     if summary is not None:
         run["params_kept"] = summary.params_after / summary.params_before
-        run["errors"] = errors_by_type(summary)
+        run["errors_reference"] = "uncompressed"
         run["speed"] = {v: sum(s.verdict == v for s in summary.speed) for v in ("faster", "as fast", "slower")}
     print(f"seed {run['seed']} {run['scope']:>9} {run['budget']:>7} F={run['fraction']:.2f} {run['method']:>22}: "
           f"{task.metric} {run['metric']:.1f} ({seconds:.0f}s)", flush=True)
     return run
 
 
-def errors_by_type(summary) -> dict[str, float]:
-    """Mean relative output error on the calibration inputs, per matrix type (kept-dense layers count 0)."""
+def reference_grams(model, tokenizer, train, samples: int, seed: int):
+    """X^T X of every encoder linear on the *uncompressed* model: one yardstick for every method's error,
+    weights-only ones included (their own summaries have no statistics to report it)."""
+    batches = encode_calibration(tokenizer, train.take(samples, seed=seed), 32, 64)
+    layers = {n: m for n, m in model.named_modules() if is_dense_linear(m) and ".layer." in n}
+    return collect(model, batches, layers, {"gram"}, progress=False)
+
+
+def errors_by_type(compressed, original, grams) -> dict[str, float]:
+    """Mean relative output error ||X (W - W')^T|| / ||X W^T|| per matrix type, X the uncompressed model's
+    inputs to that layer (a layer left dense counts 0)."""
     found = defaultdict(list)
-    for record in summary.layers:
-        kind = next((v for k, v in ROLES.items() if re.search(k + "$", record.name)), "other")
-        found[kind].append(record.metrics.get("output_err", 0.0) if record.replaced else 0.0)
+    for name, stats in grams.items():
+        module = compressed.get_submodule(name)
+        approx = module.dense_weight() if isinstance(module, CompressedLayer) else weight_out_in(module)
+        error = approximation_errors(weight_out_in(original.get_submodule(name)).detach(), approx.detach(), stats)
+        kind = next((v for k, v in ROLES.items() if re.search(k + "$", name)), "other")
+        found[kind].append(error["output_err"])
     return {k: statistics.mean(v) for k, v in found.items()}
+
+
+def backfill_errors(runs: list[dict], model, tokenizer, train, grams, args, seed: int, write) -> None:
+    for run in runs:
+        if run["seed"] != seed or run["budget"] != "uniform" or run["scope"] != "all" or "errors" not in run:
+            continue
+        if run.get("errors_reference") == "uncompressed":
+            continue
+        calibration = Calibration(samples=args.calib_samples, batch_size=32, max_length=64, seed=seed,
+                                  mode="sequential")
+        compressed = copy.deepcopy(model)
+        compress(compressed, Recipe.single(run["method"], calibration=calibration, keep=run["fraction"]), tokenizer,
+                 train, progress=False, timing=False)
+        run["errors"], run["errors_reference"] = errors_by_type(compressed, model, grams), "uncompressed"
+        print(f"errors of {run['method']} uniform {run['fraction']}: {run['errors']}", flush=True)
+        write()
 
 
 def write_report(args, runs: list[dict], dev_size: int, minutes: float) -> str:
@@ -157,7 +205,7 @@ def write_report(args, runs: list[dict], dev_size: int, minutes: float) -> str:
             s = group[0]["speed"]
             row["verdicts"] = f"{s['faster']} / {s['as fast']} / {s['slower']}"
         rows.append(row)
-        if "errors" in group[0] and group_key[0] == "all":
+        if group[0].get("errors_reference") == "uncompressed" and group_key[0] == "all":
             errors = {k: statistics.mean(r["errors"].get(k, float("nan")) for r in group)
                       for k in ("q", "k", "v", "o", "ffn in", "ffn out")}
             error_rows.append({"budget": group_key[1], "fraction": group_key[2], "method": group_key[3], **errors})
@@ -169,13 +217,13 @@ def write_report(args, runs: list[dict], dev_size: int, minutes: float) -> str:
     error_columns = [("budget", "budget"), ("fraction", "F"), ("method", "method")] + [
         (k, f"{k} err") for k in ("q", "k", "v", "o", "ffn in", "ffn out")]
     table, error_table = markdown_table(rows, columns), markdown_table(error_rows, error_columns)
-    command = "python benchmarks/factor_sst2.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
+    command = " then ".join(f"`{c}`" for c in args.commands)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _, train_samples, epochs = TASKS[args.task]
     out.with_suffix(".md").write_text(
         f"# Beyond SVD on {task.name}: Kronecker sums, tensor trains, Fisher-weighted SVD (all-MiniLM-L6-v2)\n\n"
-        f"Made by `{command}` on {date.today()} ({environment()}); this run took {minutes:.0f} minutes.\n\n"
+        f"Made by {command} on {date.today()} ({environment()}); the last run took {minutes:.0f} minutes.\n\n"
         f"Fine-tuned: bundled MiniLM, {train_samples} training examples, {epochs:g} epoch(s), once per seed "
         f"({', '.join(map(str, seeds))}). F is the fraction of the targeted matrices' weight parameters kept: "
         f"*uniform* gives every matrix F (`keep`), *global* spends `budget: {{params: F}}` by measured "
@@ -185,12 +233,14 @@ def write_report(args, runs: list[dict], dev_size: int, minutes: float) -> str:
         f"model in the same run (first seed). *layers faster / same / slower* is the summary's measured verdict "
         f"per compressed layer (`lmcompress.speed`). int8 dynamic is PyTorch's `quantize_dynamic` on the same "
         f"model.\n\n{table}\n\n## Output error by matrix type\n\nMean relative output error "
-        f"‖X(W − W')ᵀ‖ / ‖XWᵀ‖ on the calibration inputs, per matrix type; in the *uniform* rows every matrix "
-        f"keeps the same fraction of its parameters, so methods compare at equal parameters per matrix.\n\n"
+        f"‖X(W − W')ᵀ‖ / ‖XWᵀ‖ per matrix type, X the *uncompressed* model's inputs to the layer on the "
+        f"calibration sample (the same yardstick for every method; a layer left dense counts 0). In the "
+        f"*uniform* rows every matrix keeps the same fraction of its parameters, so methods compare at equal "
+        f"parameters per matrix.\n\n"
         f"{error_table}\n")
     json_path = out.with_suffix(".json")
     partial = json_path.with_suffix(".json.tmp")
-    partial.write_text(json.dumps({"command": command, "runs": runs, "rows": rows}, indent=2))
+    partial.write_text(json.dumps({"commands": args.commands, "runs": runs, "rows": rows}, indent=2))
     partial.replace(json_path)
     return table
 

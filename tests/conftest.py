@@ -148,3 +148,18 @@ def largest_tensor_during(fn, *args) -> int:
     with torch.no_grad(), Watch():
         fn(*args)
     return largest[0]
+
+
+def correlated_inputs(n: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """Inputs whose energy sits in a few directions, as activations inside transformers do."""
+    generator = torch.Generator().manual_seed(seed)
+    mix = torch.randn(dim, dim, generator=generator) * torch.logspace(0, -3, dim)[None, :]
+    return torch.randn(n, dim, generator=generator) @ mix.T
+
+
+def stats_of(x: torch.Tensor):
+    """Calibration statistics (X^T X and the token count) of the rows of x."""
+    from lmcompress.stats import LayerStats
+
+    x = x.to(torch.float64)
+    return LayerStats(gram=x.T @ x, count=x.shape[0])

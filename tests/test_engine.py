@@ -4,6 +4,7 @@ chained stages."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -370,3 +371,17 @@ def test_flops_count_attention_on_every_implementation(implementation):
     attention = layers * 2 * (2 * seq * seq * hidden)       # Q K^T and P V
     head = 2 * hidden * hidden + 2 * hidden * 2            # pooler and classifier on one token
     assert count_flops(model, seq) == linears + attention + head
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "examples" / "recipes").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(path):
+    """Every example recipe parses, names known methods, and its options pass each method's validation."""
+    from lmcompress.methods import get_method
+
+    recipe = Recipe.from_yaml(path)
+    for stage in recipe.stages:
+        method = get_method(stage.method)
+        config = method.parse_config(stage.options)
+        if stage.budget is not None:
+            method.sized_by_budget(config)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import largest_tensor_during, logits, make_tiny_bert, save_classifier
+from conftest import correlated_inputs, largest_tensor_during, logits, make_tiny_bert, save_classifier, stats_of
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.pytorch_utils import Conv1D
@@ -20,21 +20,8 @@ from lmcompress.methods import available_methods, get_method
 from lmcompress.methods.kronecker_common import candidate_shapes, max_terms, nearest_kronecker, rearrange
 from lmcompress.methods.whitened_kronecker import kronecker_als, kronecker_objective
 from lmcompress.recipe import Recipe
-from lmcompress.stats import LayerStats
 
 METHODS = ["kronecker", "whitened_kronecker"]
-
-
-def correlated_inputs(n: int, dim: int, seed: int = 0) -> torch.Tensor:
-    """Inputs whose energy sits in a few directions, as activations inside transformers do."""
-    generator = torch.Generator().manual_seed(seed)
-    mix = torch.randn(dim, dim, generator=generator) * torch.logspace(0, -3, dim)[None, :]
-    return torch.randn(n, dim, generator=generator) @ mix.T
-
-
-def stats_of(x: torch.Tensor) -> LayerStats:
-    x = x.to(torch.float64)
-    return LayerStats(x.T @ x, x.shape[0])
 
 
 def kron_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

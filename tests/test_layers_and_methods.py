@@ -4,27 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import correlated_inputs, stats_of
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lmcompress.calibration import LayerStats
 from lmcompress.errors import RecipeError
 from lmcompress.layers import LowRankLinear, layer_from_manifest
 from lmcompress.layers.lowrank import rank_for_keep
 from lmcompress.methods import available_methods, get_method
 from lmcompress.methods.whitened_svd import whitened_svd_factors
-
-
-def correlated_inputs(n: int, dim: int, seed: int = 0) -> torch.Tensor:
-    """Inputs whose energy sits in a few directions, as activations inside transformers do."""
-    generator = torch.Generator().manual_seed(seed)
-    mix = torch.randn(dim, dim, generator=generator) * torch.logspace(0, -3, dim)[None, :]
-    return torch.randn(n, dim, generator=generator) @ mix.T
-
-
-def stats_of(x: torch.Tensor) -> LayerStats:
-    x = x.to(torch.float64)
-    return LayerStats(x.T @ x, x.shape[0])
 
 
 @pytest.mark.parametrize("method", ["svd", "whitened_svd"])

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SENTENCES, logits, make_tiny_bert, make_tiny_gpt2
+from conftest import SENTENCES, logits, make_tiny_bert, make_tiny_gpt2, stats_of
 from torch import nn
 
 import lmcompress
@@ -26,7 +26,6 @@ from lmcompress.methods import get_method
 from lmcompress.obs import sweep
 from lmcompress.quantgrid import GridSpec, dequantize, grid_params, quantize_codes
 from lmcompress.recipe import Recipe
-from lmcompress.stats import LayerStats
 
 CALIBRATION = {"samples": 12, "batch_size": 4}
 
@@ -37,11 +36,6 @@ def low_rank_inputs(n: int, dim: int, rank: int = 6, noise: float = 0.05, seed: 
     basis = torch.randn(rank, dim, generator=generator, dtype=torch.float64)
     x = torch.randn(n, rank, generator=generator, dtype=torch.float64) @ basis
     return x + noise * torch.randn(n, dim, generator=generator, dtype=torch.float64)
-
-
-def stats_of(x: torch.Tensor) -> LayerStats:
-    x = x.to(torch.float64)
-    return LayerStats(gram=x.T @ x, count=x.shape[0])
 
 
 def output_error(x: torch.Tensor, weight: torch.Tensor, approx: torch.Tensor) -> float:
