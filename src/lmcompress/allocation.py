@@ -255,8 +255,13 @@ def uniform_choice(candidates: Sequence[Candidates], fraction: float, metric: st
 
 def allocate(units: Sequence[Unit], candidates: Sequence[Candidates], fraction: float, metric: str = "params",
              seq_len: int = 128, strategy: str = "sensitivity", probe: SensitivityProbe | None = None,
-             probes: Sequence[float] = (0.1, 0.25, 0.5, 0.75), progress: bool = True) -> AllocationResult:
-    """Sizes for `units` whose total cost is at most `fraction` of their dense cost."""
+             probes: Sequence[float] = (0.1, 0.25, 0.5, 0.75), progress: bool = True,
+             known: dict[tuple[str, float], float] | None = None) -> AllocationResult:
+    """Sizes for `units` whose total cost is at most `fraction` of their dense cost.
+
+    `known` holds sensitivity scores measured before on the same model, data and method, by (unit name,
+    probe fraction): those probes are not run again, and the new scores are added to it (a sweep over
+    budgets measures each unit once)."""
     costs = [c.cost(metric, seq_len) for c in candidates]
     dense = sum(c.dense_cost(metric, seq_len) for c in candidates)
     budget = int(fraction * dense)
@@ -274,11 +279,14 @@ def allocate(units: Sequence[Unit], candidates: Sequence[Candidates], fraction: 
         # the summed divergence would push it there (measured: MiniLM lost 8 points that way at F = 0.3)
         probes = sorted({*probes, *([fraction / 2] if fraction / 2 < min(probes) else [])})
         losses = []
-        jobs = [(u, p) for u in range(len(units)) for p in probes]
-        scores: dict[tuple[int, float], float] = {}
+        known = {} if known is None else known
+        scores = {(u, p): known[units[u].name, p] for u in range(len(units)) for p in probes
+                  if (units[u].name, p) in known}
+        jobs = [(u, p) for u in range(len(units)) for p in probes if (u, p) not in scores]
         for u, p in track(jobs, len(jobs), "sensitivity", progress, unit="probe"):
             index = candidates[u].index_for_fraction(p, metric)
-            scores[u, p] = probe.score(units[u].block, candidates[u].build(candidates[u].sizes[index]))
+            scores[u, p] = known[units[u].name, p] = probe.score(units[u].block,
+                                                                  candidates[u].build(candidates[u].sizes[index]))
         floors = []
         for u, cand in enumerate(candidates):
             index = [cand.index_for_fraction(p, metric) for p in probes]

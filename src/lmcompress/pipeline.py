@@ -36,6 +36,7 @@ from lmcompress.linear import in_out_features, set_submodule
 from lmcompress.methods import get_method
 from lmcompress.methods.base import LayerResult, Method, MethodConfig, StageContext
 from lmcompress.recipe import Calibration, Recipe, Stage
+from lmcompress.reuse import ScoreCache
 from lmcompress.speed import SEQ_LEN, LayerSpeed, time_layers
 from lmcompress.stats import LABELLED_NEEDS, LayerStats, estimate_bytes
 from lmcompress.units import Unit, substep_of, units_for
@@ -160,20 +161,22 @@ def recipe_uses_data(recipe: Recipe) -> bool:
 
 
 def compress(model: nn.Module, recipe: Recipe, tokenizer=None, calibration_data=None,
-             progress: bool = True, timing: bool = True) -> CompressionSummary:
+             progress: bool = True, timing: bool = True, reuse: ScoreCache | None = None) -> CompressionSummary:
     """Apply `recipe` to `model` in place and return what happened to each layer, stage by stage.
 
     `calibration_data` (task `Examples`) is required by methods that need statistics and by the
     sensitivity allocator. A stage that replaces the tokenizer (vocabulary pruning) leaves the new one in
     `summary.tokenizer`; save that one with the model. With `timing`, every compressed layer is then timed
     against the dense layer it replaced (`summary.speed`), and layers that turned out slower are flagged.
+    `reuse` shares the first stage's sensitivity scores with other compressions of the same model on the
+    same data (see `lmcompress.reuse`).
     """
     recipe.check_methods()
     summary = CompressionSummary([])
     model.eval()
     for index, stage in enumerate(recipe.stages):
         _StageRun(model, stage, index, recipe.calibration, summary.tokenizer or tokenizer, calibration_data,
-                  progress, summary).run()
+                  progress, summary, reuse if index == 0 else None).run()
     if timing:
         _record_speed(model, summary, progress)
     log.info("%s", summary.describe())
@@ -206,8 +209,8 @@ class _StageRun:
     """One stage: select, size, calibrate, apply. Kept as a small class so each step reads on its own."""
 
     def __init__(self, model: nn.Module, stage: Stage, index: int, calibration: Calibration, tokenizer,
-                 data, progress: bool, summary: CompressionSummary) -> None:
-        self.model, self.stage, self.index, self.cal = model, stage, index, calibration
+                 data, progress: bool, summary: CompressionSummary, reuse: ScoreCache | None = None) -> None:
+        self.model, self.stage, self.index, self.cal, self.reuse = model, stage, index, calibration, reuse
         self.tokenizer, self.data, self.progress, self.summary = tokenizer, data, progress, summary
         self.method: Method = get_method(stage.method)
         self.config: MethodConfig = self.method.parse_config(stage.options)
@@ -324,12 +327,17 @@ class _StageRun:
             wanted = min(len(batches), max(1, -(-self.stage.allocation.samples // self.cal.batch_size)))
             sample = [batches[round(i * (len(batches) - 1) / max(wanted - 1, 1))] for i in range(wanted)]
             probe = SensitivityProbe(self.model, found[1] if found else None, sample, self.cal.cache_mb)
+        key = self._reuse_key(units) if probe is not None and self.reuse is not None else None
+        known = self.reuse.load(key) if key is not None else None
         try:
             result = allocate(units, candidates, budget.fraction, budget.metric, budget.seq_len,
-                              self.stage.allocation.strategy, probe, self.stage.allocation.probes, self.progress)
+                              self.stage.allocation.strategy, probe, self.stage.allocation.probes, self.progress,
+                              known)
         finally:
             if probe is not None:
                 probe.close()
+        if key is not None:
+            self.reuse.save(key, known)
         result.seconds = time.perf_counter() - started
         self.sizes = result.sizes()
         log.info("allocation (%s, %s budget %.0f%%): used %s of %s%s in %.1fs", result.strategy, result.metric,
@@ -340,6 +348,15 @@ class _StageRun:
                            "dense" if unit.size is None else unit.size, 100 * unit.fraction, unit.predicted_loss)
         # one-shot application may reuse this calibration; sequential recalibrates as it goes
         return result, stats if self.cal.mode == "one_shot" or not self.needs else None
+
+    def _reuse_key(self, units: list[Unit]) -> dict[str, Any]:
+        """Everything a first stage's sensitivity scores depend on besides the model and data (the cache's
+        fingerprint) and the budget fraction (which they do not depend on)."""
+        cal = self.cal
+        return {"method": self.stage.method, "options": self.stage.options, "units": [u.name for u in units],
+                "metric": self.stage.budget.metric, "seq_len": self.stage.budget.seq_len,
+                "allocation_samples": self.stage.allocation.samples,
+                "calibration": [cal.samples, cal.seed, cal.batch_size, cal.max_length]}
 
     def _apply_sequential(self, units: list[Unit], batches) -> None:
         found = blocks_of(self.model)

@@ -1,0 +1,215 @@
+"""One sweep point, run inside a worker process: compress (or take a baseline), save, evaluate.
+
+Everything a worker needs arrives in two small picklable objects (`SweepSettings`, `Job`), so the same
+function runs in a local process pool and as a Ray task.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from lmcompress.errors import LMCompressError, first_line
+
+log = logging.getLogger("lmcompress")
+
+BASELINES = ("dense", "int8")
+LATENCY_BATCHES = (1, 8)
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """The model, task, data and evaluation options shared by every point of a sweep."""
+
+    model: str
+    out: str
+    task: str | None = None
+    data: str | None = None
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    max_samples: int | None = None       # dev examples scored (None: all)
+    batch_size: int = 64
+    max_length: int = 128
+    seq_len: int = 128                   # tokens for FLOPs and latency
+    repeats: int = 20
+    stride: int | None = None
+    max_tokens: int | None = None
+    threads: int | None = None           # torch threads per worker (None: leave PyTorch's default)
+    keep_models: bool = True
+    fingerprint: str = ""                # model + data identity, for reusing calibration results
+
+    @property
+    def language_modeling(self) -> bool:
+        from lmcompress.tasks.spec import canonical_task_name
+
+        return bool(self.task) and canonical_task_name(self.task) == "language-modeling"
+
+    def args(self) -> SimpleNamespace:
+        """The command line's view of these settings, for the helpers `compress` and `evaluate` share."""
+        return SimpleNamespace(task=self.task, data=self.data, text_column=self.text_column,
+                               text_pair_column=self.text_pair_column, label_column=self.label_column)
+
+
+@dataclass(frozen=True)
+class Job:
+    point_id: str
+    name: str
+    kind: str                                   # "dense", "int8" or "recipe"
+    recipe: dict[str, Any] | None = None        # Recipe.model_dump(mode="json") for kind "recipe"
+
+
+@dataclass
+class PointResult:
+    """One line of results.jsonl."""
+
+    id: str
+    name: str
+    kind: str
+    status: str                                 # "ok" or "error"
+    recipe: dict[str, Any] | None = None
+    error: str | None = None
+    metric: dict[str, Any] | None = None        # {"name", "value", "lower_is_better"?}
+    metrics: dict[str, float] = field(default_factory=dict)
+    params: dict[str, int] = field(default_factory=dict)
+    flops: int | None = None
+    flops_seq_len: int | None = None
+    latency_ms: dict[str, float] = field(default_factory=dict)   # {"b1": median, "b8": median}
+    latency: dict[str, dict] = field(default_factory=dict)
+    bytes: int | None = None
+    compress_seconds: float | None = None
+    eval_seconds: float | None = None
+    model_dir: str | None = None
+    finished: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def point_dir(settings: SweepSettings, job: Job) -> Path:
+    return Path(settings.out) / "points" / job.point_id
+
+
+def _weights_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+
+
+def _calibration_data(settings: SweepSettings, recipe, model, tokenizer):
+    from lmcompress.cli import _check_content_data, _task_and_examples
+    from lmcompress.models import check_sequence_length
+    from lmcompress.pipeline import recipe_needs, recipe_uses_data
+    from lmcompress.stats import LABELLED_NEEDS
+
+    if not recipe_uses_data(recipe):
+        return None
+    args = settings.args()
+    _check_content_data(args, recipe)
+    check_sequence_length(model, recipe.calibration.max_length, "calibration max_length")
+    _, examples = _task_and_examples(args, "train", model, labels=bool(recipe_needs(recipe) & LABELLED_NEEDS))
+    if settings.language_modeling:
+        from lmcompress.tasks.text import token_chunks
+
+        examples = token_chunks(tokenizer, examples, recipe.calibration.max_length)
+    return examples
+
+
+def _build(settings: SweepSettings, job: Job, directory: Path):
+    """The point's model and tokenizer, plus seconds spent compressing (None when loaded or a baseline)."""
+    from lmcompress.io import read_manifest, save
+    from lmcompress.models import load_model
+    from lmcompress.recipe import Recipe
+
+    saved = directory / "model"
+    if job.kind == "recipe" and saved.is_dir() and read_manifest(saved) is not None:
+        log.info("%s: compressed model found from an earlier run; evaluating it", job.name)
+        model, tokenizer = load_model(str(saved), language_model=settings.language_modeling)
+        return model, tokenizer, None
+    model, tokenizer = load_model(settings.model, language_model=settings.language_modeling)
+    if job.kind == "dense":
+        return model, tokenizer, None
+    if job.kind == "int8":
+        from lmcompress.evaluation import int8_dynamic
+
+        return int8_dynamic(model, inplace=True), tokenizer, None
+    from lmcompress.pipeline import compress
+    from lmcompress.reuse import ScoreCache
+
+    recipe = Recipe.from_dict(job.recipe, source=job.name)
+    started = time.perf_counter()
+    data = _calibration_data(settings, recipe, model, tokenizer)
+    reuse = ScoreCache(Path(settings.out) / "cache", settings.fingerprint) if settings.fingerprint else None
+    summary = compress(model, recipe, tokenizer, data, progress=False, timing=False, reuse=reuse)
+    seconds = time.perf_counter() - started
+    tokenizer = summary.tokenizer or tokenizer
+    save(model, saved, tokenizer, recipe, overwrite=True, extra={"summary": summary.to_dict()})
+    return model, tokenizer, seconds
+
+
+_DEV_CACHE: dict[tuple, Any] = {}
+
+
+def _dev_examples(settings: SweepSettings, model):
+    """The scored split, loaded once per worker (points of one sweep share it)."""
+    from lmcompress.cli import _task_and_examples
+
+    key = (settings.model, settings.task, settings.data, settings.max_samples)
+    if key not in _DEV_CACHE:
+        _DEV_CACHE[key] = _task_and_examples(settings.args(), "dev", model, max_samples=settings.max_samples,
+                                             labels=not settings.language_modeling)
+    return _DEV_CACHE[key]
+
+
+def _evaluate(settings: SweepSettings, job: Job, model, tokenizer, result: PointResult) -> None:
+    from lmcompress.evaluation import evaluate, measure_latency, serialized_size
+
+    task, dev = _dev_examples(settings, model)
+    started = time.perf_counter()
+    evaluated = evaluate(model, tokenizer, task, dev, batch_size=settings.batch_size, max_length=settings.max_length,
+                         flops_seq_len=settings.seq_len, latency_batch_size=LATENCY_BATCHES[0],
+                         latency_seq_len=settings.seq_len, latency_repeats=settings.repeats, progress=False,
+                         stride=settings.stride, max_tokens=settings.max_tokens)
+    result.metric, result.metrics = evaluated.metric, evaluated.metrics
+    result.params, result.flops, result.flops_seq_len = evaluated.params, evaluated.flops, evaluated.flops_seq_len
+    result.latency = {"b1": evaluated.latency}
+    for batch in LATENCY_BATCHES[1:]:
+        result.latency[f"b{batch}"] = measure_latency(model, batch, settings.seq_len,
+                                                      repeats=max(3, settings.repeats // 2))
+    result.latency_ms = {k: round(v["median_ms"], 3) for k, v in result.latency.items()}
+    saved = point_dir(settings, job) / "model"
+    result.bytes = _weights_bytes(saved) if saved.is_dir() else serialized_size(model)
+    result.eval_seconds = round(time.perf_counter() - started, 2)
+
+
+def run_point(settings: SweepSettings, job: Job) -> dict[str, Any]:
+    """Compress (or load) and evaluate one point; never raises for a problem with the point itself, which
+    is returned as status "error" with one line (and the traceback in the point's error.log)."""
+    import shutil
+
+    import torch
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    directory = point_dir(settings, job)
+    directory.mkdir(parents=True, exist_ok=True)
+    result = PointResult(job.point_id, job.name, job.kind, "ok", recipe=job.recipe)
+    try:
+        model, tokenizer, seconds = _build(settings, job, directory)
+        result.compress_seconds = None if seconds is None else round(seconds, 2)
+        _evaluate(settings, job, model, tokenizer, result)
+        if job.kind == "recipe" and settings.keep_models:
+            result.model_dir = str(directory / "model")
+        elif (directory / "model").exists():
+            shutil.rmtree(directory / "model", ignore_errors=True)
+        (directory / "error.log").unlink(missing_ok=True)
+    except LMCompressError as err:
+        result.status, result.error = "error", first_line(err)
+    except Exception as err:  # a bug or a library failure in one point must not end the sweep
+        result.status, result.error = "error", f"{type(err).__name__}: {first_line(err)}"
+        (directory / "error.log").write_text(traceback.format_exc())
+    result.finished = time.time()
+    return result.to_dict()
