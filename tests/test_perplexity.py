@@ -304,3 +304,23 @@ def test_wikitext_perplexity_on_the_first_tokens(gpt2_lm, tokenizer):
     tokens_file = SHARED_DATA / "lm" / "wikitext-2" / "wiki.test.tokens"
     if tokens_file.is_file():
         assert "<unk>" in "\n".join(load_examples(task, tokens_file, "dev", max_samples=200).texts)
+
+
+def test_int8_dynamic_baseline_quantizes_gpt2_conv1d_blocks(gpt2_lm, tokenizer):
+    """Regression: PyTorch's quantize_dynamic only knows nn.Linear, so on GPT-2 the 'int8' baseline used to
+    quantize the output head alone and leave every Conv1D of the decoder blocks in fp32."""
+    from lmcompress.evaluation import int8_dynamic
+    from lmcompress.linear import Conv1D
+
+    quantized = int8_dynamic(gpt2_lm)
+    assert not any(isinstance(m, Conv1D) for m in quantized.modules())
+    block = quantized.transformer.h[0]
+    for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+        assert type(layer).__name__ == "Linear" and hasattr(layer, "_packed_params")  # dynamic int8
+    assert any(isinstance(m, Conv1D) for m in gpt2_lm.modules())  # the original is left alone
+    ids = tokenizer(TEXT, return_tensors="pt")["input_ids"][:, :32]
+    with torch.inference_mode():
+        dense, int8 = gpt2_lm(input_ids=ids).logits, quantized(input_ids=ids).logits
+    assert torch.allclose(dense, int8, atol=0.05 * float(dense.abs().max()))
+    assert perplexity(quantized, tokenizer, TEXT, max_length=16).perplexity == pytest.approx(
+        perplexity(gpt2_lm, tokenizer, TEXT, max_length=16).perplexity, rel=0.02)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from conftest import SENTENCES, make_tiny_bert, save_classifier, write_sentiment_csv
@@ -105,7 +106,8 @@ def test_pareto_front_agrees_with_brute_force():
 def test_report_marks_fronts_per_axis():
     def row(name, kind, acc, b1, size):
         return {"id": name, "name": name, "kind": kind, "status": "ok", "metric": {"name": "accuracy", "value": acc},
-                "params": {"total": 1}, "flops": 10, "latency_ms": {"b1": b1, "b8": b1 * 4}, "bytes": size}
+                "params": {"total": 1}, "flops": 10, "latency_ms": {"b1": b1, "b8": b1 * 4}, "bytes": size,
+                "speedup": {"b1": 10.0 / b1, "b8": 10.0 / b1}}
 
     rows = [row("dense", "dense", 0.9, 10.0, 100), row("fast", "recipe", 0.85, 5.0, 80),
             row("small", "recipe", 0.8, 6.0, 20), row("bad", "recipe", 0.7, 9.0, 90),
@@ -153,7 +155,8 @@ def test_sweep_measures_every_point_and_resumes_without_redoing_them(setup, tmp_
     for row in rows:
         assert row["status"] == "ok", row
         assert row["params"]["total"] > 0 and row["flops"] > 0 and row["bytes"] > 0
-        assert set(row["latency_ms"]) == {"b1", "b8"} and 0 <= row["metric"]["value"] <= 1
+        assert set(row["latency_ms"]) == set(row["speedup"]) == {"b1", "b8"} and 0 <= row["metric"]["value"] <= 1
+        assert row["speedup"]["b1"] == pytest.approx(row["dense_latency_ms"]["b1"] / row["latency_ms"]["b1"], 1e-2)
     by_name = {r["name"]: r for r in rows}
     flops = {name: row["flops"] for name, row in by_name.items()}
     assert flops["svd[keep=0.25]"] < flops["svd[keep=0.5]"] < flops["dense (uncompressed)"]
@@ -276,4 +279,33 @@ def test_ray_executor_runs_points_on_a_local_cluster(setup, tmp_path, capsys):
     assert set(rows) == {"dense (uncompressed)", "svd[keep=0.5]"}
     assert all(r["status"] == "ok" for r in rows.values())
     assert rows["svd[keep=0.5]"]["flops"] < rows["dense (uncompressed)"]["flops"]
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("grid", sorted((Path(__file__).parents[1] / "examples" / "sweeps").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_grids_validate(grid):
+    points = load_grid(grid)
+    assert points and len({p.point_id for p in points}) == len(points)
+
+
+def test_sweep_of_a_causal_lm_scores_perplexity_lower_is_better(tmp_path, tokenizer, capsys):
+    from test_perplexity import TEXT, tiny_gpt2_lm
+
+    model_dir = tmp_path / "gpt2-lm"
+    tiny_gpt2_lm(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = write(tmp_path / "text.raw", "\n".join([TEXT] * 4) + "\n")
+    grid = write(tmp_path / "g.yaml", """
+stages: [{method: whitened_svd, options: {keep: 0.5}}]
+calibration: {samples: 4, max_length: 32}
+""")
+    out = tmp_path / "sweep"
+    assert main(["-q", "sweep", "--model", str(model_dir), "--grid", str(grid), "--task", "lm", "--data", str(data),
+                 "--out", str(out), "--baselines", "dense", "--repeats", "1", "--max-length", "32",
+                 "--seq-len", "16"]) == 0
+    rows = {r["kind"]: r for r in rows_of(out)}
+    assert rows["dense"]["metric"]["name"] == "perplexity" and rows["dense"]["metric"]["lower_is_better"]
+    assert rows["recipe"]["metric"]["value"] > 1 and rows["recipe"]["flops"] < rows["dense"]["flops"]
+    assert "| point | perplexity |" in (out / "report.md").read_text()
     capsys.readouterr()

@@ -60,12 +60,12 @@ def _device(model: nn.Module) -> torch.device:
 
 def collect(model: nn.Module, batches: list[dict[str, torch.Tensor]], layers: dict[str, nn.Module],
             needs: set[str], *, pairs_mb: float = DEFAULT_PAIRS_MB, progress: bool = True,
-            desc: str = "calibrating") -> dict[str, LayerStats]:
+            desc: str = "calibrating", pair_spans: dict[str, str] | None = None) -> dict[str, LayerStats]:
     """One-shot statistics: one pass of the whole model (plus a backward pass per batch for `fisher`)."""
     device = _device(model)
     was_training = model.training
     model.eval()
-    collector = StatsCollector(layers, needs, pairs_mb)
+    collector = StatsCollector(layers, needs, pairs_mb, pair_spans=pair_spans)
     forward_needs = set(needs) - LABELLED_NEEDS
     try:
         if forward_needs:
@@ -172,7 +172,8 @@ class SequentialCalibrator:
         if self.teacher_inputs is not None:
             self.teacher_block = copy.deepcopy(self.blocks[index]).eval()
 
-    def collect(self, layers: dict[str, nn.Module], needs: set[str]) -> dict[str, LayerStats]:
+    def collect(self, layers: dict[str, nn.Module], needs: set[str],
+                pair_spans: dict[str, str] | None = None) -> dict[str, LayerStats]:
         """Statistics of `layers` (inside the current block) on the current block inputs."""
         block = self.blocks[self.index]
         forward_needs = set(needs) - LABELLED_NEEDS
@@ -181,7 +182,7 @@ class SequentialCalibrator:
             block_prefix = _prefix_of(self.model, block)
             teacher_modules = dict(self.teacher_block.named_modules())
             teacher_layers = {name: teacher_modules[name[len(block_prefix) + 1:]] for name in layers}
-        collector = StatsCollector(layers, forward_needs, self.pairs_mb, teacher_layers)
+        collector = StatsCollector(layers, forward_needs, self.pairs_mb, teacher_layers, pair_spans=pair_spans)
 
         def set_mask(mask: torch.Tensor | None) -> None:
             collector.mask = mask

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Iterator
@@ -101,6 +102,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-eval", metavar="TASKS",
                    help="run these lm-evaluation-harness tasks (comma-separated) on the causal LM instead; needs "
                         "lm-eval installed and its data cached locally (runs offline)")
+    p.add_argument("--runtime", choices=["pytorch", "onnxruntime"], default="pytorch",
+                   help="onnxruntime: also export to ONNX (or take an `lmcompress export` directory as --model), "
+                        "score the task in ONNX Runtime and time it beside PyTorch at batch 1 and 8 "
+                        "(needs lmcompress[onnx]; docs/onnx.md)")
+
+    p = sub.add_parser("export", help="export a model (dense or compressed) to ONNX for ONNX Runtime (docs/onnx.md)")
+    p.add_argument("--model", default=None, help="model directory (default: the bundled model)")
+    p.add_argument("--format", default="onnx", help="export format (only onnx)")
+    p.add_argument("--out", required=True, help="output directory: model.onnx, config, tokenizer, manifest")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+
+    p = sub.add_parser("distill", help="train a compressed student towards its teacher within one wall-clock "
+                       "budget; the best student so far is always saved (docs/distillation.md)")
+    p.add_argument("--teacher", required=True, help="the uncompressed model directory")
+    p.add_argument("--student", help="the compressed model directory (not needed with --resume)")
+    _add_task_args(p, "training data: GLUE folder (reads train.tsv), a file, a datasets directory or hf:NAME; a "
+                   "--heldout share of it scores checkpoints")
+    p.add_argument("--time", required=True, help="wall-clock budget: 90s, 5m, 1h, 1h30m")
+    p.add_argument("--out", required=True, help="output directory: best/ (the best student), state.json, "
+                   "curve.json, curve.png")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its best student")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--heldout", type=float, default=0.1,
+                   help="share of the data held out to score checkpoints (at most 512 examples; default 0.1)")
+    p.add_argument("--max-train-samples", type=int, default=None, help="train on a subset")
+    p.add_argument("--phases", nargs="+", choices=["local", "block", "global"], help="phases to run (default all)")
+    p.add_argument("--temperature", type=float, help="softmax temperature of the logits' KL (default 2)")
+    p.add_argument("--batch-size", type=int, help="training batch size (default 16)")
+    p.add_argument("--max-length", type=int, help="tokens per example (default 128)")
+    p.add_argument("--option", nargs="+", metavar="KEY=VALUE", default=[],
+                   help="other distillation options, e.g. hidden_weight=0.5 attention_weight=0.1 ce_weight=0.5 "
+                        "select=metric lr_global=2e-5 (docs/distillation.md)")
 
     p = sub.add_parser("demo", help="fine-tune the bundled model on the embedded task, compress, compare")
     p.add_argument("--out", default="lmcompress-demo", help="output directory (default: lmcompress-demo)")
@@ -108,6 +141,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
 
     sub.add_parser("methods", help="list compression methods and their options")
+
+    p = sub.add_parser("sweep", help="compress, save and measure every setting of a grid; Pareto fronts of the "
+                       "metric against latency, bytes and FLOPs (docs/sweep.md)")
+    p.add_argument("--model", default=None, help="model directory (default: the bundled model)")
+    p.add_argument("--grid", required=True, help="YAML: a list of recipes, or one recipe with list-valued options")
+    _add_task_args(p, "GLUE folder (train.tsv calibrates, dev.tsv scores), a file, a datasets directory or hf:NAME")
+    p.add_argument("--out", required=True, help="sweep directory: results.jsonl, report.md, plots, models; "
+                   "running again resumes there")
+    p.add_argument("--baselines", nargs="*", default=["dense", "int8"], choices=["dense", "int8"],
+                   help="reference points measured in the same run (default: dense int8)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local worker processes (default) or a Ray cluster")
+    p.add_argument("--workers", type=int, default=1, help="points run at once (default 1: latency timed on idle "
+                   "cores; more workers share the machine's cores)")
+    p.add_argument("--ray-address", help="Ray cluster to join (default: start a local one)")
+    p.add_argument("--max-samples", type=int, default=None, help="score each point on this many dev examples")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=128, help="sequence length for FLOPs and latency")
+    p.add_argument("--repeats", type=int, default=20, help="timed forward passes at batch 1 (median reported)")
+    p.add_argument("--stride", type=int, default=None, help="language-modeling: tokens between window starts")
+    p.add_argument("--max-tokens", type=int, default=None, help="language-modeling: score the first N tokens")
+    p.add_argument("--discard-models", action="store_true", help="delete each compressed model once measured")
+    p.add_argument("--title", default=None, help="title of the report and plots")
+    p.add_argument("--overwrite", action="store_true", help="start again in an --out that holds another sweep")
 
     p = sub.add_parser("anatomy", help="where a model's parameters and FLOPs live, by part and block, from its "
                        "config alone (built on the meta device: nothing loaded or downloaded)")
@@ -156,6 +214,8 @@ _AT_LEAST: dict[str, dict[str, int]] = {
     "anatomy": {"seq_len": 1},
     "evaluate": {"max_samples": 1, "batch_size": 1, "max_length": 1, "seq_len": 1, "latency_batch_size": 1,
                  "repeats": 1, "stride": 1, "max_tokens": 1},
+    "sweep": {"workers": 1, "max_samples": 1, "batch_size": 1, "max_length": 1, "seq_len": 1, "repeats": 1,
+              "stride": 1, "max_tokens": 1},
 }
 
 
@@ -331,6 +391,9 @@ def cmd_evaluate(args) -> None:
     if args.lm_eval:
         _evaluate_harness(args)
         return
+    if args.runtime == "onnxruntime":
+        _evaluate_onnxruntime(args)
+        return
     language_modeling = _language_modeling(args)
     if language_modeling and args.stride is not None:  # before the (slow) model load
         from lmcompress.evaluation.perplexity import check_window_args
@@ -353,6 +416,60 @@ def cmd_evaluate(args) -> None:
           f"size: {result.size_bytes / 1e6:.2f} MB")
     if args.json:
         write_json(args.json, result.to_dict())
+
+
+def _evaluate_onnxruntime(args) -> None:
+    """--runtime onnxruntime: the model exported to a temporary directory (or an export given as --model), its
+    task metric in ONNX Runtime, and latency at batch 1 and 8 in ORT beside PyTorch."""
+    import tempfile
+
+    from lmcompress.errors import LMCompressError
+    from lmcompress.evaluation import evaluate
+    from lmcompress.evaluation.onnx_runtime import evaluate_onnx, load_onnx_model
+    from lmcompress.models import check_sequence_length, load_model, load_tokenizer, resolve_model
+    from lmcompress.onnx_export import export_onnx, read_onnx_manifest, require_onnx
+
+    require_onnx()
+    if _language_modeling(args):
+        raise LMCompressError("--runtime onnxruntime evaluates classifiers and regressors; language modeling runs "
+                              "in PyTorch only (drop --runtime)")
+    location, _ = resolve_model(args.model)
+    manifest = read_onnx_manifest(location)
+    with tempfile.TemporaryDirectory(prefix="lmcompress-onnx-") as tmp:
+        if manifest is not None:  # an export: PyTorch runs its source model where that still exists
+            onnx_dir, tokenizer = Path(location), load_tokenizer(location)
+            source = manifest.get("source")
+            model = load_model(source)[0] if source and Path(source).is_dir() else None
+        else:
+            model, tokenizer = load_model(args.model)
+            onnx_dir = Path(tmp) / "onnx"
+            export_onnx(model, tokenizer, onnx_dir, source=location)
+        onnx_model = load_onnx_model(onnx_dir)
+        for limit_of in (model, onnx_model):
+            if limit_of is not None:
+                check_sequence_length(limit_of, args.seq_len, "--seq-len")
+        task, dev = _task_and_examples(args, "dev", model if model is not None else onnx_model,
+                                       max_samples=args.max_samples)
+        result = {}
+        if model is not None:
+            result = evaluate(model, tokenizer, task, dev, batch_size=args.batch_size, max_length=args.max_length,
+                              flops_seq_len=args.seq_len, latency_batch_size=args.latency_batch_size,
+                              latency_seq_len=args.seq_len, latency_repeats=args.repeats,
+                              progress=not args.quiet).to_dict()
+        ort = evaluate_onnx(onnx_model, tokenizer, task, dev, torch_model=model, batch_size=args.batch_size,
+                            max_length=args.max_length, seq_len=args.seq_len, repeats=args.repeats,
+                            progress=not args.quiet)
+    lines = [f"{task.name} {ort['metric']['name']}: ONNX Runtime {ort['metric']['value']:.4f}"
+             + (f", PyTorch {result['metric']['value']:.4f}" if result else " (no PyTorch model: source not found)")
+             + f" on {ort['examples']} examples"]
+    for key, row in ort["latency"].items():
+        versus = (f" vs PyTorch {row['pytorch_ms']:.2f} ms: ONNX Runtime {row['speedup']:.2f}x"
+                  if row["pytorch_ms"] else "")
+        lines.append(f"latency ({key.replace('_', ' ')}, {args.seq_len} tokens, median of {args.repeats}): "
+                     f"ONNX Runtime {row['onnxruntime_ms']:.2f} ms{versus}")
+    print("\n".join(lines))
+    if args.json:
+        write_json(args.json, {**result, "runtime": "onnxruntime", "onnxruntime": ort})
 
 
 def _metric_line(task: str, result) -> str:
@@ -406,6 +523,141 @@ def cmd_methods(_args) -> None:
             print(f"    {field} (default {info.default!r}): {info.description or ''}")
 
 
+def cmd_sweep(args) -> None:
+    from lmcompress.errors import LMCompressError
+    from lmcompress.models import check_sequence_length, load_model, resolve_model
+    from lmcompress.sweep import SweepSettings, load_grid, run_sweep, write_report
+    from lmcompress.sweep.runner import fingerprint, prepare_out
+
+    points = load_grid(args.grid)  # every point validated before the model loads
+    language_modeling = _language_modeling(args)
+    if language_modeling and args.stride is not None:
+        from lmcompress.evaluation.perplexity import check_window_args
+
+        check_window_args(args.max_length, args.stride)
+    model, _ = load_model(args.model, language_model=language_modeling)  # a bad model or data fails here, once
+    check_sequence_length(model, args.seq_len, "--seq-len")
+    task, _ = _task_and_examples(args, "dev", model, max_samples=1, labels=not language_modeling)
+    location, local = resolve_model(args.model)
+    threads = max(1, (os.cpu_count() or 1) // args.workers) if args.workers > 1 else None
+    settings = SweepSettings(model=str(Path(location).resolve()) if local else location, out=args.out,
+                             task=args.task or task.name, data=args.data, text_column=args.text_column,
+                             text_pair_column=args.text_pair_column, label_column=args.label_column,
+                             max_samples=args.max_samples, batch_size=args.batch_size, max_length=args.max_length,
+                             seq_len=args.seq_len, repeats=args.repeats, stride=args.stride,
+                             max_tokens=args.max_tokens, threads=threads, keep_models=not args.discard_models)
+    settings = SweepSettings(**{**settings.__dict__, "fingerprint": fingerprint(settings)})
+    del model
+    title = args.title or f"Sweep: {Path(settings.model).name} on {task.name}"
+    command = "lmcompress " + shlex.join(args.argv)
+    prepare_out(settings, args.overwrite)  # refuses an --out holding another sweep, before the report is touched
+
+    def report(_row=None) -> None:
+        from lmcompress.sweep.runner import latest_results
+
+        latest = latest_results(args.out)
+        ids = ["dense", "int8", *(p.point_id for p in points)]
+        write_report([latest[i] for i in ids if i in latest], args.out, title, command)
+
+    try:
+        rows = run_sweep(settings, points, baselines=args.baselines, executor=args.executor, workers=args.workers,
+                         ray_address=args.ray_address, quiet=args.quiet, on_result=report)
+    finally:
+        if (Path(args.out) / "results.jsonl").is_file():
+            report()
+    failed = [r for r in rows if r["status"] != "ok"]
+    print(f"{len(rows) - len(failed)} of {len(rows)} points measured; report in {Path(args.out) / 'report.md'}")
+    if failed:
+        raise LMCompressError(f"{len(failed)} point(s) failed, first: {failed[0]['name']}: {failed[0]['error']} "
+                              "(all in results.jsonl; running the sweep again retries them)")
+
+
+def cmd_export(args) -> None:
+    from lmcompress.io import check_output_dir
+    from lmcompress.models import load_model, resolve_model
+    from lmcompress.onnx_export import check_format, export_onnx, require_onnx
+
+    check_format(args.format)  # format, packages and output directory before the (slow) model load
+    require_onnx()
+    check_output_dir(args.out, args.overwrite)
+    model, tokenizer = load_model(args.model)
+    manifest = export_onnx(model, tokenizer, args.out, overwrite=args.overwrite, source=resolve_model(args.model)[0])
+    layers = ", ".join(f"{count} x {role}" for role, count in manifest["layers"].items()) or "dense layers only"
+    print(f"exported {manifest['architecture']} to {Path(args.out) / manifest['file']} ({layers}); ONNX Runtime vs "
+          f"PyTorch logits differ by at most {manifest['check']['max_abs_logit_difference_vs_pytorch']:.2g}")
+
+
+def _distill_config(args):
+    """DistillConfig from the flags and --option KEY=VALUE (values read as YAML: numbers, lists, mappings)."""
+    import yaml
+
+    from lmcompress.distill import DistillConfig
+    from lmcompress.errors import RecipeError
+
+    options: dict = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise RecipeError(f"--option expects KEY=VALUE, got {item!r}")
+        options[key] = yaml.safe_load(value)
+    flags = {"phases": args.phases, "temperature": args.temperature, "batch_size": args.batch_size,
+             "max_length": args.max_length}
+    return DistillConfig(**{**options, **{k: v for k, v in flags.items() if v is not None}})
+
+
+def cmd_distill(args) -> None:
+    from lmcompress.distill import distill, parse_duration, split_heldout
+    from lmcompress.distill.checkpoint import CheckpointStore
+    from lmcompress.errors import DataError, LMCompressError
+    from lmcompress.io import check_output_dir
+    from lmcompress.models import check_sequence_length, load_model
+
+    budget = parse_duration(args.time)  # every option before the (slow) model loads
+    config = _distill_config(args)
+    if not 0 < args.heldout < 1:
+        raise LMCompressError(f"--heldout must be a fraction between 0 and 1 (got {args.heldout})")
+    if args.resume:
+        CheckpointStore(args.out).prepare(resume=True, overwrite=False)
+        if args.student:
+            log.warning("--resume continues from %s/best; --student is not read", args.out)
+    elif not args.student:
+        raise LMCompressError("--student is required (unless --resume continues a run in --out)")
+    else:
+        check_output_dir(args.out, args.overwrite)
+    language_modeling = _language_modeling(args)
+    teacher, tokenizer = load_model(args.teacher, language_model=language_modeling)
+    student, student_tokenizer = (None, None) if args.resume else load_model(args.student,
+                                                                             language_model=language_modeling)
+    check_sequence_length(teacher, config.max_length, "max_length")
+    try:  # labels are optional: read when the data has them (the metric is then reported too)
+        task, examples = _task_and_examples(args, "train", teacher, labels=not language_modeling)
+    except DataError:
+        if config.needs_labels or language_modeling:
+            raise
+        task, examples = _task_and_examples(args, "train", teacher, labels=False)
+        log.info("distill: the data has no labels; checkpoints are scored by divergence from the teacher only")
+    if language_modeling:
+        from lmcompress.tasks.text import token_chunks
+
+        examples = token_chunks(tokenizer, examples, config.max_length)
+    train, heldout = split_heldout(examples, args.heldout, config.seed)
+    if args.max_train_samples is not None:
+        if args.max_train_samples < 1:
+            raise DataError(f"--max-train-samples must be at least 1 (got {args.max_train_samples})")
+        train = train.take(args.max_train_samples, seed=config.seed)
+    result = distill(teacher, student, tokenizer, train, heldout, task, budget, args.out, config=config,
+                     resume=args.resume, overwrite=args.overwrite, student_tokenizer=student_tokenizer,
+                     progress=not args.quiet)
+    points, best = result.curve["points"], result.state.get("best") or {}
+    metric = result.curve.get("metric")
+    quality = f"held-out divergence {points[0]['divergence']:.4g} -> {best.get('divergence', float('nan')):.4g}"
+    if metric and best.get("metric") is not None:
+        quality += (f", {metric} {points[0]['metric']:.4f} -> {best['metric']:.4f} (teacher "
+                    f"{result.curve['teacher_metric']:.4f})")
+    print(f"distilled for {result.state['elapsed_s']:.1f}s of {budget:.0f}s ({result.state['step']} steps): {quality}; "
+          f"best student in {result.best_path}; curve in {Path(args.out) / 'curve.json'} and curve.png")
+
+
 def cmd_anatomy(args) -> None:
     from lmcompress.breakdown import anatomy, describe
 
@@ -425,7 +677,8 @@ def write_json(path: str | os.PathLike, data: dict) -> None:
 
 
 COMMANDS = {"finetune": cmd_finetune, "compress": cmd_compress, "evaluate": cmd_evaluate, "demo": cmd_demo,
-            "methods": cmd_methods, "anatomy": cmd_anatomy}
+            "methods": cmd_methods, "anatomy": cmd_anatomy, "sweep": cmd_sweep, "export": cmd_export,
+            "distill": cmd_distill}
 
 
 class Terminated(KeyboardInterrupt):
@@ -458,6 +711,7 @@ def signals_raise() -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for reports that say how they were made
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
                         stream=sys.stderr)
     import transformers

@@ -30,3 +30,7 @@ def first_line(err: BaseException) -> str:
 def validation_message(err) -> str:
     """One line from a pydantic ValidationError: every problem as `field: message`, joined by '; '."""
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in err.errors())
+
+
+class DistillError(LMCompressError):
+    """Teacher and student cannot be distilled together (tokenizer, labels, architecture), or a bad budget."""

@@ -11,6 +11,7 @@ The pipeline knows nothing about any particular method: it never branches on a m
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import time
@@ -174,13 +175,23 @@ def compress(model: nn.Module, recipe: Recipe, tokenizer=None, calibration_data=
     recipe.check_methods()
     summary = CompressionSummary([])
     model.eval()
+    original = _original_if_wanted(model, recipe)
     for index, stage in enumerate(recipe.stages):
         _StageRun(model, stage, index, recipe.calibration, summary.tokenizer or tokenizer, calibration_data,
-                  progress, summary, reuse if index == 0 else None).run()
+                  progress, summary, reuse if index == 0 else None, original).run()
     if timing:
         _record_speed(model, summary, progress)
     log.info("%s", summary.describe())
     return summary
+
+
+def _original_if_wanted(model: nn.Module, recipe: Recipe) -> nn.Module | None:
+    """One unmodified copy of the model, kept only when a stage's method asks for it (a distillation teacher)."""
+    for stage in recipe.stages:
+        method = get_method(stage.method)
+        if method.wants_original(method.parse_config(stage.options)):
+            return copy.deepcopy(model).eval()
+    return None
 
 
 def _record_speed(model: nn.Module, summary: CompressionSummary, progress: bool) -> None:
@@ -209,11 +220,14 @@ class _StageRun:
     """One stage: select, size, calibrate, apply. Kept as a small class so each step reads on its own."""
 
     def __init__(self, model: nn.Module, stage: Stage, index: int, calibration: Calibration, tokenizer,
-                 data, progress: bool, summary: CompressionSummary, reuse: ScoreCache | None = None) -> None:
+                 data, progress: bool, summary: CompressionSummary, reuse: ScoreCache | None = None,
+                 original: nn.Module | None = None) -> None:
         self.model, self.stage, self.index, self.cal, self.reuse = model, stage, index, calibration, reuse
         self.tokenizer, self.data, self.progress, self.summary = tokenizer, data, progress, summary
+        self.original = original
         self.method: Method = get_method(stage.method)
         self.config: MethodConfig = self.method.parse_config(stage.options)
+        self.unit = self.method.unit_for(self.config)
         self.needs = set(self.method.needs_for(self.config))
         self.sizes: dict[str, Any] | None = None
 
@@ -221,16 +235,16 @@ class _StageRun:
         started = time.perf_counter()
         layers = select_layers(self.model, self.stage, self.index, self.method)
         self.method.check_targets(layers, self.config, self.model)
-        if self.method.unit == "model":
+        if self.unit == "model":
             self._apply_model(layers, started)
             return
-        units = units_for(self.model, self.method.unit, list(layers))
+        units = units_for(self.model, self.unit, list(layers))
         budget = self.stage.budget
         sensitivity = budget is not None and self.stage.allocation.strategy == "sensitivity"
         batches = self._batches(need_data=bool(self.needs) or sensitivity)
         mode = self._mode(units) if self.needs else None
         log.info("stage %d: %s on %d %s unit(s)%s", self.index + 1, self.stage.method, len(units),
-                 self.method.unit, f", {mode.replace('_', '-')} calibration" if mode else "")
+                 self.unit, f", {mode.replace('_', '-')} calibration" if mode else "")
         if batches is not None and self.needs:
             log.info("%s", self._estimate(layers, units, batches, mode, sensitivity).describe())
         allocation, stats = None, None
@@ -241,7 +255,7 @@ class _StageRun:
         else:
             if stats is None:
                 stats = collect(self.model, batches, layers, self.needs, pairs_mb=self.cal.pairs_mb,
-                                progress=self.progress) if self.needs else {}
+                                progress=self.progress, pair_spans=self._spans(units)) if self.needs else {}
             for unit in units:
                 self._apply(unit, stats)
         self.summary.stages.append(StageRecord(self.index + 1, self.stage.method, mode,
@@ -254,7 +268,7 @@ class _StageRun:
             raise CalibrationError(f"stage {self.index + 1}: method {self.stage.method!r} needs the task's data")
         log.info("stage %d: %s on the whole model", self.index + 1, self.stage.method)
         with torch.no_grad():
-            context = StageContext(self.stage.budget, self.cal, self.index, self.progress)
+            context = StageContext(self.stage.budget, self.cal, self.index, self.progress, self.original)
             result = self.method.compress_model(self.model, self.tokenizer, self.data, self.config, layers, context)
         if result.tokenizer is not None:
             self.summary.tokenizer = result.tokenizer
@@ -312,7 +326,8 @@ class _StageRun:
         started = time.perf_counter()
         budget = self.stage.budget
         stats = collect(self.model, batches, layers, self.needs, pairs_mb=self.cal.pairs_mb,
-                        progress=self.progress, desc="calibrating (allocation)") if self.needs else {}
+                        progress=self.progress, desc="calibrating (allocation)",
+                        pair_spans=self._spans(units)) if self.needs else {}
         candidates = []
         for unit in units:
             found = self.method.candidates(self.model, unit, stats, self.config)
@@ -371,11 +386,15 @@ class _StageRun:
             for block, step in _track_steps(steps, self.progress):
                 calibrator.begin_block(block)
                 step_layers = {n: self.model.get_submodule(n) for u in step for n in u.layer_names}
-                stats = calibrator.collect(step_layers, self.needs)
+                stats = calibrator.collect(step_layers, self.needs, self._spans(step))
                 for unit in step:
                     self._apply(unit, stats)
         finally:
             calibrator.close()
+
+    def _spans(self, units: list[Unit]) -> dict[str, str]:
+        """The method's multi-layer pairs ({output layer: input layer}) over these units."""
+        return {out: src for unit in units for out, src in self.method.pair_spans(unit, self.config).items()}
 
     def _apply(self, unit: Unit, stats: dict[str, LayerStats]) -> None:
         start = time.perf_counter()

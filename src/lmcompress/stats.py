@@ -8,7 +8,8 @@ A method names what it needs (`Method.needs`); the calibrator gathers only that:
 | `output_gram` | Y^T Y of its outputs (float64)                              | out^2                        |
 | `cross_gram`  | X^T X_teacher: current inputs against the original model's  | in^2 (sequential mode only)  |
 | `fisher`      | squared gradients of the task loss w.r.t. the weight (labels) | out x in                    |
-| `pairs`       | (x, y) token rows, reservoir-sampled under a MB cap          | the cap                      |
+| `pairs`       | (x, y) token rows, reservoir-sampled under a MB cap (x may   | the cap                      |
+|               | be an earlier layer's input: `pair_spans`)                   |                              |
 | `summary`     | per input feature: mean, mean abs, sum of squares            | 3 x in                       |
 
 Everything but `pairs` is a running sum, so memory never grows with the number of samples. Gram-type sums
@@ -141,10 +142,17 @@ def estimate_bytes(layers: dict[str, nn.Module], needs: set[str], pairs_mb: floa
     return total + int(pairs_mb * 2**20 * ("pairs" in needs))
 
 
-def pair_capacity(layers: dict[str, nn.Module], pairs_mb: float) -> dict[str, int]:
-    """Rows each layer may keep so that all layers' pairs together stay under `pairs_mb` (float32)."""
-    per_layer = pairs_mb * 2**20 / max(len(layers), 1)
-    return {name: int(per_layer // (4 * sum(in_out_features(m)))) for name, m in layers.items()}
+def pair_capacity(layers: dict[str, nn.Module], pairs_mb: float,
+                  spans: dict[str, str] | None = None) -> dict[str, int]:
+    """Rows each pair-keeping layer may keep so that all pairs together stay under `pairs_mb` (float32).
+
+    With `spans` ({output layer: input layer}) only the output layers keep pairs, each row holding the input
+    layer's input and the output layer's output."""
+    spans = spans or {}
+    widths = {name: (in_out_features(layers[spans[name]])[0] + in_out_features(m)[1]) if name in spans
+              else sum(in_out_features(m)) for name, m in layers.items() if not spans or name in spans}
+    per_layer = pairs_mb * 2**20 / max(len(widths), 1)
+    return {name: int(per_layer // (4 * width)) for name, width in widths.items()}
 
 
 class StatsCollector:
@@ -153,14 +161,23 @@ class StatsCollector:
     Set `mask` (batch, seq) before each batch so padding positions are left out. With `teacher_layers`
     (the same names in an unmodified copy), `cross_gram` pairs the current model's inputs with the
     teacher's at the same tokens: run the current model first, then the teacher, on each batch.
+    `pair_spans` ({output layer: input layer}, both in `layers`) makes pairs span several layers: the output
+    layer keeps (its input layer's input, its own output) at the same tokens, e.g. a feed-forward block's
+    input and output; then only such output layers keep pairs.
     """
 
     def __init__(self, layers: dict[str, nn.Module], needs: set[str], pairs_mb: float = DEFAULT_PAIRS_MB,
-                 teacher_layers: dict[str, nn.Module] | None = None, seed: int = 0) -> None:
+                 teacher_layers: dict[str, nn.Module] | None = None, seed: int = 0,
+                 pair_spans: dict[str, str] | None = None) -> None:
         self.layers = layers
         self.needs = set(needs) - {"fisher"}
         self.teacher_layers = teacher_layers if "cross_gram" in needs else None
-        capacity = pair_capacity(layers, pairs_mb) if "pairs" in needs else {}
+        self.spans = {out: src for out, src in (pair_spans or {}).items() if out in layers and src in layers}
+        self._span_sources: dict[str, list[str]] = {}
+        for out, src in self.spans.items():
+            self._span_sources.setdefault(src, []).append(out)
+        self._span_inputs: dict[str, torch.Tensor] = {}
+        capacity = pair_capacity(layers, pairs_mb, self.spans) if "pairs" in needs else {}
         self.stats: dict[str, LayerStats] = {}
         for index, (name, module) in enumerate(layers.items()):
             fan_in, fan_out = in_out_features(module)
@@ -174,7 +191,7 @@ class StatsCollector:
                 entry.cross_gram = zeros(fan_in, fan_in)
             if "summary" in needs:
                 entry.summary = ActivationSummary(zeros(fan_in), zeros(fan_in), zeros(fan_in))
-            if "pairs" in needs:
+            if "pairs" in needs and name in capacity:
                 entry.pairs = PairSample(capacity[name], generator=torch.Generator().manual_seed(seed + index))
             self.stats[name] = entry
         self.mask: torch.Tensor | None = None
@@ -193,6 +210,7 @@ class StatsCollector:
             handle.remove()
         self._handles.clear()
         self._current_inputs.clear()
+        self._span_inputs.clear()
 
     def _rows(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.detach()
@@ -205,6 +223,8 @@ class StatsCollector:
             entry = self.stats[name]
             x = self._rows(inputs[0])
             entry.count += x.shape[0]
+            for out in self._span_sources.get(name, ()):
+                self._span_inputs[out] = x
             if entry.gram is not None:
                 entry.gram += _batch_gram(x)
             if entry.cross_gram is not None:
@@ -220,7 +240,9 @@ class StatsCollector:
                 if entry.output_gram is not None:
                     entry.output_gram += _batch_gram(y)
                 if entry.pairs is not None:
-                    entry.pairs.add(x, y)
+                    source = self._span_inputs.pop(name, None) if name in self.spans else x
+                    if source is not None:
+                        entry.pairs.add(source, y)
         return hook
 
     def _teacher_hook(self, name: str):

@@ -104,6 +104,38 @@ def measure_latency(model: nn.Module, batch_size: int = 1, seq_len: int = 128, w
             "batch_size": batch_size, "seq_len": seq_len, "repeats": repeats, "threads": torch.get_num_threads()}
 
 
+def paired_latency(models: dict[str, nn.Module], batch_size: int = 1, seq_len: int = 128, warmup: int = 2,
+                   repeats: int = 20) -> dict[str, dict[str, float]]:
+    """`measure_latency` for several models at once, their passes interleaved (a, b, a, b, ...).
+
+    On a shared or throttling machine the speed of the cores drifts over seconds; timing a compressed model
+    and its dense original in alternation exposes both to the same drift, so their ratio holds even when
+    the absolute milliseconds do not.
+    """
+    batches = {name: dummy_batch(model, batch_size, seq_len) for name, model in models.items()}
+    devices = {name: next(model.parameters()).device for name, model in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():
+            model.eval()
+        for round_ in range(warmup + repeats):
+            for name, model in models.items():
+                sync = torch.cuda.synchronize if devices[name].type == "cuda" else (lambda *_: None)
+                sync(devices[name])
+                start = time.perf_counter()
+                model(**batches[name])
+                sync(devices[name])
+                if round_ >= warmup:
+                    times[name].append((time.perf_counter() - start) * 1000)
+    result = {}
+    for name, values in times.items():
+        quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+        result[name] = {"median_ms": statistics.median(values), "p25_ms": quartiles[0], "p75_ms": quartiles[2],
+                        "batch_size": batch_size, "seq_len": seq_len, "repeats": repeats,
+                        "threads": torch.get_num_threads()}
+    return result
+
+
 def serialized_size(model: nn.Module) -> int:
     """Bytes of the model's weights written as safetensors (what `lmcompress.save` puts on disk).
 

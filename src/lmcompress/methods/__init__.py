@@ -13,9 +13,11 @@ from lmcompress.methods.base import LayerResult, Method, register_method, regist
 
 # name -> module that registers it on import
 _BUILTIN: dict[str, str] = {
+    "distill": "lmcompress.methods.distill",
     "drop_blocks": "lmcompress.methods.drop_blocks",
     "fisher_svd": "lmcompress.methods.fisher_svd",
     "kronecker": "lmcompress.methods.kronecker",
+    "learned": "lmcompress.methods.learned",
     "prune": "lmcompress.methods.prune",
     "quantize": "lmcompress.methods.quantize",
     "sparsify": "lmcompress.methods.sparsify",

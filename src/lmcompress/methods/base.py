@@ -56,12 +56,14 @@ class ModelResult:
 @dataclass
 class StageContext:
     """What a model-level method may need besides its options: the stage's budget (None: its own sizes),
-    the recipe's calibration settings, the stage number for messages, and whether to show progress."""
+    the recipe's calibration settings, the stage number for messages, whether to show progress, and (for a
+    method that `wants_original`) an unmodified copy of the model as the recipe found it."""
 
     budget: Any = None
     calibration: Any = None
     index: int = 0
     progress: bool = True
+    original: Any = None      # the model as it was before the recipe ran, when the method `wants_original`
 
 
 @dataclass
@@ -124,6 +126,22 @@ class Method:
     def needs_for(self, config: MethodConfig) -> frozenset[str]:
         """Statistics needed with these options (override when an option changes them)."""
         return self.needs
+
+    def unit_for(self, config: MethodConfig) -> str:
+        """What this method acts on with these options (default: `unit`); override when an option picks it,
+        as `learned` does (a low-rank linear layer, or a whole feed-forward block)."""
+        return self.unit
+
+    def pair_spans(self, unit: Unit, config: MethodConfig) -> dict[str, str]:
+        """Pairs that span layers, {output layer: input layer}: that output layer's `pairs` then hold the input
+        layer's inputs and its own outputs at the same tokens (a feed-forward block's input and output), and
+        only such output layers keep pairs. Default: none, every layer keeps its own (x, y)."""
+        return {}
+
+    def wants_original(self, config: MethodConfig) -> bool:
+        """Whether a model-level stage needs the model as it was before the recipe ran (a distillation
+        teacher); the pipeline then keeps one copy and hands it over in `StageContext.original`."""
+        return False
 
     def uses_data(self, config: MethodConfig) -> bool:
         """Whether the stage must be given the task's examples: when statistics are needed, or (override) when

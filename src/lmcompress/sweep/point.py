@@ -81,6 +81,10 @@ class PointResult:
     flops_seq_len: int | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)   # {"b1": median, "b8": median}
     latency: dict[str, dict] = field(default_factory=dict)
+    # the dense model timed in alternation with this point, and dense / point: the ratio is what holds on a
+    # noisy machine (see `paired_latency`)
+    dense_latency_ms: dict[str, float] = field(default_factory=dict)
+    speedup: dict[str, float] = field(default_factory=dict)
     bytes: int | None = None
     compress_seconds: float | None = None
     eval_seconds: float | None = None
@@ -150,7 +154,7 @@ def _build(settings: SweepSettings, job: Job, directory: Path):
     return model, tokenizer, seconds
 
 
-_DEV_CACHE: dict[tuple, Any] = {}
+_WORKER_CACHE: dict[tuple, Any] = {}
 
 
 def _dev_examples(settings: SweepSettings, model):
@@ -158,28 +162,43 @@ def _dev_examples(settings: SweepSettings, model):
     from lmcompress.cli import _task_and_examples
 
     key = (settings.model, settings.task, settings.data, settings.max_samples)
-    if key not in _DEV_CACHE:
-        _DEV_CACHE[key] = _task_and_examples(settings.args(), "dev", model, max_samples=settings.max_samples,
+    if key not in _WORKER_CACHE:
+        _WORKER_CACHE[key] = _task_and_examples(settings.args(), "dev", model, max_samples=settings.max_samples,
                                              labels=not settings.language_modeling)
-    return _DEV_CACHE[key]
+    return _WORKER_CACHE[key]
+
+
+def _reference(settings: SweepSettings):
+    """The uncompressed model, loaded once per worker, timed in alternation with each point."""
+    from lmcompress.models import load_model
+
+    key = ("reference", settings.model, settings.language_modeling)
+    if key not in _WORKER_CACHE:
+        _WORKER_CACHE[key] = load_model(settings.model, language_model=settings.language_modeling)[0]
+    return _WORKER_CACHE[key]
 
 
 def _evaluate(settings: SweepSettings, job: Job, model, tokenizer, result: PointResult) -> None:
-    from lmcompress.evaluation import evaluate, measure_latency, serialized_size
+    from lmcompress.evaluation import evaluate, serialized_size
+    from lmcompress.evaluation.efficiency import paired_latency
 
     task, dev = _dev_examples(settings, model)
     started = time.perf_counter()
     evaluated = evaluate(model, tokenizer, task, dev, batch_size=settings.batch_size, max_length=settings.max_length,
-                         flops_seq_len=settings.seq_len, latency_batch_size=LATENCY_BATCHES[0],
-                         latency_seq_len=settings.seq_len, latency_repeats=settings.repeats, progress=False,
-                         stride=settings.stride, max_tokens=settings.max_tokens)
+                         flops_seq_len=settings.seq_len, latency_batch_size=1, latency_seq_len=settings.seq_len,
+                         latency_repeats=1, progress=False, stride=settings.stride, max_tokens=settings.max_tokens)
     result.metric, result.metrics = evaluated.metric, evaluated.metrics
     result.params, result.flops, result.flops_seq_len = evaluated.params, evaluated.flops, evaluated.flops_seq_len
-    result.latency = {"b1": evaluated.latency}
-    for batch in LATENCY_BATCHES[1:]:
-        result.latency[f"b{batch}"] = measure_latency(model, batch, settings.seq_len,
-                                                      repeats=max(3, settings.repeats // 2))
-    result.latency_ms = {k: round(v["median_ms"], 3) for k, v in result.latency.items()}
+    models = {"point": model} if job.kind == "dense" else {"point": model, "dense": _reference(settings)}
+    for batch in LATENCY_BATCHES:
+        repeats = settings.repeats if batch == 1 else max(3, settings.repeats // 2)
+        timed = paired_latency(models, batch, settings.seq_len, repeats=repeats)
+        key = f"b{batch}"
+        result.latency[key] = timed["point"]
+        result.latency_ms[key] = round(timed["point"]["median_ms"], 3)
+        dense_ms = timed.get("dense", timed["point"])["median_ms"]
+        result.dense_latency_ms[key] = round(dense_ms, 3)
+        result.speedup[key] = round(dense_ms / timed["point"]["median_ms"], 4)
     saved = point_dir(settings, job) / "model"
     result.bytes = _weights_bytes(saved) if saved.is_dir() else serialized_size(model)
     result.eval_seconds = round(time.perf_counter() - started, 2)

@@ -215,8 +215,9 @@ def run_sweep(settings: SweepSettings, points: list[GridPoint], *, baselines: It
                 else _run_ray(settings, todo, workers, ray_address, quiet))
         for done, row in enumerate(runs, 1):
             _append(out, row)
-            state = (f"{row['metric']['name']} {row['metric']['value']:.4f}, b1 {row['latency_ms']['b1']:.1f} ms"
-                     if row["status"] == "ok" else f"FAILED: {row['error']}")
+            state = (f"{row['metric']['name']} {row['metric']['value']:.4f}, {row['speedup']['b1']:.2f}x / "
+                     f"{row['speedup']['b8']:.2f}x dense speed at batch 1 / 8" if row["status"] == "ok"
+                     else f"FAILED: {row['error']}")
             log.info("[%d/%d] %s: %s (%.0fs elapsed)", done, len(todo), row["name"], state,
                      time.perf_counter() - started)
             if on_result is not None:

@@ -1,0 +1,331 @@
+"""The `learned` method, block-spanning pair capture, and anytime distillation (phases, budget, checkpoints,
+kill -9 and resume, mismatch errors, the recipe stage)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SENTENCES, logits, make_tiny_bert, make_tiny_gpt2, save_classifier, write_sentiment_csv
+
+from lmcompress.calibration import collect, encode_calibration
+from lmcompress.cli import main
+from lmcompress.distill import DistillConfig, distill, parse_duration, split_heldout
+from lmcompress.errors import DataError, DistillError, RecipeError
+from lmcompress.io import load, save
+from lmcompress.layers import LowRankLinear
+from lmcompress.linear import weight_out_in
+from lmcompress.methods.learned import ffn_activation, ffn_forward
+from lmcompress.pipeline import compress
+from lmcompress.recipe import Recipe
+from lmcompress.tasks import Examples, get_task
+from lmcompress.units import group_units
+
+TEXTS = [f"{s} {t}" for s in SENTENCES for t in ("indeed", "really", "so")]   # 36 distinct examples
+TASK = get_task("text-classification", text_column="text", label_column="label")
+FAST = {"lr_local": 1e-3, "lr_block": 1e-3, "lr_global": 1e-3, "batch_size": 8, "eval_batch_size": 16,
+        "max_length": 32, "checkpoints": 8}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: thread hand-offs cost more than the arithmetic (and other jobs share the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def data():
+    return Examples(TEXTS, None, [i % 2 for i in range(len(TEXTS))], ("neg", "pos"))
+
+
+def sharp_teacher(tokenizer, seed: int = 0):
+    """A tiny random classifier whose classes are far from uniform, so divergences are measurable."""
+    model = make_tiny_bert(tokenizer.vocab_size, seed=seed)
+    with torch.no_grad():
+        model.classifier.weight.mul_(30)
+        model.bert.pooler.dense.weight.mul_(10)
+    model.config.id2label, model.config.label2id = {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
+    return model
+
+
+def compressed_student(teacher, tokenizer, data, recipe: Recipe | None = None):
+    student = copy.deepcopy(teacher)
+    compress(student, recipe or Recipe.single("whitened_svd", keep=0.25), tokenizer, data, progress=False,
+             timing=False)
+    return student
+
+
+# --- parsing ------------------------------------------------------------------------------------------
+def test_time_budget_parses_units_and_refuses_nonsense():
+    assert parse_duration("90s") == 90 and parse_duration("5m") == 300 and parse_duration("1h") == 3600
+    assert parse_duration("1h30m") == 5400 and parse_duration("2.5m") == 150 and parse_duration(45) == 45
+    for bad in ("abc", "0s", "5x", "", "-5m", "m"):
+        with pytest.raises(DistillError, match="time budget"):
+            parse_duration(bad)
+
+
+# --- pair capture -------------------------------------------------------------------------------------
+def test_pairs_can_span_a_feed_forward_block_at_the_same_tokens(tiny_model, tokenizer, examples):
+    model = tiny_model
+    unit = group_units(model, "feed_forward")[0]
+    layers = {n: model.get_submodule(n) for n in unit.layer_names}
+    batches = encode_calibration(tokenizer, examples, 4, 32)
+    spans = {unit.layers["out"]: unit.layers["in"]}
+    stats = collect(model, batches, layers, {"pairs"}, progress=False, pair_spans=spans)
+    assert stats[unit.layers["in"]].pairs is None            # only the span's output layer keeps pairs
+    pairs = stats[unit.layers["out"]].pairs
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    assert pairs.kept == pairs.seen == tokens
+    weights = []
+    for role in ("in", "out"):
+        layer = model.get_submodule(unit.layers[role])
+        weights += [weight_out_in(layer).detach(), layer.bias.detach()]
+    predicted = ffn_forward(ffn_activation(model), gated=False)(weights, pairs.x)
+    torch.testing.assert_close(predicted, pairs.y, rtol=1e-4, atol=1e-5)   # x is the block input, y its output
+
+
+def test_pair_capture_memory_cap_holds(tiny_bert, tokenizer, examples):
+    layers = {n: m for n, m in tiny_bert.named_modules() if n.endswith("intermediate.dense")}
+    batches = encode_calibration(tokenizer, examples, 4, 32)
+    cap_mb = 0.02
+    stats = collect(tiny_bert, batches, layers, {"pairs"}, pairs_mb=cap_mb, progress=False)
+    total = sum(s.pairs.x.numel() * 4 + s.pairs.y.numel() * 4 for s in stats.values())
+    assert 0 < total <= cap_mb * 2**20
+    assert all(s.pairs.seen > s.pairs.kept > 0 for s in stats.values())   # sampled, not truncated to nothing
+
+
+# --- the learned method -------------------------------------------------------------------------------
+def test_learned_ffn_trains_past_its_closed_form_and_round_trips(tokenizer, data, tmp_path):
+    model = make_tiny_bert(tokenizer.vocab_size)
+    summary = compress(model, Recipe.single("learned", structure="ffn", keep=0.5, max_seconds=2),
+                       tokenizer, data, progress=False, timing=False)
+    trained = [r for r in summary.layers if "init_err" in r.metrics]
+    assert len(trained) == 2
+    for record in trained:
+        assert record.metrics["output_err"] < record.metrics["init_err"]   # beat selection + least squares
+        assert record.metrics["train_s"] <= 2.5 and "epoch" in record.note
+    assert model.bert.encoder.layer[0].intermediate.dense.out_features == 32
+    save(model, tmp_path / "m", tokenizer)
+    torch.testing.assert_close(logits(load(tmp_path / "m"), tokenizer), logits(model, tokenizer))
+
+
+def test_learned_lowrank_is_never_worse_than_whitened_svd_on_held_out_pairs(tokenizer, data):
+    model = make_tiny_gpt2(tokenizer.vocab_size, tokenizer.pad_token_id)
+    summary = compress(model, Recipe.single("learned", keep=0.5, max_seconds=0.5), tokenizer, data,
+                       progress=False, timing=False)
+    assert all(r.metrics["output_err"] <= r.metrics["init_err"] for r in summary.layers)
+    assert all(isinstance(model.get_submodule(r.name), LowRankLinear) for r in summary.layers)
+
+
+def test_learned_is_sized_by_a_stage_budget(tokenizer, data):
+    model = make_tiny_bert(tokenizer.vocab_size)
+    recipe = Recipe.from_dict({"stages": [{"method": "learned", "options": {"structure": "ffn", "max_seconds": 0.5},
+                                           "budget": {"params": 0.5}, "allocation": {"strategy": "uniform"}}]})
+    summary = compress(model, recipe, tokenizer, data, progress=False, timing=False)
+    assert summary.params_after <= 0.5 * summary.params_before
+
+
+@pytest.mark.parametrize("stage", [
+    {"method": "learned", "options": {"structure": "ffn", "rank": 4}},
+    {"method": "learned", "options": {"init": "select"}},
+    {"method": "learned", "options": {"keep": 0.5}, "budget": {"params": 0.5}},
+    {"method": "distill", "options": {"time": "soon"}},
+])
+def test_bad_learned_and_distill_options_are_one_line_errors(stage):
+    with pytest.raises(RecipeError) as err:
+        Recipe.from_dict({"stages": [stage]})
+    assert "\n" not in str(err.value)
+
+
+# --- distillation -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    """One short distillation run shared by the checks below."""
+    from lmcompress.models import bundled_model_path, load_tokenizer
+
+    torch.set_num_threads(1)
+    tokenizer = load_tokenizer(str(bundled_model_path()))
+    data = Examples(TEXTS, None, [i % 2 for i in range(len(TEXTS))], ("neg", "pos"))
+    teacher = sharp_teacher(tokenizer, seed=1)   # tiny random teachers are near-uniform: divergences are ~1e-7
+    student = compressed_student(teacher, tokenizer, data)
+    ranks = {n: m.rank for n, m in student.named_modules() if isinstance(m, LowRankLinear)}
+    train, heldout = split_heldout(data, 0.25)
+    out = tmp_path_factory.mktemp("distill") / "run"
+    budget = 5.0
+    started = time.perf_counter()
+    result = distill(teacher, student, tokenizer, train, heldout, TASK, budget, out,
+                     config=DistillConfig(**FAST), progress=False)
+    return {"result": result, "wall": time.perf_counter() - started, "budget": budget, "ranks": ranks,
+            "teacher": teacher, "tokenizer": tokenizer, "out": out}
+
+
+def test_distillation_lowers_student_teacher_divergence(distilled):
+    points = distilled["result"].curve["points"]
+    best = distilled["result"].state["best"]
+    assert points[0]["phase"] == "start"
+    assert best["divergence"] < 0.7 * points[0]["divergence"]
+    assert {p["phase"] for p in points} >= {"local", "block", "global"}
+
+
+def test_the_budget_holds(distilled):
+    assert distilled["wall"] <= distilled["budget"] + 1.0
+    assert distilled["result"].state["elapsed_s"] >= 0.6 * distilled["budget"]   # and most of it is used
+
+
+def test_compressed_layers_keep_their_structure_and_the_best_student_loads(distilled):
+    out, tokenizer = distilled["out"], distilled["tokenizer"]
+    best = load(out / "best")
+    assert {n: m.rank for n, m in best.named_modules() if isinstance(m, LowRankLinear)} == distilled["ranks"]
+    torch.testing.assert_close(logits(best, tokenizer), logits(distilled["result"].model, tokenizer))
+    state = json.loads((out / "state.json").read_text())
+    assert state["phase"] == "done" and state["best"]["checkpoint"] in os.readlink(out / "best")
+    curve = json.loads((out / "curve.json").read_text())
+    assert len(curve["points"]) >= 4 and curve["metric"] == "accuracy"
+    assert (out / "curve.png").stat().st_size > 1000
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [Path(os.readlink(out / "best")).name]
+
+
+def test_ctrl_c_leaves_the_best_student_and_a_curve(tokenizer, data, tmp_path, monkeypatch):
+    from lmcompress.distill import phases
+
+    teacher = sharp_teacher(tokenizer)
+    student = compressed_student(teacher, tokenizer, data)
+    train, heldout = split_heldout(data, 0.25)
+    calls = {"n": 0}
+    original = phases.Phase.step
+
+    def interrupting(self, batch):
+        calls["n"] += 1
+        if calls["n"] > 30:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(phases.Phase, "step", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        distill(teacher, student, tokenizer, train, heldout, TASK, 60, tmp_path / "run",
+                config=DistillConfig(**{**FAST, "checkpoints": 100}), progress=False)
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["phase"] != "done" and state["step"] >= 0
+    load(tmp_path / "run" / "best")
+    assert (tmp_path / "run" / "curve.png").is_file()
+
+
+def test_recipe_stage_distills_towards_the_model_before_the_recipe(tokenizer, data):
+    teacher = sharp_teacher(tokenizer)
+    model = copy.deepcopy(teacher)
+    recipe = Recipe.from_dict({"stages": [{"method": "whitened_svd", "options": {"keep": 0.25}},
+                                          {"method": "distill", "options": {"time": 3, "heldout": 0.25, **FAST}}]})
+    summary = compress(model, recipe, tokenizer, data, progress=False, timing=False)
+    report = summary.stages[1].report
+    assert report["divergence_after"] < report["divergence_before"]
+    assert report["elapsed_s"] <= 3.5
+    assert isinstance(model.bert.encoder.layer[0].attention.self.query, LowRankLinear)
+
+
+# --- errors -------------------------------------------------------------------------------------------
+def test_mismatched_teacher_and_student_are_refused_before_training(tokenizer, data, tmp_path):
+    teacher = sharp_teacher(tokenizer)
+    train, heldout = split_heldout(data, 0.25)
+    cases = [
+        (make_tiny_bert(tokenizer.vocab_size, num_labels=3), "label count"),
+        (make_tiny_gpt2(tokenizer.vocab_size, tokenizer.pad_token_id), "architecture"),
+        (make_tiny_bert(tokenizer.vocab_size + 7), "tokenizer"),
+    ]
+    shallow = make_tiny_bert(tokenizer.vocab_size)
+    del shallow.bert.encoder.layer[1]
+    cases.append((shallow, "depth"))
+    for student, words in cases:
+        with pytest.raises(DistillError, match=words) as err:
+            distill(teacher, student, tokenizer, train, heldout, TASK, 5, tmp_path / "never",
+                    config=DistillConfig(**FAST), progress=False)
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "never").exists()
+    unlabelled = Examples(train.texts, None, [None] * len(train), ("neg", "pos"))
+    with pytest.raises(DataError, match="labels"):
+        distill(teacher, copy.deepcopy(teacher), tokenizer, unlabelled, heldout, TASK, 5, tmp_path / "never",
+                config=DistillConfig(ce_weight=0.5), progress=False)
+    with pytest.raises(DataError, match="no training examples"):
+        distill(teacher, copy.deepcopy(teacher), tokenizer, Examples([], None, [], None), heldout, TASK, 5,
+                tmp_path / "never", progress=False)
+
+
+def _cli_setup(tokenizer, data, tmp_path: Path) -> dict[str, Path]:
+    teacher = sharp_teacher(tokenizer)
+    paths = {"teacher": save_classifier(teacher, tokenizer, tmp_path / "teacher"),
+             "data": write_sentiment_csv(tmp_path / "data.csv", TEXTS * 2)}
+    student = compressed_student(teacher, tokenizer, data)
+    save(student, tmp_path / "student", tokenizer)
+    paths["student"] = tmp_path / "student"
+    return paths
+
+
+def _cli_args(paths: dict[str, Path], out: Path, budget: str) -> list[str]:
+    return ["distill", "--teacher", str(paths["teacher"]), "--student", str(paths["student"]),
+            "--task", "text-classification", "--data", str(paths["data"]), "--text-column", "text",
+            "--label-column", "label", "--time", budget, "--out", str(out), "--heldout", "0.25",
+            "--batch-size", "8", "--max-length", "32",
+            "--option", "lr_local=1e-3", "lr_block=1e-3", "lr_global=1e-3", "checkpoints=10"]
+
+
+def test_cli_errors_are_one_line_exit_2(tokenizer, data, tmp_path, capsys):
+    paths = _cli_setup(tokenizer, data, tmp_path)
+    other = tmp_path / "three"
+    three = make_tiny_bert(tokenizer.vocab_size, num_labels=3)
+    three.config.id2label = {0: "neg", 1: "mixed", 2: "pos"}
+    three.config.label2id = {v: k for k, v in three.config.id2label.items()}
+    three.save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    capsys.readouterr()   # what saving the fixtures printed
+    for args, words in ((_cli_args(paths, tmp_path / "o1", "5 minutes"), "time budget"),
+                        (_cli_args({**paths, "student": other}, tmp_path / "o2", "5s"), "label count"),
+                        (["distill", "--teacher", str(paths["teacher"]), "--time", "5s", "--out",
+                          str(tmp_path / "o3"), "--resume"], "nothing|no distillation to resume")):
+        assert main(["-q", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and any(w in err for w in words.split("|")), err
+
+
+def test_kill_9_leaves_a_loadable_best_student_and_resume_continues(tokenizer, data, tmp_path, capsys):
+    paths = _cli_setup(tokenizer, data, tmp_path)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    process = subprocess.Popen([sys.executable, "-m", "lmcompress.cli", "-q", *_cli_args(paths, out, "40s")],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:   # a checkpoint after some training, not only the starting one
+            state = json.loads((out / "state.json").read_text()) if (out / "state.json").is_file() else {}
+            if state.get("step", 0) > 0 and state.get("best"):
+                break
+            assert process.poll() is None, process.stderr.read().decode()
+            time.sleep(0.1)
+        else:
+            pytest.fail("no checkpoint within 60 s")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    saved = json.loads((out / "state.json").read_text())
+    best = load(out / "best")                        # loadable whatever the moment of the kill
+    assert isinstance(best.bert.encoder.layer[0].attention.self.query, LowRankLinear)
+    budget = saved["elapsed_s"] + 3                   # the same budget counts what the killed run spent
+    resumed = _cli_args(paths, out, f"{budget:.2f}s") + ["--resume"]
+    capsys.readouterr()
+    assert main(["-q", *resumed]) == 0, capsys.readouterr().err
+    final = json.loads((out / "state.json").read_text())
+    assert final["phase"] == "done"
+    assert final["step"] > saved["step"] and final["elapsed_s"] > saved["elapsed_s"]
+    assert final["elapsed_s"] <= budget + 1.0
+    points = json.loads((out / "curve.json").read_text())["points"]
+    assert points[0]["phase"] == "start" and points[-1]["step"] == final["step"]   # one curve across both runs
+    load(out / "best")
