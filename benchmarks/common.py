@@ -38,5 +38,23 @@ def state_bytes(model: nn.Module) -> int:
     return buffer.tell()
 
 
+def matching_state_bytes(model: nn.Module, pattern: str) -> int:
+    """Bytes of the state entries whose names match `pattern` (codes, scales, factors, masks, biases of some
+    layers). PyTorch's packed int8 entries are not tensors: they are measured with torch.save."""
+    import re
+
+    total = 0
+    for key, value in model.state_dict().items():
+        if not re.search(pattern, key):
+            continue
+        if torch.is_tensor(value):
+            total += value.numel() * value.element_size()
+        else:
+            buffer = io.BytesIO()
+            torch.save(value, buffer)
+            total += buffer.tell()
+    return total
+
+
 def environment() -> str:
     return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"

@@ -25,7 +25,6 @@ import io
 import json
 import logging
 import math
-import re
 import statistics
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from common import ROOT, environment
+from common import ROOT, environment, matching_state_bytes
 from torch import nn
 
 from lmcompress.evaluation import measure_latency
@@ -249,19 +248,8 @@ def torch_int8(model: nn.Module) -> nn.Module:
 
 
 def linear_bytes(model: nn.Module) -> int:
-    """Bytes of every state entry of the decoder blocks' linear layers (codes, scales, factors, biases);
-    PyTorch's packed int8 entries are not tensors and are measured with torch.save."""
-    total = 0
-    for key, value in model.state_dict().items():
-        if not re.search(DECODER_LINEAR, key):
-            continue
-        if torch.is_tensor(value):
-            total += value.numel() * value.element_size()
-        else:
-            buffer = io.BytesIO()
-            torch.save(value, buffer)
-            total += buffer.tell()
-    return total
+    """Bytes of every state entry of the decoder blocks' linear layers (codes, scales, factors, biases)."""
+    return matching_state_bytes(model, DECODER_LINEAR)
 
 
 def file_bytes(model: nn.Module, tokenizer) -> int:

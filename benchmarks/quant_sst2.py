@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from common import ROOT, SHARED_GLUE, environment, finetuned_model
+from common import ROOT, SHARED_GLUE, environment, finetuned_model, matching_state_bytes
 
 from lmcompress.evaluation import int8_dynamic, measure_latency, predict
 from lmcompress.io import WEIGHTS_NAME, save
@@ -146,20 +146,8 @@ def measure(name, note, model, tokenizer, task, dev, seconds, repeats) -> dict:
 
 def encoder_linear_bytes(model) -> int:
     """Bytes of every state-dict entry under the 36 encoder linear layers (factors, codes, scales, masks,
-    biases). PyTorch's packed int8 entries are not tensors: they are measured with torch.save."""
-    import re
-
-    total = 0
-    for key, value in model.state_dict().items():
-        if not re.search(ENCODER_LINEAR, key):
-            continue
-        if torch.is_tensor(value):
-            total += value.numel() * value.element_size()
-        else:
-            buffer = io.BytesIO()
-            torch.save(value, buffer)
-            total += buffer.tell()
-    return total
+    biases)."""
+    return matching_state_bytes(model, ENCODER_LINEAR)
 
 
 def file_bytes(model, tokenizer) -> int:
