@@ -56,5 +56,19 @@ def matching_state_bytes(model: nn.Module, pattern: str) -> int:
     return total
 
 
+def file_bytes(model: nn.Module, tokenizer) -> int:
+    """The saved weights file (lmcompress.save, safetensors); for PyTorch's int8 modules, which safetensors
+    cannot hold, their torch.save size."""
+    import tempfile
+
+    from lmcompress.io import WEIGHTS_NAME, save
+
+    if any(hasattr(m, "_packed_params") for m in model.modules()):
+        return state_bytes(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        save(model, Path(tmp) / "m", tokenizer)
+        return (Path(tmp) / "m" / WEIGHTS_NAME).stat().st_size
+
+
 def environment() -> str:
     return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"

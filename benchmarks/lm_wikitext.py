@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import json
 import logging
 import math
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -36,12 +34,11 @@ from pathlib import Path
 
 import torch
 import transformers
-from common import ROOT, environment, matching_state_bytes
+from common import ROOT, environment, file_bytes, matching_state_bytes
 from torch import nn
 
 from lmcompress.evaluation import measure_latency
 from lmcompress.evaluation.perplexity import score_text
-from lmcompress.io import WEIGHTS_NAME, save
 from lmcompress.linear import Conv1D
 from lmcompress.models import load_model
 from lmcompress.pipeline import compress
@@ -250,17 +247,6 @@ def torch_int8(model: nn.Module) -> nn.Module:
 def linear_bytes(model: nn.Module) -> int:
     """Bytes of every state entry of the decoder blocks' linear layers (codes, scales, factors, biases)."""
     return matching_state_bytes(model, DECODER_LINEAR)
-
-
-def file_bytes(model: nn.Module, tokenizer) -> int:
-    """The saved weights file (lmcompress.save, safetensors; torch.save for PyTorch's int8 modules)."""
-    if any(hasattr(m, "_packed_params") for m in model.modules()):
-        buffer = io.BytesIO()
-        torch.save(model.state_dict(), buffer)
-        return buffer.tell()
-    with tempfile.TemporaryDirectory() as tmp:
-        save(model, Path(tmp) / "m", tokenizer)
-        return (Path(tmp) / "m" / WEIGHTS_NAME).stat().st_size
 
 
 def matched_keep(model: nn.Module, target: int) -> tuple[float, int]:

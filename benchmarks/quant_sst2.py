@@ -15,22 +15,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import json
 import logging
 import sys
-import tempfile
 import time
 from datetime import date
 from pathlib import Path
 
 import numpy as np
-import torch
 import transformers
-from common import ROOT, SHARED_GLUE, environment, finetuned_model, matching_state_bytes
+from common import ROOT, SHARED_GLUE, environment, file_bytes, finetuned_model, matching_state_bytes
 
 from lmcompress.evaluation import int8_dynamic, measure_latency, predict
-from lmcompress.io import WEIGHTS_NAME, save
 from lmcompress.pipeline import compress
 from lmcompress.recipe import Recipe
 from lmcompress.report import markdown_table
@@ -148,17 +144,6 @@ def encoder_linear_bytes(model) -> int:
     """Bytes of every state-dict entry under the 36 encoder linear layers (factors, codes, scales, masks,
     biases)."""
     return matching_state_bytes(model, ENCODER_LINEAR)
-
-
-def file_bytes(model, tokenizer) -> int:
-    """Size of the saved weights file; torch.save for PyTorch's int8 modules, which safetensors cannot hold."""
-    if any(hasattr(m, "_packed_params") for m in model.modules()):
-        buffer = io.BytesIO()
-        torch.save(model.state_dict(), buffer)
-        return buffer.tell()
-    with tempfile.TemporaryDirectory() as tmp:
-        save(model, Path(tmp) / "m", tokenizer)
-        return (Path(tmp) / "m" / WEIGHTS_NAME).stat().st_size
 
 
 def write_report(args, runs: list[dict], minutes: float) -> str:

@@ -85,28 +85,13 @@ def measure_latency(model: nn.Module, batch_size: int = 1, seq_len: int = 128, w
 
     On a GPU the forward pass only queues kernels, so the clock is read after waiting for them to finish.
     """
-    batch = dummy_batch(model, batch_size, seq_len)
-    device = next(model.parameters()).device
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
-    model.eval()
-    times = []
-    with torch.inference_mode():
-        for _ in range(warmup):
-            model(**batch)
-        for _ in range(repeats):
-            synchronize(device)
-            start = time.perf_counter()
-            model(**batch)
-            synchronize(device)
-            times.append((time.perf_counter() - start) * 1000)
-    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return {"median_ms": statistics.median(times), "p25_ms": quartiles[0], "p75_ms": quartiles[2],
-            "batch_size": batch_size, "seq_len": seq_len, "repeats": repeats, "threads": torch.get_num_threads()}
+    return paired_latency({"model": model}, batch_size, seq_len, warmup, repeats)["model"]
 
 
 def paired_latency(models: dict[str, nn.Module], batch_size: int = 1, seq_len: int = 128, warmup: int = 2,
                    repeats: int = 20) -> dict[str, dict[str, float]]:
-    """`measure_latency` for several models at once, their passes interleaved (a, b, a, b, ...).
+    """Median (and spread) of milliseconds per forward pass of several models, their passes interleaved
+    (a, b, a, b, ...) after `warmup` rounds.
 
     On a shared or throttling machine the speed of the cores drifts over seconds; timing a compressed model
     and its dense original in alternation exposes both to the same drift, so their ratio holds even when
