@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from conftest import SENTENCES, make_tiny_bert
 
+from lmcompress import compress, io
+from lmcompress.layers.lowrank import LowRankLinear
+from lmcompress.recipe import Recipe
 from lmcompress.tasks import Examples, get_task
 from lmcompress.training import FinetuneConfig, finetune, match_model_labels
 
@@ -42,3 +47,20 @@ def test_training_labels_follow_the_heads_class_order(tokenizer):
     generic = make_tiny_bert(tokenizer.vocab_size)  # LABEL_0, LABEL_1: the head is named after the task
     assert match_model_labels(generic, train) is train
     assert generic.config.id2label == {0: "neg", 1: "pos"}
+
+
+def test_a_compressed_model_fine_tunes_and_saves_with_its_compressed_layers(tmp_path, tokenizer):
+    """Compress first, then fine-tune: the saved model keeps its factors and reloads to the same outputs."""
+    model = make_tiny_bert(tokenizer.vocab_size)
+    compress(model, Recipe.single("svd", keep=0.5), tokenizer=tokenizer, progress=False, timing=False)
+    io.save(model, tmp_path / "small", tokenizer)
+    train = Examples(SENTENCES, None, [i % 2 for i in range(len(SENTENCES))], ("neg", "pos"))
+    task = get_task("text-classification", text_column="text", label_column="label")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tuned, _, _ = finetune(str(tmp_path / "small"), task, train, TINY, out=tmp_path / "tuned", progress=False)
+    assert any(not torch.equal(before[k], v) for k, v in tuned.state_dict().items() if "first" in k or "second" in k)
+    reloaded = io.load(tmp_path / "tuned")
+    assert any(isinstance(m, LowRankLinear) for m in reloaded.modules())
+    batch = tokenizer(SENTENCES[:3], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**batch).logits, tuned(**batch).logits, atol=1e-6)

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import get_linear_schedule_with_warmup
 
 from lmcompress.batching import encode_batches
-from lmcompress.io import atomic_output_dir, check_output_dir
+from lmcompress.io import atomic_output_dir, check_output_dir, compressed_modules, structural_changes, write_model
 from lmcompress.models import check_sequence_length, load_model, model_label_names
 from lmcompress.progress import track
 from lmcompress.tasks import Examples, TaskSpec
@@ -113,6 +113,11 @@ def finetune(model_spec, task: TaskSpec, train: Examples, config: FinetuneConfig
     log.info("fine-tuned %d steps on %d examples, final loss %.4f", step, len(train), loss_ema)
     if out is not None:
         with atomic_output_dir(out, overwrite) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+            if compressed_modules(model) or structural_changes(model):
+                # a compressed model fine-tuned (compress first, then train): keep its layers and manifest, or
+                # Hugging Face would rebuild it dense around the wrong weights
+                write_model(model, tmp, tokenizer)
+            else:
+                model.save_pretrained(tmp, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
     return model, tokenizer, FinetuneResult(step, loss_ema, config.model_dump())
