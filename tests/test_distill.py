@@ -231,6 +231,8 @@ def test_recipe_stage_distills_towards_the_model_before_the_recipe(tokenizer, da
     assert report["divergence_after"] < report["divergence_before"]
     assert report["elapsed_s"] <= 3.5
     assert isinstance(model.bert.encoder.layer[0].attention.self.query, LowRankLinear)
+    stage_two = summary.describe().split("; stage 2 (distill): ")[1]
+    assert stage_two.startswith(f"trained {report['steps']} steps") and "held-out divergence" in stage_two
 
 
 # --- errors -------------------------------------------------------------------------------------------

@@ -94,9 +94,9 @@ class CompressionSummary:
 
     def describe(self) -> str:
         if len(self.stages) <= 1:
-            text = _describe(self.layers)
+            text = _describe(self.layers, self.stages[0].report if self.stages else None)
         else:
-            text = "; ".join(f"stage {s.index} ({s.method}): {_describe(self.stage_layers(s.index))}"
+            text = "; ".join(f"stage {s.index} ({s.method}): {_describe(self.stage_layers(s.index), s.report)}"
                              for s in self.stages)
         if self.speed:
             verdicts = [s.verdict for s in self.speed]
@@ -110,7 +110,11 @@ class CompressionSummary:
                 "speed": [{**asdict(s), "verdict": s.verdict} for s in self.speed]}
 
 
-def _describe(layers: list[LayerRecord]) -> str:
+def _describe(layers: list[LayerRecord], report: dict[str, Any] | None = None) -> str:
+    """A stage that replaced no layer (one that only trains, such as `distill`) is described by the one-line
+    `summary` its report carries."""
+    if not layers and report and report.get("summary"):
+        return str(report["summary"])
     kept = [r for r in layers if not r.replaced]
     before, after = sum(r.params_before for r in layers), sum(r.params_after for r in layers)
     text = (f"compressed {len(layers) - len(kept)} of {len(layers)} targeted layers: "

@@ -75,6 +75,8 @@ class Distill(Method):
                   "divergence_before": points[0]["divergence"], "divergence_after": best.get("divergence"),
                   "metric": result.curve.get("metric"), "metric_before": points[0].get("metric"),
                   "metric_after": best.get("metric"), "best_phase": best.get("phase")}
+        report["summary"] = (f"trained {report['steps']} steps in {report['elapsed_s']:.0f}s; held-out divergence "
+                             f"{_number(report['divergence_before'])} -> {_number(report['divergence_after'])}")
         return ModelResult([], None, report)
 
 
@@ -87,3 +89,7 @@ def _task_of(model: nn.Module, data: Any):
     return TaskSpec(name="distill", text_column="text", text_pair_column=None, label_column=None,
                     label_names=None if regression else getattr(data, "label_names", None), is_regression=regression,
                     metric=metrics[0], metrics=metrics, description="held-out scoring inside a recipe")
+
+
+def _number(value: Any) -> str:
+    return "?" if value is None else f"{value:.4g}"
