@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import platform
 from pathlib import Path
 
@@ -72,3 +73,16 @@ def file_bytes(model: nn.Module, tokenizer) -> int:
 
 def environment() -> str:
     return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def load_rows(out: Path) -> list[dict]:
+    """The rows an earlier call of a resumable benchmark saved beside its table (OUT.json), if any."""
+    results = Path(out).with_suffix(".json")
+    return json.loads(results.read_text())["rows"] if results.is_file() else []
+
+
+def save_rows(out: Path, rows: list[dict]) -> None:
+    """Save the rows after each new one, so that a stopped benchmark keeps what it measured."""
+    results = Path(out).with_suffix(".json")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({"environment": environment(), "rows": rows}, indent=2))

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, SHARED_GLUE, environment, finetuned_model
+from common import ROOT, SHARED_GLUE, environment, finetuned_model, load_rows, save_rows
 
 from lmcompress.tasks import get_task, load_examples
 
@@ -167,8 +167,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "distill_sst2"))
     args = parser.parse_args()
     out = Path(args.out)
-    results = out.with_suffix(".json")
-    rows = json.loads(results.read_text())["rows"] if results.is_file() else []
+    rows = load_rows(out)
     done = {(r["setting"], r["seed"], r["minutes"]) for r in rows}
     started = time.perf_counter()
     for row in rows:  # rows from before the int8 reference was added get it now
@@ -183,8 +182,7 @@ def main() -> None:
                 if (setting, seed, minutes) in done:
                     continue
                 rows.append(run(setting, seed, minutes, Path(args.cache), Path(args.work)))
-                results.parent.mkdir(parents=True, exist_ok=True)
-                results.write_text(json.dumps({"environment": environment(), "rows": rows}, indent=2))
+                save_rows(out, rows)
     command = "python benchmarks/distill_sst2.py " + shlex.join(sys.argv[1:])
     out.with_suffix(".md").write_text(
         f"# Anytime distillation on SST-2 (all-MiniLM-L6-v2 fine-tuned on 16k sentences)\n\n"

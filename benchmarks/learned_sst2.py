@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import yaml
-from common import ROOT, environment
+from common import ROOT, environment, load_rows, save_rows
 from distill_sst2 import DATA, dev_accuracy, int8_accuracy, lmcompress
 
 FFN = [r"\.intermediate\.dense$", r"\.layer\.\d+\.output\.dense$"]
@@ -122,8 +122,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "learned_sst2"))
     args = parser.parse_args()
     out = Path(args.out)
-    results = out.with_suffix(".json")
-    rows = json.loads(results.read_text())["rows"] if results.is_file() else []
+    rows = load_rows(out)
     done = {(r["point"], r["seed"], r["minutes"]) for r in rows}
     started = time.perf_counter()
     for row in rows:  # rows written before the notes were kept
@@ -135,8 +134,7 @@ def main() -> None:
             if (name, seed, args.minutes) in done:
                 continue
             rows.append(run(name, points()[name], seed, args.minutes, Path(args.cache), Path(args.work)))
-            results.parent.mkdir(parents=True, exist_ok=True)
-            results.write_text(json.dumps({"environment": environment(), "rows": rows}, indent=2))
+            save_rows(out, rows)
     command = "python benchmarks/learned_sst2.py " + shlex.join(sys.argv[1:])
     out.with_suffix(".md").write_text(
         "# `learned` against the closed forms at equal parameters (all-MiniLM-L6-v2 fine-tuned on SST-2)\n\n"

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, environment
+from common import ROOT, environment, load_rows, save_rows
 from distill_sst2 import DATA, dev_accuracy, lmcompress
 
 BATCH = 32
@@ -104,16 +104,14 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "ordering_sst2"))
     args = parser.parse_args()
     out = Path(args.out)
-    results = out.with_suffix(".json")
-    rows = json.loads(results.read_text())["rows"] if results.is_file() else []
+    rows = load_rows(out)
     done = {(r["seed"], r["keep"], r["minutes"], r["train_samples"]) for r in rows}
     started = time.perf_counter()
     for seed in args.seeds:
         if (seed, args.keep, args.minutes, args.train_samples) in done:
             continue
         rows.append(run(seed, args.keep, args.minutes, args.train_samples, Path(args.work)))
-        results.parent.mkdir(parents=True, exist_ok=True)
-        results.write_text(json.dumps({"environment": environment(), "rows": rows}, indent=2))
+        save_rows(out, rows)
     command = "python benchmarks/ordering_sst2.py " + shlex.join(sys.argv[1:])
     out.with_suffix(".md").write_text(
         "# Compress then fine-tune, or fine-tune then compress and distil? (all-MiniLM-L6-v2, SST-2)\n\n"
