@@ -86,3 +86,14 @@ def save_rows(out: Path, rows: list[dict]) -> None:
     results = Path(out).with_suffix(".json")
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps({"environment": environment(), "rows": rows}, indent=2))
+
+
+def made_by(started: float) -> str:
+    """The opening of a resumable benchmark's table: the exact command, the machine, this call's seconds."""
+    import shlex
+    import sys
+    import time
+
+    command = f"python benchmarks/{Path(sys.argv[0]).name} {shlex.join(sys.argv[1:])}".rstrip()
+    return (f"Made by `{command}` ({environment()}; this call {time.perf_counter() - started:.0f} s; rows from "
+            "earlier calls are kept).")

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, SHARED_GLUE, environment, finetuned_model, load_rows, save_rows
+from common import ROOT, SHARED_GLUE, finetuned_model, load_rows, made_by, save_rows
 
 from lmcompress.tasks import get_task, load_examples
 
@@ -183,11 +183,9 @@ def main() -> None:
                     continue
                 rows.append(run(setting, seed, minutes, Path(args.cache), Path(args.work)))
                 save_rows(out, rows)
-    command = "python benchmarks/distill_sst2.py " + shlex.join(sys.argv[1:])
     out.with_suffix(".md").write_text(
         f"# Anytime distillation on SST-2 (all-MiniLM-L6-v2 fine-tuned on 16k sentences)\n\n"
-        f"Made by `{command}` ({environment()}; this call {time.perf_counter() - started:.0f} s; rows from earlier "
-        "calls are kept). int8: the teacher with `lmcompress compress --method quantize` (int8 dynamic, no data), "
+        f"{made_by(started)} int8: the teacher with `lmcompress compress --method quantize` (int8 dynamic, no data), "
         "the reference a user would pick instead. Students compressed with 512 calibration sentences (max length "
         "64), then "
         "`lmcompress distill --time T --max-length 64` (phases local, block, global; defaults otherwise), the "

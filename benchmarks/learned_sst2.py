@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import yaml
-from common import ROOT, environment, load_rows, save_rows
+from common import ROOT, load_rows, made_by, save_rows
 from distill_sst2 import DATA, dev_accuracy, int8_accuracy, lmcompress
 
 FFN = [r"\.intermediate\.dense$", r"\.layer\.\d+\.output\.dense$"]
@@ -135,11 +133,9 @@ def main() -> None:
                 continue
             rows.append(run(name, points()[name], seed, args.minutes, Path(args.cache), Path(args.work)))
             save_rows(out, rows)
-    command = "python benchmarks/learned_sst2.py " + shlex.join(sys.argv[1:])
     out.with_suffix(".md").write_text(
         "# `learned` against the closed forms at equal parameters (all-MiniLM-L6-v2 fine-tuned on SST-2)\n\n"
-        f"Made by `{command}` ({environment()}; this call {time.perf_counter() - started:.0f} s; rows from earlier "
-        "calls are kept). Each point compresses one part of every encoder block (the rest stays dense) to the "
+        f"{made_by(started)} Each point compresses one part of every encoder block (the rest stays dense) to the "
         "same share of that part's weight parameters, calibrated on 512 training sentences (max length 64). "
         "`_more` points calibrate on 4096 sentences instead (`learned_more`: lr 5e-5, 30 s per block). "
         "`select_refit` is `learned` (structure ffn) with `epochs: 0`: its closed-form start (neurons kept by "

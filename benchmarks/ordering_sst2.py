@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 
-from common import ROOT, environment, load_rows, save_rows
+from common import ROOT, load_rows, made_by, save_rows
 from distill_sst2 import DATA, dev_accuracy, lmcompress
 
 BATCH = 32
@@ -112,11 +110,9 @@ def main() -> None:
             continue
         rows.append(run(seed, args.keep, args.minutes, args.train_samples, Path(args.work)))
         save_rows(out, rows)
-    command = "python benchmarks/ordering_sst2.py " + shlex.join(sys.argv[1:])
     out.with_suffix(".md").write_text(
         "# Compress then fine-tune, or fine-tune then compress and distil? (all-MiniLM-L6-v2, SST-2)\n\n"
-        f"Made by `{command}` ({environment()}; this call {time.perf_counter() - started:.0f} s; rows from earlier "
-        "calls are kept). Both routes start from the bundled pretrained MiniLM and compress with `whitened_svd` "
+        f"{made_by(started)} Both routes start from the bundled pretrained MiniLM and compress with `whitened_svd` "
         f"(uniform keep, 512 calibration sentences, max length {MAX_LENGTH}). *fine-tune → compress → distil*: "
         f"`lmcompress finetune` (1 epoch, batch {BATCH}), `compress`, `distill --time T`; its wall time, every "
         "command included, is the budget. *compress → fine-tune*: `compress` on the pretrained encoder, then "
