@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import torch
-
 from conftest import SENTENCES, make_tiny_bert
 
 from lmcompress import compress, io
