@@ -2,8 +2,8 @@
 
     python benchmarks/anatomy_table.py            # -> docs/benchmarks/anatomy.md
 
-Counts come from `lmcompress anatomy` (models built on the meta device from src/lmcompress/configs/, nothing
-downloaded); published counts and their sources from `lmcompress.configs.PUBLISHED`. Takes a few seconds.
+Counts come from `lmcompress anatomy` (models built on the meta device from src/lmcompress/core/configs/, nothing
+downloaded); published counts and their sources from `lmcompress.core.configs.PUBLISHED`. Takes a few seconds.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import transformers
 
-from lmcompress.breakdown import anatomy
-from lmcompress.configs import PUBLISHED, shipped_names
+from lmcompress.core.configs import PUBLISHED, shipped_names
+from lmcompress.evaluation.anatomy import anatomy
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND = "python benchmarks/anatomy_table.py"

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmcompress.models import load_model
-from lmcompress.training import FinetuneConfig, finetune
+from lmcompress.io.models import load_model
+from lmcompress.training.finetune import FinetuneConfig, finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_GLUE = ROOT.parent / "shared" / "data" / "glue"
@@ -62,7 +62,7 @@ def file_bytes(model: nn.Module, tokenizer) -> int:
     cannot hold, their torch.save size."""
     import tempfile
 
-    from lmcompress.io import WEIGHTS_NAME, save
+    from lmcompress.io.saving import WEIGHTS_NAME, save
 
     if any(hasattr(m, "_packed_params") for m in model.modules()):
         return state_bytes(model)

@@ -19,8 +19,8 @@ from common import ROOT, environment, file_bytes
 
 from lmcompress.evaluation import int8_dynamic
 from lmcompress.evaluation.efficiency import paired_latency
-from lmcompress.io import load
-from lmcompress.models import load_model
+from lmcompress.io.models import load_model
+from lmcompress.io.saving import load
 
 
 def main() -> None:

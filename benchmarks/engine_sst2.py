@@ -31,10 +31,10 @@ import numpy as np
 import transformers
 from common import ROOT, SHARED_GLUE, environment, finetuned_model, state_bytes
 
+from lmcompress.engine.pipeline import compress
+from lmcompress.engine.recipe import Calibration, Recipe
 from lmcompress.evaluation import count_flops, int8_dynamic, measure_latency, predict
-from lmcompress.pipeline import compress
-from lmcompress.recipe import Calibration, Recipe
-from lmcompress.report import markdown_table
+from lmcompress.evaluation.results_table import markdown_table
 from lmcompress.tasks import compute_metrics, get_task, load_examples
 
 SETTINGS = {  # calibration mode, global budget, sensitivity samples (None: the default)

@@ -29,14 +29,14 @@ import numpy as np
 import transformers
 from common import ROOT, SHARED_GLUE, environment, finetuned_model, state_bytes
 
-from lmcompress.calibration import collect, encode_calibration
+from lmcompress.calibration.collection import collect, encode_calibration
+from lmcompress.core.linear import is_dense_linear, weight_out_in
+from lmcompress.engine.pipeline import compress
+from lmcompress.engine.recipe import Calibration, Recipe
 from lmcompress.evaluation import count_flops, int8_dynamic, measure_latency, predict
+from lmcompress.evaluation.results_table import markdown_table
 from lmcompress.layers import CompressedLayer
-from lmcompress.linear import is_dense_linear, weight_out_in
-from lmcompress.methods.lowrank_common import approximation_errors
-from lmcompress.pipeline import compress
-from lmcompress.recipe import Calibration, Recipe
-from lmcompress.report import markdown_table
+from lmcompress.methods.lowrank._common import approximation_errors
 from lmcompress.tasks import compute_metrics, get_task, load_examples
 
 TASKS = {"sst2": ("SST-2", 16_000, 1.0), "stsb": ("STS-B", 5_749, 2.0)}   # folder, train sentences, epochs
@@ -231,8 +231,8 @@ def write_report(args, runs: list[dict], dev_size: int, minutes: float) -> str:
         f"Evaluated on all {dev_size} dev examples. `compress s` is the whole compression's wall time (with "
         f"the layer timing). Speed-ups: whole-model latency at batch 1 and 8 x 128 tokens against the dense "
         f"model in the same run (first seed). *layers faster / same / slower* is the summary's measured verdict "
-        f"per compressed layer (`lmcompress.speed`). int8 dynamic is PyTorch's `quantize_dynamic` on the same "
-        f"model.\n\n{table}\n\n## Output error by matrix type\n\nMean relative output error "
+        f"per compressed layer (`lmcompress.engine.layer_timing`). int8 dynamic: PyTorch's `quantize_dynamic` "
+        f"on the same model.\n\n{table}\n\n## Output error by matrix type\n\nMean relative output error "
         f"‖X(W − W')ᵀ‖ / ‖XWᵀ‖ per matrix type, X the *uncompressed* model's inputs to the layer on the "
         f"calibration sample (the same yardstick for every method; a layer left dense counts 0). In the "
         f"*uniform* rows every matrix keeps the same fraction of its parameters, so methods compare at equal "

@@ -25,11 +25,11 @@ import transformers
 from common import ROOT, SHARED_GLUE, environment, finetuned_model
 from torch import nn
 
+from lmcompress.engine.pipeline import compress
+from lmcompress.engine.recipe import Recipe
 from lmcompress.evaluation import int8_dynamic
 from lmcompress.evaluation.efficiency import dummy_batch
-from lmcompress.pipeline import compress
-from lmcompress.recipe import Recipe
-from lmcompress.report import markdown_table
+from lmcompress.evaluation.results_table import markdown_table
 from lmcompress.tasks import get_task, load_examples
 
 

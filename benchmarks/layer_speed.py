@@ -5,7 +5,7 @@
 For each setting, every encoder linear of the bundled all-MiniLM-L6-v2 is compressed (uniform size, weights
 only: a data-aware twin builds the same layer type with the same shapes, so it runs at the same speed), and
 then:
-- the summary's verdict comes from `compress`'s own timing (`lmcompress.speed`, 5 repeats);
+- the summary's verdict comes from `compress`'s own timing (`lmcompress.engine.layer_timing`, 5 repeats);
 - a separate micro-benchmark re-times each distinct layer against a dense layer of its shape (more repeats,
   fresh inputs), at batch 1 and batch 8 of 128 tokens;
 - the whole model is timed at batch 1 and batch 8 against the dense model and int8 dynamic quantization,
@@ -28,13 +28,13 @@ from pathlib import Path
 import transformers
 from common import ROOT, environment
 
+from lmcompress.engine.layer_timing import BATCHES, SEQ_LEN, milliseconds, outermost_compressed
+from lmcompress.engine.pipeline import compress
+from lmcompress.engine.recipe import Recipe
 from lmcompress.evaluation import int8_dynamic
 from lmcompress.evaluation.efficiency import measure_latency
-from lmcompress.models import load_model
-from lmcompress.pipeline import compress
-from lmcompress.recipe import Recipe
-from lmcompress.report import markdown_table
-from lmcompress.speed import BATCHES, SEQ_LEN, milliseconds, outermost_compressed
+from lmcompress.evaluation.results_table import markdown_table
+from lmcompress.io.models import load_model
 
 SETTINGS = {  # label -> (method, options)
     "svd keep 0.5": ("svd", {"keep": 0.5}),

@@ -37,12 +37,12 @@ import transformers
 from common import ROOT, environment, file_bytes, matching_state_bytes
 from torch import nn
 
+from lmcompress.core.linear import Conv1D
+from lmcompress.engine.pipeline import compress
+from lmcompress.engine.recipe import Recipe
 from lmcompress.evaluation import measure_latency
 from lmcompress.evaluation.perplexity import score_text
-from lmcompress.linear import Conv1D
-from lmcompress.models import load_model
-from lmcompress.pipeline import compress
-from lmcompress.recipe import Recipe
+from lmcompress.io.models import load_model
 from lmcompress.tasks import get_task, load_examples
 from lmcompress.tasks.text import read_documents, token_chunks
 
@@ -411,7 +411,7 @@ def write_report(context: dict, runs: list[dict]) -> str:
                 row["speed_b8"] = dense["latency_b8_ms"] / run["latency_b8_ms"]
         row["linear_mb"], row["file_mb"] = run["linear_bytes"] / 1e6, run["file_bytes"] / 1e6
         rows.append(row)
-    from lmcompress.report import markdown_table
+    from lmcompress.evaluation.results_table import markdown_table
 
     columns = [("point", "point"), ("perplexity", "test perplexity"), ("ppl_pct", "vs dense %"),
                ("linear_mb", "decoder linears MB"), ("linear_pct", "% of fp32"), ("file_mb", "file MB"),

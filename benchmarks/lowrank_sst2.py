@@ -25,10 +25,10 @@ import torch
 import transformers
 from common import finetuned_model
 
+from lmcompress.engine.pipeline import compress
+from lmcompress.engine.recipe import Calibration, Recipe
 from lmcompress.evaluation import evaluate
-from lmcompress.pipeline import compress
-from lmcompress.recipe import Calibration, Recipe
-from lmcompress.report import markdown_table
+from lmcompress.evaluation.results_table import markdown_table
 from lmcompress.tasks import get_task, load_examples
 
 ROOT = Path(__file__).resolve().parents[1]

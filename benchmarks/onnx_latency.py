@@ -3,7 +3,7 @@
     flock /tmp/lmc-bench.lock python benchmarks/onnx_latency.py      # -> docs/benchmarks/onnx_latency.{md,json}
 
 One fine-tuned MiniLM (seed 0, cached under .cache/benchmarks/). Each model is compressed once, exported with
-`lmcompress.onnx_export.export_onnx`, and then measured in both runtimes: SST-2 dev accuracy (whole dev set,
+`lmcompress.io.onnx_export.export_onnx`, and then measured in both runtimes: SST-2 dev accuracy (whole dev set,
 max length 64) and latency at batch 1 and batch 8 x 128 tokens (the two runtimes timed alternately, two
 rounds of `--repeats` runs each, the better round's median kept), on 2 threads in both. The int8 one-liner
 row is each runtime's own: `torch.ao.quantization.quantize_dynamic` in PyTorch and
@@ -28,12 +28,12 @@ import torch
 import transformers
 from common import ROOT, SHARED_GLUE, environment, finetuned_model
 
+from lmcompress.engine.pipeline import compress
+from lmcompress.engine.recipe import Recipe
 from lmcompress.evaluation import int8_dynamic, predict
 from lmcompress.evaluation.onnx_runtime import compare_latency, load_onnx_model, predict_onnx
-from lmcompress.onnx_export import ONNX_NAME, export_onnx
-from lmcompress.pipeline import compress
-from lmcompress.recipe import Recipe
-from lmcompress.report import markdown_table
+from lmcompress.evaluation.results_table import markdown_table
+from lmcompress.io.onnx_export import ONNX_NAME, export_onnx
 from lmcompress.tasks import compute_metrics, get_task, load_examples
 
 INT8 = {"method": "quantize", "options": {"scheme": "dynamic"}}

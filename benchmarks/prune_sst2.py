@@ -26,10 +26,10 @@ import numpy as np
 import transformers
 from common import ROOT, SHARED_GLUE, environment, finetuned_model
 
+from lmcompress.engine.pipeline import compress
+from lmcompress.engine.recipe import Recipe
 from lmcompress.evaluation import count_flops, measure_latency, predict
-from lmcompress.pipeline import compress
-from lmcompress.recipe import Recipe
-from lmcompress.report import markdown_table
+from lmcompress.evaluation.results_table import markdown_table
 from lmcompress.tasks import compute_metrics, get_task, load_examples
 
 TASKS = {"sst2": ("SST-2", 16_000, 1.0), "stsb": ("STS-B", 5_749, 2.0)}

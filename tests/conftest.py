@@ -32,7 +32,7 @@ SENTENCES = [
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from lmcompress.models import bundled_model_path, load_tokenizer
+    from lmcompress.io.models import bundled_model_path, load_tokenizer
 
     return load_tokenizer(str(bundled_model_path()))
 
@@ -159,7 +159,7 @@ def correlated_inputs(n: int, dim: int, seed: int = 0) -> torch.Tensor:
 
 def stats_of(x: torch.Tensor):
     """Calibration statistics (X^T X and the token count) of the rows of x."""
-    from lmcompress.stats import LayerStats
+    from lmcompress.calibration.stats import LayerStats
 
     x = x.to(torch.float64)
     return LayerStats(gram=x.T @ x, count=x.shape[0])

@@ -8,9 +8,9 @@ import pytest
 import torch
 import transformers
 
-from lmcompress.breakdown import PARTS, anatomy, build_on_meta, measure
 from lmcompress.cli import main
-from lmcompress.configs import PUBLISHED, read_config_dict, shipped_names
+from lmcompress.core.configs import PUBLISHED, read_config_dict, shipped_names
+from lmcompress.evaluation.anatomy import PARTS, anatomy, build_on_meta, measure
 from lmcompress.evaluation.efficiency import count_flops
 
 TINY = {
@@ -88,7 +88,7 @@ def test_shipped_minilm_is_the_bundled_model():
     """The shipped all-MiniLM-L6-v2 config counts exactly the tensors of the bundled checkpoint."""
     from safetensors import safe_open
 
-    from lmcompress.models import bundled_model_path
+    from lmcompress.io.models import bundled_model_path
 
     path = bundled_model_path()
     with safe_open(str(path / "model.safetensors"), "pt") as weights:

@@ -10,14 +10,14 @@ from conftest import SENTENCES, logits, make_tiny_bert, make_tiny_distilbert, ma
 from transformers import AutoModelForSequenceClassification
 
 import lmcompress
-from lmcompress.anatomy import blocks_of
 from lmcompress.cli import main
+from lmcompress.core.families import blocks_of
+from lmcompress.engine.pipeline import compress
+from lmcompress.engine.recipe import Recipe
 from lmcompress.errors import CalibrationError, LMCompressError, RecipeError
-from lmcompress.export import export_hf
-from lmcompress.io import MANIFEST_NAME
+from lmcompress.io.hf_export import export_hf
+from lmcompress.io.saving import MANIFEST_NAME
 from lmcompress.layers import LinearBlock
-from lmcompress.pipeline import compress
-from lmcompress.recipe import Recipe
 
 
 def deeper(model, layers: int = 4, seed: int = 0):

@@ -162,7 +162,7 @@ def test_finetune_regression_task(model_dir, tmp_path, capsys):
     base = tmp_path / "base"
     from transformers import BertConfig, BertModel
 
-    from lmcompress.models import bundled_model_path  # a bare encoder (no head), like the bundled model
+    from lmcompress.io.models import bundled_model_path  # a bare encoder (no head), like the bundled model
     BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=64)).save_pretrained(base)
     (base / "vocab.txt").write_text((bundled_model_path() / "vocab.txt").read_text())
@@ -272,7 +272,7 @@ def test_bad_finetune_numbers_fail_before_training(model_dir, csv_file, tmp_path
 
 
 def test_demo_with_a_bad_keep_fails_before_fine_tuning(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("lmcompress.demo.finetune", refuse("fine-tuning"))
+    monkeypatch.setattr("lmcompress.entrypoints.demo.finetune", refuse("fine-tuning"))
     code, _, stderr = run(["demo", "--keep", "0.5", "1.5", "--out", str(tmp_path / "demo")], capsys)
     assert code == 2 and stderr.strip() == ("lmcompress demo: error: invalid options for method 'svd': keep: "
                                             "Input should be less than or equal to 1")
@@ -282,7 +282,7 @@ def test_demo_with_a_bad_keep_fails_before_fine_tuning(tmp_path, capsys, monkeyp
 _SLOW_COMMAND = """
 import sys, time
 from lmcompress import cli
-from lmcompress.io import atomic_output_dir
+from lmcompress.io.saving import atomic_output_dir
 
 def slow(args):
     with atomic_output_dir(args.out) as tmp:
@@ -375,7 +375,7 @@ def test_fast_mode_is_one_shot_with_a_small_sensitivity_sample(model_dir, csv_fi
                            "params=0.5", "--fast", *data_args(csv_file), "--calib-samples", "8", "--out", str(out)],
                           capsys)
     assert code == 0, stdout
-    from lmcompress.recipe import Recipe
+    from lmcompress.engine.recipe import Recipe
 
     recipe = Recipe.from_yaml(out / "recipe.yaml")
     assert recipe.calibration.mode == "one_shot" and recipe.stages[0].allocation.samples == 32

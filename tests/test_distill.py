@@ -16,18 +16,18 @@ import pytest
 import torch
 from conftest import SENTENCES, logits, make_tiny_bert, make_tiny_gpt2, save_classifier, write_sentiment_csv
 
-from lmcompress.calibration import collect, encode_calibration
+from lmcompress.calibration.collection import collect, encode_calibration
 from lmcompress.cli import main
-from lmcompress.distill import DistillConfig, distill, parse_duration, split_heldout
+from lmcompress.core.linear import weight_out_in
+from lmcompress.core.units import group_units
+from lmcompress.engine.pipeline import compress
+from lmcompress.engine.recipe import Recipe
 from lmcompress.errors import DataError, DistillError, RecipeError
-from lmcompress.io import load, save
+from lmcompress.io.saving import load, save
 from lmcompress.layers import LowRankLinear
-from lmcompress.linear import weight_out_in
-from lmcompress.methods.learned import ffn_activation, ffn_forward
-from lmcompress.pipeline import compress
-from lmcompress.recipe import Recipe
+from lmcompress.methods.learned.learned import ffn_activation, ffn_forward
 from lmcompress.tasks import Examples, get_task
-from lmcompress.units import group_units
+from lmcompress.training.distillation import DistillConfig, distill, parse_duration, split_heldout
 
 TEXTS = [f"{s} {t}" for s in SENTENCES for t in ("indeed", "really", "so")]   # 36 distinct examples
 TASK = get_task("text-classification", text_column="text", label_column="label")
@@ -152,7 +152,7 @@ def test_bad_learned_and_distill_options_are_one_line_errors(stage):
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory):
     """One short distillation run shared by the checks below."""
-    from lmcompress.models import bundled_model_path, load_tokenizer
+    from lmcompress.io.models import bundled_model_path, load_tokenizer
 
     torch.set_num_threads(1)
     tokenizer = load_tokenizer(str(bundled_model_path()))
@@ -197,7 +197,7 @@ def test_compressed_layers_keep_their_structure_and_the_best_student_loads(disti
 
 
 def test_ctrl_c_leaves_the_best_student_and_a_curve(tokenizer, data, tmp_path, monkeypatch):
-    from lmcompress.distill import phases
+    from lmcompress.training.distillation import phases
 
     teacher = sharp_teacher(tokenizer)
     student = compressed_student(teacher, tokenizer, data)

@@ -7,8 +7,8 @@ import torch
 from conftest import SHARED_DATA, logits
 
 import lmcompress
-from lmcompress.recipe import Calibration, Recipe
-from lmcompress.training import FinetuneConfig
+from lmcompress.engine.recipe import Calibration, Recipe
+from lmcompress.training.finetune import FinetuneConfig
 
 
 @pytest.fixture(scope="module")

@@ -10,19 +10,19 @@ import pytest
 import torch
 from conftest import SENTENCES, logits, make_tiny_bert
 
-from lmcompress.allocation import predicted_losses, solve_budget, uniform_choice
-from lmcompress.anatomy import blocks_of
-from lmcompress.calibration import SequentialCalibrator, collect, encode_calibration, fisher_pass
+from lmcompress.calibration.collection import SequentialCalibrator, collect, encode_calibration, fisher_pass
+from lmcompress.calibration.stats import PairSample, StatsCollector
+from lmcompress.core.families import blocks_of
+from lmcompress.core.units import group_units, role_of
+from lmcompress.engine.allocation import predicted_losses, solve_budget, uniform_choice
+from lmcompress.engine.pipeline import compress, select_layers
+from lmcompress.engine.recipe import Recipe
 from lmcompress.errors import CalibrationError, RecipeError
-from lmcompress.io import load, save
+from lmcompress.io.saving import load, save
 from lmcompress.layers import LowRankLinear
 from lmcompress.methods import get_method
 from lmcompress.methods.base import Candidates, Method, MethodConfig, register_method, registered_methods
-from lmcompress.pipeline import compress, select_layers
-from lmcompress.recipe import Recipe
-from lmcompress.stats import PairSample, StatsCollector
 from lmcompress.tasks import Examples
-from lmcompress.units import group_units, role_of
 
 
 def _batches(tokenizer, examples, batch_size=4, labels=False):
@@ -337,7 +337,7 @@ def test_budget_smaller_than_rank_one_everywhere_fails_clearly(tiny_bert, tokeni
 
 
 def test_plain_progress_lines_when_not_a_terminal(caplog):
-    from lmcompress.progress import track
+    from lmcompress.core.progress import track
 
     with caplog.at_level(logging.INFO, logger="lmcompress"):
         assert list(track(range(3), 3, "working", True, interval=0.0)) == [0, 1, 2]

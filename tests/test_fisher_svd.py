@@ -9,17 +9,17 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lmcompress import compress
-from lmcompress.calibration import calibrate
+from lmcompress.calibration.collection import calibrate
+from lmcompress.calibration.stats import LayerStats
+from lmcompress.core.linear import weight_out_in
+from lmcompress.engine.pipeline import select_layers
+from lmcompress.engine.recipe import Recipe
 from lmcompress.errors import CalibrationError
-from lmcompress.io import load, save
+from lmcompress.io.saving import load, save
 from lmcompress.layers import LowRankLinear
-from lmcompress.linear import weight_out_in
 from lmcompress.methods import available_methods, get_method
-from lmcompress.methods.fisher_svd import fisher_full_factors
-from lmcompress.methods.svd import svd_factors
-from lmcompress.pipeline import select_layers
-from lmcompress.recipe import Recipe
-from lmcompress.stats import LayerStats
+from lmcompress.methods.lowrank.fisher_svd import fisher_full_factors
+from lmcompress.methods.lowrank.svd import svd_factors
 from lmcompress.tasks import Examples
 
 

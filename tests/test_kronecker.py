@@ -13,13 +13,13 @@ from transformers.pytorch_utils import Conv1D
 
 from lmcompress import compress
 from lmcompress.cli import main
+from lmcompress.engine.recipe import Recipe
 from lmcompress.errors import CalibrationError, RecipeError
-from lmcompress.io import load, save
+from lmcompress.io.saving import load, save
 from lmcompress.layers import KroneckerLinear, layer_from_manifest
 from lmcompress.methods import available_methods, get_method
-from lmcompress.methods.kronecker_common import candidate_shapes, max_terms, nearest_kronecker, rearrange
-from lmcompress.methods.whitened_kronecker import kronecker_als, kronecker_objective
-from lmcompress.recipe import Recipe
+from lmcompress.methods.tensorized._kronecker import candidate_shapes, max_terms, nearest_kronecker, rearrange
+from lmcompress.methods.tensorized.whitened_kronecker import kronecker_als, kronecker_objective
 
 METHODS = ["kronecker", "whitened_kronecker"]
 
@@ -198,8 +198,8 @@ def refuse(*args, **kwargs):
 def test_bad_sizes_fail_before_calibration(tokenizer, examples, monkeypatch):
     from transformers import BertConfig, BertForSequenceClassification
 
-    monkeypatch.setattr("lmcompress.pipeline.collect", refuse)
-    monkeypatch.setattr("lmcompress.pipeline.SequentialCalibrator", refuse)
+    monkeypatch.setattr("lmcompress.engine.pipeline.collect", refuse)
+    monkeypatch.setattr("lmcompress.engine.pipeline.SequentialCalibrator", refuse)
     prime = BertForSequenceClassification(BertConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
         intermediate_size=37, max_position_embeddings=64)).eval()

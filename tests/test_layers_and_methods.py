@@ -12,7 +12,7 @@ from lmcompress.errors import RecipeError
 from lmcompress.layers import LowRankLinear, layer_from_manifest
 from lmcompress.layers.lowrank import rank_for_keep
 from lmcompress.methods import available_methods, get_method
-from lmcompress.methods.whitened_svd import whitened_svd_factors
+from lmcompress.methods.lowrank.whitened_svd import whitened_svd_factors
 
 
 @pytest.mark.parametrize("method", ["svd", "whitened_svd"])
@@ -121,7 +121,7 @@ def test_new_layers_are_created_on_the_factors_device():
     layer = LowRankLinear.from_factors(first.half(), second, torch.empty(6, device="meta", dtype=torch.float16))
     assert {p.device.type for p in layer.parameters()} == {"meta"}
     assert {p.dtype for p in layer.parameters()} == {torch.float16}
-    from lmcompress.linear import make_dense
+    from lmcompress.core.linear import make_dense
 
     dense = make_dense(torch.empty(6, 10, device="meta", dtype=torch.bfloat16), None, "Linear")
     assert dense.weight.device.type == "meta" and dense.weight.dtype == torch.bfloat16
@@ -131,9 +131,9 @@ def test_new_layers_are_created_on_the_factors_device():
 def test_cuda_layers_stay_on_the_gpu_and_latency_waits_for_it(tokenizer, monkeypatch):
     from conftest import make_tiny_bert
 
+    from lmcompress.engine.pipeline import compress
+    from lmcompress.engine.recipe import Recipe
     from lmcompress.evaluation import measure_latency
-    from lmcompress.pipeline import compress
-    from lmcompress.recipe import Recipe
 
     model = make_tiny_bert(tokenizer.vocab_size).to("cuda", torch.float16)
     compress(model, Recipe.single("svd", keep=0.5), tokenizer, progress=False)

@@ -17,12 +17,12 @@ pytest.importorskip("onnxscript")
 import onnx  # noqa: E402
 
 from lmcompress.cli import main  # noqa: E402
+from lmcompress.engine.pipeline import compress  # noqa: E402
+from lmcompress.engine.recipe import Recipe  # noqa: E402
 from lmcompress.evaluation.onnx_runtime import load_onnx_model  # noqa: E402
+from lmcompress.io.models import load_model  # noqa: E402
+from lmcompress.io.onnx_export import ONNX_MANIFEST_NAME, OnnxExportError, export_onnx  # noqa: E402
 from lmcompress.layers import CompressedLayer, LowRankLinear, QuantizedLinear  # noqa: E402
-from lmcompress.models import load_model  # noqa: E402
-from lmcompress.onnx_export import ONNX_MANIFEST_NAME, OnnxExportError, export_onnx  # noqa: E402
-from lmcompress.pipeline import compress  # noqa: E402
-from lmcompress.recipe import Recipe  # noqa: E402
 
 CALIBRATION = {"samples": 12, "batch_size": 4, "max_length": 32}
 
@@ -156,7 +156,7 @@ def test_unsupported_layer_is_refused_before_anything_is_written(tokenizer, tmp_
 
 
 def test_exporter_failure_is_one_line_and_leaves_nothing(tokenizer, tmp_path, monkeypatch):
-    import lmcompress.onnx_export as onnx_export
+    import lmcompress.io.onnx_export as onnx_export
 
     def broken(*_args):
         raise RuntimeError("something deep inside torch.export\n" + "trace\n" * 50)

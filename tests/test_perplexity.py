@@ -14,7 +14,7 @@ import lmcompress.evaluation.perplexity as ppl_module
 from lmcompress.cli import main
 from lmcompress.errors import DataError, LMCompressError, ModelLoadError
 from lmcompress.evaluation.perplexity import perplexity, pseudo_perplexity, sliding_windows
-from lmcompress.models import load_model
+from lmcompress.io.models import load_model
 from lmcompress.tasks import get_task, load_examples
 from lmcompress.tasks.text import token_chunks
 
@@ -309,8 +309,8 @@ def test_wikitext_perplexity_on_the_first_tokens(gpt2_lm, tokenizer):
 def test_int8_dynamic_baseline_quantizes_gpt2_conv1d_blocks(gpt2_lm, tokenizer):
     """Regression: PyTorch's quantize_dynamic only knows nn.Linear, so on GPT-2 the 'int8' baseline used to
     quantize the output head alone and leave every Conv1D of the decoder blocks in fp32."""
+    from lmcompress.core.linear import Conv1D
     from lmcompress.evaluation import int8_dynamic
-    from lmcompress.linear import Conv1D
 
     quantized = int8_dynamic(gpt2_lm)
     assert not any(isinstance(m, Conv1D) for m in quantized.modules())

@@ -15,12 +15,12 @@ from conftest import SENTENCES, logits
 from transformers import AutoModelForSequenceClassification
 
 import lmcompress
-from lmcompress.calibration import GramCollector, calibrate
+from lmcompress.calibration.collection import GramCollector, calibrate
+from lmcompress.engine.pipeline import compress, select_layers
+from lmcompress.engine.recipe import Calibration, Recipe, Stage
 from lmcompress.errors import CalibrationError, ModelLoadError, RecipeError
-from lmcompress.io import MANIFEST_NAME, compressed_modules
+from lmcompress.io.saving import MANIFEST_NAME, compressed_modules
 from lmcompress.layers import LowRankLinear
-from lmcompress.pipeline import compress, select_layers
-from lmcompress.recipe import Calibration, Recipe, Stage
 from lmcompress.tasks import Examples
 
 
@@ -138,7 +138,7 @@ def test_save_refuses_to_overwrite_and_leaves_nothing_half_written(tiny_bert, to
     def broken_save_pretrained(*args, **kwargs):
         raise Boom("disk full")
 
-    tokenizer_copy = type(tokenizer).from_pretrained(lmcompress.models.bundled_model_path())
+    tokenizer_copy = type(tokenizer).from_pretrained(lmcompress.io.models.bundled_model_path())
     tokenizer_copy.save_pretrained = broken_save_pretrained
     with pytest.raises(Boom):
         lmcompress.save(tiny_bert, tmp_path / "new", tokenizer_copy)
@@ -245,9 +245,9 @@ def test_evaluate_refuses_examples_numbered_unlike_the_model(tiny_bert, tokenize
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_gpt2_statistics_and_predictions_do_not_depend_on_padding(tiny_gpt2, side):
     """Batched (padded) and one-at-a-time runs agree whatever side the tokenizer pads on."""
-    from lmcompress.batching import encode_batches
     from lmcompress.evaluation import predict
-    from lmcompress.models import bundled_model_path, load_tokenizer
+    from lmcompress.io.models import bundled_model_path, load_tokenizer
+    from lmcompress.tasks.batching import encode_batches
 
     tokenizer = load_tokenizer(str(bundled_model_path()))  # a fresh one: the shared fixture stays as it is
     tokenizer.padding_side = side
@@ -281,7 +281,7 @@ def test_recipes_and_stages_validate_method_options_when_made():
 
 
 def test_output_directories_honour_the_umask(tmp_path):
-    from lmcompress.io import atomic_output_dir
+    from lmcompress.io.saving import atomic_output_dir
 
     for mask, mode in ((0o022, 0o755), (0o077, 0o700)):
         old = os.umask(mask)
@@ -296,7 +296,7 @@ def test_output_directories_honour_the_umask(tmp_path):
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX only")
 def test_temporaries_left_by_dead_runs_are_swept(tmp_path):
-    from lmcompress.io import OWNER_NAME, atomic_output_dir
+    from lmcompress.io.saving import OWNER_NAME, atomic_output_dir
 
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True, check=True)

@@ -14,17 +14,17 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers.pytorch_utils import Conv1D
 
 import lmcompress
-import lmcompress.methods.prune  # noqa: F401  (registers the method)
-from lmcompress.anatomy import blocks_of
+import lmcompress.methods.pruning.prune  # noqa: F401  (registers the method)
 from lmcompress.cli import main
+from lmcompress.core.families import blocks_of
+from lmcompress.core.linear import in_out_features, weight_out_in
+from lmcompress.core.units import group_units
+from lmcompress.engine.recipe import Recipe
 from lmcompress.errors import CalibrationError, RecipeError
 from lmcompress.evaluation.efficiency import count_flops, dummy_batch
-from lmcompress.io import MANIFEST_NAME, WEIGHTS_NAME
+from lmcompress.io.saving import MANIFEST_NAME, WEIGHTS_NAME
 from lmcompress.layers import QuantizedLinear
-from lmcompress.linear import in_out_features, weight_out_in
-from lmcompress.recipe import Recipe
 from lmcompress.tasks import Examples
-from lmcompress.units import group_units
 
 CALIBRATION = {"samples": 32, "batch_size": 8, "max_length": 32}
 SEQ_LEN = 128
@@ -517,7 +517,7 @@ def kept_rows(dense_layer, pruned_layer) -> torch.Tensor:
 @pytest.mark.parametrize("family", ["bert", "llama"])
 @pytest.mark.parametrize("compensate", ["bias", "lstsq"])
 def test_recorded_errors_are_measured_output_errors(family, compensate, tokenizer, data):
-    from lmcompress.calibration import encode_calibration
+    from lmcompress.calibration.collection import encode_calibration
 
     dense = make(family, tokenizer)
     model = make(family, tokenizer)
@@ -548,7 +548,7 @@ def test_recorded_errors_are_measured_output_errors(family, compensate, tokenize
 def test_uniform_budget_gives_equal_layers_that_export(tokenizer, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from lmcompress.export import export_hf
+    from lmcompress.io.hf_export import export_hf
 
     model = make_tiny_bert(tokenizer.vocab_size)
     recipe = Recipe.from_dict({"stages": [{"method": "prune", "budget": {"params": 0.5},

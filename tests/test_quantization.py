@@ -13,19 +13,19 @@ from conftest import SENTENCES, logits, make_tiny_bert, make_tiny_gpt2, stats_of
 from torch import nn
 
 import lmcompress
-import lmcompress.methods.quantize  # noqa: F401  (registers the method even where the registry does not list it)
-import lmcompress.methods.sparsify  # noqa: F401
-from lmcompress.anatomy import parameters_by_component
+import lmcompress.methods.quantization.quantize  # noqa: F401  (registers the method even where the registry does not list it)
+import lmcompress.methods.sparsity.sparsify  # noqa: F401
 from lmcompress.cli import main
+from lmcompress.core.families import parameters_by_component
+from lmcompress.engine.recipe import Recipe
 from lmcompress.errors import CalibrationError, RecipeError
 from lmcompress.evaluation.efficiency import count_flops
-from lmcompress.io import MANIFEST_NAME, WEIGHTS_NAME, compressed_modules
+from lmcompress.io.saving import MANIFEST_NAME, WEIGHTS_NAME, compressed_modules
+from lmcompress.kernels.obs import sweep
+from lmcompress.kernels.quantgrid import GridSpec, dequantize, grid_params, quantize_codes
 from lmcompress.layers import LowRankLinear, QuantizedEmbedding, QuantizedLinear, SparseLinear, layer_from_manifest
 from lmcompress.layers.packing import pack_mask, pack_nibbles, unpack_mask, unpack_nibbles
 from lmcompress.methods import get_method
-from lmcompress.obs import sweep
-from lmcompress.quantgrid import GridSpec, dequantize, grid_params, quantize_codes
-from lmcompress.recipe import Recipe
 
 CALIBRATION = {"samples": 12, "batch_size": 4}
 

@@ -12,16 +12,16 @@ from conftest import logits, make_tiny_gpt2
 from torch import nn
 
 import lmcompress
-import lmcompress.methods.sparsify  # noqa: F401  (registers the method even where the registry does not list it)
+import lmcompress.methods.sparsity.sparsify  # noqa: F401  (registers the method even where the registry does not list it)
+from lmcompress.calibration.stats import ActivationSummary, LayerStats
 from lmcompress.cli import main
+from lmcompress.engine.recipe import Recipe
 from lmcompress.errors import CalibrationError, RecipeError
-from lmcompress.io import MANIFEST_NAME, WEIGHTS_NAME
+from lmcompress.io.saving import MANIFEST_NAME, WEIGHTS_NAME
+from lmcompress.kernels.obs import sweep
 from lmcompress.layers import SparseLinear, layer_from_manifest
 from lmcompress.methods import get_method
-from lmcompress.methods.sparsify import DENSITIES, kept_weights
-from lmcompress.obs import sweep
-from lmcompress.recipe import Recipe
-from lmcompress.stats import ActivationSummary, LayerStats
+from lmcompress.methods.sparsity.sparsify import DENSITIES, kept_weights
 
 SCORES = ["magnitude", "random", "wanda", "sparsegpt"]
 CALIBRATION = {"samples": 12, "batch_size": 4}

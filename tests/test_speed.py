@@ -13,10 +13,10 @@ import pytest
 
 from lmcompress import compress
 from lmcompress import speed as speed_module
-from lmcompress.io import save
+from lmcompress.engine.layer_timing import FASTER, LayerSpeed, outermost_compressed
+from lmcompress.engine.recipe import Recipe
+from lmcompress.io.saving import save
 from lmcompress.layers import LowRankLinear
-from lmcompress.recipe import Recipe
-from lmcompress.speed import FASTER, LayerSpeed, outermost_compressed
 
 
 @pytest.mark.parametrize(("b1", "b8", "verdict"), [

@@ -236,10 +236,10 @@ def test_a_failing_point_is_recorded_and_the_others_still_run(setup, tmp_path, c
 
 
 def test_budget_points_share_sensitivity_scores(tmp_path, tokenizer, monkeypatch):
-    from lmcompress.allocation import SensitivityProbe
-    from lmcompress.pipeline import compress
-    from lmcompress.recipe import Recipe
-    from lmcompress.reuse import ScoreCache
+    from lmcompress.engine.allocation import SensitivityProbe
+    from lmcompress.engine.pipeline import compress
+    from lmcompress.engine.recipe import Recipe
+    from lmcompress.engine.reuse import ScoreCache
     from lmcompress.tasks import Examples
 
     data = Examples(texts=SENTENCES, text_pairs=None, labels=[i % 2 for i in range(len(SENTENCES))],

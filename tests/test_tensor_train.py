@@ -10,18 +10,18 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers.pytorch_utils import Conv1D
 
 from lmcompress import compress
+from lmcompress.calibration.stats import LayerStats
 from lmcompress.cli import main
+from lmcompress.core.units import Unit
+from lmcompress.engine.recipe import Recipe
 from lmcompress.errors import CalibrationError, RecipeError
-from lmcompress.io import load, save
+from lmcompress.io.saving import load, save
 from lmcompress.layers import TTLinear
 from lmcompress.layers.tensor_train import bond_caps
 from lmcompress.methods import get_method
-from lmcompress.methods.lowrank_common import approximation_errors
-from lmcompress.methods.tensor_train import layer_modes, tt_svd
-from lmcompress.methods.whitened_tensor_train import output_error, refine_cores, ridged_second_moment
-from lmcompress.recipe import Recipe
-from lmcompress.stats import LayerStats
-from lmcompress.units import Unit
+from lmcompress.methods.lowrank._common import approximation_errors
+from lmcompress.methods.tensorized.tensor_train import layer_modes, tt_svd
+from lmcompress.methods.tensorized.whitened_tensor_train import output_error, refine_cores, ridged_second_moment
 
 METHODS = ["tensor_train", "whitened_tensor_train"]
 FAST = {"whitened_tensor_train": {"steps": 10}, "tensor_train": {}}

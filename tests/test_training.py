@@ -8,10 +8,10 @@ import torch
 from conftest import SENTENCES, make_tiny_bert
 
 from lmcompress import compress, io
+from lmcompress.engine.recipe import Recipe
 from lmcompress.layers.lowrank import LowRankLinear
-from lmcompress.recipe import Recipe
 from lmcompress.tasks import Examples, get_task
-from lmcompress.training import FinetuneConfig, finetune, match_model_labels
+from lmcompress.training.finetune import FinetuneConfig, finetune, match_model_labels
 
 TINY = FinetuneConfig(epochs=1, batch_size=4, max_length=16)
 

@@ -11,9 +11,9 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedT
 
 import lmcompress
 from lmcompress.cli import main
+from lmcompress.engine.pipeline import compress, recipe_uses_data
+from lmcompress.engine.recipe import Recipe
 from lmcompress.errors import DataError, RecipeError
-from lmcompress.pipeline import compress, recipe_uses_data
-from lmcompress.recipe import Recipe
 from lmcompress.tasks import Examples
 
 UNSEEN = "a xylophone and a zebra quietly juggled"   # words none of SENTENCES has

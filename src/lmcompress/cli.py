@@ -31,7 +31,7 @@ def _add_task_args(parser: argparse.ArgumentParser, data_help: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from lmcompress import __version__
-    from lmcompress.configs import shipped_names
+    from lmcompress.core.configs import shipped_names
 
     parser = argparse.ArgumentParser(prog="lmcompress", description="Fine-tune, then compress, transformer models "
                                      "using what each layer sees on the task's own data.")
@@ -197,7 +197,7 @@ def _columns(args, task_name: str, config, labels: bool) -> dict[str, str | None
 
 def _task_and_examples(args, split: str, model=None, max_samples: int | None = None, labels: bool = True):
     """The task (named, or the model's) and one split of its data, labelled as the model's classes."""
-    from lmcompress.models import model_label_names
+    from lmcompress.io.models import model_label_names
     from lmcompress.tasks import DEFAULT_TASK, get_task, load_examples
 
     config = getattr(model, "config", None)
@@ -238,7 +238,7 @@ def _language_modeling(args) -> bool:
 
 def cmd_finetune(args) -> None:
     from lmcompress.errors import LMCompressError
-    from lmcompress.training import FinetuneConfig, finetune
+    from lmcompress.training.finetune import FinetuneConfig, finetune
 
     if _language_modeling(args):
         raise LMCompressError("finetune trains classifiers; the language-modeling task has no labels to train on")
@@ -255,8 +255,8 @@ FAST_ALLOCATION_SAMPLES = 32
 
 
 def _recipe_from_args(args):
+    from lmcompress.engine.recipe import Calibration, Recipe
     from lmcompress.errors import RecipeError
-    from lmcompress.recipe import Calibration, Recipe
 
     if args.recipe:
         if (args.keep is not None or args.rank is not None or args.targets or args.ignore or args.option
@@ -342,11 +342,11 @@ def _check_content_data(args, recipe) -> None:
 
 
 def cmd_compress(args) -> None:
-    from lmcompress.export import check_exportable, export_hf
-    from lmcompress.io import check_output_dir, save, save_dense
-    from lmcompress.models import check_sequence_length, load_model
-    from lmcompress.pipeline import compress, recipe_needs, recipe_uses_data
-    from lmcompress.stats import LABELLED_NEEDS
+    from lmcompress.calibration.stats import LABELLED_NEEDS
+    from lmcompress.engine.pipeline import compress, recipe_needs, recipe_uses_data
+    from lmcompress.io.hf_export import check_exportable, export_hf
+    from lmcompress.io.models import check_sequence_length, load_model
+    from lmcompress.io.saving import check_output_dir, save, save_dense
 
     recipe = _recipe_from_args(args)  # validate before the (slow) model load
     _check_dense_out(args)
@@ -386,7 +386,7 @@ def cmd_compress(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from lmcompress.evaluation import evaluate
-    from lmcompress.models import check_sequence_length, load_model
+    from lmcompress.io.models import check_sequence_length, load_model
 
     if args.lm_eval:
         _evaluate_harness(args)
@@ -426,8 +426,8 @@ def _evaluate_onnxruntime(args) -> None:
     from lmcompress.errors import LMCompressError
     from lmcompress.evaluation import evaluate
     from lmcompress.evaluation.onnx_runtime import evaluate_onnx, load_onnx_model
-    from lmcompress.models import check_sequence_length, load_model, load_tokenizer, resolve_model
-    from lmcompress.onnx_export import export_onnx, read_onnx_manifest, require_onnx
+    from lmcompress.io.models import check_sequence_length, load_model, load_tokenizer, resolve_model
+    from lmcompress.io.onnx_export import export_onnx, read_onnx_manifest, require_onnx
 
     require_onnx()
     if _language_modeling(args):
@@ -488,7 +488,7 @@ def _evaluate_harness(args) -> None:
     """--lm-eval: the harness's tasks on the causal LM, checked for the harness before the model loads."""
     from lmcompress.errors import LMCompressError
     from lmcompress.evaluation.harness import import_harness, run_harness
-    from lmcompress.models import load_model, model_language_kind
+    from lmcompress.io.models import load_model, model_language_kind
 
     import_harness()
     if args.data or args.task:
@@ -507,7 +507,7 @@ def _evaluate_harness(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from lmcompress.demo import run_demo
+    from lmcompress.entrypoints.demo import run_demo
 
     run_demo(args.out, keeps=args.keep, overwrite=args.overwrite, progress=not args.quiet)
 
@@ -525,7 +525,7 @@ def cmd_methods(_args) -> None:
 
 def cmd_sweep(args) -> None:
     from lmcompress.errors import LMCompressError
-    from lmcompress.models import check_sequence_length, load_model, resolve_model
+    from lmcompress.io.models import check_sequence_length, load_model, resolve_model
     from lmcompress.sweep import SweepSettings, load_grid, run_sweep, write_report
     from lmcompress.sweep.runner import fingerprint, prepare_out
 
@@ -573,9 +573,9 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from lmcompress.io import check_output_dir
-    from lmcompress.models import load_model, resolve_model
-    from lmcompress.onnx_export import check_format, export_onnx, require_onnx
+    from lmcompress.io.models import load_model, resolve_model
+    from lmcompress.io.onnx_export import check_format, export_onnx, require_onnx
+    from lmcompress.io.saving import check_output_dir
 
     check_format(args.format)  # format, packages and output directory before the (slow) model load
     require_onnx()
@@ -591,8 +591,8 @@ def _distill_config(args):
     """DistillConfig from the flags and --option KEY=VALUE (values read as YAML: numbers, lists, mappings)."""
     import yaml
 
-    from lmcompress.distill import DistillConfig
     from lmcompress.errors import RecipeError
+    from lmcompress.training.distillation import DistillConfig
 
     options: dict = {}
     for item in args.option:
@@ -606,11 +606,11 @@ def _distill_config(args):
 
 
 def cmd_distill(args) -> None:
-    from lmcompress.distill import distill, parse_duration, split_heldout
-    from lmcompress.distill.checkpoint import CheckpointStore
     from lmcompress.errors import DataError, LMCompressError
-    from lmcompress.io import check_output_dir
-    from lmcompress.models import check_sequence_length, load_model
+    from lmcompress.io.models import check_sequence_length, load_model
+    from lmcompress.io.saving import check_output_dir
+    from lmcompress.training.distillation import distill, parse_duration, split_heldout
+    from lmcompress.training.distillation.checkpoint import CheckpointStore
 
     budget = parse_duration(args.time)  # every option before the (slow) model loads
     config = _distill_config(args)
@@ -659,7 +659,7 @@ def cmd_distill(args) -> None:
 
 
 def cmd_anatomy(args) -> None:
-    from lmcompress.breakdown import anatomy, describe
+    from lmcompress.evaluation.anatomy import anatomy, describe
 
     result = anatomy(args.model, args.seq_len)
     print(describe(result))

@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from lmcompress.linear import Conv1D
+from lmcompress.core.linear import Conv1D
 
 
 def int8_dynamic(model: nn.Module, inplace: bool = False) -> nn.Module:

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from lmcompress.anatomy import parameters_by_component
+from lmcompress.core.families import parameters_by_component
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

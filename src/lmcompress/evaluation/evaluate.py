@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmcompress.batching import encode_batches
+from lmcompress.core.progress import track
 from lmcompress.errors import DataError
 from lmcompress.evaluation.efficiency import count_flops, measure_latency, parameter_counts, serialized_size
-from lmcompress.progress import track
 from lmcompress.tasks import Examples, TaskSpec, compute_metrics
+from lmcompress.tasks.batching import encode_batches
 from lmcompress.tasks.spec import generic_label_names
 
 
@@ -59,7 +59,7 @@ def check_labels(model: nn.Module, examples: Examples) -> None:
     Predictions are compared with labels as ids, so examples whose classes are named or ordered differently
     from the model's (e.g. loaded without the model's label names) would be scored silently wrong.
     """
-    from lmcompress.models import model_label_names
+    from lmcompress.io.models import model_label_names
 
     if getattr(model, "config", None) is None:
         return

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmcompress.batching import encode_batches
+from lmcompress.core.progress import track
 from lmcompress.evaluation.efficiency import dummy_batch, measure_latency
 from lmcompress.evaluation.evaluate import check_labels
-from lmcompress.onnx_export import ONNX_NAME, read_onnx_manifest, require_onnx
-from lmcompress.progress import track
+from lmcompress.io.onnx_export import ONNX_NAME, read_onnx_manifest, require_onnx
 from lmcompress.tasks import Examples, TaskSpec, compute_metrics
+from lmcompress.tasks.batching import encode_batches
 
 LATENCY_BATCHES = (1, 8)
 
@@ -69,7 +69,7 @@ def load_onnx_model(path: str | Path, threads: int | None = None) -> OnnxModel:
     path = Path(path)
     manifest = read_onnx_manifest(path)
     if manifest is None:
-        from lmcompress.onnx_export import OnnxExportError
+        from lmcompress.io.onnx_export import OnnxExportError
 
         raise OnnxExportError(f"{path} is not an ONNX export (no lmcompress-onnx.json); make one with "
                               "`lmcompress export --format onnx`")
@@ -139,7 +139,7 @@ def evaluate_onnx(onnx_model: OnnxModel, tokenizer, task: TaskSpec, examples: Ex
     """The task metric in ORT and the latency table of `compare_latency` (PyTorch side left empty without a
     PyTorch model)."""
     if task.kind == "language-modeling":
-        from lmcompress.onnx_export import OnnxExportError
+        from lmcompress.io.onnx_export import OnnxExportError
 
         raise OnnxExportError("--runtime onnxruntime evaluates classifiers and regressors; language modeling "
                               "runs in PyTorch only")

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmcompress.core.progress import track
 from lmcompress.errors import DataError, LMCompressError
-from lmcompress.models import check_sequence_length, max_positions, model_language_kind
-from lmcompress.progress import track
+from lmcompress.io.models import check_sequence_length, max_positions, model_language_kind
 
 # One batch's logits (rows x tokens x vocabulary, float32) stay under this; a 50k vocabulary fills it fast.
 LOGITS_BUDGET_BYTES = 256 * 2**20

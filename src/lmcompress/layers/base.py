@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lmcompress.linear import make_dense
+from lmcompress.core.linear import make_dense
 
 _LAYER_TYPES: dict[str, type[CompressedLayer]] = {}
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmcompress.kernels.quantgrid import GridSpec, dequantize, grid_params, quantize_codes
 from lmcompress.layers.base import CompressedLayer, register_layer
 from lmcompress.layers.packing import (
     pack_mask,
@@ -35,7 +36,6 @@ from lmcompress.layers.packing import (
     unpack_mask,
     unpack_nibbles,
 )
-from lmcompress.quantgrid import GridSpec, dequantize, grid_params, quantize_codes
 
 log = logging.getLogger("lmcompress")
 SCHEMES = ("dynamic", "weight_only")

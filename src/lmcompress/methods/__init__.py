@@ -13,20 +13,20 @@ from lmcompress.methods.base import LayerResult, Method, register_method, regist
 
 # name -> module that registers it on import
 _BUILTIN: dict[str, str] = {
-    "distill": "lmcompress.methods.distill",
-    "drop_blocks": "lmcompress.methods.drop_blocks",
-    "fisher_svd": "lmcompress.methods.fisher_svd",
-    "kronecker": "lmcompress.methods.kronecker",
-    "learned": "lmcompress.methods.learned",
-    "prune": "lmcompress.methods.prune",
-    "quantize": "lmcompress.methods.quantize",
-    "sparsify": "lmcompress.methods.sparsify",
-    "svd": "lmcompress.methods.svd",
-    "tensor_train": "lmcompress.methods.tensor_train",
-    "vocab": "lmcompress.methods.vocab",
-    "whitened_kronecker": "lmcompress.methods.whitened_kronecker",
-    "whitened_svd": "lmcompress.methods.whitened_svd",
-    "whitened_tensor_train": "lmcompress.methods.whitened_tensor_train",
+    "distill": "lmcompress.methods.recovery.distill",
+    "drop_blocks": "lmcompress.methods.pruning.drop_blocks",
+    "fisher_svd": "lmcompress.methods.lowrank.fisher_svd",
+    "kronecker": "lmcompress.methods.tensorized.kronecker",
+    "learned": "lmcompress.methods.learned.learned",
+    "prune": "lmcompress.methods.pruning.prune",
+    "quantize": "lmcompress.methods.quantization.quantize",
+    "sparsify": "lmcompress.methods.sparsity.sparsify",
+    "svd": "lmcompress.methods.lowrank.svd",
+    "tensor_train": "lmcompress.methods.tensorized.tensor_train",
+    "vocab": "lmcompress.methods.vocabulary.vocab",
+    "whitened_kronecker": "lmcompress.methods.tensorized.whitened_kronecker",
+    "whitened_svd": "lmcompress.methods.lowrank.whitened_svd",
+    "whitened_tensor_train": "lmcompress.methods.tensorized.whitened_tensor_train",
 }
 
 

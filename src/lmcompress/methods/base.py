@@ -1,7 +1,7 @@
 """The method contract: a pydantic config class plus a handler.
 
 A method says what it acts on (`unit`: one linear layer, an attention or feed-forward group, a block, the
-model), which statistics it needs (`needs`, see `lmcompress.stats`), and how to compress one unit. A method
+model), which statistics it needs (`needs`, see `lmcompress.calibration.stats`), and how to compress one unit. A method
 that can be sized by a global budget also offers `candidates`: the sizes a unit may take, what each costs
 and a cheap way to build each, so the allocator can try sizes without recomputing decompositions.
 
@@ -17,10 +17,10 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
+from lmcompress.calibration.stats import LayerStats
+from lmcompress.core.linear import is_dense_linear
+from lmcompress.core.units import Unit
 from lmcompress.errors import RecipeError, validation_message
-from lmcompress.linear import is_dense_linear
-from lmcompress.stats import LayerStats
-from lmcompress.units import Unit
 
 _METHODS: dict[str, Method] = {}
 
@@ -100,7 +100,7 @@ class Candidates:
 class Method:
     """Subclass, set `name`, `config_class`, `needs` (and `unit` if not "linear"), implement
     `compress_layer` (layer-wise) or `compress_unit`, and decorate with `@register_method`. `needs` names
-    the statistics to gather (see `lmcompress.stats`), plus "labels" if the method reads the calibration
+    the statistics to gather (see `lmcompress.calibration.stats`), plus "labels" if the method reads the calibration
     examples' labels (otherwise they are not even loaded)."""
 
     name: ClassVar[str]

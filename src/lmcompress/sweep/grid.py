@@ -23,8 +23,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from lmcompress.engine.recipe import Allocation, Budget, Calibration, Recipe
 from lmcompress.errors import RecipeError
-from lmcompress.recipe import Allocation, Budget, Calibration, Recipe
 
 # where a list of values may stand for one value, and the config class that says what each option takes
 _SECTIONS = ("options", "budget", "allocation")

@@ -104,10 +104,10 @@ def _weights_bytes(directory: Path) -> int:
 
 
 def _calibration_data(settings: SweepSettings, recipe, model, tokenizer):
+    from lmcompress.calibration.stats import LABELLED_NEEDS
     from lmcompress.cli import _check_content_data, _task_and_examples
-    from lmcompress.models import check_sequence_length
-    from lmcompress.pipeline import recipe_needs, recipe_uses_data
-    from lmcompress.stats import LABELLED_NEEDS
+    from lmcompress.engine.pipeline import recipe_needs, recipe_uses_data
+    from lmcompress.io.models import check_sequence_length
 
     if not recipe_uses_data(recipe):
         return None
@@ -124,9 +124,9 @@ def _calibration_data(settings: SweepSettings, recipe, model, tokenizer):
 
 def _build(settings: SweepSettings, job: Job, directory: Path):
     """The point's model and tokenizer, plus seconds spent compressing (None when loaded or a baseline)."""
-    from lmcompress.io import read_manifest, save
-    from lmcompress.models import load_model
-    from lmcompress.recipe import Recipe
+    from lmcompress.engine.recipe import Recipe
+    from lmcompress.io.models import load_model
+    from lmcompress.io.saving import read_manifest, save
 
     saved = directory / "model"
     if job.kind == "recipe" and saved.is_dir() and read_manifest(saved) is not None:
@@ -140,8 +140,8 @@ def _build(settings: SweepSettings, job: Job, directory: Path):
         from lmcompress.evaluation import int8_dynamic
 
         return int8_dynamic(model, inplace=True), tokenizer, None
-    from lmcompress.pipeline import compress
-    from lmcompress.reuse import ScoreCache
+    from lmcompress.engine.pipeline import compress
+    from lmcompress.engine.reuse import ScoreCache
 
     recipe = Recipe.from_dict(job.recipe, source=job.name)
     started = time.perf_counter()
@@ -170,7 +170,7 @@ def _dev_examples(settings: SweepSettings, model):
 
 def _reference(settings: SweepSettings):
     """The uncompressed model, loaded once per worker, timed in alternation with each point."""
-    from lmcompress.models import load_model
+    from lmcompress.io.models import load_model
 
     key = ("reference", settings.model, settings.language_modeling)
     if key not in _WORKER_CACHE:

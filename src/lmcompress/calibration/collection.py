@@ -1,0 +1,234 @@
+"""Calibration: running task examples through the model to gather the statistics a method `needs`.
+
+Two modes:
+
+- `one_shot`: one pass of the whole model, statistics for every target layer at once (`collect`);
+- `sequential` (the default for data-aware methods): blocks in data-flow order, and inside each block its
+  sub-steps (q/k/v, then the attention output, then the feed-forward in, then out), each calibrated on the
+  model *as compressed so far* (`SequentialCalibrator`). Block inputs are cached between steps, so each
+  sub-step costs one pass of one block, not of the model.
+
+Statistics are kept on the model's device (see `stats.py`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmcompress.calibration.blockcache import BlockInputs, capture_block_inputs, no_cache, run_block
+from lmcompress.calibration.stats import DEFAULT_PAIRS_MB, LABELLED_NEEDS, LayerStats, StatsCollector, check_stats
+from lmcompress.core.linear import weight_out_in
+from lmcompress.core.progress import track
+from lmcompress.errors import CalibrationError
+from lmcompress.tasks.batching import encode_batches
+
+log = logging.getLogger("lmcompress")
+
+
+class GramCollector(StatsCollector):
+    """Input Gram matrices only: the statistics `whitened_svd` needs."""
+
+    def __init__(self, layers: dict[str, nn.Module]) -> None:
+        super().__init__(layers, {"gram"})
+
+
+def encode_calibration(tokenizer, examples, batch_size: int, max_length: int,
+                       with_labels: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Tokenise calibration examples once; every pass reuses the batches."""
+    if examples is None or len(examples) == 0:
+        raise CalibrationError("calibration set is empty: give at least one example")
+    labels = getattr(examples, "labels", None)
+    if with_labels and (labels is None or len(labels) != len(examples) or any(label is None for label in labels)):
+        raise CalibrationError("this method needs labelled calibration data (Fisher information uses the task "
+                               "loss), and the calibration examples have no labels")
+    # statistics are sums, so order is free: batching similar lengths together wastes little on padding
+    def length(i: int) -> int:
+        return len(examples.texts[i]) + (len(examples.text_pairs[i]) if examples.text_pairs is not None else 0)
+
+    order = sorted(range(len(examples)), key=length)
+    return list(encode_batches(tokenizer, examples, batch_size, max_length, with_labels=with_labels, order=order))
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def collect(model: nn.Module, batches: list[dict[str, torch.Tensor]], layers: dict[str, nn.Module],
+            needs: set[str], *, pairs_mb: float = DEFAULT_PAIRS_MB, progress: bool = True,
+            desc: str = "calibrating", pair_spans: dict[str, str] | None = None) -> dict[str, LayerStats]:
+    """One-shot statistics: one pass of the whole model (plus a backward pass per batch for `fisher`)."""
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    collector = StatsCollector(layers, needs, pairs_mb, pair_spans=pair_spans)
+    forward_needs = set(needs) - LABELLED_NEEDS
+    try:
+        if forward_needs:
+            with collector, no_cache(model), torch.inference_mode():
+                for batch in track(batches, len(batches), desc, progress, unit="batch"):
+                    batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+                    mask = batch.get("attention_mask")
+                    collector.mask = mask.bool() if mask is not None else None
+                    model(**batch)
+        if "fisher" in needs:
+            fisher_pass(model, batches, layers, collector.stats, progress)
+    finally:
+        model.train(was_training)
+    check_stats(collector.stats)
+    return collector.stats
+
+
+def fisher_pass(model: nn.Module, batches: list[dict[str, torch.Tensor]], layers: dict[str, nn.Module],
+                stats: dict[str, LayerStats], progress: bool = True) -> None:
+    """Diagonal empirical Fisher: the sum over batches of the squared gradient of the mean task loss."""
+    if any("labels" not in batch for batch in batches):
+        raise CalibrationError("Fisher information needs labels; the calibration batches have none")
+    device = _device(model)
+    weights = {name: (layer.weight, layer.weight is not weight_out_in(layer)) for name, layer in layers.items()}
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for weight, _ in weights.values():
+        weight.requires_grad_(True)
+    try:
+        with no_cache(model), torch.enable_grad():
+            for batch in track(batches, len(batches), "fisher", progress, unit="batch"):
+                model.zero_grad(set_to_none=True)
+                loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+                if loss is None or not torch.isfinite(loss):
+                    raise CalibrationError("the task loss is not finite on the calibration data")
+                loss.backward()
+                for name, (weight, transposed) in weights.items():
+                    grad = weight.grad.detach().to(torch.float64)
+                    grad = grad.T if transposed else grad
+                    entry = stats[name]
+                    entry.fisher = grad * grad if entry.fisher is None else entry.fisher + grad * grad
+                    entry.fisher_batches += 1
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+
+
+def calibrate(model: nn.Module, tokenizer, examples, layers: dict[str, nn.Module], *,
+              batch_size: int = 16, max_length: int = 128, progress: bool = True,
+              needs: set[str] | None = None) -> dict[str, LayerStats]:
+    """Run `examples` through `model` once and return statistics (default: input Gram) for `layers`."""
+    needs = {"gram"} if needs is None else set(needs)
+    batches = encode_calibration(tokenizer, examples, batch_size, max_length, with_labels="fisher" in needs)
+    return collect(model, batches, layers, needs, progress=progress)
+
+
+@dataclass
+class PassEstimate:
+    """What a calibration will cost, printed before it starts."""
+
+    stats_bytes: int
+    cache_bytes: int
+    block_passes: int
+    model_passes: int
+
+    def describe(self) -> str:
+        return (f"calibration: about {self.stats_bytes / 2**20:.0f} MiB of statistics, "
+                f"{self.cache_bytes / 2**20:.0f} MiB of cached block inputs; "
+                f"{self.model_passes} model pass(es) and {self.block_passes} single-block pass(es)")
+
+
+def cache_bytes_estimate(model: nn.Module, batches: list[dict[str, torch.Tensor]], teacher: bool) -> int:
+    hidden = next((getattr(model.config, a) for a in ("hidden_size", "n_embd", "dim")
+                   if getattr(model.config, a, None)), 0)
+    tokens = sum(b["input_ids"].numel() for b in batches)
+    dtype_bytes = next(model.parameters()).element_size()
+    return tokens * hidden * dtype_bytes * (2 if teacher else 1)
+
+
+class SequentialCalibrator:
+    """Walks the blocks in order, keeping the current block's inputs (and optionally the original
+    model's inputs at the same tokens, for `cross_gram`), so each sub-step is calibrated on the model as
+    compressed so far at the cost of one block pass."""
+
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList, batches: list[dict[str, torch.Tensor]],
+                 first_block: int = 0, teacher: bool = False, cache_mb: float = 1024.0,
+                 pairs_mb: float = DEFAULT_PAIRS_MB, progress: bool = True) -> None:
+        self.model, self.blocks, self.batches = model, blocks, batches
+        self.pairs_mb, self.progress = pairs_mb, progress
+        self.index = first_block
+        self.inputs: BlockInputs = capture_block_inputs(model, blocks[first_block], batches, cache_mb)
+        self.teacher_inputs: BlockInputs | None = None
+        self.teacher_block: nn.Module | None = None
+        if teacher:
+            self.teacher_inputs = self.inputs.with_hidden([self.inputs.hidden(i) for i in range(len(self.inputs))])
+        self.cache_mb = cache_mb
+
+    def begin_block(self, index: int) -> None:
+        """Advance the cached inputs to block `index`, keeping an unmodified copy of it if the teacher is on."""
+        while self.index < index:
+            self._advance()
+        if self.teacher_inputs is not None:
+            self.teacher_block = copy.deepcopy(self.blocks[index]).eval()
+
+    def collect(self, layers: dict[str, nn.Module], needs: set[str],
+                pair_spans: dict[str, str] | None = None) -> dict[str, LayerStats]:
+        """Statistics of `layers` (inside the current block) on the current block inputs."""
+        block = self.blocks[self.index]
+        forward_needs = set(needs) - LABELLED_NEEDS
+        teacher_layers = None
+        if "cross_gram" in needs and self.teacher_block is not None:
+            block_prefix = _prefix_of(self.model, block)
+            teacher_modules = dict(self.teacher_block.named_modules())
+            teacher_layers = {name: teacher_modules[name[len(block_prefix) + 1:]] for name in layers}
+        collector = StatsCollector(layers, forward_needs, self.pairs_mb, teacher_layers, pair_spans=pair_spans)
+
+        def set_mask(mask: torch.Tensor | None) -> None:
+            collector.mask = mask
+
+        if forward_needs:
+            with collector:
+                if teacher_layers is not None:
+                    self._teacher_pass(collector)
+                else:
+                    for _ in run_block(block, self.inputs, set_mask):
+                        pass
+        if "fisher" in needs:
+            fisher_pass(self.model, self.batches, layers, collector.stats, self.progress)
+        check_stats(collector.stats)
+        return collector.stats
+
+    def _teacher_pass(self, collector: StatsCollector) -> None:
+        """Pair each batch's current inputs with the teacher's: current block first, then the teacher."""
+        device = next(self.teacher_block.parameters()).device
+        block = self.blocks[self.index]
+        with torch.inference_mode():
+            for i in range(len(self.inputs)):
+                collector.mask = self.inputs.masks[i]
+                block(self.inputs.hidden(i, device), *self.inputs.args[i], **self.inputs.kwargs[i])
+                self.teacher_block(self.teacher_inputs.hidden(i, device), *self.teacher_inputs.args[i],
+                                   **self.teacher_inputs.kwargs[i])
+
+    def _advance(self) -> None:
+        block = self.blocks[self.index]
+        outputs = [h.detach() for h in run_block(block, self.inputs)]
+        self.inputs.close()
+        self.inputs = self.inputs.with_hidden(outputs, self.cache_mb)
+        if self.teacher_inputs is not None:
+            teacher = self.teacher_block if self.teacher_block is not None else block
+            teacher_out = [h.detach() for h in run_block(teacher, self.teacher_inputs)]
+            self.teacher_inputs.close()
+            self.teacher_inputs = self.teacher_inputs.with_hidden(teacher_out, self.cache_mb)
+            self.teacher_block = None
+        self.index += 1
+
+    def close(self) -> None:
+        self.inputs.close()
+        if self.teacher_inputs is not None:
+            self.teacher_inputs.close()
+
+
+def _prefix_of(model: nn.Module, target: nn.Module) -> str:
+    return next(name for name, module in model.named_modules() if module is target)
+

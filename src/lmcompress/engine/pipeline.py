@@ -1,0 +1,465 @@
+"""compress(): run a recipe's stages in order on the model, in place.
+
+For each stage: pick the layers (`targets`/`ignore`), group them into the units the method acts on, size
+the units (the method's own `keep`/`rank`, or a stage `budget` split by the allocator), calibrate what the
+method `needs` (sequentially, block by block on the model as compressed so far, or in one shot), apply the
+method unit by unit and log one line per layer. Each stage sees the model the earlier stages left, so a
+later stage may target layers an earlier one produced (for example the factors of a `LowRankLinear`).
+
+The pipeline knows nothing about any particular method: it never branches on a method's name.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmcompress.calibration.collection import (
+    PassEstimate,
+    SequentialCalibrator,
+    cache_bytes_estimate,
+    collect,
+    encode_calibration,
+)
+from lmcompress.calibration.stats import LABELLED_NEEDS, LayerStats, estimate_bytes
+from lmcompress.core.families import blocks_of, default_target_pattern, family_of, supported_model_types
+from lmcompress.core.linear import in_out_features, set_submodule
+from lmcompress.core.units import Unit, substep_of, units_for
+from lmcompress.engine.allocation import AllocationResult, SensitivityProbe, allocate
+from lmcompress.engine.layer_timing import SEQ_LEN, LayerSpeed, time_layers
+from lmcompress.engine.recipe import Calibration, Recipe, Stage
+from lmcompress.engine.reuse import ScoreCache
+from lmcompress.errors import CalibrationError, RecipeError
+from lmcompress.layers import CompressedLayer
+from lmcompress.methods import get_method
+from lmcompress.methods.base import LayerResult, Method, MethodConfig, StageContext
+
+log = logging.getLogger("lmcompress")
+layer_log = logging.getLogger("lmcompress.layers")  # one line per layer; quiet it to keep only summaries
+
+
+@dataclass
+class LayerRecord:
+    stage: int
+    method: str
+    name: str
+    shape: tuple[int, int]        # (out, in)
+    params_before: int
+    params_after: int
+    replaced: bool
+    seconds: float
+    note: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class StageRecord:
+    index: int
+    method: str
+    calibration_mode: str | None      # None: the method needed no calibration
+    seconds: float
+    allocation: dict[str, Any] | None = None
+    report: dict[str, Any] | None = None
+
+
+@dataclass
+class CompressionSummary:
+    layers: list[LayerRecord]
+    stages: list[StageRecord] = field(default_factory=list)
+    tokenizer: Any = None    # a stage replaced the tokenizer (vocabulary pruning): save this one with the model
+    speed: list[LayerSpeed] = field(default_factory=list)  # timed against dense (engine.layer_timing)
+
+    @property
+    def params_before(self) -> int:
+        return sum(r.params_before for r in self.layers)
+
+    @property
+    def params_after(self) -> int:
+        return sum(r.params_after for r in self.layers)
+
+    @property
+    def kept_dense(self) -> list[LayerRecord]:
+        return [r for r in self.layers if not r.replaced]
+
+    def stage_layers(self, index: int) -> list[LayerRecord]:
+        return [r for r in self.layers if r.stage == index]
+
+    def describe(self) -> str:
+        if len(self.stages) <= 1:
+            text = _describe(self.layers, self.stages[0].report if self.stages else None)
+        else:
+            text = "; ".join(f"stage {s.index} ({s.method}): {_describe(self.stage_layers(s.index), s.report)}"
+                             for s in self.stages)
+        if self.speed:
+            verdicts = [s.verdict for s in self.speed]
+            text += (f"; timed against dense: {verdicts.count('faster')} faster, {verdicts.count('as fast')} "
+                     f"about as fast, {verdicts.count('slower')} slower")
+        return text
+
+    def to_dict(self) -> dict:
+        return {"params_before": self.params_before, "params_after": self.params_after,
+                "stages": [asdict(s) for s in self.stages], "layers": [asdict(r) for r in self.layers],
+                "speed": [{**asdict(s), "verdict": s.verdict} for s in self.speed]}
+
+
+def _describe(layers: list[LayerRecord], report: dict[str, Any] | None = None) -> str:
+    """A stage that replaced no layer (one that only trains, such as `distill`) is described by the one-line
+    `summary` its report carries."""
+    if not layers and report and report.get("summary"):
+        return str(report["summary"])
+    kept = [r for r in layers if not r.replaced]
+    before, after = sum(r.params_before for r in layers), sum(r.params_after for r in layers)
+    text = (f"compressed {len(layers) - len(kept)} of {len(layers)} targeted layers: "
+            f"{before:,} -> {after:,} weight parameters ({after / max(before, 1):.1%})")
+    if kept:
+        text += f"; {len(kept)} kept dense"
+    return text
+
+
+def select_layers(model: nn.Module, stage: Stage, index: int = 0, method: Method | None = None) -> dict[str, nn.Module]:
+    """Modules the stage's method accepts (dense linear layers by default) whose names match any `targets`
+    pattern and no `ignore` pattern."""
+    method = method or get_method(stage.method)
+    defaults = None if stage.targets else method.default_targets(model)
+    if stage.targets is None and defaults is None and family_of(model) is None:
+        log.warning("model type %r has no anatomy entry (known: %s); default targets are all dense linear layers "
+                    "except output heads, and only layer-wise methods with one-shot calibration can run "
+                    "(see docs/adding-a-method.md)",
+                    getattr(model.config, "model_type", None), ", ".join(supported_model_types()))
+    targets = stage.targets or defaults or [default_target_pattern(model)]
+    candidates = {name: module for name, module in model.named_modules() if name and method.accepts(module)}
+    chosen = {name: module for name, module in candidates.items()
+              if any(re.search(t, name) for t in targets) and not any(re.search(i, name) for i in stage.ignore)}
+    if not chosen:
+        examples = ", ".join(list(candidates)[:4]) or "none"
+        raise RecipeError(f"stage {index + 1} ({stage.method}): targets {targets} (ignore {stage.ignore}) match no "
+                          f"layer it can compress; such layers look like: {examples}")
+    return chosen
+
+
+def recipe_needs(recipe: Recipe) -> set[str]:
+    """Everything any stage's method needs from calibration data (statistics, "labels")."""
+    needs: set[str] = set()
+    for stage in recipe.stages:
+        method = get_method(stage.method)
+        needs |= method.needs_for(method.parse_config(stage.options))
+    return needs
+
+
+def recipe_uses_data(recipe: Recipe) -> bool:
+    """Whether any stage needs the task's data (statistics, texts, or a sensitivity-split budget)."""
+    for stage in recipe.stages:
+        method = get_method(stage.method)
+        if method.uses_data(method.parse_config(stage.options)):
+            return True
+        if stage.budget is not None and stage.allocation.strategy == "sensitivity":
+            return True
+    return False
+
+
+def compress(model: nn.Module, recipe: Recipe, tokenizer=None, calibration_data=None,
+             progress: bool = True, timing: bool = True, reuse: ScoreCache | None = None) -> CompressionSummary:
+    """Apply `recipe` to `model` in place and return what happened to each layer, stage by stage.
+
+    `calibration_data` (task `Examples`) is required by methods that need statistics and by the
+    sensitivity allocator. A stage that replaces the tokenizer (vocabulary pruning) leaves the new one in
+    `summary.tokenizer`; save that one with the model. With `timing`, every compressed layer is then timed
+    against the dense layer it replaced (`summary.speed`), and layers that turned out slower are flagged.
+    `reuse` shares the first stage's sensitivity scores with other compressions of the same model on the
+    same data (see `lmcompress.engine.reuse`).
+    """
+    recipe.check_methods()
+    summary = CompressionSummary([])
+    model.eval()
+    original = _original_if_wanted(model, recipe)
+    for index, stage in enumerate(recipe.stages):
+        _StageRun(model, stage, index, recipe.calibration, summary.tokenizer or tokenizer, calibration_data,
+                  progress, summary, reuse if index == 0 else None, original).run()
+    if timing:
+        _record_speed(model, summary, progress)
+    log.info("%s", summary.describe())
+    return summary
+
+
+def _original_if_wanted(model: nn.Module, recipe: Recipe) -> nn.Module | None:
+    """One unmodified copy of the model, kept only when a stage's method asks for it (a distillation teacher)."""
+    for stage in recipe.stages:
+        method = get_method(stage.method)
+        if method.wants_original(method.parse_config(stage.options)):
+            return copy.deepcopy(model).eval()
+    return None
+
+
+def _record_speed(model: nn.Module, summary: CompressionSummary, progress: bool) -> None:
+    """Time the compressed layers, put the numbers on their records and warn once about slower ones."""
+    summary.speed = time_layers(model, progress=progress)
+    by_name = {s.name: s for s in summary.speed}
+    for record in summary.layers:
+        speed = by_name.get(record.name)
+        if speed is None or not record.replaced:
+            continue
+        record.metrics.update(speedup_b1=round(speed.speedup_b1, 3), speedup_b8=round(speed.speedup_b8, 3))
+        if speed.verdict == "slower":
+            note = f"slower than dense when timed ({speed.speedup_b1:.2f}x b1, {speed.speedup_b8:.2f}x b8)"
+            record.note = f"{record.note}; {note}" if record.note else note
+    slower = [s for s in summary.speed if s.verdict == "slower"]
+    if slower:
+        kinds = ", ".join(sorted({s.kind for s in slower}))
+        worst = min(slower, key=lambda s: min(s.speedup_b1, s.speedup_b8))
+        log.warning("%d of %d compressed layers (%s) are slower than the dense layers they replace when timed at "
+                    "batch 1 and 8 x %d tokens (worst: %s at %.2fx); a smaller size, a FLOPs budget or another "
+                    "method would be faster", len(slower), len(summary.speed), kinds, SEQ_LEN, worst.name,
+                    min(worst.speedup_b1, worst.speedup_b8))
+
+
+class _StageRun:
+    """One stage: select, size, calibrate, apply. Kept as a small class so each step reads on its own."""
+
+    def __init__(self, model: nn.Module, stage: Stage, index: int, calibration: Calibration, tokenizer,
+                 data, progress: bool, summary: CompressionSummary, reuse: ScoreCache | None = None,
+                 original: nn.Module | None = None) -> None:
+        self.model, self.stage, self.index, self.cal, self.reuse = model, stage, index, calibration, reuse
+        self.tokenizer, self.data, self.progress, self.summary = tokenizer, data, progress, summary
+        self.original = original
+        self.method: Method = get_method(stage.method)
+        self.config: MethodConfig = self.method.parse_config(stage.options)
+        self.unit = self.method.unit_for(self.config)
+        self.needs = set(self.method.needs_for(self.config))
+        self.sizes: dict[str, Any] | None = None
+
+    def run(self) -> None:
+        started = time.perf_counter()
+        layers = select_layers(self.model, self.stage, self.index, self.method)
+        self.method.check_targets(layers, self.config, self.model)
+        if self.unit == "model":
+            self._apply_model(layers, started)
+            return
+        units = units_for(self.model, self.unit, list(layers))
+        budget = self.stage.budget
+        sensitivity = budget is not None and self.stage.allocation.strategy == "sensitivity"
+        batches = self._batches(need_data=bool(self.needs) or sensitivity)
+        mode = self._mode(units) if self.needs else None
+        log.info("stage %d: %s on %d %s unit(s)%s", self.index + 1, self.stage.method, len(units),
+                 self.unit, f", {mode.replace('_', '-')} calibration" if mode else "")
+        if batches is not None and self.needs:
+            log.info("%s", self._estimate(layers, units, batches, mode, sensitivity).describe())
+        allocation, stats = None, None
+        if budget is not None:
+            allocation, stats = self._allocate(layers, units, batches, sensitivity)
+        if mode == "sequential":
+            self._apply_sequential(units, batches)
+        else:
+            if stats is None:
+                stats = collect(self.model, batches, layers, self.needs, pairs_mb=self.cal.pairs_mb,
+                                progress=self.progress, pair_spans=self._spans(units)) if self.needs else {}
+            for unit in units:
+                self._apply(unit, stats)
+        self.summary.stages.append(StageRecord(self.index + 1, self.stage.method, mode,
+                                               round(time.perf_counter() - started, 2),
+                                               allocation.to_dict() if allocation else None))
+
+    def _apply_model(self, layers: dict[str, nn.Module], started: float) -> None:
+        """A model-level method (vocabulary pruning ...): one call, sees all the stage's data."""
+        if self.method.uses_data(self.config) and self.data is None:
+            raise CalibrationError(f"stage {self.index + 1}: method {self.stage.method!r} needs the task's data")
+        log.info("stage %d: %s on the whole model", self.index + 1, self.stage.method)
+        with torch.no_grad():
+            context = StageContext(self.stage.budget, self.cal, self.index, self.progress, self.original)
+            result = self.method.compress_model(self.model, self.tokenizer, self.data, self.config, layers, context)
+        if result.tokenizer is not None:
+            self.summary.tokenizer = result.tokenizer
+        for layer in result.layers:
+            record = LayerRecord(self.index + 1, self.stage.method, layer.name, _shape(layers.get(layer.name)),
+                                 layer.params_before, layer.params_after, layer.module is not None, 0.0,
+                                 layer.note, layer.metrics)
+            self.summary.layers.append(record)
+            layer_log.info("%s", _layer_line(record))
+        self.summary.stages.append(StageRecord(self.index + 1, self.stage.method, None,
+                                               round(time.perf_counter() - started, 2), None,
+                                               result.report or None))
+
+    def _batches(self, need_data: bool) -> list[dict[str, torch.Tensor]] | None:
+        if not need_data:
+            return None
+        if self.data is None or self.tokenizer is None:
+            why = (f"method {self.stage.method!r} needs calibration data ({', '.join(sorted(self.needs))})"
+                   if self.needs else "allocation 'sensitivity' needs calibration data to score sizes "
+                   "(or use allocation 'uniform')")
+            raise CalibrationError(f"stage {self.index + 1}: {why}: give a task and data")
+        sample = self.data.take(self.cal.samples, seed=self.cal.seed)
+        return encode_calibration(self.tokenizer, sample, self.cal.batch_size, self.cal.max_length,
+                                  with_labels=bool(self.needs & LABELLED_NEEDS))
+
+    def _mode(self, units: list[Unit]) -> str:
+        if self.cal.mode == "one_shot":
+            return "one_shot"
+        if blocks_of(self.model) is None or any(u.block is None for u in units):
+            log.warning("stage %d: sequential calibration needs every target inside a transformer block of a "
+                        "known architecture; calibrating in one shot instead", self.index + 1)
+            return "one_shot"
+        return "sequential"
+
+    def _estimate(self, layers, units, batches, mode, sensitivity) -> PassEstimate:
+        teacher = "cross_gram" in self.needs and mode == "sequential"
+        if mode == "sequential":
+            by_block: dict[int, dict[str, nn.Module]] = defaultdict(dict)
+            steps = 0
+            for block, block_units in _by_block(units).items():
+                steps += len(_substeps(self.model, block_units)) + 1
+                for unit in block_units:
+                    by_block[block].update({n: layers[n] for n in unit.layer_names if n in layers})
+            stats_bytes = max(estimate_bytes(ls, self.needs, self.cal.pairs_mb) for ls in by_block.values())
+            cache = cache_bytes_estimate(self.model, batches, teacher)
+            passes = 1 + ("fisher" in self.needs) * steps
+        else:
+            stats_bytes, cache, steps, passes = estimate_bytes(layers, self.needs, self.cal.pairs_mb), 0, 0, 1
+        if sensitivity:
+            passes += 1
+        return PassEstimate(stats_bytes, cache, steps * (2 if teacher else 1), passes)
+
+    def _allocate(self, layers, units, batches, sensitivity) -> tuple[AllocationResult, dict | None]:
+        """Decompose each unit once (on the model as the stage finds it), then choose sizes."""
+        started = time.perf_counter()
+        budget = self.stage.budget
+        stats = collect(self.model, batches, layers, self.needs, pairs_mb=self.cal.pairs_mb,
+                        progress=self.progress, desc="calibrating (allocation)",
+                        pair_spans=self._spans(units)) if self.needs else {}
+        candidates = []
+        for unit in units:
+            found = self.method.candidates(self.model, unit, stats, self.config)
+            if found is None:
+                raise RecipeError(f"stage {self.index + 1}: method {self.stage.method!r} cannot be sized by a "
+                                  "budget; give its own size options instead")
+            candidates.append(found)
+        probe = None
+        if sensitivity:
+            found = blocks_of(self.model)
+            # batches are sorted by length: take evenly spaced ones so every length is represented
+            wanted = min(len(batches), max(1, -(-self.stage.allocation.samples // self.cal.batch_size)))
+            sample = [batches[round(i * (len(batches) - 1) / max(wanted - 1, 1))] for i in range(wanted)]
+            probe = SensitivityProbe(self.model, found[1] if found else None, sample, self.cal.cache_mb)
+        key = self._reuse_key(units) if probe is not None and self.reuse is not None else None
+        known = self.reuse.load(key) if key is not None else None
+        try:
+            result = allocate(units, candidates, budget.fraction, budget.metric, budget.seq_len,
+                              self.stage.allocation.strategy, probe, self.stage.allocation.probes, self.progress,
+                              known)
+        finally:
+            if probe is not None:
+                probe.close()
+        if key is not None:
+            self.reuse.save(key, known)
+        result.seconds = time.perf_counter() - started
+        self.sizes = result.sizes()
+        log.info("allocation (%s, %s budget %.0f%%): used %s of %s%s in %.1fs", result.strategy, result.metric,
+                 100 * budget.fraction, f"{result.used:,}", f"{result.dense:,}",
+                 "; uniform predicted better and was kept" if result.chose_uniform else "", result.seconds)
+        for unit in result.units:
+            layer_log.info("  %-48s size %-6s %5.1f%% of dense  predicted divergence %.2e", unit.unit,
+                           "dense" if unit.size is None else unit.size, 100 * unit.fraction, unit.predicted_loss)
+        # one-shot application may reuse this calibration; sequential recalibrates as it goes
+        return result, stats if self.cal.mode == "one_shot" or not self.needs else None
+
+    def _reuse_key(self, units: list[Unit]) -> dict[str, Any]:
+        """Everything a first stage's sensitivity scores depend on besides the model and data (the cache's
+        fingerprint) and the budget fraction (which they do not depend on)."""
+        cal = self.cal
+        return {"method": self.stage.method, "options": self.stage.options, "units": [u.name for u in units],
+                "metric": self.stage.budget.metric, "seq_len": self.stage.budget.seq_len,
+                "allocation_samples": self.stage.allocation.samples,
+                "calibration": [cal.samples, cal.seed, cal.batch_size, cal.max_length]}
+
+    def _apply_sequential(self, units: list[Unit], batches) -> None:
+        found = blocks_of(self.model)
+        assert found is not None
+        grouped = _by_block(units)
+        calibrator = SequentialCalibrator(self.model, found[1], batches, first_block=min(grouped),
+                                          teacher="cross_gram" in self.needs, cache_mb=self.cal.cache_mb,
+                                          pairs_mb=self.cal.pairs_mb, progress=False)
+        try:
+            steps = [(block, step) for block, block_units in sorted(grouped.items())
+                     for step in _substeps(self.model, block_units)]
+            for block, step in _track_steps(steps, self.progress):
+                calibrator.begin_block(block)
+                step_layers = {n: self.model.get_submodule(n) for u in step for n in u.layer_names}
+                stats = calibrator.collect(step_layers, self.needs, self._spans(step))
+                for unit in step:
+                    self._apply(unit, stats)
+        finally:
+            calibrator.close()
+
+    def _spans(self, units: list[Unit]) -> dict[str, str]:
+        """The method's multi-layer pairs ({output layer: input layer}) over these units."""
+        return {out: src for unit in units for out, src in self.method.pair_spans(unit, self.config).items()}
+
+    def _apply(self, unit: Unit, stats: dict[str, LayerStats]) -> None:
+        start = time.perf_counter()
+        if self.sizes is not None and self.sizes.get(unit.name) is None:
+            results = []
+            for name in unit.layer_names:
+                fan_in, fan_out = in_out_features(self.model.get_submodule(name))
+                params = fan_in * fan_out
+                results.append(LayerResult(None, params, params, note="allocation left it dense", name=name))
+        else:
+            size = None if self.sizes is None else self.sizes[unit.name]
+            with torch.no_grad():
+                results = self.method.compress_unit(self.model, unit, stats, self.config, size)
+        seconds = (time.perf_counter() - start) / max(len(results), 1)
+        for result in results:
+            shape = _shape(self.model.get_submodule(result.name))
+            if result.module is not None:
+                set_submodule(self.model, result.name, result.module)
+                if isinstance(result.module, CompressedLayer) and result.module.slower_than_dense():
+                    result.note = (result.note + "; " if result.note else "") + "needs more FLOPs than dense"
+            record = LayerRecord(self.index + 1, self.stage.method, result.name, shape, result.params_before,
+                                 result.params_after, result.module is not None, seconds, result.note,
+                                 result.metrics)
+            self.summary.layers.append(record)
+            layer_log.info("%s", _layer_line(record))
+
+
+def _shape(module: nn.Module | None) -> tuple[int, int]:
+    """(out, in) of a targeted module, (0, 0) when unknown."""
+    if module is None:
+        return (0, 0)
+    fan_in, fan_out = in_out_features(module)
+    return (fan_out, fan_in)
+
+
+def _by_block(units: list[Unit]) -> dict[int, list[Unit]]:
+    grouped: dict[int, list[Unit]] = defaultdict(list)
+    for unit in units:
+        grouped[unit.block].append(unit)
+    return dict(grouped)
+
+
+def _substeps(model: nn.Module, units: list[Unit]) -> list[list[Unit]]:
+    """Units of one block in data-flow order; linear units sharing an input form one sub-step, a group unit
+    is a sub-step of its own."""
+    steps: dict[tuple, list[Unit]] = defaultdict(list)
+    for unit in units:
+        first = min(substep_of(model, n) for n in unit.layer_names)
+        key = (first, "") if unit.kind == "linear" else (first, unit.name)
+        steps[key].append(unit)
+    return [steps[k] for k in sorted(steps)]
+
+
+def _track_steps(steps, progress: bool):
+    from lmcompress.core.progress import track
+
+    return track(steps, len(steps), "sequential calibration", progress, unit="step")
+
+
+def _layer_line(record: LayerRecord) -> str:
+    errors = "  ".join(f"{k} {v:.4f}" for k, v in record.metrics.items() if k.endswith("_err"))
+    rank = f"rank {int(record.metrics['rank'])}" if "rank" in record.metrics else ""
+    return (f"  {record.name:<48} {rank:<9} {record.params_before:>9,} -> {record.params_after:>9,}  "
+            f"{errors}  {record.seconds:.2f}s {record.note}").rstrip()

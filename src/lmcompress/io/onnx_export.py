@@ -1,0 +1,383 @@
+"""Export a (compressed) model to ONNX, keeping the structure that ONNX Runtime can run faster.
+
+`lmcompress export --model DIR --format onnx --out DIR` writes `model.onnx`, the config, the tokenizer and a
+small manifest (`lmcompress-onnx.json`) into DIR, atomically (see `io.atomic_output_dir`). The graph takes the
+tokenizer's tensors (`input_ids`, `attention_mask`, and `token_type_ids` where the model reads them), batch and
+sequence length dynamic, and returns `logits`.
+
+What each layer becomes (docs/onnx.md has the measurements):
+
+- dense and structurally pruned `nn.Linear` / GPT-2 `Conv1D`: MatMul (+ Add) of the pruned sizes;
+- `LowRankLinear`: two MatMuls through the rank (its factors are ordinary linear layers, so a quantized factor
+  becomes whatever its type becomes);
+- `QuantizedLinear`, scheme `dynamic` (int8 per-row): the stored int8 codes, activations quantized per tensor
+  at run time to 7 bits (ReduceMin/ReduceMax -> scale, zero point -> QuantizeLinear), MatMulInteger, Cast,
+  Mul, Add. 7 bits as in PyTorch's fbgemm kernel (`reduce_range`), for the same reason: on AVX2 CPUs without
+  VNNI the uint8 x int8 kernel adds pairs of products in int16, which full 8-bit activations (ORT's
+  DynamicQuantizeLinear) overflow against full-range int8 weights (errors of ~0.7 on a 384 x 1536 layer,
+  measured). Storing the weight as uint8 (code + 128) avoids the overflow too, but ORT's uint8 x uint8 kernel
+  was 26% slower on that layer than 7-bit uint8 x int8;
+- `QuantizedLinear`, scheme `weight_only` (int8 or int4, per row or per group): DequantizeLinear of the stored
+  codes (int4 codes widened to int8, so twice their packed bytes: ONNX's int4 type has no torch counterpart)
+  + MatMul, in blocks of a power of two >= 16 inputs where the grid allows, which ORT fuses into its
+  MatMulNBits kernel (float compute: sessions set `session.qdq_matmulnbits_accuracy_level` = 0); other
+  group sizes are dequantized on every call, as PyTorch does;
+- `SparseLinear` (unstructured / N:M): a dense MatMul of its dense weight (no CPU kernel skips zeros);
+- `KroneckerLinear`, `TTLinear`, `LinearBlock`, `QuantizedEmbedding`: their own forward, traced op by op;
+- attention: transformers' eager implementation (the copy exported is switched to it): SDPA's ONNX form adds an
+  IsNaN + Where guard to every layer, 6.6% of ORT's time on MiniLM at batch 8.
+
+The graph is made by PyTorch's `torch.export`-based exporter (`torch.onnx.export(..., dynamo=True)`): it follows
+the data-dependent mask code of current transformers with guards instead of freezing one branch, as the
+deprecated TorchScript tracer does. The int8 and weight-only layers are swapped, in a copy of the model, for
+modules calling two small `torch.library` custom ops whose ONNX translations (`custom_translation_table`) emit
+the nodes above from the stored codes and scales: no exporter or ORT tool writes a graph from codes that already
+exist (onnxruntime.quantization re-quantizes float weights with its own scales, which would change GPTQ's
+rounding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import io
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmcompress.core.linear import make_dense
+from lmcompress.errors import LMCompressError, first_line
+from lmcompress.io.saving import atomic_output_dir, check_output_dir, compressed_modules
+from lmcompress.layers import (
+    KroneckerLinear,
+    LinearBlock,
+    LowRankLinear,
+    QuantizedEmbedding,
+    QuantizedLinear,
+    SparseLinear,
+    TTLinear,
+)
+
+log = logging.getLogger("lmcompress")
+
+FORMATS = ("onnx",)
+ONNX_NAME = "model.onnx"
+ONNX_MANIFEST_NAME = "lmcompress-onnx.json"
+ONNX_FORMAT_VERSION = 1
+OPSET = 21  # blocked DequantizeLinear (group-wise weight-only grids) needs 21
+INSTALL_HINT = "pip install 'lmcompress[onnx]'"
+# compressed layer types the export knows; any other (a new or third-party type) is refused before writing
+TRACED_AS_IS = (LowRankLinear, KroneckerLinear, TTLinear, LinearBlock, QuantizedEmbedding)
+KNOWN_LAYERS = (*TRACED_AS_IS, QuantizedLinear, SparseLinear)
+# tokenizer outputs the graph may take, in this order
+INPUT_ORDER = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class OnnxExportError(LMCompressError):
+    """The model (or the request) cannot be exported to ONNX, or ONNX support is not installed."""
+
+
+def require_onnx() -> tuple[Any, Any]:
+    """(onnx, onnxruntime), imported lazily; one line naming the extra when they (or onnxscript) are missing."""
+    try:
+        onnx = importlib.import_module("onnx")
+        onnxruntime = importlib.import_module("onnxruntime")
+        importlib.import_module("onnxscript")  # torch.onnx's exporter is written in it
+    except ImportError as err:
+        raise OnnxExportError(f"ONNX support needs the packages onnx, onnxruntime and onnxscript "
+                              f"({err.name} is missing): {INSTALL_HINT}") from None
+    return onnx, onnxruntime
+
+
+def check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise OnnxExportError(f"unknown export format {fmt!r}; supported: {', '.join(FORMATS)}")
+
+
+# --- custom ops: how quantized layers reach the graph ---------------------------------------------------------
+# Their eager implementations compute what the ONNX nodes compute, so the prepared copy of the model can be
+# checked in PyTorch too; export only ever calls the fake (shape) implementations.
+
+@torch.library.custom_op("lmcompress::int8_dynamic_linear", mutates_args=())
+def _int8_dynamic_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+                         bias: torch.Tensor) -> torch.Tensor:
+    """y = x W diag(scales) + b, W: (in, out) int8 codes (activations quantized at run time in the graph)."""
+    return x @ (weight.to(x.dtype) * scales.to(x.dtype)) + bias.to(x.dtype)
+
+
+@_int8_dynamic_linear.register_fake
+def _(x, weight, scales, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[1])
+
+
+@torch.library.custom_op("lmcompress::dequantize_linear", mutates_args=())
+def _dequantize_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                       bias: torch.Tensor) -> torch.Tensor:
+    """y = x ((codes - zeros) * scales) + b; codes (in, out) int8, scales/zeros (groups, out) per block of rows."""
+    block = codes.shape[0] // scales.shape[0]
+    weight = (codes.to(torch.float32) - zeros.to(torch.float32).repeat_interleave(block, 0)) \
+        * scales.repeat_interleave(block, 0)
+    return x @ weight.to(x.dtype) + bias.to(x.dtype)
+
+
+@_dequantize_linear.register_fake
+def _(x, codes, scales, zeros, bias):
+    return x.new_empty(*x.shape[:-1], codes.shape[1])
+
+
+def _translations() -> dict:
+    """ONNX translations of the custom ops (onnxscript, imported only when exporting)."""
+    from onnxscript import opset21 as op
+
+    def int8_dynamic_linear(x, weight, scales, bias):
+        # activations to 7 bits, [0, 127], per tensor (fbgemm's reduce_range): DynamicQuantizeLinear has no such
+        # option, so min/max, scale and zero point are spelled out, then one QuantizeLinear (see module docstring)
+        zero = op.Constant(value_float=0.0)
+        low = op.Min(op.ReduceMin(x, keepdims=0), zero)
+        high = op.Max(op.ReduceMax(x, keepdims=0), zero)
+        x_scale = op.Max(op.Div(op.Sub(high, low), op.Constant(value_float=127.0)), op.Constant(value_float=1e-12))
+        x_zero = op.Cast(op.Round(op.Neg(op.Div(low, x_scale))), to=2)  # to=2: UINT8
+        acc = op.MatMulInteger(op.QuantizeLinear(x, x_scale, x_zero), weight, x_zero)
+        return op.Add(op.Mul(op.Cast(acc, to=1), op.Mul(x_scale, scales)), bias)  # to=1: FLOAT
+
+    def dequantize_linear(x, codes, scales, zeros, bias):
+        groups, _ = scales.shape
+        rows = codes.shape[0]
+        if groups == 1:   # one scale per output column of the (in, out) weight
+            weight = op.DequantizeLinear(codes, op.Reshape(scales, op.Constant(value_ints=[-1])),
+                                         op.Reshape(zeros, op.Constant(value_ints=[-1])), axis=1)
+        else:             # blocks of `rows // groups` inputs share a scale (opset 21 blocked quantization)
+            weight = op.DequantizeLinear(codes, scales, zeros, axis=0, block_size=rows // groups)
+        return op.Add(op.MatMul(x, weight), bias)
+
+    return {torch.ops.lmcompress.int8_dynamic_linear.default: int8_dynamic_linear,
+            torch.ops.lmcompress.dequantize_linear.default: dequantize_linear}
+
+
+class _Int8DynamicForOnnx(nn.Module):
+    """A `dynamic` QuantizedLinear as the graph sees it: int8 codes (in, out), per-column scales."""
+
+    def __init__(self, layer: QuantizedLinear) -> None:
+        super().__init__()
+        self.register_buffer("weight", layer.full_codes().T.to(torch.int8).contiguous())
+        self.register_buffer("scales", layer.scales[:, 0].detach().float().clone())
+        bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_features)
+        self.register_buffer("bias", bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _int8_dynamic_linear(x, self.weight, self.scales, self.bias)
+
+
+class _DequantizeForOnnx(nn.Module):
+    """A `weight_only` QuantizedLinear as the graph sees it: int8 codes (in, out), scales and zero points
+    (groups, out)."""
+
+    def __init__(self, layer: QuantizedLinear) -> None:
+        super().__init__()
+        self.register_buffer("codes", layer.full_codes().T.to(torch.int8).contiguous())
+        scales = layer.scales.detach().float()
+        zeros = layer.zeros if layer.zeros is not None else torch.zeros_like(scales, dtype=torch.int8)
+        if scales.shape[1] == 1:
+            # one scale per row, repeated over blocks of a power of two >= 16 inputs: the same weights, but ORT
+            # fuses blocked DequantizeLinear + MatMul into its MatMulNBits kernel (only for such block sizes)
+            block = next((b for b in (128, 64, 32, 16) if layer.in_features % b == 0), layer.in_features)
+            scales = scales.repeat(1, layer.in_features // block)
+            zeros = zeros.repeat(1, layer.in_features // block)
+        self.register_buffer("scales", scales.T.contiguous())
+        self.register_buffer("zeros", zeros.detach().to(torch.int8).T.contiguous())
+        bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_features)
+        self.register_buffer("bias", bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _dequantize_linear(x, self.codes, self.scales, self.zeros, self.bias)
+
+
+ROLE = {"int8_dynamic": "QuantizeLinear (7-bit) + MatMulInteger (int8 weights)",
+        "weight_only": "DequantizeLinear (int8 codes) + MatMul",
+        "sparse": "MatMul of the dense weight (zeros stored)",
+        "low_rank": "two MatMuls through the rank"}
+
+
+def check_onnx_exportable(model: nn.Module) -> dict[str, int]:
+    """What the export will make of each compressed layer ({role: count}); OnnxExportError (one line) for a
+    model it cannot export. Reads the model only."""
+    if getattr(model, "config", None) is None:
+        raise OnnxExportError(f"{type(model).__name__} has no Hugging Face config; export takes models loaded "
+                              "by lmcompress (a model directory)")
+    packed = next((name for name, m in model.named_modules() if hasattr(m, "_packed_params")), None)
+    if packed is not None:
+        raise OnnxExportError(f"{packed} is a PyTorch quantize_dynamic layer (packed fbgemm weights), which has no "
+                              "ONNX export; quantize with lmcompress (`--method quantize`) instead")
+    roles: dict[str, int] = {}
+    for name, layer in compressed_modules(model).items():
+        if not isinstance(layer, KNOWN_LAYERS):
+            raise OnnxExportError(f"{name} is a {type(layer).__name__}, which the ONNX export does not know; "
+                                  f"supported compressed layers: {', '.join(t.__name__ for t in KNOWN_LAYERS)}")
+        if isinstance(layer, QuantizedLinear):
+            role = "int8_dynamic" if layer.scheme == "dynamic" else "weight_only"
+        elif isinstance(layer, SparseLinear):
+            role = "sparse"
+        elif isinstance(layer, LowRankLinear):
+            role = "low_rank"
+        else:
+            role = type(layer).__name__
+        roles[role] = roles.get(role, 0) + 1
+    return roles
+
+
+def prepare_for_onnx(model: nn.Module) -> nn.Module:
+    """A float32 copy of `model` whose quantized and sparse layers are swapped for their graph forms."""
+    import copy
+
+    prepared = copy.deepcopy(model).float().eval()
+    # eager attention: SDPA's ONNX form adds an IsNaN + Where guard per layer against fully masked rows,
+    # 6.6% of ORT's time on MiniLM at batch 8 (profiled); the eager graph adds the mask and takes Softmax
+    if hasattr(prepared, "set_attn_implementation"):
+        with contextlib.suppress(ValueError, ImportError):
+            prepared.set_attn_implementation("eager")
+    for name, layer in list(prepared.named_modules()):
+        if isinstance(layer, QuantizedLinear):
+            new = _Int8DynamicForOnnx(layer) if layer.scheme == "dynamic" else _DequantizeForOnnx(layer)
+        elif isinstance(layer, SparseLinear):
+            new = make_dense(layer.dense_weight().detach(), layer.bias, layer.dense_kind)
+        else:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(prepared.get_submodule(parent) if parent else prepared, child, new)
+    return prepared
+
+
+def graph_inputs(model: nn.Module, tokenizer) -> list[str]:
+    """The tokenizer outputs the model's forward takes (input_ids and attention_mask at least)."""
+    accepted = inspect.signature(model.forward).parameters
+    produced = set(getattr(tokenizer, "model_input_names", None) or ("input_ids", "attention_mask"))
+    names = [n for n in INPUT_ORDER if n in accepted and (n in produced or n in ("input_ids", "attention_mask"))]
+    if "input_ids" not in names:
+        raise OnnxExportError(f"{type(model).__name__}.forward takes no input_ids; export handles token models")
+    return names
+
+
+class _LogitsOnly(nn.Module):
+    """Named tensor inputs in, logits out: the graph's signature."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        extra = {"use_cache": False} if "use_cache" in inspect.signature(self.model.forward).parameters else {}
+        return self.model(**{n: given[n] for n in self.names}, **extra).logits
+
+
+def example_inputs(model: nn.Module, names: list[str], batch: int = 2, seq_len: int = 16) -> dict[str, torch.Tensor]:
+    """Token ids for tracing; the second row is padded so the mask code is the general path."""
+    vocab = int(getattr(model.config, "vocab_size", 1000))
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(min(1000, vocab // 2), vocab, (batch, seq_len), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1:, seq_len // 2:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    return {n: inputs[n] for n in names}
+
+
+def _export_graph(prepared: nn.Module, names: list[str], path: Path) -> None:
+    from lmcompress.io.models import max_positions
+
+    wrapper = _LogitsOnly(prepared, names).eval()
+    example = example_inputs(prepared, names)
+    batch = torch.export.Dim("batch", max=65536)
+    seq = torch.export.Dim("sequence", max=max_positions(prepared) or 65536)
+    shapes = {n: {0: batch, 1: seq} for n in names}
+    args = tuple(example[n] for n in names)
+    # the exporter prints its progress on stdout, warns about torchvision ops it skips, and its optimiser logs
+    # every folded constant at INFO level
+    quiet = [logging.getLogger(n) for n in ("onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=OPSET,
+                                        input_names=names, output_names=["logits"], dynamic_shapes=shapes,
+                                        custom_translation_table=_translations(), verbose=False, optimize=True)
+    finally:
+        for q, level in zip(quiet, levels, strict=True):
+            q.setLevel(level)
+    program.save(str(path), external_data=False)
+
+
+def _logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(**inputs).logits.float()
+
+
+def export_onnx(model: nn.Module, tokenizer, out: str | Path, *, overwrite: bool = False,
+                source: str | None = None) -> dict[str, Any]:
+    """Write `model` as ONNX (see the module docstring) and return the manifest written next to it.
+
+    Everything is checked (format support installed, output directory, layer types) before anything is
+    written; a failure of the exporter itself is one OnnxExportError line and leaves nothing behind.
+    """
+    _, onnxruntime = require_onnx()
+    check_output_dir(out, overwrite)
+    if source is not None and Path(source).is_dir():
+        source = str(Path(source).resolve())
+    roles = check_onnx_exportable(model)
+    names = graph_inputs(model, tokenizer)
+    prepared = prepare_for_onnx(model)
+    started = time.perf_counter()
+    with atomic_output_dir(out, overwrite) as tmp:
+        try:
+            _export_graph(prepared, names, tmp / ONNX_NAME)
+        except (OnnxExportError, KeyboardInterrupt):
+            raise
+        except Exception as err:  # the exporter's errors are pages long; the user gets its first line
+            raise OnnxExportError(f"torch.onnx could not export {type(model).__name__}: {first_line(err)}") from err
+        seconds = time.perf_counter() - started
+        example = example_inputs(model, names)
+        try:  # the graph must load and run in ORT, or nothing is written
+            options = onnxruntime.SessionOptions()
+            options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # as evaluation runs
+            session = onnxruntime.InferenceSession(str(tmp / ONNX_NAME), options, providers=["CPUExecutionProvider"])
+            ort_logits = torch.from_numpy(session.run(["logits"], {n: t.numpy() for n, t in example.items()})[0])
+        except Exception as err:
+            raise OnnxExportError(f"ONNX Runtime cannot run the exported graph: {first_line(err)}") from err
+        difference = float((ort_logits - _logits(model, example)).abs().max())
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        manifest = {
+            "format": "lmcompress-onnx", "format_version": ONNX_FORMAT_VERSION, "file": ONNX_NAME,
+            "architecture": type(model).__name__, "source": source, "inputs": names, "outputs": ["logits"],
+            "opset": OPSET, "layers": {ROLE.get(role, role): count for role, count in roles.items()},
+            "export_seconds": round(seconds, 2),
+            "check": {"max_abs_logit_difference_vs_pytorch": difference, "batch": 2, "seq_len": 16},
+            "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+        }
+        (tmp / ONNX_MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    log.info("exported %s to %s in %.1f s (ONNX Runtime vs PyTorch logits: max difference %.2g)",
+             type(model).__name__, out, seconds, difference)
+    return manifest
+
+
+def read_onnx_manifest(path: str | Path) -> dict[str, Any] | None:
+    """The manifest of a directory written by `export_onnx`, or None when it is not one."""
+    file = Path(path) / ONNX_MANIFEST_NAME
+    if not file.is_file():
+        return None
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise OnnxExportError(f"{file}: corrupt manifest ({err})") from None
+    if manifest.get("format") != "lmcompress-onnx" or not (Path(path) / manifest.get("file", ONNX_NAME)).is_file():
+        raise OnnxExportError(f"{path}: not an ONNX export made by lmcompress")
+    return manifest

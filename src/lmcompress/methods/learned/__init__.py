@@ -1,0 +1,1 @@
+"""Replacements trained on a layer's captured (x, y) pairs: `learned`."""

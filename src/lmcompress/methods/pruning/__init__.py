@@ -1,0 +1,1 @@
+"""Structured removal: attention heads and feed-forward neurons (`prune`), whole blocks (`drop_blocks`)."""

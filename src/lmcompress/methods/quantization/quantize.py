@@ -1,0 +1,118 @@
+"""`quantize`: integer weights, by round-to-nearest or by GPTQ on the calibration Gram matrix.
+
+- `scheme: dynamic` (default): int8 weights per output row, activations quantized on the fly by PyTorch's
+  fbgemm kernel; the CPU speed path.
+- `scheme: weight_only`: int8 or int4 codes, per row or per `group_size` inputs; bytes, not speed.
+- `algorithm: gptq` compensates each column's rounding error on the columns not yet rounded, through the
+  inverse of the layer's input second moment X^T X (what calibration already collects), so it runs with
+  the engine's sequential calibration like any data-aware method.
+
+It targets dense linear layers (including the factors of low-rank layers, so factorize-then-quantize
+stacks), pruned `SparseLinear` layers (the mask is kept exactly and only kept codes are stored), and input
+embeddings with `scheme: weight_only` (a stage with `targets: ["word_embeddings"]`, say).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from lmcompress.calibration.stats import LayerStats
+from lmcompress.core.linear import dense_kind, in_out_features, is_dense_linear, weight_out_in
+from lmcompress.errors import CalibrationError, RecipeError
+from lmcompress.kernels.obs import sweep
+from lmcompress.kernels.quantgrid import GridSpec
+from lmcompress.layers.quantized import QuantizedEmbedding, QuantizedLinear
+from lmcompress.layers.sparse import SparseLinear
+from lmcompress.methods.base import LayerResult, Method, MethodConfig, register_method
+from lmcompress.methods.lowrank._common import approximation_errors
+
+
+class QuantizeConfig(MethodConfig):
+    scheme: Literal["dynamic", "weight_only"] = Field(
+        default="dynamic", description="dynamic: int8 weights and activations (CPU speed); weight_only: int8/int4 "
+                                       "weights dequantized for each call (bytes)")
+    bits: int = Field(default=8, description="8 or 4 (4 only with scheme=weight_only)")
+    group_size: int | None = Field(default=None, ge=1, description="inputs sharing one scale; default one per row")
+    symmetric: bool | None = Field(default=None, description="symmetric grid; default yes for 8 bits, no for 4")
+    algorithm: Literal["rtn", "gptq"] = Field(default="rtn", description="round to nearest, or GPTQ (data-aware)")
+    damp: float = Field(default=0.01, gt=0, description="GPTQ: ridge on X^T X relative to its mean diagonal")
+    block_size: int = Field(default=128, ge=1, description="GPTQ: columns per lazy-update block")
+    act_order: bool = Field(default=False, description="GPTQ: round columns by decreasing input energy")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> QuantizeConfig:
+        if self.bits not in (4, 8):
+            raise ValueError(f"bits must be 8 or 4, got {self.bits}")
+        if self.scheme == "dynamic" and (self.bits != 8 or self.group_size is not None or self.symmetric is False):
+            raise ValueError("scheme=dynamic runs PyTorch's int8 kernels: bits=8, no group_size, symmetric; "
+                             "use scheme=weight_only for 4 bits or groups")
+        return self
+
+    def grid(self) -> GridSpec:
+        symmetric = self.symmetric if self.symmetric is not None else self.bits == 8
+        return GridSpec(self.bits, self.group_size, symmetric)
+
+
+@register_method
+class Quantize(Method):
+    name = "quantize"
+    config_class = QuantizeConfig
+
+    def accepts(self, module: nn.Module) -> bool:
+        return is_dense_linear(module) or isinstance(module, (SparseLinear, nn.Embedding))
+
+    def needs_for(self, config: QuantizeConfig) -> frozenset[str]:
+        return frozenset({"gram"}) if config.algorithm == "gptq" else frozenset()
+
+    def sized_by_budget(self, config: QuantizeConfig) -> None:
+        raise RecipeError("method 'quantize' is sized by bits and group_size, not by a stage budget")
+
+    def check_targets(self, layers: dict[str, nn.Module], config: QuantizeConfig,
+                      model: nn.Module | None = None) -> None:
+        spec = config.grid()
+        head = model.get_output_embeddings() if model is not None and hasattr(model, "get_output_embeddings") else None
+        for name, module in layers.items():
+            if isinstance(module, nn.Embedding) and head is not None and getattr(head, "weight", None) is module.weight:
+                raise RecipeError(f"method 'quantize': {name} is tied to the output head; quantizing tied "
+                                  "embeddings is not supported (the head would keep the float copy)")
+            if isinstance(module, nn.Embedding):
+                if config.scheme != "weight_only" or config.algorithm != "rtn":
+                    raise RecipeError(f"{name}: embeddings are quantized with scheme=weight_only algorithm=rtn")
+                width = module.embedding_dim
+                if spec.bits == 4 and width % 2:
+                    raise RecipeError(f"method 'quantize': 4-bit embeddings need an even width; {name} has {width}")
+            else:
+                width = in_out_features(module)[0]
+            try:
+                spec.check(width, f" of {name}")
+            except ValueError as err:
+                raise RecipeError(f"method 'quantize': {err}") from None
+
+    def compress_layer(self, name: str, layer: nn.Module, stats: LayerStats | None, config: QuantizeConfig,
+                       size: Any = None) -> LayerResult:
+        spec = config.grid()
+        if isinstance(layer, nn.Embedding):
+            new = QuantizedEmbedding.from_embedding(layer, spec)
+            count = layer.weight.numel()
+            return LayerResult(new, count, count, metrics={"bits": spec.bits,
+                               **approximation_errors(layer.weight.detach(), new.dense_weight(), None)})
+        mask = layer.sparsity_mask() if isinstance(layer, SparseLinear) else None
+        kind = layer.dense_kind if isinstance(layer, SparseLinear) else dense_kind(layer)
+        weight = weight_out_in(layer).detach()
+        bias = layer.bias.detach() if layer.bias is not None else None
+        if config.algorithm == "gptq":
+            if stats is None or stats.gram is None:
+                raise CalibrationError(f"{name}: gptq needs calibration statistics (X^T X)")
+            result = sweep(weight.to(torch.float64), stats.second_moment, spec=spec, mask=mask, damp=config.damp,
+                           block_size=config.block_size, act_order=config.act_order)
+            new = QuantizedLinear.from_weight(result.weight.to(weight.dtype), bias, spec, config.scheme, kind, mask,
+                                              result.scales, result.zeros)
+        else:
+            new = QuantizedLinear.from_weight(weight, bias, spec, config.scheme, kind, mask)
+        count = weight.numel() if mask is None else int(mask.sum())
+        metrics = {"bits": spec.bits, **approximation_errors(weight, new.dense_weight().to(weight.dtype), stats)}
+        return LayerResult(new, count, count, metrics=metrics)

@@ -1,0 +1,1 @@
+"""Stages that train back what compression lost: `distill`."""

@@ -1,0 +1,1 @@
+"""Unstructured and N:M sparsity: `sparsify` (magnitude, Wanda, SparseGPT)."""

@@ -1,0 +1,1 @@
+"""Structured tensor factorisations: Kronecker sums and tensor trains, plain and whitened."""

@@ -1,0 +1,1 @@
+"""Vocabulary pruning: `vocab` keeps the embedding rows of tokens the task uses."""

@@ -1,0 +1,1 @@
+"""Training loops: task fine-tuning and anytime distillation of a compressed student."""

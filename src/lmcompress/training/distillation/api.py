@@ -1,0 +1,114 @@
+"""`distill()`: train a compressed student towards its teacher within one wall-clock budget (see scheduler.py)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmcompress.training.distillation.checkpoint import CheckpointStore
+from lmcompress.training.distillation.checks import check_data, check_models, check_tokenizers
+from lmcompress.training.distillation.config import DistillConfig, parse_duration
+from lmcompress.training.distillation.heldout import HeldOut
+from lmcompress.training.distillation.phases import compressed_units, training_batches
+from lmcompress.training.distillation.scheduler import Anytime
+
+log = logging.getLogger("lmcompress")
+
+
+@dataclass
+class DistillResult:
+    """The best student (in memory, also at `best_path`), the final state and the curve's points."""
+
+    model: nn.Module
+    state: dict
+    curve: dict
+    out: Path
+
+    @property
+    def best_path(self) -> Path:
+        return self.out / "best"
+
+
+def split_heldout(examples: Any, fraction: float, seed: int = 0, at_most: int = 512) -> tuple[Any, Any]:
+    """(train, held-out): a reproducible `fraction` of the examples (at least 1, at most `at_most`) set aside."""
+    count = len(examples)
+    held = min(at_most, max(1, round(fraction * count)))
+    if count < 2:
+        from lmcompress.errors import DataError
+
+        raise DataError(f"distill: {count} example(s) cannot be split into training and held-out parts")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+    return _subset(examples, sorted(order[held:])), _subset(examples, sorted(order[:held]))
+
+
+def _subset(examples: Any, keep: list[int]) -> Any:
+    from lmcompress.tasks import Examples
+
+    pairs = None if examples.text_pairs is None else [examples.text_pairs[i] for i in keep]
+    return Examples([examples.texts[i] for i in keep], pairs, [examples.labels[i] for i in keep],
+                    examples.label_names)
+
+
+def distill(teacher: nn.Module, student: nn.Module | None, tokenizer: Any, train: Any, heldout: Any, task: Any,
+            time_budget: str | float, out: str | Path, *, config: DistillConfig | None = None, resume: bool = False,
+            overwrite: bool = False, student_tokenizer: Any = None, progress: bool = True) -> DistillResult:
+    """Distil `teacher` into `student` for `time_budget` ('90s', '5m', '1h' or seconds) of wall-clock time.
+
+    Every check (architecture, depth, width, vocabulary, classes, data, labels, budget, output directory) runs
+    before any training. The best student so far is always on disk at `out/best` (loadable with
+    `lmcompress.load`); `resume=True` continues a run in `out` from it, with the same budget counting the time
+    already spent (`student` may then be None). The student is trained in place and returned with its best
+    weights.
+    """
+    started = time.perf_counter()
+    config = config or DistillConfig()
+    budget_s = parse_duration(time_budget)
+    store = CheckpointStore(out)
+    if not resume and student is None:
+        from lmcompress.errors import DistillError
+
+        raise DistillError("distill: give a student (or resume a run)")
+    if student is not None:
+        check_models(teacher, student)
+    check_tokenizers(tokenizer, student_tokenizer)
+    check_data(train, heldout, config.needs_labels)
+    state = store.prepare(resume, overwrite)
+    curve = None
+    if state is not None:
+        student = store.load_best()
+        check_models(teacher, student)
+        curve = store.read_curve()
+    teacher.eval()
+    student.eval()
+    torch.manual_seed(config.seed)
+    regression = bool(getattr(task, "is_regression", False)) or getattr(teacher.config, "num_labels", 2) == 1
+    classify = getattr(task, "kind", "classification") == "classification"
+    labelled = classify and all(label is not None for label in train.labels)
+    units = compressed_units(student, teacher)
+    log.info("distill: %d compressed unit(s) differ from the teacher; budget %.1fs; %d training and %d held-out "
+             "examples", len(units), budget_s, len(train), len(heldout))
+    saved_flags = {p: p.requires_grad for p in student.parameters()}
+    heldout_scores = HeldOut(teacher, tokenizer, heldout, task, config)
+    batches = training_batches(tokenizer, train, config, labelled, config.seed + (state or {}).get("step", 0))
+    runner = Anytime(student, teacher, tokenizer, units, batches, heldout_scores, store, config, budget_s, started,
+                     state, curve, regression, progress)
+    try:
+        final = runner.run()
+    except KeyboardInterrupt:
+        runner.interrupted()
+        raise
+    finally:
+        for p, flag in saved_flags.items():
+            p.requires_grad_(flag)
+    best = final.get("best") or {}
+    log.info("distill: done in %.1fs of %.1fs, %d steps; best at step %s (%s phase): held-out divergence %.4g%s",
+             final["elapsed_s"], budget_s, final["step"], best.get("step"), best.get("phase"),
+             best.get("divergence", float("nan")),
+             f", {runner.heldout.metric_name} {best['metric']:.4f}" if best.get("metric") is not None else "")
+    return DistillResult(student, final, runner.curve, Path(out))
