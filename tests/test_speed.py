@@ -12,7 +12,7 @@ import logging
 import pytest
 
 from lmcompress import compress
-from lmcompress import speed as speed_module
+from lmcompress.engine import layer_timing as speed_module
 from lmcompress.engine.layer_timing import FASTER, LayerSpeed, outermost_compressed
 from lmcompress.engine.recipe import Recipe
 from lmcompress.io.saving import save

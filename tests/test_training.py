@@ -7,8 +7,9 @@ import logging
 import torch
 from conftest import SENTENCES, make_tiny_bert
 
-from lmcompress import compress, io
+from lmcompress import compress
 from lmcompress.engine.recipe import Recipe
+from lmcompress.io import saving as io
 from lmcompress.layers.lowrank import LowRankLinear
 from lmcompress.tasks import Examples, get_task
 from lmcompress.training.finetune import FinetuneConfig, finetune, match_model_labels

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lmcompress.calibration.settings import Calibration
 from lmcompress.errors import RecipeError, validation_message
 
 
@@ -106,19 +107,6 @@ class Stage(BaseModel):
             if self.budget.metric not in method.budget_metrics:
                 raise RecipeError(f"method {self.method!r} takes a {' or '.join(method.budget_metrics)} budget, "
                                   f"not {self.budget.metric}")
-
-
-class Calibration(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    samples: int = Field(default=256, ge=1, description="calibration examples drawn from the training data")
-    batch_size: int = Field(default=16, ge=1)
-    max_length: int = Field(default=128, ge=1)
-    seed: int = 0
-    mode: Literal["sequential", "one_shot"] = Field(
-        default="sequential", description="calibrate each block on the model as compressed so far, or all at once")
-    cache_mb: float = Field(default=1024, gt=0, description="block inputs kept in memory; the rest spill to disk")
-    pairs_mb: float = Field(default=256, gt=0, description="memory cap for captured (x, y) pairs")
 
 
 class Recipe(BaseModel):

@@ -29,10 +29,10 @@ from torch import nn
 
 from lmcompress.calibration.blockcache import BlockInputs, capture_block_inputs, run_block
 from lmcompress.calibration.collection import encode_calibration
+from lmcompress.calibration.settings import Calibration
 from lmcompress.core.families import blocks_of, family_of, supported_model_types
 from lmcompress.core.progress import track
 from lmcompress.core.units import block_index
-from lmcompress.engine.recipe import Calibration
 from lmcompress.errors import CalibrationError, RecipeError
 from lmcompress.layers.block_linear import LinearBlock
 from lmcompress.methods.base import LayerResult, Method, MethodConfig, ModelResult, StageContext, register_method
