@@ -21,7 +21,7 @@ from lmcompress.engine.recipe import Recipe
 from lmcompress.errors import CalibrationError, RecipeError
 from lmcompress.evaluation.efficiency import count_flops
 from lmcompress.io.saving import MANIFEST_NAME, WEIGHTS_NAME, compressed_modules
-from lmcompress.kernels.obs import sweep
+from lmcompress.kernels.obs import obs_pass
 from lmcompress.kernels.quantgrid import GridSpec, dequantize, grid_params, quantize_codes
 from lmcompress.layers import LowRankLinear, QuantizedEmbedding, QuantizedLinear, SparseLinear, layer_from_manifest
 from lmcompress.layers.packing import pack_mask, pack_nibbles, unpack_mask, unpack_nibbles
@@ -138,7 +138,7 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs(spec):
     x = low_rank_inputs(3000, 128)
     weight = torch.randn(48, 128, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.1
     rtn = QuantizedLinear.from_weight(weight.float(), None, spec, "weight_only").dense_weight()
-    result = sweep(weight, x.T @ x / x.shape[0], spec=spec, block_size=48)   # blocks that split groups
+    result = obs_pass(weight, x.T @ x / x.shape[0], spec=spec, block_size=48)   # blocks that split groups
     stored = QuantizedLinear.from_weight(result.weight.float(), None, spec, "weight_only",
                                          scales=result.scales, zeros=result.zeros)
     # the sweep's weight is exactly on the grid it reports: storing it loses nothing

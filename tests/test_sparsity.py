@@ -18,7 +18,7 @@ from lmcompress.cli import main
 from lmcompress.engine.recipe import Recipe
 from lmcompress.errors import CalibrationError, RecipeError
 from lmcompress.io.saving import MANIFEST_NAME, WEIGHTS_NAME
-from lmcompress.kernels.obs import sweep
+from lmcompress.kernels.obs import obs_pass
 from lmcompress.layers import SparseLinear, layer_from_manifest
 from lmcompress.methods import get_method
 from lmcompress.methods.sparsity.sparsify import DENSITIES, kept_weights
@@ -112,8 +112,8 @@ def test_sparsegpt_pattern_does_not_depend_on_block_size(block_size):
     weight = torch.randn(12, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     x = low_rank_inputs(400, 32, seed=3)
     hessian = x.T @ x / 400
-    reference = sweep(weight, hessian, pattern=(2, 4), block_size=128)
-    result = sweep(weight, hessian, pattern=(2, 4), block_size=block_size)
+    reference = obs_pass(weight, hessian, pattern=(2, 4), block_size=128)
+    result = obs_pass(weight, hessian, pattern=(2, 4), block_size=block_size)
     assert groups_hold(result.mask, 2, 4)
     assert torch.equal(result.mask, reference.mask)
     torch.testing.assert_close(result.weight, reference.weight, rtol=1e-9, atol=1e-9)

@@ -19,7 +19,7 @@ from lmcompress.io.saving import load, save
 from lmcompress.layers import TTLinear
 from lmcompress.layers.tensor_train import bond_caps
 from lmcompress.methods import get_method
-from lmcompress.methods.lowrank._common import approximation_errors
+from lmcompress.methods.measures import approximation_errors
 from lmcompress.methods.tensorized.tensor_train import layer_modes, tt_svd
 from lmcompress.methods.tensorized.whitened_tensor_train import output_error, refine_cores, ridged_second_moment
 

@@ -44,7 +44,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Te
     return torch.linalg.cholesky(inverse, upper=True), dead
 
 
-def sweep(weight: torch.Tensor, hessian: torch.Tensor, *, spec: GridSpec | None = None,
+def obs_pass(weight: torch.Tensor, hessian: torch.Tensor, *, spec: GridSpec | None = None,
           sparsity: float | None = None, pattern: tuple[int, int] | None = None, mask: torch.Tensor | None = None,
           damp: float = 0.01, block_size: int = 128, act_order: bool = False) -> SweepResult:
     """One GPTQ / SparseGPT pass over `weight` (out, in) with input second moment `hessian` (in, in).

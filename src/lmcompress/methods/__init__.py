@@ -1,47 +1,50 @@
-"""Registry of compression methods. A method is a config class plus one handler, in one file here.
+"""Registry of compression methods. A method is a config class plus one handler, in one file of its family's
+folder (`methods/<family>/<name>.py`, registering the method `<name>`); files whose names start with `_` hold
+a family's shared code.
 
-Handlers are imported lazily (by module path) so that listing methods is cheap and a method's heavy
-dependencies load only when it is used.
+The registry finds methods by listing those files, without importing them: listing methods stays cheap and a
+method's heavy dependencies load only when it is used. Adding a method is adding its file.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
+from functools import cache
+from pathlib import Path
 
 from lmcompress.errors import RecipeError
 from lmcompress.methods.base import LayerResult, Method, register_method, registered_methods
 
-# name -> module that registers it on import
-_BUILTIN: dict[str, str] = {
-    "distill": "lmcompress.methods.recovery.distill",
-    "drop_blocks": "lmcompress.methods.pruning.drop_blocks",
-    "fisher_svd": "lmcompress.methods.lowrank.fisher_svd",
-    "kronecker": "lmcompress.methods.tensorized.kronecker",
-    "learned": "lmcompress.methods.learned.learned",
-    "prune": "lmcompress.methods.pruning.prune",
-    "quantize": "lmcompress.methods.quantization.quantize",
-    "sparsify": "lmcompress.methods.sparsity.sparsify",
-    "svd": "lmcompress.methods.lowrank.svd",
-    "tensor_train": "lmcompress.methods.tensorized.tensor_train",
-    "vocab": "lmcompress.methods.vocabulary.vocab",
-    "whitened_kronecker": "lmcompress.methods.tensorized.whitened_kronecker",
-    "whitened_svd": "lmcompress.methods.lowrank.whitened_svd",
-    "whitened_tensor_train": "lmcompress.methods.tensorized.whitened_tensor_train",
-}
+_HERE = Path(__file__).resolve().parent
+
+
+@cache
+def method_modules() -> dict[str, str]:
+    """{method name: module that registers it} for every method file of every family folder."""
+    found: dict[str, str] = {}
+    for family in sorted(p for p in _HERE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()):
+        for info in pkgutil.iter_modules([str(family)]):
+            if info.name.startswith("_") or info.ispkg:
+                continue
+            if info.name in found:
+                raise RuntimeError(f"method {info.name!r} is defined twice: {found[info.name]} and {family.name}")
+            found[info.name] = f"{__name__}.{family.name}.{info.name}"
+    return found
 
 
 def available_methods() -> list[str]:
-    return sorted(set(_BUILTIN) | set(registered_methods()))
+    return sorted(set(method_modules()) | set(registered_methods()))
 
 
 def get_method(name: str) -> Method:
     """The registered handler for `name`; RecipeError listing the choices when unknown."""
     methods = registered_methods()
-    if name not in methods and name in _BUILTIN:
-        importlib.import_module(_BUILTIN[name])
+    if name not in methods and name in method_modules():
+        importlib.import_module(method_modules()[name])
     if name not in methods:
         raise RecipeError(f"unknown method {name!r}; choose one of: {', '.join(available_methods())}")
     return methods[name]
 
 
-__all__ = ["LayerResult", "Method", "available_methods", "get_method", "register_method"]
+__all__ = ["LayerResult", "Method", "available_methods", "get_method", "method_modules", "register_method"]

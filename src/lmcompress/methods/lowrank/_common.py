@@ -16,6 +16,7 @@ from lmcompress.core.units import Unit
 from lmcompress.errors import RecipeError
 from lmcompress.layers.lowrank import LowRankLinear, break_even_rank, params_at_rank, rank_for_keep
 from lmcompress.methods.base import Candidates, LayerResult, Method, MethodConfig
+from lmcompress.methods.measures import approximation_errors
 
 
 class LowRankConfig(MethodConfig):
@@ -104,19 +105,3 @@ def _build(layer: nn.Module, first: torch.Tensor, second: torch.Tensor) -> LowRa
     weight = weight_out_in(layer)
     return LowRankLinear.from_factors(first.to(weight.device, weight.dtype), second.to(weight.device, weight.dtype),
                                       layer.bias, dense_kind(layer))
-
-
-def approximation_errors(weight: torch.Tensor, approx: torch.Tensor,
-                         stats: LayerStats | None) -> dict[str, float]:
-    """Relative weight error, and relative output error on the calibration inputs when known.
-
-    Output error uses ||X dW^T||_F^2 = tr(dW G dW^T), so it needs no stored activations.
-    """
-    weight, delta = weight.to(torch.float64), (weight - approx).to(torch.float64)
-    errors = {"weight_err": float(delta.norm() / weight.norm().clamp_min(1e-300))}
-    if stats is not None and stats.gram is not None:
-        gram = stats.gram.to(delta.device)
-        num = torch.einsum("oi,ij,oj->", delta, gram, delta)
-        den = torch.einsum("oi,ij,oj->", weight, gram, weight)
-        errors["output_err"] = float((num.clamp_min(0) / den.clamp_min(1e-300)).sqrt())
-    return errors

@@ -23,12 +23,12 @@ from torch import nn
 from lmcompress.calibration.stats import LayerStats
 from lmcompress.core.linear import dense_kind, in_out_features, is_dense_linear, weight_out_in
 from lmcompress.errors import CalibrationError, RecipeError
-from lmcompress.kernels.obs import sweep
+from lmcompress.kernels.obs import obs_pass
 from lmcompress.kernels.quantgrid import GridSpec
 from lmcompress.layers.quantized import QuantizedEmbedding, QuantizedLinear
 from lmcompress.layers.sparse import SparseLinear
 from lmcompress.methods.base import LayerResult, Method, MethodConfig, register_method
-from lmcompress.methods.lowrank._common import approximation_errors
+from lmcompress.methods.measures import approximation_errors
 
 
 class QuantizeConfig(MethodConfig):
@@ -107,7 +107,7 @@ class Quantize(Method):
         if config.algorithm == "gptq":
             if stats is None or stats.gram is None:
                 raise CalibrationError(f"{name}: gptq needs calibration statistics (X^T X)")
-            result = sweep(weight.to(torch.float64), stats.second_moment, spec=spec, mask=mask, damp=config.damp,
+            result = obs_pass(weight.to(torch.float64), stats.second_moment, spec=spec, mask=mask, damp=config.damp,
                            block_size=config.block_size, act_order=config.act_order)
             new = QuantizedLinear.from_weight(result.weight.to(weight.dtype), bias, spec, config.scheme, kind, mask,
                                               result.scales, result.zeros)

@@ -27,11 +27,11 @@ from lmcompress.calibration.stats import LayerStats
 from lmcompress.core.linear import dense_kind, in_out_features, is_dense_linear, weight_out_in
 from lmcompress.core.units import Unit
 from lmcompress.errors import CalibrationError, RecipeError
-from lmcompress.kernels.obs import sweep
+from lmcompress.kernels.obs import obs_pass
 from lmcompress.layers.quantized import QuantizedLinear
 from lmcompress.layers.sparse import SparseLinear
 from lmcompress.methods.base import Candidates, LayerResult, Method, MethodConfig, register_method
-from lmcompress.methods.lowrank._common import approximation_errors
+from lmcompress.methods.measures import approximation_errors
 
 DENSITIES = tuple(round(0.05 * k, 2) for k in range(1, 20))   # candidate kept fractions under a budget
 
@@ -133,7 +133,7 @@ class Sparsify(Method):
         if config.score == "sparsegpt":
             if stats is None or stats.gram is None:
                 raise CalibrationError(f"{name}: sparsegpt needs calibration statistics (X^T X)")
-            result = sweep(weight, stats.second_moment, sparsity=sparsity, pattern=pattern, damp=config.damp,
+            result = obs_pass(weight, stats.second_moment, sparsity=sparsity, pattern=pattern, damp=config.damp,
                            block_size=config.block_size)
             return result.weight, result.mask
         if config.score == "magnitude":

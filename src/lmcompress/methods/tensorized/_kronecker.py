@@ -34,7 +34,7 @@ from lmcompress.errors import RecipeError
 from lmcompress.kernels.factor_shapes import divisors
 from lmcompress.layers.kronecker import KroneckerLinear, Shape, kronecker_flops, kronecker_params
 from lmcompress.methods.base import Candidates, LayerResult, Method, MethodConfig
-from lmcompress.methods.lowrank._common import approximation_errors
+from lmcompress.methods.measures import approximation_errors
 
 BALANCED_SHAPES, CHEAP_SHAPES = 4, 2
 SHAPE_TIE = 0.01          # errors within 1% (relative) of the best are a tie, won by fewer FLOPs

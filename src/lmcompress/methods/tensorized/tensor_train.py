@@ -28,7 +28,7 @@ from lmcompress.errors import RecipeError
 from lmcompress.kernels.factor_shapes import balanced_factors
 from lmcompress.layers.tensor_train import TTLinear, bond_caps, tt_flops_per_token, tt_params, uniform_ranks
 from lmcompress.methods.base import Candidates, LayerResult, Method, MethodConfig, register_method
-from lmcompress.methods.lowrank._common import approximation_errors
+from lmcompress.methods.measures import approximation_errors
 
 Modes = tuple[tuple[int, ...], tuple[int, ...]]
 DEFAULT_CORES = 3
