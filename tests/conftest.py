@@ -12,7 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")        # tests must never try the n
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]         # the project root
+SHARED_DATA = REPO.parent / "shared" / "data"
 
 SENTENCES = [
     "the film was wonderful and the acting superb",

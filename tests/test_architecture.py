@@ -10,7 +10,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+from conftest import REPO
+
+SRC = REPO / "src"
 PACKAGE = SRC / "lmcompress"
 
 # lowest first; a module may import from its own layer and any layer listed before it

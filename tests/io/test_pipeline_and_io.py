@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import SENTENCES, logits
+from conftest import REPO, SENTENCES, logits
 from transformers import AutoModelForSequenceClassification
 
 import lmcompress
@@ -193,9 +193,8 @@ def test_full_rank_factorisation_is_flagged_as_slower(tiny_bert, tokenizer):
 
 
 def test_example_recipes_validate():
-    from pathlib import Path
 
-    recipes = sorted((Path(__file__).resolve().parents[1] / "examples" / "recipes").glob("*.yaml"))
+    recipes = sorted((REPO / "examples" / "recipes").glob("*.yaml"))
     assert recipes
     for path in recipes:
         Recipe.from_yaml(path)  # raises RecipeError on any invalid method, option or regex

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
-from conftest import SENTENCES, make_tiny_bert, save_classifier, write_sentiment_csv
+from conftest import REPO, SENTENCES, make_tiny_bert, save_classifier, write_sentiment_csv
 
 from lmcompress.cli import main
 from lmcompress.errors import RecipeError
@@ -282,7 +281,7 @@ def test_ray_executor_runs_points_on_a_local_cluster(setup, tmp_path, capsys):
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("grid", sorted((Path(__file__).parents[1] / "examples" / "sweeps").glob("*.yaml")),
+@pytest.mark.parametrize("grid", sorted((REPO / "examples" / "sweeps").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_shipped_grids_validate(grid):
     points = load_grid(grid)

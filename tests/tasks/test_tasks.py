@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA  # noqa: E402
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
@@ -25,8 +26,6 @@ from lmcompress.tasks import (
     load_examples,
 )
 from lmcompress.tasks.embedded import DEV_SIZE, TRAIN_SIZE
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared/data"
 
 
 def write(path: Path, text: str, encoding: str = "utf-8") -> Path:

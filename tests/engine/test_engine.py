@@ -4,11 +4,10 @@ chained stages."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import SENTENCES, logits, make_tiny_bert
+from conftest import REPO, SENTENCES, logits, make_tiny_bert
 
 from lmcompress.calibration.collection import SequentialCalibrator, collect, encode_calibration, fisher_pass
 from lmcompress.calibration.stats import PairSample, StatsCollector
@@ -373,7 +372,7 @@ def test_flops_count_attention_on_every_implementation(implementation):
     assert count_flops(model, seq) == linears + attention + head
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "examples" / "recipes").glob("*.yaml")),
+@pytest.mark.parametrize("path", sorted((REPO / "examples" / "recipes").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_shipped_recipes_are_valid(path):
     """Every example recipe parses, names known methods, and its options pass each method's validation."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SENTENCES, logits, make_tiny_bert, make_tiny_gpt2, save_classifier, write_sentiment_csv
+from conftest import REPO, SENTENCES, logits, make_tiny_bert, make_tiny_gpt2, save_classifier, write_sentiment_csv
 
 from lmcompress.calibration.collection import collect, encode_calibration
 from lmcompress.cli import main
@@ -153,6 +153,8 @@ def test_bad_learned_and_distill_options_are_one_line_errors(stage):
 def distilled(tmp_path_factory):
     """One short distillation run shared by the checks below."""
     from lmcompress.io.models import bundled_model_path, load_tokenizer
+
+    import matplotlib.pyplot  # noqa: F401  the first import (font cache) can take seconds of the 5 s budget
 
     torch.set_num_threads(1)
     tokenizer = load_tokenizer(str(bundled_model_path()))
@@ -301,7 +303,7 @@ def test_cli_errors_are_one_line_exit_2(tokenizer, data, tmp_path, capsys):
 def test_kill_9_leaves_a_loadable_best_student_and_resume_continues(tokenizer, data, tmp_path, capsys):
     paths = _cli_setup(tokenizer, data, tmp_path)
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     process = subprocess.Popen([sys.executable, "-m", "lmcompress.cli", "-q", *_cli_args(paths, out, "40s")],
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
