@@ -152,9 +152,9 @@ def test_bad_learned_and_distill_options_are_one_line_errors(stage):
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory):
     """One short distillation run shared by the checks below."""
-    from lmcompress.io.models import bundled_model_path, load_tokenizer
-
     import matplotlib.pyplot  # noqa: F401  the first import (font cache) can take seconds of the 5 s budget
+
+    from lmcompress.io.models import bundled_model_path, load_tokenizer
 
     torch.set_num_threads(1)
     tokenizer = load_tokenizer(str(bundled_model_path()))
