@@ -147,22 +147,12 @@ def select_layers(model: nn.Module, stage: Stage, index: int = 0, method: Method
 
 def recipe_needs(recipe: Recipe) -> set[str]:
     """Everything any stage's method needs from calibration data (statistics, "labels")."""
-    needs: set[str] = set()
-    for stage in recipe.stages:
-        method = get_method(stage.method)
-        needs |= method.needs_for(method.parse_config(stage.options))
-    return needs
+    return set().union(*(stage.needs for stage in recipe.resolved()))
 
 
 def recipe_uses_data(recipe: Recipe) -> bool:
     """Whether any stage needs the task's data (statistics, texts, or a sensitivity-split budget)."""
-    for stage in recipe.stages:
-        method = get_method(stage.method)
-        if method.uses_data(method.parse_config(stage.options)):
-            return True
-        if stage.budget is not None and stage.allocation.strategy == "sensitivity":
-            return True
-    return False
+    return any(stage.uses_data for stage in recipe.resolved())
 
 
 def compress(model: nn.Module, recipe: Recipe, tokenizer=None, calibration_data=None,

@@ -5,6 +5,7 @@ A recipe is saved beside every compressed model so the result says how it was ma
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -109,6 +110,36 @@ class Stage(BaseModel):
                                   f"not {self.budget.metric}")
 
 
+@dataclass(frozen=True)
+class ResolvedStage:
+    """A stage with its method looked up and its options validated, once: what the pipeline, the CLI and the
+    sweep ask of a stage (its unit, what it needs, whether it reads data) is answered from here."""
+
+    stage: Stage
+    index: int              # 0-based position in the recipe
+    method: Any             # lmcompress.methods.base.Method
+    config: Any             # the method's validated MethodConfig
+
+    @property
+    def unit(self) -> str:
+        return self.method.unit_for(self.config)
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset(self.method.needs_for(self.config))
+
+    @property
+    def uses_data(self) -> bool:
+        """Whether the stage must be given the task's examples: statistics, the texts themselves, or a budget
+        split by measured sensitivity."""
+        sensitivity = self.stage.budget is not None and self.stage.allocation.strategy == "sensitivity"
+        return self.method.uses_data(self.config) or sensitivity
+
+    @property
+    def wants_original(self) -> bool:
+        return self.method.wants_original(self.config)
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -157,6 +188,16 @@ class Recipe(BaseModel):
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_yaml())
+
+    def resolved(self) -> list[ResolvedStage]:
+        """Every stage with its method and validated options (RecipeError on an unknown method or option)."""
+        from lmcompress.methods import get_method
+
+        stages = []
+        for index, stage in enumerate(self.stages):
+            method = get_method(stage.method)
+            stages.append(ResolvedStage(stage, index, method, method.parse_config(stage.options)))
+        return stages
 
     def check_methods(self) -> None:
         """Fail early, before any model is loaded, on unknown methods or bad options (stages may have been
