@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from lmcompress.layers.base import CompressedLayer
-from lmcompress.layers.quantized import QuantizedEmbedding
 
 SEQ_LEN = 128
 BATCHES = (1, 8)
@@ -44,10 +43,10 @@ class LayerSpeed:
 
 def outermost_compressed(model: nn.Module) -> dict[str, CompressedLayer]:
     """Compressed linear layers not nested in another one (a low-rank layer's quantized factors are timed as
-    part of it), embeddings excluded (a lookup has no dense GEMM to compare against)."""
+    part of it), types not `timed_against_dense` excluded (a lookup has no dense GEMM to compare against)."""
     found: dict[str, CompressedLayer] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, CompressedLayer) or isinstance(module, (nn.Embedding, QuantizedEmbedding)):
+        if not isinstance(module, CompressedLayer) or not module.timed_against_dense:
             continue
         if not hasattr(module, "in_features") or any(name.startswith(outer + ".") for outer in found):
             continue

@@ -5,7 +5,9 @@ small manifest (`lmcompress-onnx.json`) into DIR, atomically (see `io.atomic_out
 tokenizer's tensors (`input_ids`, `attention_mask`, and `token_type_ids` where the model reads them), batch and
 sequence length dynamic, and returns `logits`.
 
-What each layer becomes (docs/onnx.md has the measurements):
+Each compressed layer type says what it becomes (`CompressedLayer.onnx_exportable`, `onnx_role`, `onnx_form`,
+`onnx_translations`), so this module names no layer type. What the built-in types become (docs/onnx.md has the
+measurements):
 
 - dense and structurally pruned `nn.Linear` / GPT-2 `Conv1D`: MatMul (+ Add) of the pruned sizes;
 - `LowRankLinear`: two MatMuls through the rank (its factors are ordinary linear layers, so a quantized factor
@@ -30,10 +32,10 @@ What each layer becomes (docs/onnx.md has the measurements):
 The graph is made by PyTorch's `torch.export`-based exporter (`torch.onnx.export(..., dynamo=True)`): it follows
 the data-dependent mask code of current transformers with guards instead of freezing one branch, as the
 deprecated TorchScript tracer does. The int8 and weight-only layers are swapped, in a copy of the model, for
-modules calling two small `torch.library` custom ops whose ONNX translations (`custom_translation_table`) emit
-the nodes above from the stored codes and scales: no exporter or ORT tool writes a graph from codes that already
-exist (onnxruntime.quantization re-quantizes float weights with its own scales, which would change GPTQ's
-rounding).
+modules calling two small `torch.library` custom ops (`lmcompress.layers.quantized_onnx`) whose ONNX
+translations (`custom_translation_table`) emit the nodes above from the stored codes and scales: no exporter or
+ORT tool writes a graph from codes that already exist (onnxruntime.quantization re-quantizes float weights with
+its own scales, which would change GPTQ's rounding).
 """
 
 from __future__ import annotations
@@ -52,18 +54,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmcompress.core.linear import make_dense
 from lmcompress.errors import LMCompressError, first_line
 from lmcompress.io.saving import atomic_output_dir, check_output_dir, compressed_modules
-from lmcompress.layers import (
-    KroneckerLinear,
-    LinearBlock,
-    LowRankLinear,
-    QuantizedEmbedding,
-    QuantizedLinear,
-    SparseLinear,
-    TTLinear,
-)
+from lmcompress.layers import CompressedLayer, layer_types
 
 log = logging.getLogger("lmcompress")
 
@@ -73,9 +66,6 @@ ONNX_MANIFEST_NAME = "lmcompress-onnx.json"
 ONNX_FORMAT_VERSION = 1
 OPSET = 21  # blocked DequantizeLinear (group-wise weight-only grids) needs 21
 INSTALL_HINT = "pip install 'lmcompress[onnx]'"
-# compressed layer types the export knows; any other (a new or third-party type) is refused before writing
-TRACED_AS_IS = (LowRankLinear, KroneckerLinear, TTLinear, LinearBlock, QuantizedEmbedding)
-KNOWN_LAYERS = (*TRACED_AS_IS, QuantizedLinear, SparseLinear)
 # tokenizer outputs the graph may take, in this order
 INPUT_ORDER = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -101,108 +91,17 @@ def check_format(fmt: str) -> None:
         raise OnnxExportError(f"unknown export format {fmt!r}; supported: {', '.join(FORMATS)}")
 
 
-# --- custom ops: how quantized layers reach the graph ---------------------------------------------------------
-# Their eager implementations compute what the ONNX nodes compute, so the prepared copy of the model can be
-# checked in PyTorch too; export only ever calls the fake (shape) implementations.
-
-@torch.library.custom_op("lmcompress::int8_dynamic_linear", mutates_args=())
-def _int8_dynamic_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
-                         bias: torch.Tensor) -> torch.Tensor:
-    """y = x W diag(scales) + b, W: (in, out) int8 codes (activations quantized at run time in the graph)."""
-    return x @ (weight.to(x.dtype) * scales.to(x.dtype)) + bias.to(x.dtype)
-
-
-@_int8_dynamic_linear.register_fake
-def _(x, weight, scales, bias):
-    return x.new_empty(*x.shape[:-1], weight.shape[1])
-
-
-@torch.library.custom_op("lmcompress::dequantize_linear", mutates_args=())
-def _dequantize_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                       bias: torch.Tensor) -> torch.Tensor:
-    """y = x ((codes - zeros) * scales) + b; codes (in, out) int8, scales/zeros (groups, out) per block of rows."""
-    block = codes.shape[0] // scales.shape[0]
-    weight = (codes.to(torch.float32) - zeros.to(torch.float32).repeat_interleave(block, 0)) \
-        * scales.repeat_interleave(block, 0)
-    return x @ weight.to(x.dtype) + bias.to(x.dtype)
-
-
-@_dequantize_linear.register_fake
-def _(x, codes, scales, zeros, bias):
-    return x.new_empty(*x.shape[:-1], codes.shape[1])
-
-
 def _translations() -> dict:
-    """ONNX translations of the custom ops (onnxscript, imported only when exporting)."""
-    from onnxscript import opset21 as op
-
-    def int8_dynamic_linear(x, weight, scales, bias):
-        # activations to 7 bits, [0, 127], per tensor (fbgemm's reduce_range): DynamicQuantizeLinear has no such
-        # option, so min/max, scale and zero point are spelled out, then one QuantizeLinear (see module docstring)
-        zero = op.Constant(value_float=0.0)
-        low = op.Min(op.ReduceMin(x, keepdims=0), zero)
-        high = op.Max(op.ReduceMax(x, keepdims=0), zero)
-        x_scale = op.Max(op.Div(op.Sub(high, low), op.Constant(value_float=127.0)), op.Constant(value_float=1e-12))
-        x_zero = op.Cast(op.Round(op.Neg(op.Div(low, x_scale))), to=2)  # to=2: UINT8
-        acc = op.MatMulInteger(op.QuantizeLinear(x, x_scale, x_zero), weight, x_zero)
-        return op.Add(op.Mul(op.Cast(acc, to=1), op.Mul(x_scale, scales)), bias)  # to=1: FLOAT
-
-    def dequantize_linear(x, codes, scales, zeros, bias):
-        groups, _ = scales.shape
-        rows = codes.shape[0]
-        if groups == 1:   # one scale per output column of the (in, out) weight
-            weight = op.DequantizeLinear(codes, op.Reshape(scales, op.Constant(value_ints=[-1])),
-                                         op.Reshape(zeros, op.Constant(value_ints=[-1])), axis=1)
-        else:             # blocks of `rows // groups` inputs share a scale (opset 21 blocked quantization)
-            weight = op.DequantizeLinear(codes, scales, zeros, axis=0, block_size=rows // groups)
-        return op.Add(op.MatMul(x, weight), bias)
-
-    return {torch.ops.lmcompress.int8_dynamic_linear.default: int8_dynamic_linear,
-            torch.ops.lmcompress.dequantize_linear.default: dequantize_linear}
+    """ONNX translations of the custom ops that layers' ONNX forms call (onnxscript, imported only when
+    exporting): each layer type brings its own (`CompressedLayer.onnx_translations`)."""
+    table: dict = {}
+    for kind in layer_types().values():
+        table.update(kind.onnx_translations())
+    return table
 
 
-class _Int8DynamicForOnnx(nn.Module):
-    """A `dynamic` QuantizedLinear as the graph sees it: int8 codes (in, out), per-column scales."""
-
-    def __init__(self, layer: QuantizedLinear) -> None:
-        super().__init__()
-        self.register_buffer("weight", layer.full_codes().T.to(torch.int8).contiguous())
-        self.register_buffer("scales", layer.scales[:, 0].detach().float().clone())
-        bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_features)
-        self.register_buffer("bias", bias.detach().float().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _int8_dynamic_linear(x, self.weight, self.scales, self.bias)
-
-
-class _DequantizeForOnnx(nn.Module):
-    """A `weight_only` QuantizedLinear as the graph sees it: int8 codes (in, out), scales and zero points
-    (groups, out)."""
-
-    def __init__(self, layer: QuantizedLinear) -> None:
-        super().__init__()
-        self.register_buffer("codes", layer.full_codes().T.to(torch.int8).contiguous())
-        scales = layer.scales.detach().float()
-        zeros = layer.zeros if layer.zeros is not None else torch.zeros_like(scales, dtype=torch.int8)
-        if scales.shape[1] == 1:
-            # one scale per row, repeated over blocks of a power of two >= 16 inputs: the same weights, but ORT
-            # fuses blocked DequantizeLinear + MatMul into its MatMulNBits kernel (only for such block sizes)
-            block = next((b for b in (128, 64, 32, 16) if layer.in_features % b == 0), layer.in_features)
-            scales = scales.repeat(1, layer.in_features // block)
-            zeros = zeros.repeat(1, layer.in_features // block)
-        self.register_buffer("scales", scales.T.contiguous())
-        self.register_buffer("zeros", zeros.detach().to(torch.int8).T.contiguous())
-        bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_features)
-        self.register_buffer("bias", bias.detach().float().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _dequantize_linear(x, self.codes, self.scales, self.zeros, self.bias)
-
-
-ROLE = {"int8_dynamic": "QuantizeLinear (7-bit) + MatMulInteger (int8 weights)",
-        "weight_only": "DequantizeLinear (int8 codes) + MatMul",
-        "sparse": "MatMul of the dense weight (zeros stored)",
-        "low_rank": "two MatMuls through the rank"}
+def _exportable_types() -> str:
+    return ", ".join(sorted(name for name, kind in layer_types().items() if kind.onnx_exportable))
 
 
 def check_onnx_exportable(model: nn.Module) -> dict[str, int]:
@@ -217,23 +116,16 @@ def check_onnx_exportable(model: nn.Module) -> dict[str, int]:
                               "ONNX export; quantize with lmcompress (`--method quantize`) instead")
     roles: dict[str, int] = {}
     for name, layer in compressed_modules(model).items():
-        if not isinstance(layer, KNOWN_LAYERS):
+        if not layer.onnx_exportable:
             raise OnnxExportError(f"{name} is a {type(layer).__name__}, which the ONNX export does not know; "
-                                  f"supported compressed layers: {', '.join(t.__name__ for t in KNOWN_LAYERS)}")
-        if isinstance(layer, QuantizedLinear):
-            role = "int8_dynamic" if layer.scheme == "dynamic" else "weight_only"
-        elif isinstance(layer, SparseLinear):
-            role = "sparse"
-        elif isinstance(layer, LowRankLinear):
-            role = "low_rank"
-        else:
-            role = type(layer).__name__
+                                  f"supported compressed layers: {_exportable_types()}")
+        role = layer.onnx_role()
         roles[role] = roles.get(role, 0) + 1
     return roles
 
 
 def prepare_for_onnx(model: nn.Module) -> nn.Module:
-    """A float32 copy of `model` whose quantized and sparse layers are swapped for their graph forms."""
+    """A float32 copy of `model` whose compressed layers are swapped for their graph forms (`onnx_form`)."""
     import copy
 
     prepared = copy.deepcopy(model).float().eval()
@@ -243,11 +135,7 @@ def prepare_for_onnx(model: nn.Module) -> nn.Module:
         with contextlib.suppress(ValueError, ImportError):
             prepared.set_attn_implementation("eager")
     for name, layer in list(prepared.named_modules()):
-        if isinstance(layer, QuantizedLinear):
-            new = _Int8DynamicForOnnx(layer) if layer.scheme == "dynamic" else _DequantizeForOnnx(layer)
-        elif isinstance(layer, SparseLinear):
-            new = make_dense(layer.dense_weight().detach(), layer.bias, layer.dense_kind)
-        else:
+        if not isinstance(layer, CompressedLayer) or (new := layer.onnx_form()) is layer:
             continue
         parent, _, child = name.rpartition(".")
         setattr(prepared.get_submodule(parent) if parent else prepared, child, new)
@@ -358,7 +246,7 @@ def export_onnx(model: nn.Module, tokenizer, out: str | Path, *, overwrite: bool
         manifest = {
             "format": "lmcompress-onnx", "format_version": ONNX_FORMAT_VERSION, "file": ONNX_NAME,
             "architecture": type(model).__name__, "source": source, "inputs": names, "outputs": ["logits"],
-            "opset": OPSET, "layers": {ROLE.get(role, role): count for role, count in roles.items()},
+            "opset": OPSET, "layers": roles,
             "export_seconds": round(seconds, 2),
             "check": {"max_abs_logit_difference_vs_pytorch": difference, "batch": 2, "seq_len": 16},
             "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},

@@ -4,7 +4,7 @@ Every layer here can be rebuilt empty from its manifest entry (so `lmcompress.lo
 per-layer shapes before loading weights strictly) and can turn itself back into a dense layer.
 """
 
-from lmcompress.layers.base import CompressedLayer, layer_from_manifest, register_layer
+from lmcompress.layers.base import CompressedLayer, layer_from_manifest, layer_types, register_layer
 from lmcompress.layers.block_linear import LinearBlock
 from lmcompress.layers.kronecker import KroneckerLinear
 from lmcompress.layers.lowrank import LowRankLinear
@@ -14,4 +14,4 @@ from lmcompress.layers.tensor_train import TTLinear
 
 __all__ = ["CompressedLayer", "KroneckerLinear", "LinearBlock", "LowRankLinear", "QuantizedEmbedding",
            "QuantizedLinear", "SparseLinear",
-           "TTLinear", "layer_from_manifest", "register_layer"]
+           "TTLinear", "layer_from_manifest", "layer_types", "register_layer"]

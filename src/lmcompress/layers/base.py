@@ -18,6 +18,11 @@ def register_layer(cls: type[CompressedLayer]) -> type[CompressedLayer]:
     return cls
 
 
+def layer_types() -> dict[str, type[CompressedLayer]]:
+    """Every registered compressed layer type by name (a copy): what export, timing and tests iterate over."""
+    return dict(_LAYER_TYPES)
+
+
 def layer_from_manifest(entry: dict[str, Any]) -> CompressedLayer:
     """Build an (uninitialised) compressed layer with the shapes its manifest entry records."""
     kind = entry.get("type")
@@ -40,6 +45,11 @@ class CompressedLayer(nn.Module):
     # caches derived from the stored tensors (a packed kernel, a rebuilt dense weight) and their reset values:
     # cleared when the layer moves device or dtype, and left out of copies and pickles
     transient: ClassVar[dict[str, Any]] = {}
+    # per-type knowledge that export and timing read, so that they never name layer types (a new type says it
+    # here, in its own file): whether timing against a dense GEMM means anything (not for a lookup table), and
+    # whether the ONNX export was checked for this type (an unchecked type is refused before anything is written)
+    timed_against_dense: ClassVar[bool] = True
+    onnx_exportable: ClassVar[bool] = False
 
     def reset_transient(self) -> None:
         for attr, value in self.transient.items():
@@ -60,6 +70,22 @@ class CompressedLayer(nn.Module):
     @classmethod
     def from_manifest(cls, entry: dict[str, Any]) -> CompressedLayer:
         raise NotImplementedError
+
+    def onnx_role(self) -> str:
+        """What this layer becomes in the ONNX graph, in the export manifest's words (default: its own
+        forward, traced op by op, named by its type)."""
+        return type(self).__name__
+
+    def onnx_form(self) -> nn.Module:
+        """The module the ONNX export traces in this layer's place, built from a float32 copy (default: the
+        layer itself); a type whose forward does not trace well returns a dense or integer-op equivalent."""
+        return self
+
+    @classmethod
+    def onnx_translations(cls) -> dict[Any, Any]:
+        """{custom op overload: onnxscript function} for custom ops that `onnx_form` modules call; onnxscript is
+        imported only when this is called (by the export)."""
+        return {}
 
     def dense_weight(self) -> torch.Tensor:
         """The (out, in) weight this layer represents; for export and analysis, never used in forward."""

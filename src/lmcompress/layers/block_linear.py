@@ -25,6 +25,7 @@ class LinearBlock(CompressedLayer):
     """y = x W^T + b in place of a block (W: hidden x hidden)."""
 
     manifest_fields: ClassVar[tuple[str, ...]] = ("in_features", "out_features", "returns_tuple")
+    onnx_exportable: ClassVar[bool] = True   # its forward traces as is, op by op
 
     def __init__(self, hidden: int, returns_tuple: bool = False, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None) -> None:

@@ -45,6 +45,7 @@ class KroneckerLinear(CompressedLayer):
     """
 
     manifest_fields: ClassVar[tuple[str, ...]] = ("in_features", "out_features", "terms", "factor_shape", "has_bias")
+    onnx_exportable: ClassVar[bool] = True   # its forward traces as is, op by op
 
     def __init__(self, in_features: int, out_features: int, terms: int, a_shape: tuple[int, int],
                  bias: bool = True, dense_kind: str = "Linear", dtype: torch.dtype | None = None,

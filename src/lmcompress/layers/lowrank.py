@@ -23,6 +23,7 @@ class LowRankLinear(CompressedLayer):
     """
 
     manifest_fields: ClassVar[tuple[str, ...]] = ("in_features", "out_features", "rank", "has_bias")
+    onnx_exportable: ClassVar[bool] = True   # its factors are linear layers, exported as whatever each is
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
                  dense_kind: str = "Linear", dtype: torch.dtype | None = None,
@@ -68,6 +69,9 @@ class LowRankLinear(CompressedLayer):
 
     def flops_per_token(self) -> int:
         return 2 * self.rank * (self.in_features + self.out_features)
+
+    def onnx_role(self) -> str:
+        return "two MatMuls through the rank"
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"

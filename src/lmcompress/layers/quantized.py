@@ -50,6 +50,7 @@ class QuantizedLinear(CompressedLayer):
     # fbgemm packed weight (built lazily from the codes, never saved; False if unavailable) and the tensor
     # versions it was built from
     transient: ClassVar[dict[str, Any]] = {"_kernel": None, "_kernel_version": ()}
+    onnx_exportable: ClassVar[bool] = True
 
     def __init__(self, in_features: int, out_features: int, bits: int = 8, group_size: int | None = None,
                  symmetric: bool = True, scheme: str = "weight_only", bias: bool = True, nnz: int | None = None,
@@ -181,6 +182,25 @@ class QuantizedLinear(CompressedLayer):
                 return None
         return self._kernel
 
+    # --- export -------------------------------------------------------------------------------------
+    def onnx_role(self) -> str:
+        if self.scheme == "dynamic":
+            return "QuantizeLinear (7-bit) + MatMulInteger (int8 weights)"
+        return "DequantizeLinear (int8 codes) + MatMul"
+
+    def onnx_form(self) -> nn.Module:
+        """The stored codes and scales behind custom ops the export translates to integer ONNX nodes (no ONNX
+        tool writes a graph from codes that already exist; re-quantizing would change GPTQ's rounding)."""
+        from lmcompress.layers.quantized_onnx import DequantizeForOnnx, Int8DynamicForOnnx
+
+        return Int8DynamicForOnnx(self) if self.scheme == "dynamic" else DequantizeForOnnx(self)
+
+    @classmethod
+    def onnx_translations(cls) -> dict[Any, Any]:
+        from lmcompress.layers.quantized_onnx import translations
+
+        return translations()
+
     def extra_repr(self) -> str:
         grid = f"int{self.bits}" + (f", group_size={self.group_size}" if self.group_size else ", per-row")
         sparse = "" if self.nnz is None else f", nnz={self.nnz}"
@@ -194,6 +214,8 @@ class QuantizedEmbedding(CompressedLayer):
 
     manifest_fields: ClassVar[tuple[str, ...]] = ("num_embeddings", "embedding_dim", "bits", "group_size",
                                                   "symmetric", "padding_idx")
+    timed_against_dense: ClassVar[bool] = False   # a lookup: no dense GEMM to time it against
+    onnx_exportable: ClassVar[bool] = True         # its forward traces as is
 
     def __init__(self, num_embeddings: int, embedding_dim: int, bits: int = 8, group_size: int | None = None,
                  symmetric: bool = True, padding_idx: int | None = None) -> None:

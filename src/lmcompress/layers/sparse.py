@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmcompress.core.linear import make_dense
 from lmcompress.layers.base import CompressedLayer, register_layer
 from lmcompress.layers.packing import pack_mask, packed_mask_size, unpack_mask
 
@@ -21,6 +22,7 @@ from lmcompress.layers.packing import pack_mask, packed_mask_size, unpack_mask
 class SparseLinear(CompressedLayer):
     manifest_fields: ClassVar[tuple[str, ...]] = ("in_features", "out_features", "nnz", "has_bias")
     transient: ClassVar[dict[str, Any]] = {"_cache": None}   # (tensor versions, dense weight)
+    onnx_exportable: ClassVar[bool] = True
 
     def __init__(self, in_features: int, out_features: int, nnz: int, bias: bool = True,
                  dense_kind: str = "Linear", dtype: torch.dtype | None = None) -> None:
@@ -76,6 +78,13 @@ class SparseLinear(CompressedLayer):
 
     def slower_than_dense(self) -> bool:
         return False
+
+    def onnx_role(self) -> str:
+        return "MatMul of the dense weight (zeros stored)"
+
+    def onnx_form(self) -> nn.Module:
+        """A dense layer: no ONNX Runtime CPU kernel skips zeros, and the cached-weight forward does not trace."""
+        return make_dense(self.dense_weight().detach(), self.bias, self.dense_kind)
 
     def num_parameters(self) -> int:
         return self.nnz + (self.out_features if self.bias is not None else 0)

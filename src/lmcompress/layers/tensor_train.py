@@ -62,6 +62,7 @@ class TTLinear(CompressedLayer):
 
     manifest_fields: ClassVar[tuple[str, ...]] = ("in_features", "out_features", "out_modes", "in_modes", "ranks",
                                                   "has_bias")
+    onnx_exportable: ClassVar[bool] = True   # its forward traces as is, op by op
 
     def __init__(self, out_modes: Sequence[int], in_modes: Sequence[int], ranks: Sequence[int], bias: bool = True,
                  dense_kind: str = "Linear", dtype: torch.dtype | None = None,
