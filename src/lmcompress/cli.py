@@ -13,10 +13,13 @@ import os
 import shlex
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("lmcompress")
+DEMO_KEEPS: tuple[float, ...] = (0.5, 0.3)
+SWEEP_BASELINES: tuple[str, ...] = ("dense", "int8")
 
 
 def _add_task_args(parser: argparse.ArgumentParser, data_help: str) -> None:
@@ -59,10 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--keep", type=float, help="fraction of each targeted matrix's parameters to keep")
     size.add_argument("--rank", type=int, help="fixed rank for every targeted layer")
-    p.add_argument("--targets", nargs="+", metavar="RE", help="regexes of layer names (default: transformer blocks)")
-    p.add_argument("--ignore", nargs="+", metavar="RE", default=[], help="regexes of layer names to skip")
-    p.add_argument("--option", nargs="+", metavar="KEY=VALUE", default=[], help="other method options")
-    p.add_argument("--budget", nargs="+", metavar="KIND=VALUE",
+    # list options add up over repeated uses (action="extend"), so `--option a=1 --option b=2` keeps both
+    p.add_argument("--targets", nargs="+", action="extend", metavar="RE",
+                   help="regexes of layer names (default: transformer blocks)")
+    p.add_argument("--ignore", nargs="+", action="extend", metavar="RE", default=[],
+                   help="regexes of layer names to skip")
+    p.add_argument("--option", nargs="+", action="extend", metavar="KEY=VALUE", default=[],
+                   help="other method options")
+    p.add_argument("--budget", nargs="+", action="extend", metavar="KIND=VALUE",
                    help="one budget for all targeted layers instead of --keep: params=F or flops=F "
                         "(optionally seq_len=N for flops)")
     p.add_argument("--allocation", choices=["sensitivity", "uniform"],
@@ -127,17 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout", type=float, default=0.1,
                    help="share of the data held out to score checkpoints (at most 512 examples; default 0.1)")
     p.add_argument("--max-train-samples", type=int, default=None, help="train on a subset")
-    p.add_argument("--phases", nargs="+", choices=["local", "block", "global"], help="phases to run (default all)")
+    p.add_argument("--phases", nargs="+", action="extend", choices=["local", "block", "global"],
+                   help="phases to run (default all)")
     p.add_argument("--temperature", type=float, help="softmax temperature of the logits' KL (default 2)")
     p.add_argument("--batch-size", type=int, help="training batch size (default 16)")
     p.add_argument("--max-length", type=int, help="tokens per example (default 128)")
-    p.add_argument("--option", nargs="+", metavar="KEY=VALUE", default=[],
+    p.add_argument("--option", nargs="+", action="extend", metavar="KEY=VALUE", default=[],
                    help="other distillation options, e.g. hidden_weight=0.5 attention_weight=0.1 ce_weight=0.5 "
                         "select=metric lr_global=2e-5 (docs/distillation.md)")
 
     p = sub.add_parser("demo", help="fine-tune the bundled model on the embedded task, compress, compare")
     p.add_argument("--out", default="lmcompress-demo", help="output directory (default: lmcompress-demo)")
-    p.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.3], help="sizes to compare")
+    p.add_argument("--keep", type=float, nargs="+", action="extend",
+                   help=f"sizes to compare (default: {' '.join(map(str, DEMO_KEEPS))})")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
 
     sub.add_parser("methods", help="list compression methods and their options")
@@ -149,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_args(p, "GLUE folder (train.tsv calibrates, dev.tsv scores), a file, a datasets directory or hf:NAME")
     p.add_argument("--out", required=True, help="sweep directory: results.jsonl, report.md, plots, models; "
                    "running again resumes there")
-    p.add_argument("--baselines", nargs="*", default=["dense", "int8"], choices=["dense", "int8"],
+    p.add_argument("--baselines", nargs="*", action="extend", choices=list(SWEEP_BASELINES),
                    help="reference points measured in the same run (default: dense int8)")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local worker processes (default) or a Ray cluster")
@@ -177,6 +186,26 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                              help="no progress bars or per-layer log lines")
     return parser
+
+
+def _key_values(flag: str, items: list[str], parse: Callable[[str, str], Any], expects: str = "KEY=VALUE") -> dict:
+    """The KEY=VALUE pairs of every use of `flag` as one mapping, values read by `parse(key, value)`.
+
+    A key given twice must have one value: otherwise one use would silently win over the other.
+    """
+    from lmcompress.errors import RecipeError
+
+    merged: dict = {}
+    spelled: dict[str, str] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise RecipeError(f"{flag} expects {expects}, got {item!r}")
+        value = parse(key, text)
+        if key in merged and merged[key] != value:
+            raise RecipeError(f"{flag} {key} is given twice, as {spelled[key]!r} and {text!r}")
+        merged[key], spelled[key] = value, text
+    return merged
 
 
 def _columns(args, task_name: str, config, labels: bool) -> dict[str, str | None]:
@@ -267,15 +296,13 @@ def _recipe_from_args(args):
     else:
         import yaml
 
-        options: dict = {"keep": args.keep, "rank": args.rank}
-        for item in args.option:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise RecipeError(f"--option expects KEY=VALUE, got {item!r}")
+        def method_option(key: str, value: str) -> Any:
             if key in ("method", "targets", "ignore", "calibration", "cls"):  # Recipe.single's own parameters
                 flag = f" (use --{key})" if key in ("method", "targets", "ignore") else ""
-                raise RecipeError(f"--option {item}: {key!r} is not a method option{flag}")
-            options[key] = yaml.safe_load(value)  # so damp=0.1 is a number and flag=true a bool
+                raise RecipeError(f"--option {key}={value}: {key!r} is not a method option{flag}")
+            return yaml.safe_load(value)  # so damp=0.1 is a number and flag=true a bool
+
+        options: dict = {"keep": args.keep, "rank": args.rank, **_key_values("--option", args.option, method_option)}
         budget = _parse_budget(args.budget) if args.budget else None
         if args.allocation and budget is None:
             raise RecipeError("--allocation splits a --budget; give --budget params=F or flops=F too")
@@ -300,16 +327,17 @@ def _parse_budget(items: list[str]) -> dict:
     """`params=0.5` / `flops=0.5 seq_len=64` -> the recipe's budget mapping (validated by the recipe)."""
     from lmcompress.errors import RecipeError
 
-    budget: dict = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in ("params", "flops", "seq_len"):
-            raise RecipeError(f"--budget expects params=F, flops=F or seq_len=N, got {item!r}")
+    expects = "params=F, flops=F or seq_len=N"
+
+    def number(key: str, value: str) -> float:
+        if key not in ("params", "flops", "seq_len"):
+            raise RecipeError(f"--budget expects {expects}, got {f'{key}={value}'!r}")
         try:
-            budget[key] = int(value) if key == "seq_len" else float(value)
+            return int(value) if key == "seq_len" else float(value)
         except ValueError:
             raise RecipeError(f"--budget {key} needs a number, got {value!r}") from None
-    return budget
+
+    return _key_values("--budget", items, number, expects)
 
 
 def _check_dense_out(args) -> None:
@@ -509,7 +537,8 @@ def _evaluate_harness(args) -> None:
 def cmd_demo(args) -> None:
     from lmcompress.entrypoints.demo import run_demo
 
-    run_demo(args.out, keeps=args.keep, overwrite=args.overwrite, progress=not args.quiet)
+    keeps = DEMO_KEEPS if args.keep is None else args.keep
+    run_demo(args.out, keeps=keeps, overwrite=args.overwrite, progress=not args.quiet)
 
 
 def cmd_methods(_args) -> None:
@@ -560,7 +589,8 @@ def cmd_sweep(args) -> None:
         write_report([latest[i] for i in ids if i in latest], args.out, title, command)
 
     try:
-        rows = run_sweep(settings, points, baselines=args.baselines, executor=args.executor, workers=args.workers,
+        baselines = SWEEP_BASELINES if args.baselines is None else args.baselines
+        rows = run_sweep(settings, points, baselines=baselines, executor=args.executor, workers=args.workers,
                          ray_address=args.ray_address, quiet=args.quiet, on_result=report)
     finally:
         if (Path(args.out) / "results.jsonl").is_file():
@@ -591,15 +621,9 @@ def _distill_config(args):
     """DistillConfig from the flags and --option KEY=VALUE (values read as YAML: numbers, lists, mappings)."""
     import yaml
 
-    from lmcompress.errors import RecipeError
     from lmcompress.training.distillation import DistillConfig
 
-    options: dict = {}
-    for item in args.option:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise RecipeError(f"--option expects KEY=VALUE, got {item!r}")
-        options[key] = yaml.safe_load(value)
+    options = _key_values("--option", args.option, lambda _key, value: yaml.safe_load(value))
     flags = {"phases": args.phases, "temperature": args.temperature, "batch_size": args.batch_size,
              "max_length": args.max_length}
     return DistillConfig(**{**options, **{k: v for k, v in flags.items() if v is not None}})

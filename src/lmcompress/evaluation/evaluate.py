@@ -93,7 +93,7 @@ def evaluate(model: nn.Module, tokenizer, task: TaskSpec, examples: Examples, *,
     else:
         check_labels(model, examples)
         predictions = predict(model, tokenizer, examples, batch_size, max_length, progress)
-        metrics = compute_metrics(task, predictions, np.asarray(examples.labels))
+        metrics = compute_metrics(task, predictions, np.asarray(examples.labels), examples.label_names)
         metric, extra = {"name": task.metric, "value": metrics[task.metric]}, None
     latency = measure_latency(model, latency_batch_size, latency_seq_len, repeats=latency_repeats)
     return EvalResult(task=task.name, metric=metric, metrics=metrics, examples=len(examples),

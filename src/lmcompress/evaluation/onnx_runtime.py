@@ -145,7 +145,7 @@ def evaluate_onnx(onnx_model: OnnxModel, tokenizer, task: TaskSpec, examples: Ex
                               "runs in PyTorch only")
     check_labels(onnx_model, examples)
     predictions = predict_onnx(onnx_model, tokenizer, examples, batch_size, max_length, progress)
-    metrics = compute_metrics(task, predictions, np.asarray(examples.labels))
+    metrics = compute_metrics(task, predictions, np.asarray(examples.labels), examples.label_names)
     return {"metric": {"name": task.metric, "value": metrics[task.metric]}, "metrics": metrics,
             "examples": len(examples), "latency": compare_latency(onnx_model, torch_model, seq_len,
                                                                   repeats=repeats),

@@ -44,12 +44,31 @@ def resolve_model(spec: str | os.PathLike | None) -> tuple[str, bool]:
     if path.exists():
         if not path.is_dir():
             raise ModelLoadError(f"model path is not a directory: {path}")
+        path = _run_best(path)
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model directory has no config.json: {path}")
         return str(path), True
     if not _HUB_ID.match(spec):
         raise ModelLoadError(f"model directory not found: {spec}")
     return spec, False
+
+
+def _run_best(path: Path) -> Path:
+    """A distillation run folder (`lmcompress distill --out`) stands for its best student, `best`; any other
+    directory for itself."""
+    if (path / "config.json").is_file():
+        return path
+    best = path / RUN_BEST
+    if not (best / "config.json").is_file():
+        return path
+    if path not in _RUNS_ANNOUNCED:  # one line per run folder, however often a command resolves it
+        _RUNS_ANNOUNCED.add(path)
+        log.info("%s is a distillation run: loading its best student, %s (-> %s)", path, best, best.resolve())
+    return best
+
+
+_RUNS_ANNOUNCED: set[Path] = set()
+RUN_BEST = "best"  # where a distillation run keeps its best student (training.distillation.checkpoint writes it)
 
 
 def load_tokenizer(location: str, local: bool = True):

@@ -2,7 +2,8 @@
 
 GLUE TSVs are not CSV: sentences contain unbalanced quote characters, so quoting is switched off (a stray
 quote must never swallow the following lines). MRPC starts with a byte-order mark, hence "utf-8-sig".
-CoLA has no header and keeps the sentence in column 3; every other file is read by header name.
+CoLA has no header and keeps the sentence in column 3; every other file is read by header name. Other TSV
+files (a user's own, `quoted=True`) are read as standard quoted TSV, as spreadsheets and pandas write them.
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ class _Positions:
 _HEADERLESS: dict[str, _Positions] = {"cola": _Positions(fields=4, text=3, label=1)}
 
 
-def iter_tsv(path: Path) -> Iterator[tuple[int, list[str]]]:
-    """(line number, fields) for each non-blank line, quotes taken literally."""
+def iter_tsv(path: Path, quoted: bool = False) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) for each non-blank line, quotes taken literally unless `quoted`."""
     try:
         with path.open(encoding="utf-8-sig", newline="") as handle:
-            reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+            reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE)
             for fields in reader:
                 if fields and any(f.strip() for f in fields):
                     yield reader.line_num, fields
@@ -79,9 +80,9 @@ def _read_with_header(path: Path, rows: list[tuple[int, list[str]]], task: TaskS
     return RawRows(str(path), texts, None if pair_at is None else pairs, labels, locations)
 
 
-def read_tsv(path: Path, task: TaskSpec) -> RawRows:
-    """Read a GLUE-format (or any headered) TSV file for `task`."""
-    rows = list(iter_tsv(path))
+def read_tsv(path: Path, task: TaskSpec, quoted: bool = False) -> RawRows:
+    """Read a GLUE-format TSV file for `task`, or with `quoted` any headered TSV file with standard quoting."""
+    rows = list(iter_tsv(path, quoted))
     if not rows:
         return RawRows(str(path), [], None, [], [])
     positions = _HEADERLESS.get(task.name)

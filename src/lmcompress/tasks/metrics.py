@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from lmcompress.tasks.spec import TaskSpec
+from lmcompress.tasks.spec import TaskSpec, model_class_ids
 
 _Array = np.ndarray
 
@@ -17,11 +18,19 @@ def _accuracy(task: TaskSpec, predictions: _Array, references: _Array) -> float:
     return float(accuracy_score(references, predictions))
 
 
-def _f1(task: TaskSpec, predictions: _Array, references: _Array) -> float:
-    """Binary F1 of class 1 for two named classes (GLUE's MRPC convention); macro F1 otherwise, where no
-    class is the natural 'positive' one."""
+def positive_class(task: TaskSpec, label_names: Sequence[str] | None) -> int:
+    """The id of the task's positive class (the second of its two names, GLUE's 'equivalent') among
+    `label_names`, the classes the ids count: found by name, so a model that numbers it 0 is scored on it."""
+    if task.label_names is None or len(task.label_names) != 2 or label_names is None:
+        return 1
+    return model_class_ids(task.label_names, [str(name) for name in label_names], task.name)[1]
+
+
+def _f1(task: TaskSpec, predictions: _Array, references: _Array, positive: int = 1) -> float:
+    """Binary F1 of the positive class for two named classes (GLUE's MRPC convention); macro F1 otherwise,
+    where no class is the natural 'positive' one."""
     if task.label_names is not None and len(task.label_names) == 2:
-        return float(f1_score(references, predictions, average="binary", pos_label=1, zero_division=0.0))
+        return float(f1_score(references, predictions, average="binary", pos_label=positive, zero_division=0.0))
     return float(f1_score(references, predictions, average="macro", zero_division=0.0))
 
 
@@ -67,8 +76,13 @@ def _as_vector(values: Sequence | _Array, what: str) -> _Array:
     return array
 
 
-def compute_metrics(task: TaskSpec, predictions: Sequence | _Array, references: Sequence | _Array) -> dict[str, float]:
-    """All of `task.metrics` as Python floats; predictions are class ids, or scores for regression."""
+def compute_metrics(task: TaskSpec, predictions: Sequence | _Array, references: Sequence | _Array,
+                    label_names: Sequence[str] | None = None) -> dict[str, float]:
+    """All of `task.metrics` as Python floats; predictions are class ids, or scores for regression.
+
+    `label_names` name the ids (`Examples.label_names`, the model's classes); without them the ids are the
+    task's own, whose positive class is 1.
+    """
     preds, refs = _as_vector(predictions, "predictions"), _as_vector(references, "references")
     if len(preds) != len(refs):
         raise ValueError(f"{len(preds)} predictions but {len(refs)} references")
@@ -77,4 +91,7 @@ def compute_metrics(task: TaskSpec, predictions: Sequence | _Array, references: 
     unknown = [name for name in task.metrics if name not in METRIC_FUNCTIONS]
     if unknown:
         raise ValueError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(METRIC_FUNCTIONS)}")
-    return {name: METRIC_FUNCTIONS[name](task, preds, refs) for name in task.metrics}
+    functions = dict(METRIC_FUNCTIONS)
+    if "f1" in task.metrics:
+        functions["f1"] = partial(_f1, positive=positive_class(task, label_names))
+    return {name: functions[name](task, preds, refs) for name in task.metrics}

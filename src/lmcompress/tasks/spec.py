@@ -213,9 +213,19 @@ def _regression_labels(rows: RawRows) -> list[float]:
     return labels
 
 
+def normalize_label(value: str) -> str:
+    """A numeric-looking class label as its number's plain spelling, so that '1' and '1.0' (a CSV written by
+    pandas from a float column) are one class; any other label as it is."""
+    number = _as_number(value)
+    if number is None:
+        return value
+    return str(int(number)) if number.is_integer() else repr(number)
+
+
 def infer_label_names(values: Sequence[str]) -> tuple[str, ...]:
-    """Sorted distinct labels; numeric-looking ones sort numerically so '10' comes after '2'."""
-    distinct = set(values)
+    """Sorted distinct labels, numeric ones normalised; numeric-looking ones sort numerically so '10' comes
+    after '2'."""
+    distinct = {normalize_label(v) for v in values}
     if all(_as_number(v) is not None for v in distinct):
         return tuple(sorted(distinct, key=lambda v: (_as_number(v), v)))
     return tuple(sorted(distinct))
@@ -234,6 +244,8 @@ def _label_lookup(names: Sequence[str], secondary: Sequence[str] | None) -> dict
     if not any(_as_number(name) is not None for name in names):
         lookup.update({str(i): i for i in range(len(names))})
     lookup.update({name: i for i, name in enumerate(names)})
+    for i, name in enumerate(names):  # numeric names also match however the data spells the number
+        lookup.setdefault(normalize_label(name), i)
     return lookup
 
 
@@ -245,6 +257,8 @@ def _class_labels(rows: RawRows, names: tuple[str, ...], secondary: Sequence[str
         index = _as_index(value)
         if value in lookup:
             ids.append(lookup[value])
+        elif normalize_label(value) in lookup:
+            ids.append(lookup[normalize_label(value)])
         elif index is not None and str(index) in lookup:
             ids.append(lookup[str(index)])
         elif value not in unknown:
@@ -325,12 +339,13 @@ def _read_rows(task: TaskSpec, data: str | os.PathLike | None, split: str) -> Ra
     path = Path(data).expanduser()
     if not path.exists():
         raise DataError(f"data path not found: {path}")
-    if path.is_dir():
+    from_folder = path.is_dir()
+    if from_folder:
         if files.is_saved_dataset(path):
             return files.read_saved_dataset(path, task, split)
         path = files.split_file(path, split)
-    if path.suffix.lower() == ".tsv":
-        return glue.read_tsv(path, task)
+    if path.suffix.lower() == ".tsv":  # GLUE's own files (a GLUE task, a GLUE folder's split) as GLUE reads them
+        return glue.read_tsv(path, task, quoted=not from_folder and task.name not in GLUE_TASKS)
     return files.read_file(path, task)
 
 

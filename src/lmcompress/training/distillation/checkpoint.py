@@ -22,8 +22,10 @@ from torch import nn
 
 from lmcompress.errors import DistillError, LMCompressError
 from lmcompress.io import saving as io
+from lmcompress.io.models import RUN_BEST
 
-BEST, CHECKPOINTS, STATE, CURVE_JSON, CURVE_PNG = "best", "checkpoints", "state.json", "curve.json", "curve.png"
+CHECKPOINTS, STATE, CURVE_JSON, CURVE_PNG = "checkpoints", "state.json", "curve.json", "curve.png"
+BEST = RUN_BEST   # the name model loading recognises: a run folder given as a model loads its best student
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -35,6 +35,7 @@ class HeldOut:
 
     def __init__(self, teacher: nn.Module, tokenizer: Any, examples: Any, task: Any, config: DistillConfig) -> None:
         self.task = task
+        self.label_names = getattr(examples, "label_names", None)  # what the label ids mean, for F1
         self.regression = bool(task.is_regression) or getattr(teacher.config, "num_labels", 2) == 1
         order = sorted(range(len(examples)), key=lambda i: len(examples.texts[i]))
         self.batches = list(encode_batches(tokenizer, examples, config.eval_batch_size, config.max_length,
@@ -67,7 +68,7 @@ class HeldOut:
             return None
         joined = torch.cat(logits)
         predictions = joined[:, 0].numpy() if self.regression else joined.argmax(-1).numpy()
-        return compute_metrics(self.task, predictions, self.labels)[self.task.metric]
+        return compute_metrics(self.task, predictions, self.labels, self.label_names)[self.task.metric]
 
     def score(self, student: nn.Module) -> Score:
         logits = self._logits(student)

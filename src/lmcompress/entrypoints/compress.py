@@ -1,0 +1,78 @@
+"""`compress`: load a model, calibrate on the task's data, run a recipe, save the result (and optionally a
+dense copy and a plain Hugging Face export)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmcompress.engine.pipeline import CompressionSummary
+from lmcompress.engine.recipe import Recipe
+from lmcompress.entrypoints.arguments import DataArgs, OutputArgs
+from lmcompress.entrypoints.data import calibration_examples
+from lmcompress.errors import LMCompressError
+
+
+@dataclass(frozen=True)
+class CompressArgs:
+    recipe: Recipe
+    out: OutputArgs
+    model: str | None = None                  # directory, hub id, or None / "bundled"
+    data: DataArgs = field(default_factory=DataArgs)
+    dense_out: str | None = None              # also a dense copy that plain from_pretrained loads
+    export_hf: str | None = None              # also a plain Hugging Face model, where its config can say it
+    timing: bool = True                       # time each compressed layer against the dense one
+    progress: bool = True
+
+
+@dataclass
+class CompressOutcome:
+    summary: CompressionSummary
+    model: Any
+    tokenizer: Any
+
+
+def compress_loaded(model, tokenizer, recipe: Recipe, data: DataArgs, *, progress: bool = True,
+                    timing: bool = True, reuse=None) -> CompressionSummary:
+    """Calibration examples for `recipe` from `data`, then the recipe on `model` in place."""
+    from lmcompress.engine.pipeline import compress
+
+    examples = calibration_examples(data, recipe, model, tokenizer)
+    return compress(model, recipe, tokenizer, examples, progress=progress, timing=timing, reuse=reuse)
+
+
+def _check_separate(args: CompressArgs) -> None:
+    """--dense-out and --export-hf must not replace (or sit inside, or contain) --out or each other."""
+    given = [(flag, value) for flag, value in (("--dense-out", args.dense_out), ("--export-hf", args.export_hf),
+                                               ("--out", args.out.path)) if value]
+    for i, (flag, value) in enumerate(given):
+        for other_flag, other in given[i + 1:]:
+            a, b = Path(value).expanduser().resolve(), Path(other).expanduser().resolve()
+            if a == b or a in b.parents or b in a.parents:
+                raise LMCompressError(f"{flag} {value} and {other_flag} {other} must be separate directories")
+
+
+def run_compress(args: CompressArgs) -> CompressOutcome:
+    """Every output directory is checked before the (slow) model load, and written atomically."""
+    from lmcompress.io.hf_export import check_exportable, export_hf
+    from lmcompress.io.models import load_model
+    from lmcompress.io.saving import check_output_dir, save, save_dense
+
+    args.recipe.check_methods()
+    _check_separate(args)
+    for path in (args.out.path, args.dense_out, args.export_hf):
+        if path:
+            check_output_dir(path, args.out.overwrite)
+    model, tokenizer = load_model(args.model, language_model=args.data.language_modeling)
+    summary = compress_loaded(model, tokenizer, args.recipe, args.data, progress=args.progress, timing=args.timing)
+    tokenizer = summary.tokenizer or tokenizer  # vocabulary pruning replaces it
+    if args.export_hf:
+        check_exportable(model)  # before anything is written
+    save(model, args.out.path, tokenizer, args.recipe, overwrite=args.out.overwrite,
+         extra={"summary": summary.to_dict()})
+    if args.dense_out:
+        save_dense(model, args.dense_out, tokenizer, overwrite=args.out.overwrite)
+    if args.export_hf:
+        export_hf(model, args.export_hf, tokenizer, overwrite=args.out.overwrite)
+    return CompressOutcome(summary, model, tokenizer)
