@@ -6,6 +6,7 @@ no data at all, and language modeling on plain text (perplexity; `tasks/text.py`
 """
 
 from lmcompress.tasks.embedded import generate_sentiment
+from lmcompress.tasks.loader import load_examples
 from lmcompress.tasks.metrics import compute_metrics
 from lmcompress.tasks.spec import (
     DEFAULT_TASK,
@@ -15,7 +16,6 @@ from lmcompress.tasks.spec import (
     Examples,
     TaskSpec,
     get_task,
-    load_examples,
 )
 
 __all__ = [
