@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory: best/ (the best student), state.json, "
                    "curve.json, curve.png")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its best student")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier distillation run in --out (never other files)")
     p.add_argument("--heldout", type=float, default=0.1,
                    help="share of the data held out to score checkpoints (at most 512 examples; default 0.1)")
     p.add_argument("--max-train-samples", type=int, default=None, help="train on a subset")
@@ -632,7 +633,6 @@ def _distill_config(args):
 def cmd_distill(args) -> None:
     from lmcompress.errors import DataError, LMCompressError
     from lmcompress.io.models import check_sequence_length, load_model
-    from lmcompress.io.saving import check_output_dir
     from lmcompress.training.distillation import distill, parse_duration, split_heldout
     from lmcompress.training.distillation.checkpoint import CheckpointStore
 
@@ -646,8 +646,8 @@ def cmd_distill(args) -> None:
             log.warning("--resume continues from %s/best; --student is not read", args.out)
     elif not args.student:
         raise LMCompressError("--student is required (unless --resume continues a run in --out)")
-    else:
-        check_output_dir(args.out, args.overwrite)
+    else:  # --overwrite replaces an earlier distillation only, never a directory lmcompress did not write
+        CheckpointStore(args.out).check_fresh(args.overwrite)
     language_modeling = _language_modeling(args)
     teacher, tokenizer = load_model(args.teacher, language_model=language_modeling)
     student, student_tokenizer = (None, None) if args.resume else load_model(args.student,

@@ -30,7 +30,6 @@ class DistillArgs:
 
 def _check(args: DistillArgs) -> float:
     """Every option before the (slow) model loads; the budget in seconds."""
-    from lmcompress.io.saving import check_output_dir
     from lmcompress.training.distillation import parse_duration
     from lmcompress.training.distillation.checkpoint import CheckpointStore
 
@@ -45,8 +44,8 @@ def _check(args: DistillArgs) -> float:
             log.warning("--resume continues from %s/best; --student is not read", args.out.path)
     elif not args.student:
         raise LMCompressError("--student is required (unless --resume continues a run in --out)")
-    else:
-        check_output_dir(args.out.path, args.out.overwrite)
+    else:  # `overwrite` replaces an earlier distillation only, never a directory lmcompress did not write
+        CheckpointStore(args.out.path).check_fresh(args.out.overwrite)
     return budget
 
 

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 from torch import nn
 
-from lmcompress.core.linear import is_dense_linear
 from lmcompress.errors import RecipeError
+from lmcompress.io.saving import MANIFEST_NAME
 from lmcompress.layers import CompressedLayer
 from lmcompress.methods.base import Method, MethodConfig, ModelResult, StageContext, register_method
+from lmcompress.training.distillation.checkpoint import CheckpointStore, run_settings
 from lmcompress.training.distillation.config import DistillConfig, parse_duration
 
 log = logging.getLogger("lmcompress")
@@ -28,7 +30,8 @@ class DistillStageConfig(DistillConfig, MethodConfig):
     heldout: float = Field(default=0.1, gt=0, lt=1, description="share of the stage's data held out to score "
                                                                 "checkpoints (at most 512 examples)")
     workdir: str | None = Field(default=None, description="where checkpoints, state and curve go (default: a "
-                                                          "temporary directory, removed afterwards)")
+                                                          "temporary directory, removed afterwards); an empty or "
+                                                          "new directory, or this stage's own run, which resumes")
 
     def model_post_init(self, _context: Any) -> None:
         try:
@@ -66,10 +69,12 @@ class Distill(Method):
                               "lmcompress.compress)")
         train, heldout = split_heldout(data, config.heldout, config.seed)
         options = DistillConfig(**config.model_dump(include=set(DistillConfig.model_fields)))
+        resume = config.workdir is not None and _resumes(Path(config.workdir), run_settings(
+            options, context.original, model, train, heldout))
         with tempfile.TemporaryDirectory(prefix="lmcompress-distill-") as scratch:
             out = config.workdir or scratch
             result = distill(context.original, model, tokenizer, train, heldout, _task_of(model, data),
-                             config.time, out, config=options, overwrite=True, progress=context.progress)
+                             config.time, out, config=options, resume=resume, progress=context.progress)
         points, best = result.curve["points"], result.state.get("best") or {}
         report = {"elapsed_s": result.state["elapsed_s"], "steps": result.state["step"],
                   "divergence_before": points[0]["divergence"], "divergence_after": best.get("divergence"),
@@ -78,6 +83,23 @@ class Distill(Method):
         report["summary"] = (f"trained {report['steps']} steps in {report['elapsed_s']:.0f}s; held-out divergence "
                              f"{_number(report['divergence_before'])} -> {_number(report['divergence_after'])}")
         return ModelResult([], None, report)
+
+
+def _resumes(workdir: Path, settings: dict) -> bool:
+    """Whether `workdir` holds this stage's own run (same options, models and data), to continue; False for an
+    empty or new directory. Anything else is refused: nothing the stage did not write is ever deleted."""
+    if not workdir.exists() or (workdir.is_dir() and not any(workdir.iterdir())):
+        return False
+    store = CheckpointStore(workdir)
+    state = store.read_state() if workdir.is_dir() else None
+    if state is None:
+        raise RecipeError(f"distill: workdir {workdir} is not empty and holds no distillation run; give an empty or "
+                          "new directory (nothing in it is deleted)")
+    if state.get("settings") != settings or not (store.best_path / MANIFEST_NAME).is_file():
+        raise RecipeError(f"distill: workdir {workdir} holds a distillation of other settings (another recipe, "
+                          "model, data or options); give another workdir")
+    log.info("distill: continuing the run in %s", workdir)
+    return True
 
 
 def _task_of(model: nn.Module, data: Any):

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmcompress.training.distillation.checkpoint import CheckpointStore
+from lmcompress.training.distillation.checkpoint import CheckpointStore, run_settings
 from lmcompress.training.distillation.checks import check_data, check_models, check_tokenizers
 from lmcompress.training.distillation.config import DistillConfig, parse_duration
 from lmcompress.training.distillation.heldout import HeldOut
@@ -55,6 +55,20 @@ def _subset(examples: Any, keep: list[int]) -> Any:
                     examples.label_names)
 
 
+def _resumed_student(store: CheckpointStore, student: nn.Module | None) -> nn.Module:
+    """The saved best; loaded into `student` where one is given (it keeps its device and is trained in place)."""
+    best = store.load_best()
+    if student is None:
+        return best
+    try:
+        student.load_state_dict(best.state_dict())
+    except RuntimeError:
+        from lmcompress.errors import DistillError
+
+        raise DistillError(f"resume: the student's structure differs from the saved best in {store.out}") from None
+    return student
+
+
 def distill(teacher: nn.Module, student: nn.Module | None, tokenizer: Any, train: Any, heldout: Any, task: Any,
             time_budget: str | float, out: str | Path, *, config: DistillConfig | None = None, resume: bool = False,
             overwrite: bool = False, student_tokenizer: Any = None, progress: bool = True) -> DistillResult:
@@ -63,8 +77,9 @@ def distill(teacher: nn.Module, student: nn.Module | None, tokenizer: Any, train
     Every check (architecture, depth, width, vocabulary, classes, data, labels, budget, output directory) runs
     before any training. The best student so far is always on disk at `out/best` (loadable with
     `lmcompress.load`); `resume=True` continues a run in `out` from it, with the same budget counting the time
-    already spent (`student` may then be None). The student is trained in place and returned with its best
-    weights.
+    already spent (`student` may then be None; if given, it takes the saved best's weights). The student is
+    trained in place and returned with its best weights. `overwrite` replaces only an earlier distillation run
+    in `out` (its own files), never a directory that holds anything else.
     """
     started = time.perf_counter()
     config = config or DistillConfig()
@@ -81,7 +96,7 @@ def distill(teacher: nn.Module, student: nn.Module | None, tokenizer: Any, train
     state = store.prepare(resume, overwrite)
     curve = None
     if state is not None:
-        student = store.load_best()
+        student = _resumed_student(store, student)
         check_models(teacher, student)
         curve = store.read_curve()
     teacher.eval()
@@ -96,8 +111,9 @@ def distill(teacher: nn.Module, student: nn.Module | None, tokenizer: Any, train
     saved_flags = {p: p.requires_grad for p in student.parameters()}
     heldout_scores = HeldOut(teacher, tokenizer, heldout, task, config)
     batches = training_batches(tokenizer, train, config, labelled, config.seed + (state or {}).get("step", 0))
+    settings = None if state is not None else run_settings(config, teacher, student, train, heldout)
     runner = Anytime(student, teacher, tokenizer, units, batches, heldout_scores, store, config, budget_s, started,
-                     state, curve, regression, progress)
+                     state, curve, regression, progress, settings)
     try:
         final = runner.run()
     except KeyboardInterrupt:

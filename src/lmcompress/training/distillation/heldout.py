@@ -1,8 +1,11 @@
 """Scoring a student on the held-out split: divergence from the teacher (always), and the task metric (with
-labels). The teacher's held-out logits are computed once."""
+labels). A classifier teacher's held-out logits are computed once; a language model's are recomputed at each
+score, batch by batch (keeping them would take held-out tokens x vocabulary floats)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,10 +34,13 @@ class Score:
 
 
 class HeldOut:
-    """The held-out batches (sorted by length, little padding), their labels, and the teacher's logits."""
+    """The held-out batches (sorted by length, little padding), their labels, and the teacher's logits where they
+    are small: one row per example (a classifier). Per-token logits (a language model: sequence x vocabulary for
+    every example) are never kept: the teacher runs again beside the student, batch by batch, so memory stays
+    that of one batch whatever the held-out size."""
 
     def __init__(self, teacher: nn.Module, tokenizer: Any, examples: Any, task: Any, config: DistillConfig) -> None:
-        self.task = task
+        self.task, self.teacher = task, teacher
         self.label_names = getattr(examples, "label_names", None)  # what the label ids mean, for F1
         self.regression = bool(task.is_regression) or getattr(teacher.config, "num_labels", 2) == 1
         order = sorted(range(len(examples)), key=lambda i: len(examples.texts[i]))
@@ -43,38 +49,53 @@ class HeldOut:
         labels = [examples.labels[i] for i in order]
         classify = getattr(task, "kind", "classification") == "classification"
         self.labels = np.asarray(labels) if classify and all(label is not None for label in labels) else None
-        self.teacher_logits = self._logits(teacher)
-        self.teacher_metric = self._metric(self.teacher_logits)
+        self.teacher_logits: list[torch.Tensor | None] = []
+        with _evaluating(teacher):
+            for batch in self.batches:
+                logits = _forward(teacher, batch)
+                self.teacher_logits.append(logits.cpu() if logits.dim() == 2 else None)
+        self.teacher_metric = self._metric([t for t in self.teacher_logits if t is not None])
 
     @property
     def metric_name(self) -> str | None:
         return None if self.labels is None else self.task.metric
 
-    def _logits(self, model: nn.Module) -> list[torch.Tensor]:
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        outputs = []
-        try:
-            with torch.inference_mode(), no_cache(model):
-                for batch in self.batches:
-                    outputs.append(model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu())
-        finally:
-            model.train(was_training)
-        return outputs
-
     def _metric(self, logits: list[torch.Tensor]) -> float | None:
-        if self.labels is None or logits[0].dim() != 2:
+        if self.labels is None or len(logits) != len(self.batches):
             return None
         joined = torch.cat(logits)
         predictions = joined[:, 0].numpy() if self.regression else joined.argmax(-1).numpy()
         return compute_metrics(self.task, predictions, self.labels, self.label_names)[self.task.metric]
 
     def score(self, student: nn.Module) -> Score:
-        logits = self._logits(student)
-        total, count = 0.0, 0
-        for s, t, batch in zip(logits, self.teacher_logits, self.batches, strict=True):
-            values = divergence(s, t, self.regression, batch.get("attention_mask"))
-            total += float(values.sum())
-            count += values.numel()
-        return Score(total / max(count, 1), self._metric(logits))
+        total, count, rows = 0.0, 0, []
+        with _evaluating(student), _evaluating(self.teacher):
+            for saved, batch in zip(self.teacher_logits, self.batches, strict=True):
+                s = _forward(student, batch)
+                t = _forward(self.teacher, batch).to(s.device) if saved is None else saved
+                if s.dim() == 2:
+                    s = s.cpu()
+                    rows.append(s)
+                mask = batch.get("attention_mask")
+                values = divergence(s, t.to(s.device), self.regression, None if mask is None else mask.to(s.device))
+                total += float(values.sum())
+                count += values.numel()
+        return Score(total / max(count, 1), self._metric(rows))
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode, no autograd, no block cache for the duration; the model's training mode comes back after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), no_cache(model):
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Float logits, on the model's device."""
+    device = next(model.parameters()).device
+    return model(**{k: v.to(device) for k, v in batch.items()}).logits.float()

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lmcompress.core.progress import track
-from lmcompress.training.distillation.checkpoint import CURVE_PNG, CheckpointStore
+from lmcompress.training.distillation.checkpoint import CURVE_PNG, RUN_FORMAT, CheckpointStore
 from lmcompress.training.distillation.config import DistillConfig
 from lmcompress.training.distillation.curve import plot_curve
 from lmcompress.training.distillation.heldout import HeldOut, Score
@@ -29,6 +29,7 @@ from lmcompress.training.distillation.phases import make_phase
 
 log = logging.getLogger("lmcompress")
 STATE_VERSION = 1
+PROGRESS_EVERY_S = 0.5   # how often the elapsed time is written while training (what kill -9 can lose)
 
 
 def _format(score: Score, metric: str | None) -> str:
@@ -42,13 +43,14 @@ class Anytime:
     def __init__(self, student: nn.Module, teacher: nn.Module, tokenizer: Any, units: list[str],
                  batches: Iterator[dict[str, torch.Tensor]], heldout: HeldOut, store: CheckpointStore,
                  config: DistillConfig, budget_s: float, started: float, state: dict | None, curve: dict | None,
-                 regression: bool, progress: bool = True) -> None:
+                 regression: bool, progress: bool = True, settings: dict | None = None) -> None:
         self.student, self.teacher, self.tokenizer, self.units = student, teacher, tokenizer, units
         self.batches, self.heldout, self.store, self.config = batches, heldout, store, config
         self.budget_s, self.started, self.regression, self.progress = budget_s, started, regression, progress
         self.resumed = state is not None
-        self.state = state or {"version": STATE_VERSION, "elapsed_s": 0.0, "step": 0, "phase": config.phases[0],
-                               "phase_deadline_s": None, "best": None, "checkpoints": 0}
+        self.state = state or {"format": RUN_FORMAT, "version": STATE_VERSION, "settings": settings,
+                               "elapsed_s": 0.0, "step": 0, "phase": config.phases[0], "phase_deadline_s": None,
+                               "best": None, "checkpoints": 0}
         self.state["budget_s"] = budget_s
         self.base_elapsed = float(self.state["elapsed_s"])
         self.curve = curve or {"metric": heldout.metric_name, "teacher_metric": heldout.teacher_metric,
@@ -60,6 +62,7 @@ class Anytime:
         self.step_cost = 0.0
         self.plot_cost = 0.0
         self.interval = budget_s / config.checkpoints
+        self.last_progress = 0.0
 
     # --- time --------------------------------------------------------------------------------------
     def elapsed(self) -> float:
@@ -122,6 +125,7 @@ class Anytime:
                 self.step_cost = cost if self.step_cost == 0 else max(0.8 * self.step_cost + 0.2 * cost, cost / 2)
                 self.state["step"] += 1
                 since_checkpoint += 1
+                self._progress()
                 if self.elapsed() >= next_check:
                     improved = self.checkpoint(name, loss)
                     since_checkpoint, stale = 0, 0 if improved else stale + 1
@@ -158,16 +162,25 @@ class Anytime:
             best = {"step": self.state["step"], "elapsed_s": point["elapsed_s"], "phase": phase,
                     "divergence": score.divergence, "metric": score.metric}
             saved = {**self.state, "best": best, "elapsed_s": point["elapsed_s"]}
-            best["checkpoint"] = self.store.save_best(self.student, self.tokenizer, saved)
+            self.store.save_best(self.student, self.tokenizer, saved)   # sets best["checkpoint"]
             self.state["best"], self.best, self.best_weights = best, score, self._weights()
         self.state["elapsed_s"] = round(self.elapsed(), 3)
         self.store.write_state(self.state)
+        if improved:   # older checkpoints go only once state.json names the new one (kill -9 may come between)
+            self.store.clean()
         self.store.write_curve(self.curve)
         self.checkpoint_cost = max(self.checkpoint_cost * 0.5, time.perf_counter() - begun)
         log.info("checkpoint: %s phase, %.1fs of %.0fs, step %d, held-out %s%s", phase, point["elapsed_s"],
                  self.budget_s, self.state["step"], _format(score, self.heldout.metric_name),
                  " (best, saved)" if improved else f" (best {self.best.divergence:.4g})")
         return improved
+
+    def _progress(self) -> None:
+        """Every half second, the elapsed time on disk: a resume after kill -9 counts it against the budget."""
+        now = time.perf_counter()
+        if now - self.last_progress >= PROGRESS_EVERY_S:
+            self.last_progress = now
+            self.store.write_progress(self.elapsed(), self.state["step"])
 
     def _weights(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.student.state_dict().items()}
