@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import Field
 from torch import nn
 
+from lmcompress.core.linear import is_dense_linear
 from lmcompress.errors import RecipeError
 from lmcompress.io.saving import MANIFEST_NAME
 from lmcompress.layers import CompressedLayer
