@@ -64,7 +64,10 @@ def encode_spread_sample(tokenizer, examples, samples: int, batch_size: int,
     length: a small sample still represents every length, as the first length-sorted batch alone does not."""
     order = _length_order(examples)
     wanted = min(samples, len(order))
-    picked = [order[round(i * (len(order) - 1) / max(wanted - 1, 1))] for i in range(wanted)]
+    if wanted == 1:   # one example: a typical length, not the shortest
+        picked = [order[len(order) // 2]]
+    else:
+        picked = [order[round(i * (len(order) - 1) / (wanted - 1))] for i in range(wanted)]
     return list(encode_batches(tokenizer, examples, batch_size, max_length, order=picked))
 
 
