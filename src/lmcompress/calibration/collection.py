@@ -47,11 +47,28 @@ def encode_calibration(tokenizer, examples, batch_size: int, max_length: int,
         raise CalibrationError("this method needs labelled calibration data (Fisher information uses the task "
                                "loss), and the calibration examples have no labels")
     # statistics are sums, so order is free: batching similar lengths together wastes little on padding
+    return list(encode_batches(tokenizer, examples, batch_size, max_length, with_labels=with_labels,
+                               order=_length_order(examples)))
+
+
+def _length_order(examples) -> list[int]:
     def length(i: int) -> int:
         return len(examples.texts[i]) + (len(examples.text_pairs[i]) if examples.text_pairs is not None else 0)
 
-    order = sorted(range(len(examples)), key=length)
-    return list(encode_batches(tokenizer, examples, batch_size, max_length, with_labels=with_labels, order=order))
+    return sorted(range(len(examples)), key=length)
+
+
+def encode_spread_sample(tokenizer, examples, samples: int, batch_size: int,
+                         max_length: int) -> list[dict[str, torch.Tensor]]:
+    """`samples` examples evenly spaced over the length order (shortest and longest included), batched by
+    length: a small sample still represents every length, as the first length-sorted batch alone does not."""
+    order = _length_order(examples)
+    wanted = min(samples, len(order))
+    if wanted == 1:   # one example: a typical length, not the shortest
+        picked = [order[len(order) // 2]]
+    else:
+        picked = [order[round(i * (len(order) - 1) / (wanted - 1))] for i in range(wanted)]
+    return list(encode_batches(tokenizer, examples, batch_size, max_length, order=picked))
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -161,16 +178,21 @@ class SequentialCalibrator:
         self.inputs: BlockInputs = capture_block_inputs(model, blocks[first_block], batches, cache_mb)
         self.teacher_inputs: BlockInputs | None = None
         self.teacher_block: nn.Module | None = None
+        self.teacher_index: int | None = None     # the block `teacher_block` is an unmodified copy of
         if teacher:
             self.teacher_inputs = self.inputs.with_hidden([self.inputs.hidden(i) for i in range(len(self.inputs))])
         self.cache_mb = cache_mb
 
     def begin_block(self, index: int) -> None:
-        """Advance the cached inputs to block `index`, keeping an unmodified copy of it if the teacher is on."""
+        """Advance the cached inputs to block `index`, keeping an unmodified copy of it if the teacher is on.
+
+        Called before every sub-step: the copy is taken only at the block's first sub-step, so later ones (and
+        the teacher's advance to the next block) see the block as the stage found it, not partly compressed."""
         while self.index < index:
             self._advance()
-        if self.teacher_inputs is not None:
+        if self.teacher_inputs is not None and self.teacher_index != index:
             self.teacher_block = copy.deepcopy(self.blocks[index]).eval()
+            self.teacher_index = index
 
     def collect(self, layers: dict[str, nn.Module], needs: set[str],
                 pair_spans: dict[str, str] | None = None) -> dict[str, LayerStats]:
@@ -220,7 +242,7 @@ class SequentialCalibrator:
             teacher_out = [h.detach() for h in run_block(teacher, self.teacher_inputs)]
             self.teacher_inputs.close()
             self.teacher_inputs = self.teacher_inputs.with_hidden(teacher_out, self.cache_mb)
-            self.teacher_block = None
+            self.teacher_block, self.teacher_index = None, None
         self.index += 1
 
     def close(self) -> None:

@@ -69,6 +69,30 @@ def substep_of(model: nn.Module, name: str) -> int:
     return len(SUBSTEP_ROLES)
 
 
+def factor_path(model: nn.Module, name: str) -> tuple[int, ...]:
+    """Where a factor sits inside the compressed layer its role comes from, as child positions (a
+    `LowRankLinear`'s `first` before its `second`; () for the layer itself), so factors sharing one role can be
+    calibrated in data-flow order: a compressed layer registers its parts in the order they run."""
+    family, found = family_of(model), blocks_of(model)
+    index = block_index(model, name)
+    if family is None or found is None or index is None:
+        return ()
+    block_name = f"{found[0]}.{index}" if found[0] else str(index)
+    relative = name[len(block_name) + 1:]
+    root = next((rel for rel in {**family.attention_roles, **family.ffn_roles}.values()
+                 if relative.startswith(rel + ".")), None)
+    if root is None:
+        return ()
+    module, path = model.get_submodule(f"{block_name}.{root}"), []
+    for part in relative[len(root) + 1:].split("."):
+        children = [child for child, _ in module.named_children()]
+        if part not in children:
+            return tuple(path)
+        path.append(children.index(part))
+        module = module.get_submodule(part)
+    return tuple(path)
+
+
 def linear_units(model: nn.Module, names: list[str]) -> list[Unit]:
     return [Unit("linear", name, block_index(model, name), {role_of(model, name) or "linear": name})
             for name in names]

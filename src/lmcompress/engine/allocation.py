@@ -19,7 +19,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,8 +85,21 @@ def output_divergence(reference: torch.Tensor, output: torch.Tensor) -> float:
     return float((ref_log.exp() * (ref_log - F.log_softmax(output, -1))).sum(-1).mean())
 
 
+def _kl_sum(ref_log: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """Summed KL(reference || output) over rows, from the reference's log-probabilities and output logits."""
+    ref_log, out_log = ref_log.double(), F.log_softmax(output.double(), -1)
+    return (ref_log.exp() * (ref_log - out_log)).sum()
+
+
 def _logits(output: Any) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output[0]
+
+
+def _real_rows(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One row per scored position: per token (padding left out) for a language model, per example else."""
+    if mask is not None and logits.dim() == 3 and logits.shape[:2] == mask.shape:
+        return logits[mask]
+    return logits.reshape(-1, logits.shape[-1])
 
 
 class SensitivityProbe:
@@ -94,7 +107,9 @@ class SensitivityProbe:
 
     Each block's inputs are cached once (for the model as it is when the probe is built), so scoring a unit
     in block b runs only blocks b..L-1 and the head: earlier blocks are replaced by pass-throughs and block
-    b's input is substituted from the cache.
+    b's input is substituted from the cache. Outputs are scored batch by batch over real tokens only (batches
+    may differ in length; a language model has a distribution per token): only the reference, at real tokens,
+    is kept for all batches.
     """
 
     def __init__(self, model: nn.Module, blocks: nn.ModuleList | None, batches: list[dict[str, torch.Tensor]],
@@ -102,8 +117,14 @@ class SensitivityProbe:
         self.model, self.blocks = model, blocks
         self.device = next(model.parameters()).device
         self.batches = [{k: v.to(self.device) for k, v in b.items() if k != "labels"} for b in batches]
-        self.reference = self._run(None)
+        self.masks = [b["attention_mask"].bool() if "attention_mask" in b else None for b in self.batches]
         self.inputs: list[BlockInputs] = []
+        self.reference: list[torch.Tensor] = []   # per batch: log-probabilities (or the regression output)
+        self._each_output(None, lambda _i, rows: self.reference.append(rows if rows.shape[-1] == 1
+                                                                       else F.log_softmax(rows, -1)))
+        self.rows = sum(r.shape[0] for r in self.reference)
+        self.regression = self.reference[0].shape[-1] == 1
+        self.variance = torch.cat(self.reference).double().var().clamp_min(1e-12) if self.regression else None
         if blocks is not None and len(blocks):
             current = capture_block_inputs(model, blocks[0], self.batches, cache_mb)
             self.inputs.append(current)
@@ -111,13 +132,14 @@ class SensitivityProbe:
                 current = current.with_hidden([h.detach() for h in run_block(block, current)])
                 self.inputs.append(current)
 
-    def _run(self, start: int | None) -> torch.Tensor:
-        outputs = []
+    def _each_output(self, start: int | None, consume: Callable[[int, torch.Tensor], None]) -> None:
+        """Run the sample (from block `start` on, when given) and hand each batch's real-token output rows
+        to `consume`, one batch at a time."""
         with no_cache(self.model), torch.inference_mode():
             if start is None or not self.inputs:
-                for batch in self.batches:
-                    outputs.append(_logits(self.model(**batch)).float())
-                return torch.cat(outputs)
+                for i, batch in enumerate(self.batches):
+                    consume(i, _real_rows(_logits(self.model(**batch)).float(), self.masks[i]))
+                return
             saved = list(self.blocks)[:start]
             cached = self.inputs[start]
             batch_index = [0]
@@ -134,12 +156,26 @@ class SensitivityProbe:
             try:
                 for i, batch in enumerate(self.batches):
                     batch_index[0] = i
-                    outputs.append(_logits(self.model(**batch)).float())
+                    consume(i, _real_rows(_logits(self.model(**batch)).float(), self.masks[i]))
             finally:
                 handle.remove()
                 for i, block in enumerate(saved):
                     self.blocks[i] = block
-        return torch.cat(outputs)
+
+    def _divergence(self, start: int | None) -> float:
+        """Mean divergence from the reference over all real rows of the sample (see `output_divergence`)."""
+        total = [0.0]
+
+        def add(i: int, rows: torch.Tensor) -> None:
+            reference = self.reference[i]
+            if self.regression:
+                total[0] += float(((rows.double() - reference.double()) ** 2).sum())
+            else:
+                total[0] += float(_kl_sum(reference, rows))
+
+        self._each_output(start, add)
+        mean = total[0] / max(self.rows, 1)
+        return mean / float(self.variance) if self.regression else mean
 
     def score(self, block: int | None, replacements: dict[str, nn.Module]) -> float:
         """Divergence from the reference with `replacements` swapped in (then swapped back)."""
@@ -149,7 +185,7 @@ class SensitivityProbe:
         try:
             for name, module in replacements.items():
                 set_submodule(self.model, name, module)
-            return output_divergence(self.reference, self._run(block))
+            return self._divergence(block)
         finally:
             for name, module in originals.items():
                 set_submodule(self.model, name, module)

@@ -28,11 +28,12 @@ from lmcompress.calibration.collection import (
     cache_bytes_estimate,
     collect,
     encode_calibration,
+    encode_spread_sample,
 )
 from lmcompress.calibration.stats import LABELLED_NEEDS, LayerStats, estimate_bytes
 from lmcompress.core.families import blocks_of, default_target_pattern, family_of, supported_model_types
 from lmcompress.core.linear import in_out_features, set_submodule
-from lmcompress.core.units import Unit, substep_of, units_for
+from lmcompress.core.units import Unit, factor_path, substep_of, units_for
 from lmcompress.engine.allocation import AllocationResult, SensitivityProbe, allocate
 from lmcompress.engine.layer_timing import SEQ_LEN, LayerSpeed, time_layers
 from lmcompress.engine.recipe import Calibration, Recipe, Stage
@@ -79,11 +80,13 @@ class CompressionSummary:
 
     @property
     def params_before(self) -> int:
-        return sum(r.params_before for r in self.layers)
+        """Dense weight parameters of everything targeted, each layer counted once (at its first stage)."""
+        return _totals(self.layers)[0]
 
     @property
     def params_after(self) -> int:
-        return sum(r.params_after for r in self.layers)
+        """Weight parameters of what the targeted layers became after the last stage touching them."""
+        return _totals(self.layers)[1]
 
     @property
     def kept_dense(self) -> list[LayerRecord]:
@@ -108,6 +111,23 @@ class CompressionSummary:
         return {"params_before": self.params_before, "params_after": self.params_after,
                 "stages": [asdict(s) for s in self.stages], "layers": [asdict(r) for r in self.layers],
                 "speed": [{**asdict(s), "verdict": s.verdict} for s in self.speed]}
+
+
+def _totals(layers: list[LayerRecord]) -> tuple[int, int]:
+    """(before, after) over chained stages: a record of a layer an earlier record covers (the same layer, or a
+    part of it such as a factor `<layer>.second`) moves that part's parameters from their old count to the
+    new one; any other record is a new layer, whose dense count joins the total. A name under an earlier
+    record that cannot hold the layer (a removed block, whose successor took its name) is a new layer."""
+    before, current = 0, {}
+    for record in layers:
+        owner = max((name for name in current if record.name == name or record.name.startswith(name + ".")),
+                    key=len, default=None)
+        if owner is None or current[owner] < record.params_before:
+            before += record.params_before
+        else:
+            current[owner] -= record.params_before
+        current[record.name] = current.get(record.name, 0) + record.params_after
+    return before, sum(current.values())
 
 
 def _describe(layers: list[LayerRecord], report: dict[str, Any] | None = None) -> str:
@@ -224,6 +244,7 @@ class _StageRun:
         self.unit = self.method.unit_for(self.config)
         self.needs = set(self.method.needs_for(self.config))
         self.sizes: dict[str, Any] | None = None
+        self.sample = None       # the calibration examples `_batches` drew
 
     def run(self) -> None:
         started = time.perf_counter()
@@ -284,7 +305,7 @@ class _StageRun:
                    if self.needs else "allocation 'sensitivity' needs calibration data to score sizes "
                    "(or use allocation 'uniform')")
             raise CalibrationError(f"stage {self.index + 1}: {why}: give a task and data")
-        sample = self.data.take(self.cal.samples, seed=self.cal.seed)
+        sample = self.sample = self.data.take(self.cal.samples, seed=self.cal.seed)
         return encode_calibration(self.tokenizer, sample, self.cal.batch_size, self.cal.max_length,
                                   with_labels=bool(self.needs & LABELLED_NEEDS))
 
@@ -332,9 +353,8 @@ class _StageRun:
         probe = None
         if sensitivity:
             found = blocks_of(self.model)
-            # batches are sorted by length: take evenly spaced ones so every length is represented
-            wanted = min(len(batches), max(1, -(-self.stage.allocation.samples // self.cal.batch_size)))
-            sample = [batches[round(i * (len(batches) - 1) / max(wanted - 1, 1))] for i in range(wanted)]
+            sample = encode_spread_sample(self.tokenizer, self.sample, self.stage.allocation.samples,
+                                          self.cal.batch_size, self.cal.max_length)
             probe = SensitivityProbe(self.model, found[1] if found else None, sample, self.cal.cache_mb)
         key = self._reuse_key(units) if probe is not None and self.reuse is not None else None
         known = self.reuse.load(key) if key is not None else None
@@ -365,6 +385,7 @@ class _StageRun:
         return {"method": self.stage.method, "options": self.stage.options, "units": [u.name for u in units],
                 "metric": self.stage.budget.metric, "seq_len": self.stage.budget.seq_len,
                 "allocation_samples": self.stage.allocation.samples,
+                "scoring": 2,   # 2: sample spread over lengths, divergence over real tokens only
                 "calibration": [cal.samples, cal.seed, cal.batch_size, cal.max_length]}
 
     def _apply_sequential(self, units: list[Unit], batches) -> None:
@@ -433,11 +454,13 @@ def _by_block(units: list[Unit]) -> dict[int, list[Unit]]:
 
 def _substeps(model: nn.Module, units: list[Unit]) -> list[list[Unit]]:
     """Units of one block in data-flow order; linear units sharing an input form one sub-step, a group unit
-    is a sub-step of its own."""
+    is a sub-step of its own. Factors of an earlier stage's compressed layer share its role but not its input,
+    so each factor position is a sub-step of its own (`.first` before `.second`), calibrated on the one before."""
     steps: dict[tuple, list[Unit]] = defaultdict(list)
     for unit in units:
         first = min(substep_of(model, n) for n in unit.layer_names)
-        key = (first, "") if unit.kind == "linear" else (first, unit.name)
+        factor = factor_path(model, unit.layer_names[0]) if unit.kind == "linear" else ()
+        key = (first, factor, "" if unit.kind == "linear" else unit.name)
         steps[key].append(unit)
     return [steps[k] for k in sorted(steps)]
 
