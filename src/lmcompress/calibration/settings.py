@@ -3,8 +3,6 @@ how they are batched, sequential or one-shot, and the memory caps)."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -15,7 +13,7 @@ class Calibration(BaseModel):
     batch_size: int = Field(default=16, ge=1)
     max_length: int = Field(default=128, ge=1)
     seed: int = 0
-    mode: Literal["sequential", "one_shot"] = Field(
-        default="sequential", description="calibrate each block on the model as compressed so far, or all at once")
+    mode: str = Field(default="sequential", description="a registered calibration mode (lmcompress.engine.modes): "
+                      "sequential calibrates each block on the model as compressed so far, one_shot all at once")
     cache_mb: float = Field(default=1024, gt=0, description="block inputs kept in memory; the rest spill to disk")
     pairs_mb: float = Field(default=256, gt=0, description="memory cap for captured (x, y) pairs")

@@ -15,7 +15,6 @@ import copy
 import logging
 import re
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -23,20 +22,18 @@ import torch
 from torch import nn
 
 from lmcompress.calibration.collection import (
-    PassEstimate,
-    SequentialCalibrator,
-    cache_bytes_estimate,
     collect,
     encode_calibration,
     encode_spread_sample,
 )
-from lmcompress.calibration.stats import LABELLED_NEEDS, LayerStats, estimate_bytes
+from lmcompress.calibration.stats import LABELLED_NEEDS, LayerStats
 from lmcompress.core.families import blocks_of, default_target_pattern, family_of, supported_model_types
 from lmcompress.core.linear import in_out_features, set_submodule
-from lmcompress.core.units import Unit, factor_path, substep_of, units_for
+from lmcompress.core.units import Unit, units_for
 from lmcompress.engine.allocation import AllocationResult, SensitivityProbe, allocate
 from lmcompress.engine.layer_timing import SEQ_LEN, LayerSpeed, time_layers
-from lmcompress.engine.recipe import Calibration, Recipe, Stage
+from lmcompress.engine.modes import OneShot, get_mode
+from lmcompress.engine.recipe import Calibration, Recipe, ResolvedStage, Stage
 from lmcompress.engine.reuse import ScoreCache
 from lmcompress.errors import CalibrationError, RecipeError
 from lmcompress.layers import CompressedLayer
@@ -186,26 +183,18 @@ def compress(model: nn.Module, recipe: Recipe, tokenizer=None, calibration_data=
     `reuse` shares the first stage's sensitivity scores with other compressions of the same model on the
     same data (see `lmcompress.engine.reuse`).
     """
-    recipe.check_methods()
+    stages = recipe.resolved()   # each stage's method and options, validated once
+    get_mode(recipe.calibration.mode)
     summary = CompressionSummary([])
     model.eval()
-    original = _original_if_wanted(model, recipe)
-    for index, stage in enumerate(recipe.stages):
-        _StageRun(model, stage, index, recipe.calibration, summary.tokenizer or tokenizer, calibration_data,
-                  progress, summary, reuse if index == 0 else None, original).run()
+    original = copy.deepcopy(model).eval() if any(s.wants_original for s in stages) else None
+    for stage in stages:
+        _StageRun(model, stage, recipe.calibration, summary.tokenizer or tokenizer, calibration_data,
+                  progress, summary, reuse if stage.index == 0 else None, original).run()
     if timing:
         _record_speed(model, summary, progress)
     log.info("%s", summary.describe())
     return summary
-
-
-def _original_if_wanted(model: nn.Module, recipe: Recipe) -> nn.Module | None:
-    """One unmodified copy of the model, kept only when a stage's method asks for it (a distillation teacher)."""
-    for stage in recipe.stages:
-        method = get_method(stage.method)
-        if method.wants_original(method.parse_config(stage.options)):
-            return copy.deepcopy(model).eval()
-    return None
 
 
 def _record_speed(model: nn.Module, summary: CompressionSummary, progress: bool) -> None:
@@ -231,18 +220,20 @@ def _record_speed(model: nn.Module, summary: CompressionSummary, progress: bool)
 
 
 class _StageRun:
-    """One stage: select, size, calibrate, apply. Kept as a small class so each step reads on its own."""
+    """One stage: select, size, calibrate (through the recipe's calibration mode), apply. Kept as a small class
+    so each step reads on its own; it is the `StageRun` a calibration mode drives."""
 
-    def __init__(self, model: nn.Module, stage: Stage, index: int, calibration: Calibration, tokenizer,
+    def __init__(self, model: nn.Module, resolved: ResolvedStage, calibration: Calibration, tokenizer,
                  data, progress: bool, summary: CompressionSummary, reuse: ScoreCache | None = None,
                  original: nn.Module | None = None) -> None:
-        self.model, self.stage, self.index, self.cal, self.reuse = model, stage, index, calibration, reuse
+        self.model, self.stage, self.index, self.cal, self.reuse = model, resolved.stage, resolved.index, \
+            calibration, reuse
         self.tokenizer, self.data, self.progress, self.summary = tokenizer, data, progress, summary
         self.original = original
-        self.method: Method = get_method(stage.method)
-        self.config: MethodConfig = self.method.parse_config(stage.options)
-        self.unit = self.method.unit_for(self.config)
-        self.needs = set(self.method.needs_for(self.config))
+        self.method: Method = resolved.method
+        self.config: MethodConfig = resolved.config
+        self.unit = resolved.unit
+        self.needs = set(resolved.needs)
         self.sizes: dict[str, Any] | None = None
         self.sample = None       # the calibration examples `_batches` drew
 
@@ -257,33 +248,32 @@ class _StageRun:
         budget = self.stage.budget
         sensitivity = budget is not None and self.stage.allocation.strategy == "sensitivity"
         batches = self._batches(need_data=bool(self.needs) or sensitivity)
-        mode = self._mode(units) if self.needs else None
+        mode = self._mode(units) if self.needs else get_mode(OneShot.name)
         log.info("stage %d: %s on %d %s unit(s)%s", self.index + 1, self.stage.method, len(units),
-                 self.unit, f", {mode.replace('_', '-')} calibration" if mode else "")
+                 self.unit, f", {mode.name.replace('_', '-')} calibration" if self.needs else "")
         if batches is not None and self.needs:
-            log.info("%s", self._estimate(layers, units, batches, mode, sensitivity).describe())
+            estimate = mode.estimate(self, layers, units, batches)
+            if sensitivity:
+                estimate.model_passes += 1
+            log.info("%s", estimate.describe())
         allocation, stats = None, None
         if budget is not None:
             allocation, stats = self._allocate(layers, units, batches, sensitivity)
-        if mode == "sequential":
-            self._apply_sequential(units, batches)
-        else:
-            if stats is None:
-                stats = collect(self.model, batches, layers, self.needs, pairs_mb=self.cal.pairs_mb,
-                                progress=self.progress, pair_spans=self._spans(units)) if self.needs else {}
-            for unit in units:
-                self._apply(unit, stats)
-        self.summary.stages.append(StageRecord(self.index + 1, self.stage.method, mode,
+        mode.apply(self, layers, units, batches, stats)
+        self.summary.stages.append(StageRecord(self.index + 1, self.stage.method,
+                                               mode.name if self.needs else None,
                                                round(time.perf_counter() - started, 2),
                                                allocation.to_dict() if allocation else None))
 
     def _apply_model(self, layers: dict[str, nn.Module], started: float) -> None:
-        """A model-level method (vocabulary pruning ...): one call, sees all the stage's data."""
+        """A model-level method (vocabulary pruning ...): one call, sees all the stage's data, and gets
+        calibration batches drawn as every stage draws them (`StageContext.calibration_batches`)."""
         if self.method.uses_data(self.config) and self.data is None:
             raise CalibrationError(f"stage {self.index + 1}: method {self.stage.method!r} needs the task's data")
         log.info("stage %d: %s on the whole model", self.index + 1, self.stage.method)
         with torch.no_grad():
-            context = StageContext(self.stage.budget, self.cal, self.index, self.progress, self.original)
+            context = StageContext(self.stage.budget, self.cal, self.index, self.progress, self.original,
+                                   batches=self._model_batches)
             result = self.method.compress_model(self.model, self.tokenizer, self.data, self.config, layers, context)
         if result.tokenizer is not None:
             self.summary.tokenizer = result.tokenizer
@@ -297,6 +287,17 @@ class _StageRun:
                                                round(time.perf_counter() - started, 2), None,
                                                result.report or None))
 
+    def _model_batches(self, with_labels: bool = False) -> list[dict[str, torch.Tensor]]:
+        """Calibration batches for a model-level method: the stage's sample of the data, labelled if asked."""
+        if self.data is None or self.tokenizer is None:
+            raise CalibrationError(f"method {self.stage.method!r} needs calibration data: give a task and data")
+        sample = self.data.take(self.cal.samples, seed=self.cal.seed)
+        if with_labels and any(label is None for label in getattr(sample, "labels", None) or [None]):
+            raise CalibrationError(f"method {self.stage.method!r} needs labelled calibration data (it uses the "
+                                   "task loss); the calibration examples have no labels")
+        return encode_calibration(self.tokenizer, sample, self.cal.batch_size, self.cal.max_length,
+                                  with_labels=with_labels)
+
     def _batches(self, need_data: bool) -> list[dict[str, torch.Tensor]] | None:
         if not need_data:
             return None
@@ -309,32 +310,10 @@ class _StageRun:
         return encode_calibration(self.tokenizer, sample, self.cal.batch_size, self.cal.max_length,
                                   with_labels=bool(self.needs & LABELLED_NEEDS))
 
-    def _mode(self, units: list[Unit]) -> str:
-        if self.cal.mode == "one_shot":
-            return "one_shot"
-        if blocks_of(self.model) is None or any(u.block is None for u in units):
-            log.warning("stage %d: sequential calibration needs every target inside a transformer block of a "
-                        "known architecture; calibrating in one shot instead", self.index + 1)
-            return "one_shot"
-        return "sequential"
-
-    def _estimate(self, layers, units, batches, mode, sensitivity) -> PassEstimate:
-        teacher = "cross_gram" in self.needs and mode == "sequential"
-        if mode == "sequential":
-            by_block: dict[int, dict[str, nn.Module]] = defaultdict(dict)
-            steps = 0
-            for block, block_units in _by_block(units).items():
-                steps += len(_substeps(self.model, block_units)) + 1
-                for unit in block_units:
-                    by_block[block].update({n: layers[n] for n in unit.layer_names if n in layers})
-            stats_bytes = max(estimate_bytes(ls, self.needs, self.cal.pairs_mb) for ls in by_block.values())
-            cache = cache_bytes_estimate(self.model, batches, teacher)
-            passes = 1 + ("fisher" in self.needs) * steps
-        else:
-            stats_bytes, cache, steps, passes = estimate_bytes(layers, self.needs, self.cal.pairs_mb), 0, 0, 1
-        if sensitivity:
-            passes += 1
-        return PassEstimate(stats_bytes, cache, steps * (2 if teacher else 1), passes)
+    def _mode(self, units: list[Unit]):
+        mode = get_mode(self.cal.mode)
+        fallback = mode.fallback(self, units)
+        return mode if fallback is None else get_mode(fallback)
 
     def _allocate(self, layers, units, batches, sensitivity) -> tuple[AllocationResult, dict | None]:
         """Decompose each unit once (on the model as the stage finds it), then choose sizes."""
@@ -342,7 +321,7 @@ class _StageRun:
         budget = self.stage.budget
         stats = collect(self.model, batches, layers, self.needs, pairs_mb=self.cal.pairs_mb,
                         progress=self.progress, desc="calibrating (allocation)",
-                        pair_spans=self._spans(units)) if self.needs else {}
+                        pair_spans=self.spans(units)) if self.needs else {}
         candidates = []
         for unit in units:
             found = self.method.candidates(self.model, unit, stats, self.config)
@@ -375,8 +354,8 @@ class _StageRun:
         for unit in result.units:
             layer_log.info("  %-48s size %-6s %5.1f%% of dense  predicted divergence %.2e", unit.unit,
                            "dense" if unit.size is None else unit.size, 100 * unit.fraction, unit.predicted_loss)
-        # one-shot application may reuse this calibration; sequential recalibrates as it goes
-        return result, stats if self.cal.mode == "one_shot" or not self.needs else None
+        # a mode may reuse this calibration of the model as the stage found it (one-shot does)
+        return result, stats
 
     def _reuse_key(self, units: list[Unit]) -> dict[str, Any]:
         """Everything a first stage's sensitivity scores depend on besides the model and data (the cache's
@@ -388,30 +367,11 @@ class _StageRun:
                 "scoring": 2,   # 2: sample spread over lengths, divergence over real tokens only
                 "calibration": [cal.samples, cal.seed, cal.batch_size, cal.max_length]}
 
-    def _apply_sequential(self, units: list[Unit], batches) -> None:
-        found = blocks_of(self.model)
-        assert found is not None
-        grouped = _by_block(units)
-        calibrator = SequentialCalibrator(self.model, found[1], batches, first_block=min(grouped),
-                                          teacher="cross_gram" in self.needs, cache_mb=self.cal.cache_mb,
-                                          pairs_mb=self.cal.pairs_mb, progress=False)
-        try:
-            steps = [(block, step) for block, block_units in sorted(grouped.items())
-                     for step in _substeps(self.model, block_units)]
-            for block, step in _track_steps(steps, self.progress):
-                calibrator.begin_block(block)
-                step_layers = {n: self.model.get_submodule(n) for u in step for n in u.layer_names}
-                stats = calibrator.collect(step_layers, self.needs, self._spans(step))
-                for unit in step:
-                    self._apply(unit, stats)
-        finally:
-            calibrator.close()
-
-    def _spans(self, units: list[Unit]) -> dict[str, str]:
+    def spans(self, units: list[Unit]) -> dict[str, str]:
         """The method's multi-layer pairs ({output layer: input layer}) over these units."""
         return {out: src for unit in units for out, src in self.method.pair_spans(unit, self.config).items()}
 
-    def _apply(self, unit: Unit, stats: dict[str, LayerStats]) -> None:
+    def apply(self, unit: Unit, stats: dict[str, LayerStats]) -> None:
         start = time.perf_counter()
         if self.sizes is not None and self.sizes.get(unit.name) is None:
             results = []
@@ -443,32 +403,6 @@ def _shape(module: nn.Module | None) -> tuple[int, int]:
         return (0, 0)
     fan_in, fan_out = in_out_features(module)
     return (fan_out, fan_in)
-
-
-def _by_block(units: list[Unit]) -> dict[int, list[Unit]]:
-    grouped: dict[int, list[Unit]] = defaultdict(list)
-    for unit in units:
-        grouped[unit.block].append(unit)
-    return dict(grouped)
-
-
-def _substeps(model: nn.Module, units: list[Unit]) -> list[list[Unit]]:
-    """Units of one block in data-flow order; linear units sharing an input form one sub-step, a group unit
-    is a sub-step of its own. Factors of an earlier stage's compressed layer share its role but not its input,
-    so each factor position is a sub-step of its own (`.first` before `.second`), calibrated on the one before."""
-    steps: dict[tuple, list[Unit]] = defaultdict(list)
-    for unit in units:
-        first = min(substep_of(model, n) for n in unit.layer_names)
-        factor = factor_path(model, unit.layer_names[0]) if unit.kind == "linear" else ()
-        key = (first, factor, "" if unit.kind == "linear" else unit.name)
-        steps[key].append(unit)
-    return [steps[k] for k in sorted(steps)]
-
-
-def _track_steps(steps, progress: bool):
-    from lmcompress.core.progress import track
-
-    return track(steps, len(steps), "sequential calibration", progress, unit="step")
 
 
 def _layer_line(record: LayerRecord) -> str:

@@ -201,6 +201,9 @@ class Recipe(BaseModel):
 
     def check_methods(self) -> None:
         """Fail early, before any model is loaded, on unknown methods or bad options (stages may have been
-        edited since they were validated)."""
+        edited since they were validated), and on an unknown calibration mode."""
+        from lmcompress.engine.modes import get_mode
+
+        get_mode(self.calibration.mode)
         for stage in self.stages:
             stage.check_method()

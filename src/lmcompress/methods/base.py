@@ -20,7 +20,7 @@ from torch import nn
 from lmcompress.calibration.stats import LayerStats
 from lmcompress.core.linear import is_dense_linear
 from lmcompress.core.units import Unit
-from lmcompress.errors import RecipeError, validation_message
+from lmcompress.errors import CalibrationError, RecipeError, validation_message
 
 _METHODS: dict[str, Method] = {}
 
@@ -56,14 +56,24 @@ class ModelResult:
 @dataclass
 class StageContext:
     """What a model-level method may need besides its options: the stage's budget (None: its own sizes),
-    the recipe's calibration settings, the stage number for messages, whether to show progress, and (for a
-    method that `wants_original`) an unmodified copy of the model as the recipe found it."""
+    the recipe's calibration settings, the stage number for messages, whether to show progress, (for a
+    method that `wants_original`) an unmodified copy of the model as the recipe found it, and the stage's
+    calibration batches, drawn and encoded as every stage draws them (`calibration_batches`)."""
 
     budget: Any = None
     calibration: Any = None
     index: int = 0
     progress: bool = True
     original: Any = None      # the model as it was before the recipe ran, when the method `wants_original`
+    batches: Callable[[bool], list] | None = None   # with_labels -> encoded calibration batches
+
+    def calibration_batches(self, with_labels: bool = False) -> list:
+        """The stage's calibration sample, tokenised in batches (with labels when asked); a CalibrationError
+        when the stage was given no data."""
+        if self.batches is None:
+            raise CalibrationError(f"stage {self.index + 1}: this method needs calibration data: give a task and "
+                                   "data")
+        return self.batches(with_labels)
 
 
 @dataclass

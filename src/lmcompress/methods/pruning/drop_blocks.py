@@ -28,8 +28,6 @@ from pydantic import Field
 from torch import nn
 
 from lmcompress.calibration.blockcache import BlockInputs, capture_block_inputs, run_block
-from lmcompress.calibration.collection import encode_calibration
-from lmcompress.calibration.settings import Calibration
 from lmcompress.core.families import blocks_of, family_of, supported_model_types
 from lmcompress.core.progress import track
 from lmcompress.core.units import block_index
@@ -79,9 +77,7 @@ class DropBlocks(Method):
             if data is None or tokenizer is None:
                 raise CalibrationError(f"method 'drop_blocks' (score {config.score}, replace {config.replace}) "
                                        "needs calibration data: give a task and data")
-            cal = context.calibration or Calibration()
-            batches = encode_calibration(tokenizer, data.take(cal.samples, seed=cal.seed), cal.batch_size,
-                                         cal.max_length)
+            batches = context.calibration_batches()
         cache_mb = getattr(context.calibration, "cache_mb", 1024.0)
         scores: dict[int, float] = {}
         if config.score == "redundancy":

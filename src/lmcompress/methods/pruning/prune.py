@@ -33,7 +33,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from lmcompress.calibration.collection import SequentialCalibrator, collect, encode_calibration
+from lmcompress.calibration.collection import SequentialCalibrator, collect
 from lmcompress.core.families import blocks_of, family_of, supported_model_types
 from lmcompress.core.linear import in_out_features, is_dense_linear, weight_out_in
 from lmcompress.core.progress import track
@@ -114,14 +114,7 @@ class Prune(Method):
             if data is None or tokenizer is None:
                 raise CalibrationError(f"method 'prune' (score {config.score}, compensate {config.compensate}) "
                                        "needs calibration data: give a task and data")
-            cal = context.calibration
-            sample = data.take(cal.samples, seed=cal.seed)
-            if config.score == "fisher" and any(label is None for label in getattr(sample, "labels", None) or [None]):
-                # examples loaded with labels=False hold None labels, which batching cannot turn into a tensor
-                raise CalibrationError("score 'fisher' needs labelled calibration data (it uses the task loss); "
-                                       "the calibration examples have no labels")
-            batches = encode_calibration(tokenizer, sample, cal.batch_size, cal.max_length,
-                                         with_labels=config.score == "fisher")
+            batches = context.calibration_batches(with_labels=config.score == "fisher")
         scores = self._scores(model, units, pieces, batches, config, context.progress)
         keep = self._select(units, pieces, scores, config, costs)
         results = self._apply(model, units, pieces, keep, batches, config, context)

@@ -1,0 +1,159 @@
+"""Calibration modes: how a stage gathers the statistics its method needs and applies the method unit by unit.
+
+- `one_shot`: one pass of the whole model, statistics for every target at once, then every unit;
+- `sequential` (the default): blocks in data-flow order and, inside each block, its sub-steps (q/k/v, then
+  the attention output, then the feed-forward in, then out), each calibrated on the model *as compressed so
+  far*, at the cost of one block pass per sub-step (block inputs are cached between steps).
+
+A mode is a class registered under its name; `calibration.mode` in a recipe picks one. The pipeline hands a
+mode the stage's run (`StageRun`: the model, the method's needs, the settings, and `apply(unit, stats)`), so a
+new mode is one class here and nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+from lmcompress.calibration.collection import PassEstimate, SequentialCalibrator, cache_bytes_estimate, collect
+from lmcompress.calibration.stats import LayerStats, estimate_bytes
+from lmcompress.core.families import blocks_of
+from lmcompress.core.progress import track
+from lmcompress.core.units import Unit, factor_path, substep_of
+from lmcompress.errors import RecipeError
+
+log = logging.getLogger("lmcompress")
+
+
+class StageRun(Protocol):
+    """What a mode needs from the stage it runs (the pipeline's `_StageRun`)."""
+
+    model: nn.Module
+    needs: set[str]
+    cal: Any          # calibration settings
+    index: int
+    progress: bool
+
+    def spans(self, units: list[Unit]) -> dict[str, str]: ...
+
+    def apply(self, unit: Unit, stats: dict[str, LayerStats]) -> None: ...
+
+
+class CalibrationMode:
+    name: ClassVar[str]
+
+    def fallback(self, run: StageRun, units: list[Unit]) -> str | None:
+        """The mode to use instead when this one cannot run these units (None: it can)."""
+        return None
+
+    def estimate(self, run: StageRun, layers: dict[str, nn.Module], units: list[Unit],
+                 batches: list[dict[str, torch.Tensor]]) -> PassEstimate:
+        raise NotImplementedError
+
+    def apply(self, run: StageRun, layers: dict[str, nn.Module], units: list[Unit],
+              batches: list[dict[str, torch.Tensor]] | None, stats: dict[str, LayerStats] | None) -> None:
+        """Calibrate and apply the method to every unit. `stats` are statistics already gathered on the model
+        as the stage found it (by the allocator), which a mode may reuse."""
+        raise NotImplementedError
+
+
+_MODES: dict[str, CalibrationMode] = {}
+
+
+def register_mode(cls: type[CalibrationMode]) -> type[CalibrationMode]:
+    _MODES[cls.name] = cls()
+    return cls
+
+
+def available_modes() -> list[str]:
+    return sorted(_MODES)
+
+
+def get_mode(name: str) -> CalibrationMode:
+    if name not in _MODES:
+        raise RecipeError(f"unknown calibration mode {name!r}; choose one of: {', '.join(available_modes())}")
+    return _MODES[name]
+
+
+@register_mode
+class OneShot(CalibrationMode):
+    name = "one_shot"
+
+    def estimate(self, run, layers, units, batches) -> PassEstimate:
+        return PassEstimate(estimate_bytes(layers, run.needs, run.cal.pairs_mb), 0, 0, 1)
+
+    def apply(self, run, layers, units, batches, stats) -> None:
+        if stats is None:
+            stats = collect(run.model, batches, layers, run.needs, pairs_mb=run.cal.pairs_mb, progress=run.progress,
+                            pair_spans=run.spans(units)) if run.needs else {}
+        for unit in units:
+            run.apply(unit, stats)
+
+
+@register_mode
+class Sequential(CalibrationMode):
+    name = "sequential"
+
+    def fallback(self, run, units) -> str | None:
+        if blocks_of(run.model) is None or any(u.block is None for u in units):
+            log.warning("stage %d: sequential calibration needs every target inside a transformer block of a "
+                        "known architecture; calibrating in one shot instead", run.index + 1)
+            return OneShot.name
+        return None
+
+    def estimate(self, run, layers, units, batches) -> PassEstimate:
+        teacher = "cross_gram" in run.needs
+        by_block: dict[int, dict[str, nn.Module]] = defaultdict(dict)
+        steps = 0
+        for block, block_units in by_block_index(units).items():
+            steps += len(substeps(run.model, block_units)) + 1
+            for unit in block_units:
+                by_block[block].update({n: layers[n] for n in unit.layer_names if n in layers})
+        stats_bytes = max(estimate_bytes(ls, run.needs, run.cal.pairs_mb) for ls in by_block.values())
+        cache = cache_bytes_estimate(run.model, batches, teacher)
+        passes = 1 + ("fisher" in run.needs) * steps
+        return PassEstimate(stats_bytes, cache, steps * (2 if teacher else 1), passes)
+
+    def apply(self, run, layers, units, batches, stats) -> None:
+        """Statistics from the allocator are not reused: each sub-step recalibrates on the model so far."""
+        found = blocks_of(run.model)
+        assert found is not None
+        grouped = by_block_index(units)
+        calibrator = SequentialCalibrator(run.model, found[1], batches, first_block=min(grouped),
+                                          teacher="cross_gram" in run.needs, cache_mb=run.cal.cache_mb,
+                                          pairs_mb=run.cal.pairs_mb, progress=False)
+        try:
+            steps = [(block, step) for block, block_units in sorted(grouped.items())
+                     for step in substeps(run.model, block_units)]
+            for block, step in track(steps, len(steps), "sequential calibration", run.progress, unit="step"):
+                calibrator.begin_block(block)
+                step_layers = {n: run.model.get_submodule(n) for u in step for n in u.layer_names}
+                step_stats = calibrator.collect(step_layers, run.needs, run.spans(step))
+                for unit in step:
+                    run.apply(unit, step_stats)
+        finally:
+            calibrator.close()
+
+
+def by_block_index(units: list[Unit]) -> dict[int, list[Unit]]:
+    grouped: dict[int, list[Unit]] = defaultdict(list)
+    for unit in units:
+        grouped[unit.block].append(unit)
+    return dict(grouped)
+
+
+def substeps(model: nn.Module, units: list[Unit]) -> list[list[Unit]]:
+    """Units of one block in data-flow order; linear units sharing an input form one sub-step, a group unit
+    is a sub-step of its own. Factors of an earlier stage's compressed layer share its role but not its input,
+    so each factor position is a sub-step of its own (`.first` before `.second`), calibrated on the one before."""
+    steps: dict[tuple, list[Unit]] = defaultdict(list)
+    for unit in units:
+        first = min(substep_of(model, n) for n in unit.layer_names)
+        factor = factor_path(model, unit.layer_names[0]) if unit.kind == "linear" else ()
+        key = (first, factor, "" if unit.kind == "linear" else unit.name)
+        steps[key].append(unit)
+    return [steps[k] for k in sorted(steps)]
