@@ -82,6 +82,8 @@ CRAFTED = {
     "architecture a tokenizer": lambda m: {**m, "architecture": "AutoTokenizer"},
     "architecture an auto class": lambda m: {**m, "architecture": "AutoModel"},
     "architecture a module": lambda m: {**m, "architecture": "logging"},
+    "architecture of another family": lambda m: {**m, "architecture": "LlamaForCausalLM"},
+    "architecture the base class": lambda m: {**m, "architecture": "PreTrainedModel"},
     "architecture not text": lambda m: {**m, "architecture": ["BertModel"]},
     "format version text": lambda m: {**m, "format_version": "1"},
 }

@@ -341,6 +341,9 @@ def load(path: str | Path) -> nn.Module:
     architecture = _architecture(manifest, path)
     try:
         config = transformers.AutoConfig.from_pretrained(path)
+        config_class = getattr(architecture, "config_class", None)
+        if not (isinstance(config_class, type) and isinstance(config, config_class)):
+            raise ValueError(f"architecture {architecture.__name__} does not build a {type(config).__name__}")
         model = architecture(config)
         check_manifest(model, manifest)
         _restore_structure(model, manifest)
