@@ -156,7 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "metric against latency, bytes and FLOPs (docs/sweep.md)")
     p.add_argument("--model", default=None, help="model directory (default: the bundled model)")
     p.add_argument("--grid", required=True, help="YAML: a list of recipes, or one recipe with list-valued options")
-    _add_task_args(p, "GLUE folder (train.tsv calibrates, dev.tsv scores), a file, a datasets directory or hf:NAME")
+    _add_task_args(p, "GLUE folder (train.tsv calibrates, dev.tsv scores), a file (a held-out share scores, see "
+                   "--heldout), a datasets directory or hf:NAME")
+    p.add_argument("--eval-data", help="score every point on this data (its dev split, or the whole file) instead; "
+                   "--data then only calibrates")
+    p.add_argument("--heldout", type=float, default=0.2,
+                   help="when --data is one file and no --eval-data is given: the share of its rows scored, which "
+                        "calibration never sees (default 0.2)")
     p.add_argument("--out", required=True, help="sweep directory: results.jsonl, report.md, plots, models; "
                    "running again resumes there")
     p.add_argument("--baselines", nargs="*", action="extend", choices=list(SWEEP_BASELINES),
@@ -557,6 +563,7 @@ def cmd_sweep(args) -> None:
     from lmcompress.errors import LMCompressError
     from lmcompress.io.models import check_sequence_length, load_model, resolve_model
     from lmcompress.sweep import SweepSettings, load_grid, run_sweep, write_report
+    from lmcompress.sweep.point import _dev_examples, one_source, scoring_note
     from lmcompress.sweep.runner import fingerprint, prepare_out
 
     points = load_grid(args.grid)  # every point validated before the model loads
@@ -565,18 +572,24 @@ def cmd_sweep(args) -> None:
         from lmcompress.evaluation.perplexity import check_window_args
 
         check_window_args(args.max_length, args.stride)
+    if not 0 < args.heldout < 1:
+        raise LMCompressError(f"--heldout must be a fraction between 0 and 1 (got {args.heldout})")
     model, _ = load_model(args.model, language_model=language_modeling)  # a bad model or data fails here, once
     check_sequence_length(model, args.seq_len, "--seq-len")
     task, _ = _task_and_examples(args, "dev", model, max_samples=1, labels=not language_modeling)
     location, local = resolve_model(args.model)
     threads = max(1, (os.cpu_count() or 1) // args.workers) if args.workers > 1 else None
+    heldout = args.heldout if not args.eval_data and one_source(args.data) else None
     settings = SweepSettings(model=str(Path(location).resolve()) if local else location, out=args.out,
-                             task=args.task or task.name, data=args.data, text_column=args.text_column,
+                             task=args.task or task.name, data=args.data, eval_data=args.eval_data,
+                             heldout=heldout, text_column=args.text_column,
                              text_pair_column=args.text_pair_column, label_column=args.label_column,
                              max_samples=args.max_samples, batch_size=args.batch_size, max_length=args.max_length,
                              seq_len=args.seq_len, repeats=args.repeats, stride=args.stride,
                              max_tokens=args.max_tokens, threads=threads, keep_models=not args.discard_models)
     settings = SweepSettings(**{**settings.__dict__, "fingerprint": fingerprint(settings)})
+    if settings.eval_data or settings.heldout:
+        _dev_examples(settings, model)  # a bad --eval-data, or a file too small to hold rows out, fails here, once
     del model
     title = args.title or f"Sweep: {Path(settings.model).name} on {task.name}"
     command = "lmcompress " + shlex.join(args.argv)
@@ -587,7 +600,8 @@ def cmd_sweep(args) -> None:
 
         latest = latest_results(args.out)
         ids = ["dense", "int8", *(p.point_id for p in points)]
-        write_report([latest[i] for i in ids if i in latest], args.out, title, command)
+        write_report([latest[i] for i in ids if i in latest], args.out, title, command,
+                     scoring=scoring_note(settings))
 
     try:
         baselines = SWEEP_BASELINES if args.baselines is None else args.baselines

@@ -37,6 +37,7 @@ from torch import nn
 from lmcompress.core.linear import dense_kind, in_out_features, is_dense_linear, make_dense, set_submodule
 from lmcompress.errors import LMCompressError, ModelLoadError, first_line
 from lmcompress.layers import CompressedLayer, layer_from_manifest
+from lmcompress.layers.base import check_entry
 
 log = logging.getLogger("lmcompress")
 
@@ -186,6 +187,75 @@ def _restore_structure(model: nn.Module, manifest: dict[str, Any]) -> None:
         module.lmcompress_attributes = dict(attributes)
 
 
+def _mapping(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _positive_int(value: Any) -> bool:
+    return type(value) is int and value > 0
+
+
+def _check_attribute(module: nn.Module, name: str, attr: Any, value: Any) -> None:
+    """Only what structured pruning sets: an existing plain number attribute (a head count, a width, a scaling)
+    given a number of the same kind; never a method, parameter, submodule or private attribute."""
+    current = getattr(module, attr, None) if isinstance(attr, str) and not attr.startswith("_") else None
+    if isinstance(current, bool) or not isinstance(current, (int, float)):
+        raise ValueError(f"attribute {attr!r} of {name!r} is not a number attribute that pruning sets")
+    if isinstance(current, int) and not _positive_int(value):
+        raise ValueError(f"attribute {name}.{attr} must be a positive integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"attribute {name}.{attr} must be a finite number, got {value!r}")
+
+
+def check_manifest(model: nn.Module, manifest: dict[str, Any]) -> None:
+    """Refuse (ValueError) anything `save` never writes, before the manifest changes the model: names that are
+    not submodules, resized layers that are not dense linear, attributes other than pruning's numbers, and
+    compressed-layer entries of unknown types or with values of the wrong type."""
+    modules = dict(model.named_modules())
+    for name, entry in _mapping(manifest.get("resized", {}), "'resized'").items():
+        entry = _mapping(entry, f"resized entry {name!r}")
+        if not is_dense_linear(modules.get(name)):
+            raise ValueError(f"resized entry {name!r} names no dense linear layer of the architecture")
+        if entry.get("kind") not in ("Linear", "Conv1D") or not isinstance(entry.get("bias"), bool) or not (
+                _positive_int(entry.get("in_features")) and _positive_int(entry.get("out_features"))):
+            raise ValueError(f"resized entry {name!r} needs kind Linear/Conv1D, positive integer in_features and "
+                             "out_features, and a true/false bias")
+    for name, attributes in _mapping(manifest.get("attributes", {}), "'attributes'").items():
+        if not name or name not in modules:
+            raise ValueError(f"attributes entry {name!r} names no submodule of the architecture")
+        for attr, value in _mapping(attributes, f"attributes of {name!r}").items():
+            _check_attribute(modules[name], name, attr, value)
+    for name, entry in _mapping(manifest.get("replaced"), "'replaced'").items():
+        check_entry(_mapping(entry, f"replaced entry {name!r}"))
+
+
+def _replace(model: nn.Module, name: str, entry: dict[str, Any]) -> None:
+    """Swap in the empty compressed layer an entry records; the name must be an existing submodule (entries
+    come parents first, so a quantized factor of a low-rank layer names a child of an earlier entry)."""
+    try:
+        found = bool(name) and model.get_submodule(name) is not None
+    except AttributeError:
+        found = False
+    if not found:
+        raise ValueError(f"replaced entry {name!r} names no submodule of the model")
+    set_submodule(model, name, layer_from_manifest(entry))
+
+
+def _architecture(manifest: dict[str, Any], path: Path) -> type:
+    """The transformers model class the manifest names; anything else (a function, a tokenizer, an Auto class)
+    is refused."""
+    name = manifest.get("architecture")
+    try:
+        found = getattr(transformers, name, None) if isinstance(name, str) else None
+    except (ImportError, AttributeError, RuntimeError):  # a lazily imported name whose backend is missing
+        found = None
+    if not (isinstance(found, type) and issubclass(found, transformers.PreTrainedModel)):
+        raise ModelLoadError(f"{path}: unknown architecture {name!r} (not a transformers model class)")
+    return found
+
+
 def save(model: nn.Module, path: str | Path, tokenizer=None, recipe=None, overwrite: bool = False,
          extra: dict[str, Any] | None = None) -> Path:
     """Save a (possibly compressed) model so that `load(path)` reproduces its outputs exactly."""
@@ -222,7 +292,7 @@ def read_manifest(path: str | Path) -> dict[str, Any] | None:
         manifest = json.loads(file.read_text())
     except json.JSONDecodeError as err:
         raise ModelLoadError(f"{file}: corrupt manifest ({err})") from None
-    if manifest.get("format") != "lmcompress":
+    if not isinstance(manifest, dict) or manifest.get("format") != "lmcompress":
         raise ModelLoadError(f"{file}: not an lmcompress manifest")
     return manifest
 
@@ -242,6 +312,18 @@ def saved_dtype(file: str | Path) -> torch.dtype | None:
     return max(sizes, key=sizes.__getitem__) if sizes else None
 
 
+def _cast_to_saved_dtypes(model: nn.Module, file: str | Path) -> None:
+    """Give every floating-point parameter and buffer the dtype it was saved in, so a model of mixed dtypes
+    (a bf16 model whose quantized layers keep float32 scales and biases) comes back exactly as saved."""
+    with safe_open(str(file), framework="pt") as handle:
+        saved = {key: _FLOAT_DTYPES.get(handle.get_slice(key).get_dtype()) for key in handle.keys()}  # noqa: SIM118
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, tensor in tensors:
+        dtype = saved.get(name)
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor.data = tensor.data.to(dtype)
+
+
 def load(path: str | Path) -> nn.Module:
     """Rebuild a model saved by `save`: architecture, compressed layers, then strict weight loading.
 
@@ -251,21 +333,27 @@ def load(path: str | Path) -> nn.Module:
     manifest = read_manifest(path)
     if manifest is None:
         raise ModelLoadError(f"{path}: no {MANIFEST_NAME}; not a model saved by lmcompress")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise ModelLoadError(f"{path}: saved by a newer lmcompress (format {manifest['format_version']})")
-    architecture = getattr(transformers, manifest.get("architecture", ""), None)
-    if architecture is None:
-        raise ModelLoadError(f"{path}: unknown architecture {manifest.get('architecture')!r}")
+    version = manifest.get("format_version", 0)
+    if type(version) is not int:
+        raise ModelLoadError(f"{path}: bad format_version {version!r} in {MANIFEST_NAME}")
+    if version > FORMAT_VERSION:
+        raise ModelLoadError(f"{path}: saved by a newer lmcompress (format {version})")
+    architecture = _architecture(manifest, path)
     try:
         config = transformers.AutoConfig.from_pretrained(path)
+        config_class = getattr(architecture, "config_class", None)
+        if not (isinstance(config_class, type) and isinstance(config, config_class)):
+            raise ValueError(f"architecture {architecture.__name__} does not build a {type(config).__name__}")
         model = architecture(config)
+        check_manifest(model, manifest)
         _restore_structure(model, manifest)
         for name, entry in manifest["replaced"].items():
-            set_submodule(model, name, layer_from_manifest(entry))
+            _replace(model, name, entry)
         dtype = saved_dtype(path / WEIGHTS_NAME)
         if dtype is not None:
             model.to(dtype)
+        _cast_to_saved_dtypes(model, path / WEIGHTS_NAME)
         load_model(model, str(path / WEIGHTS_NAME), strict=True)
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:
         raise ModelLoadError(f"could not load {path}: {first_line(err)}") from None
     return model.eval()

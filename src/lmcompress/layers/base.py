@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, ClassVar
 
 import torch
@@ -23,12 +24,54 @@ def layer_types() -> dict[str, type[CompressedLayer]]:
     return dict(_LAYER_TYPES)
 
 
+def _integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _count(value: Any) -> bool:
+    return _integer(value) and value > 0
+
+
+def _optional_count(value: Any) -> bool:
+    return value is None or _count(value)
+
+
+def _counts(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(_count(v) for v in value)
+
+
+# what each manifest field may hold; `save` writes nothing else, so anything else is a damaged or crafted file
+_FIELD_CHECKS: dict[str, tuple[Any, str]] = {
+    **dict.fromkeys(("in_features", "out_features", "rank", "terms", "num_embeddings", "embedding_dim"),
+                    (_count, "a positive integer")),
+    "bits": (lambda v: _integer(v) and v in (4, 8), "4 or 8"),
+    "nnz": (lambda v: v is None or (_integer(v) and v >= 0), "a non-negative integer or null"),
+    "group_size": (_optional_count, "a positive integer or null"),
+    "padding_idx": (lambda v: v is None or _integer(v), "an integer or null"),
+    **dict.fromkeys(("symmetric", "has_bias", "returns_tuple"), (lambda v: isinstance(v, bool), "true or false")),
+    "scheme": (lambda v: v in ("dynamic", "weight_only"), "dynamic or weight_only"),
+    "dense_kind": (lambda v: v in ("Linear", "Conv1D", "Embedding"), "Linear, Conv1D or Embedding"),
+    **dict.fromkeys(("factor_shape", "out_modes", "in_modes", "ranks"), (_counts, "a list of positive integers")),
+}
+
+
+def check_entry(entry: Any) -> None:
+    """Refuse (ValueError) a manifest entry of an unknown layer type or with a field of the wrong type."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"a compressed-layer entry must be a mapping, got {type(entry).__name__}")
+    kind = entry.get("type")
+    if not isinstance(kind, str) or kind not in _LAYER_TYPES:
+        raise ValueError(f"unknown compressed layer type {kind!r}; known: {', '.join(sorted(_LAYER_TYPES))}")
+    for field in ("dense_kind", *_LAYER_TYPES[kind].manifest_fields):
+        check, wanted = {**_FIELD_CHECKS, **_LAYER_TYPES[kind].field_checks}.get(field, (None, ""))
+        if check is not None and field in entry and not check(entry[field]):
+            raise ValueError(f"{kind} field {field!r} must be {wanted}, got {entry[field]!r}")
+
+
 def layer_from_manifest(entry: dict[str, Any]) -> CompressedLayer:
     """Build an (uninitialised) compressed layer with the shapes its manifest entry records."""
-    kind = entry.get("type")
-    if kind not in _LAYER_TYPES:
-        raise KeyError(f"unknown compressed layer type {kind!r}; known: {', '.join(sorted(_LAYER_TYPES))}")
-    return _LAYER_TYPES[kind].from_manifest(entry)
+    check_entry(entry)
+    return _LAYER_TYPES[entry["type"]].from_manifest(entry)
 
 
 class CompressedLayer(nn.Module):
@@ -42,6 +85,9 @@ class CompressedLayer(nn.Module):
     out_features: int
     dense_kind: str
     manifest_fields: ClassVar[tuple[str, ...]] = ()
+    # checks of manifest fields this type adds to the shared ones (field -> (predicate, what it must be)), so a
+    # crafted manifest is refused in one line before anything is built
+    field_checks: ClassVar[dict[str, tuple[Any, str]]] = {}
     # caches derived from the stored tensors (a packed kernel, a rebuilt dense weight) and their reset values:
     # cleared when the layer moves device or dtype, and left out of copies and pickles
     transient: ClassVar[dict[str, Any]] = {}

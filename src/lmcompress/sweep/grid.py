@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import types
 import typing
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from pydantic import BaseModel
 
 from lmcompress.engine.recipe import Allocation, Budget, Calibration, Recipe
 from lmcompress.errors import RecipeError
+
+log = logging.getLogger("lmcompress")
 
 # where a list of values may stand for one value, and the config class that says what each option takes
 _SECTIONS = ("options", "budget", "allocation")
@@ -145,7 +148,8 @@ def expand(data: dict, source: str) -> list[GridPoint]:
 
 
 def load_grid(path: str | Path) -> list[GridPoint]:
-    """The points of a grid file, validated and de-duplicated (by recipe), in file order."""
+    """The points of a grid file, validated and de-duplicated (by recipe), in file order; a dropped duplicate
+    is named in a warning, with the point it repeats."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"grid file not found: {path}")
@@ -159,10 +163,13 @@ def load_grid(path: str | Path) -> list[GridPoint]:
     if not entries or data is None:
         raise RecipeError(f"{path}: the grid is empty; give a list of recipes or one recipe with list-valued options")
     points: list[GridPoint] = []
-    seen: set[str] = set()
+    seen: dict[str, GridPoint] = {}
     for i, entry in enumerate(entries):
         for point in expand(entry, f"{path} entry {i + 1}" if len(entries) > 1 else str(path)):
-            if point.point_id not in seen:
-                seen.add(point.point_id)
-                points.append(point)
+            if point.point_id in seen:
+                log.warning("%s: point %r is the same recipe as %r; it is measured once, as %r", path, point.name,
+                            seen[point.point_id].name, seen[point.point_id].name)
+                continue
+            seen[point.point_id] = point
+            points.append(point)
     return points

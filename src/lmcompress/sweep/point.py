@@ -6,6 +6,7 @@ function runs in a local process pool and as a Ray task.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import traceback
@@ -30,6 +31,8 @@ class SweepSettings:
     out: str
     task: str | None = None
     data: str | None = None
+    eval_data: str | None = None         # scored instead of data's dev split (data then only calibrates)
+    heldout: float | None = None         # share of a single data file scored and never calibrated on
     text_column: str | None = None
     text_pair_column: str | None = None
     label_column: str | None = None
@@ -50,10 +53,66 @@ class SweepSettings:
 
         return bool(self.task) and canonical_task_name(self.task) == "language-modeling"
 
-    def args(self) -> SimpleNamespace:
-        """The command line's view of these settings, for the helpers `compress` and `evaluate` share."""
-        return SimpleNamespace(task=self.task, data=self.data, text_column=self.text_column,
+    def args(self, data: str | None = None) -> SimpleNamespace:
+        """The command line's view of these settings (reading `data` if given), for the helpers `compress` and
+        `evaluate` share."""
+        return SimpleNamespace(task=self.task, data=data or self.data, text_column=self.text_column,
                                text_pair_column=self.text_pair_column, label_column=self.label_column)
+
+
+def one_source(data: str | None) -> bool:
+    """Whether `data` gives the same rows to calibration and scoring: a single file, or a saved Dataset that is
+    not split (a folder of split files, a DatasetDict, the hub and the embedded task have separate splits)."""
+    from lmcompress.tasks.files import is_saved_dataset
+
+    if not data or data == "embedded" or data.startswith("hf:"):
+        return False
+    path = Path(data).expanduser()
+    return path.is_file() or (path.is_dir() and is_saved_dataset(path) and not (path / "dataset_dict.json").is_file())
+
+
+def _row_key(examples, i: int) -> str:
+    pair = "" if examples.text_pairs is None else examples.text_pairs[i]
+    return hashlib.sha1(f"{examples.texts[i]}\0{pair}".encode()).hexdigest()
+
+
+def scored_mask(examples, fraction: float, language_modeling: bool, source: str) -> list[bool]:
+    """Which rows of a single data file are held out for scoring: the last `fraction` of a text's lines (running
+    text stays whole), else the rows whose text hashes lowest, so a row's side does not depend on the order of
+    the file, and repeated texts fall on the same side."""
+    from lmcompress.errors import DataError
+
+    n = len(examples)
+    held = max(1, round(fraction * n))
+    if n < 2 or held >= n:
+        raise DataError(f"{source} has {n} rows: too few to hold out {fraction:.0%} for scoring and calibrate on the "
+                        "rest; give a larger file or a separate --eval-data")
+    if language_modeling:
+        return [i >= n - held for i in range(n)]
+    keys = [_row_key(examples, i) for i in range(n)]
+    cut = sorted(keys)[held - 1]
+    mask = [key <= cut for key in keys]
+    if all(mask):
+        raise DataError(f"{source}: every row has the same text; nothing is left to calibrate on")
+    return mask
+
+
+def _subset(examples, keep: list[bool]):
+    rows = [i for i, kept in enumerate(keep) if kept]
+    pairs = None if examples.text_pairs is None else [examples.text_pairs[i] for i in rows]
+    return type(examples)([examples.texts[i] for i in rows], pairs, [examples.labels[i] for i in rows],
+                          examples.label_names)
+
+
+def scoring_note(settings: SweepSettings) -> str:
+    """One line for the report: which rows every point was scored on."""
+    if settings.eval_data:
+        return f"Scored on {settings.eval_data}; calibrated on {settings.data}."
+    if settings.heldout:
+        how = "its last lines" if settings.language_modeling else "rows chosen by a hash of their text"
+        return (f"Scored on {settings.heldout:.0%} of {settings.data} held out from calibration ({how}); "
+                "calibration never saw those rows.")
+    return f"Calibrated on the training split and scored on the dev split of {settings.data or 'the embedded task'}."
 
 
 @dataclass(frozen=True)
@@ -115,6 +174,9 @@ def _calibration_data(settings: SweepSettings, recipe, model, tokenizer):
     _check_content_data(args, recipe)
     check_sequence_length(model, recipe.calibration.max_length, "calibration max_length")
     _, examples = _task_and_examples(args, "train", model, labels=bool(recipe_needs(recipe) & LABELLED_NEEDS))
+    if settings.heldout:   # one file: calibrate only on the rows that are not scored
+        scored = scored_mask(examples, settings.heldout, settings.language_modeling, str(settings.data))
+        examples = _subset(examples, [not s for s in scored])
     if settings.language_modeling:
         from lmcompress.tasks.text import token_chunks
 
@@ -161,10 +223,18 @@ def _dev_examples(settings: SweepSettings, model):
     """The scored split, loaded once per worker (points of one sweep share it)."""
     from lmcompress.cli import _task_and_examples
 
-    key = (settings.model, settings.task, settings.data, settings.max_samples)
+    key = (settings.model, settings.task, settings.data, settings.eval_data, settings.heldout, settings.max_samples)
     if key not in _WORKER_CACHE:
-        _WORKER_CACHE[key] = _task_and_examples(settings.args(), "dev", model, max_samples=settings.max_samples,
-                                             labels=not settings.language_modeling)
+        args, labels = settings.args(settings.eval_data), not settings.language_modeling
+        if not settings.heldout:
+            _WORKER_CACHE[key] = _task_and_examples(args, "dev", model, max_samples=settings.max_samples, labels=labels)
+            return _WORKER_CACHE[key]
+        task, examples = _task_and_examples(args, "dev", model, labels=labels)
+        dev = _subset(examples, scored_mask(examples, settings.heldout, settings.language_modeling, str(settings.data)))
+        if settings.max_samples is not None:   # as load_examples: text keeps its first lines, rows a random subset
+            dev = _subset(dev, [i < settings.max_samples for i in range(len(dev))]) if settings.language_modeling \
+                else dev.take(settings.max_samples)
+        _WORKER_CACHE[key] = task, dev
     return _WORKER_CACHE[key]
 
 

@@ -54,8 +54,9 @@ def _dense(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return next((r for r in rows if r.get("kind") == "dense" and r.get("status") == "ok"), None)
 
 
-def markdown(rows: list[dict[str, Any]], title: str, command: str | None = None) -> str:
-    """The report: the settings, then every point sorted by quality, with ratios against dense."""
+def markdown(rows: list[dict[str, Any]], title: str, command: str | None = None, scoring: str | None = None) -> str:
+    """The report: the settings (`scoring`: which rows were scored), then every point sorted by quality, with
+    ratios against dense."""
     on_front = fronts(rows)
     dense = _dense(rows)
     ok = [i for i, r in enumerate(rows) if r.get("status") == "ok"]
@@ -66,6 +67,8 @@ def markdown(rows: list[dict[str, Any]], title: str, command: str | None = None)
     lines = [f"# {title}", ""]
     if command:
         lines += ["Command:", "", "```bash", command, "```", ""]
+    if scoring:
+        lines += [scoring, ""]
     lines += [f"{len(ok)} points measured{f', {len(failed)} failed' if failed else ''}. Latency: median "
               "milliseconds per forward pass (batch 1 and 8), timed in the worker in alternation with the dense "
               "model; the speed-ups are those side-by-side ratios, which hold where absolute milliseconds drift "
@@ -133,12 +136,12 @@ def _short_name(name: str, width: int = 38) -> str:
 
 
 def write_report(rows: list[dict[str, Any]], out: str | Path, title: str = "Sweep",
-                 command: str | None = None, plots: bool = True) -> Path:
-    """report.md (+ pareto_<axis>.png) in `out`; returns the report's path."""
+                 command: str | None = None, plots: bool = True, scoring: str | None = None) -> Path:
+    """report.md (+ pareto_<axis>.png) in `out`; returns the report's path. `scoring` says which rows scored."""
     out = Path(out)
     path = out / REPORT_NAME
     tmp = out / f".{REPORT_NAME}.tmp"
-    tmp.write_text(markdown(rows, title, command))
+    tmp.write_text(markdown(rows, title, command, scoring))
     tmp.replace(path)
     if plots and any(r.get("status") == "ok" for r in rows):
         for axis in AXES:

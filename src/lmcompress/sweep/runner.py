@@ -3,7 +3,8 @@
 Results live in `OUT/results.jsonl`, one JSON object per finished point, appended and flushed as each point
 ends: an interrupted sweep keeps every point it finished, and the next run skips them (matched by the
 recipe's hash, so editing one point of a grid re-runs only that point). `OUT/sweep.json` records the model,
-task and data; resuming with different ones is refused rather than mixed into one table.
+task and data, and the sizes and modification times of their files; resuming with different ones (a model
+re-saved at the same path included) is refused rather than mixed into one table.
 
 Points run in separate processes by default, so one point's memory or crash never touches the next, and
 torch's threads are split between workers. Latency is measured inside the workers; with more than one
@@ -43,13 +44,25 @@ def fingerprint(settings: SweepSettings) -> str:
     """Identity of the model and the data, for reusing calibration results: paths plus the weight files'
     sizes and modification times (cheap, and a re-fine-tuned model in the same folder changes them)."""
     parts = [settings.model, settings.task, settings.data, settings.text_column, settings.text_pair_column,
-             settings.label_column]
+             settings.label_column, *([settings.heldout] if settings.heldout else [])]
     for location in (settings.model, settings.data):
         path = Path(location) if location else None
         if path is not None and path.exists():
             files = sorted(path.glob("*")) if path.is_dir() else [path]
             parts += [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files if f.is_file()]
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def files_fingerprint(*locations: str | None) -> str | None:
+    """Names, sizes and modification times (ns) of the local files behind `locations` (a folder's top-level
+    files): a model re-fine-tuned or re-saved at the same path changes it. None when nothing is local."""
+    parts = []
+    for location in locations:
+        path = Path(location).expanduser() if location else None
+        if path is not None and path.exists():
+            files = sorted(path.glob("*")) if path.is_dir() else [path]
+            parts += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:16] if parts else None
 
 
 def jobs_for(points: list[GridPoint], baselines: Iterable[str]) -> list[Job]:
@@ -97,9 +110,21 @@ def _append(out: Path, row: dict[str, Any]) -> None:
 
 
 def _settings_record(settings: SweepSettings) -> dict[str, Any]:
-    keys = ("model", "task", "data", "text_column", "text_pair_column", "label_column", "max_samples",
-            "max_length", "seq_len", "stride", "max_tokens")
-    return {k: v for k, v in asdict(settings).items() if k in keys}
+    keys = ("model", "task", "data", "eval_data", "heldout", "text_column", "text_pair_column", "label_column",
+            "max_samples", "max_length", "seq_len", "stride", "max_tokens")
+    record = {k: v for k, v in asdict(settings).items() if k in keys}
+    record["model_files"] = files_fingerprint(settings.model)
+    record["data_files"] = files_fingerprint(settings.data, settings.eval_data)
+    return record
+
+
+def _changed(old: Any, record: dict[str, Any]) -> str:
+    """The settings that differ, for one line; a model whose files changed at the same path is said plainly."""
+    changed = sorted(k for k in record if not isinstance(old, dict) or old.get(k) != record[k])
+    text = ", ".join(changed)
+    if "model_files" in changed and "model" not in changed:
+        text += f"; the model at {record['model']} has other files (weights) than when that sweep ran"
+    return text
 
 
 def prepare_out(settings: SweepSettings, overwrite: bool) -> Path:
@@ -117,8 +142,7 @@ def prepare_out(settings: SweepSettings, overwrite: bool) -> Path:
         except json.JSONDecodeError:
             old = None
         if old != record and not overwrite:
-            changed = sorted(k for k in record if old is None or old.get(k) != record[k])
-            raise SweepError(f"{out} holds a sweep with other settings ({', '.join(changed)}); give a new --out, "
+            raise SweepError(f"{out} holds a sweep with other settings ({_changed(old, record)}); give a new --out, "
                              "or --overwrite to start again there")
         if old != record:
             shutil.rmtree(out)

@@ -94,7 +94,9 @@ def fit(forward: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor], ini
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(config.seed)
     n = x.shape[0]
-    params = [p.detach().float().clone().requires_grad_(True) for p in init]
+    device = init[0].device   # pairs are captured on the CPU; train where the parameters live
+    x, y = x.to(device), y.to(device)
+    params = [p.detach().float().to(device).clone().requires_grad_(True) for p in init]
     if n < 4:
         return FitResult(init, {"pairs": float(n), "train_s": 0.0}, "too few pairs to train; closed form kept")
     order = torch.randperm(n, generator=generator)
@@ -287,7 +289,8 @@ class Learned(Method):
             out = (rows @ p[0].T) @ p[1].T
             return out if len(p) == 2 else out + p[2]
 
-        init_params = [first[:rank].float(), second[:, :rank].float()] + ([bias.float()] if bias is not None else [])
+        init_params = [first[:rank].float().to(weight.device), second[:, :rank].float().to(weight.device)] + (
+            [bias.float()] if bias is not None else [])
         result = fit(forward, init_params, x.to(torch.float32), y.to(torch.float32), config)
         trained = result.params
         where = {"device": weight.device, "dtype": weight.dtype}

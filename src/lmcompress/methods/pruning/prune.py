@@ -317,8 +317,9 @@ def _output_scores(weight: torch.Tensor, gram: torch.Tensor, pieces: Pieces, con
 def _magnitude(model: nn.Module, pieces: Pieces) -> torch.Tensor:
     unit = pieces.unit
     out_role = "o" if pieces.kind == "heads" else "out"
-    reads = torch.zeros(pieces.count, dtype=torch.float64)
-    writes = torch.zeros(pieces.count, dtype=torch.float64)
+    device = weight_out_in(model.get_submodule(unit.layers[out_role])).device   # scores live with the weights
+    reads = torch.zeros(pieces.count, dtype=torch.float64, device=device)
+    writes = torch.zeros(pieces.count, dtype=torch.float64, device=device)
     for i in range(pieces.count):
         for role, name in unit.layers.items():
             weight = weight_out_in(model.get_submodule(name)).detach().to(torch.float64)
