@@ -179,7 +179,7 @@ def _pieces(method, model, config):
 def test_fit_moves_pairs_to_the_parameters_device(monkeypatch):
     """Pairs are captured on the CPU; `fit` must move them to where the parameters are (meta stands in for a
     GPU: the first forward call shows which device the rows arrive on; meta tensors have no value to read)."""
-    from lmcompress.methods import learned
+    from lmcompress.methods.learned import learned
     from lmcompress.methods.learned.learned import LearnedConfig, fit
 
     monkeypatch.setattr(learned, "float", lambda _value: 1.0, raising=False)
