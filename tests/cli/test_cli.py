@@ -282,6 +282,7 @@ def test_demo_with_a_bad_keep_fails_before_fine_tuning(tmp_path, capsys, monkeyp
 _SLOW_COMMAND = """
 import sys, time
 from lmcompress import cli
+from lmcompress.cli import demo
 from lmcompress.io.saving import atomic_output_dir
 
 def slow(args):
@@ -289,7 +290,7 @@ def slow(args):
         print(tmp, flush=True)
         time.sleep(60)
 
-cli.COMMANDS["demo"] = slow
+demo.run = slow
 sys.exit(cli.main(["-q", "demo", "--out", sys.argv[1]]))
 """
 

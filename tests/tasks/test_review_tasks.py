@@ -10,7 +10,9 @@ import torch
 from conftest import SENTENCES, make_tiny_bert, save_classifier, write_sentiment_csv
 from sklearn.metrics import f1_score
 
-from lmcompress.cli import _distill_config, _recipe_from_args, build_parser, main
+from lmcompress.cli import build_parser, main
+from lmcompress.cli.compress import recipe_from_args as _recipe_from_args
+from lmcompress.cli.distill import distill_config as _distill_config
 from lmcompress.errors import ModelLoadError
 from lmcompress.tasks import compute_metrics, get_task, load_examples
 

@@ -4,6 +4,7 @@ and the calibration sample a recipe needs. Shared by compress, evaluate, finetun
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from lmcompress.entrypoints.arguments import DataArgs
@@ -53,9 +54,11 @@ def check_content_data(data: DataArgs, recipe) -> None:
                               "its corpus option); without it the embedded demo task would be used")
 
 
-def calibration_examples(data: DataArgs, recipe, model, tokenizer, warn_unused: bool = True):
+def calibration_examples(data: DataArgs, recipe, model, tokenizer, warn_unused: bool = True,
+                         select: Callable[[Any], Any] | None = None):
     """The examples the recipe calibrates on (None when no stage uses data): the training split, with labels
-    only when a stage reads them; language-modeling text in windows of the calibration length."""
+    only when a stage reads them (`select` may keep some rows: those a sweep does not score); language-modeling
+    text in windows of the calibration length."""
     from lmcompress.calibration.stats import LABELLED_NEEDS
     from lmcompress.engine.pipeline import recipe_needs, recipe_uses_data
     from lmcompress.io.models import check_sequence_length
@@ -70,6 +73,8 @@ def calibration_examples(data: DataArgs, recipe, model, tokenizer, warn_unused: 
     check_sequence_length(model, recipe.calibration.max_length, "calibration max_length")
     labels = bool(recipe_needs(recipe) & LABELLED_NEEDS)
     _, examples = task_and_examples(data, "train", model, labels=labels)
+    if select is not None:
+        examples = select(examples)
     if data.language_modeling:  # running text, in windows of the calibration length, not one line per example
         from lmcompress.tasks.text import token_chunks
 

@@ -12,7 +12,6 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from lmcompress.errors import LMCompressError, first_line
@@ -53,11 +52,12 @@ class SweepSettings:
 
         return bool(self.task) and canonical_task_name(self.task) == "language-modeling"
 
-    def args(self, data: str | None = None) -> SimpleNamespace:
-        """The command line's view of these settings (reading `data` if given), for the helpers `compress` and
-        `evaluate` share."""
-        return SimpleNamespace(task=self.task, data=data or self.data, text_column=self.text_column,
-                               text_pair_column=self.text_pair_column, label_column=self.label_column)
+    def data_args(self, data: str | None = None):
+        """These settings as an entry point's data arguments (reading `data` if given)."""
+        from lmcompress.entrypoints.arguments import DataArgs
+
+        return DataArgs(task=self.task, data=data or self.data, text_column=self.text_column,
+                        text_pair_column=self.text_pair_column, label_column=self.label_column)
 
 
 def one_source(data: str | None) -> bool:
@@ -163,25 +163,14 @@ def _weights_bytes(directory: Path) -> int:
 
 
 def _calibration_data(settings: SweepSettings, recipe, model, tokenizer):
-    from lmcompress.calibration.stats import LABELLED_NEEDS
-    from lmcompress.cli import _check_content_data, _task_and_examples
-    from lmcompress.engine.pipeline import recipe_needs, recipe_uses_data
-    from lmcompress.io.models import check_sequence_length
+    from lmcompress.entrypoints.data import calibration_examples
 
-    if not recipe_uses_data(recipe):
-        return None
-    args = settings.args()
-    _check_content_data(args, recipe)
-    check_sequence_length(model, recipe.calibration.max_length, "calibration max_length")
-    _, examples = _task_and_examples(args, "train", model, labels=bool(recipe_needs(recipe) & LABELLED_NEEDS))
-    if settings.heldout:   # one file: calibrate only on the rows that are not scored
+    def unscored(examples):   # one file: calibrate only on the rows that are not scored
         scored = scored_mask(examples, settings.heldout, settings.language_modeling, str(settings.data))
-        examples = _subset(examples, [not s for s in scored])
-    if settings.language_modeling:
-        from lmcompress.tasks.text import token_chunks
+        return _subset(examples, [not s for s in scored])
 
-        examples = token_chunks(tokenizer, examples, recipe.calibration.max_length)
-    return examples
+    return calibration_examples(settings.data_args(), recipe, model, tokenizer, warn_unused=False,
+                                select=unscored if settings.heldout else None)
 
 
 def _build(settings: SweepSettings, job: Job, directory: Path):
@@ -221,15 +210,15 @@ _WORKER_CACHE: dict[tuple, Any] = {}
 
 def _dev_examples(settings: SweepSettings, model):
     """The scored split, loaded once per worker (points of one sweep share it)."""
-    from lmcompress.cli import _task_and_examples
+    from lmcompress.entrypoints.data import task_and_examples
 
     key = (settings.model, settings.task, settings.data, settings.eval_data, settings.heldout, settings.max_samples)
     if key not in _WORKER_CACHE:
-        args, labels = settings.args(settings.eval_data), not settings.language_modeling
+        args, labels = settings.data_args(settings.eval_data), not settings.language_modeling
         if not settings.heldout:
-            _WORKER_CACHE[key] = _task_and_examples(args, "dev", model, max_samples=settings.max_samples, labels=labels)
+            _WORKER_CACHE[key] = task_and_examples(args, "dev", model, max_samples=settings.max_samples, labels=labels)
             return _WORKER_CACHE[key]
-        task, examples = _task_and_examples(args, "dev", model, labels=labels)
+        task, examples = task_and_examples(args, "dev", model, labels=labels)
         dev = _subset(examples, scored_mask(examples, settings.heldout, settings.language_modeling, str(settings.data)))
         if settings.max_samples is not None:   # as load_examples: text keeps its first lines, rows a random subset
             dev = _subset(dev, [i < settings.max_samples for i in range(len(dev))]) if settings.language_modeling \

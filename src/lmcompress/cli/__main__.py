@@ -1,0 +1,7 @@
+"""`python -m lmcompress.cli`."""
+
+import sys
+
+from lmcompress.cli import main
+
+sys.exit(main())
