@@ -198,8 +198,9 @@ def refuse(*args, **kwargs):
 def test_bad_sizes_fail_before_calibration(tokenizer, examples, monkeypatch):
     from transformers import BertConfig, BertForSequenceClassification
 
-    monkeypatch.setattr("lmcompress.engine.pipeline.collect", refuse)
-    monkeypatch.setattr("lmcompress.engine.pipeline.SequentialCalibrator", refuse)
+    monkeypatch.setattr("lmcompress.engine.pipeline.collect", refuse)           # the allocator's calibration
+    monkeypatch.setattr("lmcompress.engine.modes.collect", refuse)              # one-shot calibration
+    monkeypatch.setattr("lmcompress.engine.modes.SequentialCalibrator", refuse)
     prime = BertForSequenceClassification(BertConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
         intermediate_size=37, max_position_embeddings=64)).eval()
