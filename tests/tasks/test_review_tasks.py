@@ -121,7 +121,7 @@ def run_dir(tmp_path: Path, tokenizer) -> Path:
     model.config.id2label, model.config.label2id = {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
     store = CheckpointStore(tmp_path / "run")
     store.prepare(resume=False, overwrite=False)
-    store.save_best(model, tokenizer, {"step": 3})
+    store.save_best(model, tokenizer, {"step": 3, "best": {"divergence": 0.1}})
     return tmp_path / "run"
 
 
