@@ -5,6 +5,11 @@ that block received: the hidden states plus every other argument (attention mask
 exactly as the architecture passes them, so a block can be re-run on its own with `run_block`. Hidden states
 are kept in memory up to `cap_mb` and spilled to safetensors files in a private temporary directory past
 it; the other arguments are small (masks, position tables) and stay in memory.
+
+Where blocks of one model get different arguments (ModernBERT's or Gemma's local layers take a sliding-window
+mask and their own rotary tables: `config.layer_types` lists more than one kind), the capture runs the whole
+model once and keeps every later block's own arguments too, so a block re-run on cached inputs always gets
+what the architecture gives it.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ class BlockInputs:
         self.kwargs: list[dict] = []
         self.masks: list[torch.Tensor | None] = []
         self.returns_tuple = False
+        self.block_rest: dict[nn.Module, list[tuple[tuple, dict]]] = {}   # a block's own (args, kwargs) per batch
+        self._alias: tuple[nn.Module, nn.Module] | None = None              # (a copy, the block it copies)
         self._spill_dir = spill_dir
         self._own_dir: Path | None = None
 
@@ -73,9 +80,22 @@ class BlockInputs:
         """The next block's inputs: new hidden states, the same other arguments and masks."""
         nxt = BlockInputs(self.cap_bytes / 2**20 if cap_mb is None else cap_mb, self._spill_dir)
         nxt.returns_tuple = self.returns_tuple
+        nxt.block_rest = self.block_rest
         for hidden, args, kwargs, mask in zip(outputs, self.args, self.kwargs, self.masks, strict=True):
             nxt.append(hidden, args, kwargs, mask)
         return nxt
+
+    def rest(self, block: nn.Module, index: int) -> tuple[tuple, dict]:
+        """The (args, kwargs) besides the hidden states that `block` gets for batch `index`."""
+        if self._alias is not None and block is self._alias[0]:
+            block = self._alias[1]
+        own = self.block_rest.get(block)
+        return own[index] if own is not None else (self.args[index], self.kwargs[index])
+
+    def alias(self, copy: nn.Module, block: nn.Module) -> None:
+        """`copy` (a teacher's unmodified copy of `block`) gets the arguments `block` gets (one copy at a time:
+        the inputs hold no reference to copies of earlier blocks)."""
+        self._alias = (copy, block)
 
     def _directory(self) -> Path:
         if self._spill_dir is not None:
@@ -98,19 +118,45 @@ def _hidden_and_rest(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, di
     return kwargs.pop("hidden_states"), (), kwargs
 
 
+def blocks_differ(model: nn.Module) -> bool:
+    """Whether the architecture gives its blocks different arguments (more than one kind of layer)."""
+    return len(set(getattr(getattr(model, "config", None), "layer_types", None) or ())) > 1
+
+
+def _later_blocks(model: nn.Module, block: nn.Module) -> list[nn.Module]:
+    """The blocks after `block` in the ModuleList holding it (none when it is in none)."""
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList):
+            members = list(module)
+            if any(m is block for m in members):
+                return members[next(i for i, m in enumerate(members) if m is block) + 1:]
+    return []
+
+
 def capture_block_inputs(model: nn.Module, block: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
                          cap_mb: float = 1024.0) -> BlockInputs:
-    """Run `model` on each batch up to `block` and keep what `block` receives."""
+    """Run `model` on each batch up to `block` and keep what `block` receives (and, where blocks differ, what
+    every later block receives besides its hidden states)."""
     cache = BlockInputs(cap_mb)
     device = next(model.parameters()).device
+    later = _later_blocks(model, block) if blocks_differ(model) else []
+    last = later[-1] if later else block
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden, rest, other = _hidden_and_rest(args, kwargs)
         cache.append(hidden, rest, other, current_mask[0])
-        raise _Stop
+        if last is block:
+            raise _Stop
+
+    def later_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        _, rest, other = _hidden_and_rest(args, kwargs)
+        cache.block_rest.setdefault(module, []).append((rest, other))
+        if module is last:
+            raise _Stop
 
     current_mask: list[torch.Tensor | None] = [None]
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [block.register_forward_pre_hook(hook, with_kwargs=True)]
+    handles += [b.register_forward_pre_hook(later_hook, with_kwargs=True) for b in later]
     try:
         with no_cache(model), torch.inference_mode():
             for batch in batches:
@@ -120,7 +166,10 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches: Sequence[d
                 with contextlib.suppress(_Stop):
                     model(**batch)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+    if later:
+        cache.block_rest[block] = list(zip(cache.args, cache.kwargs, strict=True))
     with torch.inference_mode():  # record whether the architecture's blocks return tuples
         out = block(cache.hidden(0, device), *cache.args[0], **cache.kwargs[0])
     cache.returns_tuple = not torch.is_tensor(out)
@@ -134,7 +183,8 @@ def run_block(block: nn.Module, inputs: BlockInputs, mask_setter=None) -> Iterat
         for index in range(len(inputs)):
             if mask_setter is not None:
                 mask_setter(inputs.masks[index])
-            yield block_output(block(inputs.hidden(index, device), *inputs.args[index], **inputs.kwargs[index]))
+            args, kwargs = inputs.rest(block, index)
+            yield block_output(block(inputs.hidden(index, device), *args, **kwargs))
 
 
 class no_cache:  # noqa: N801 - used as a context manager, named like one

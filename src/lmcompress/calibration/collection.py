@@ -193,6 +193,7 @@ class SequentialCalibrator:
         if self.teacher_inputs is not None and self.teacher_index != index:
             self.teacher_block = copy.deepcopy(self.blocks[index]).eval()
             self.teacher_index = index
+            self.teacher_inputs.alias(self.teacher_block, self.blocks[index])
 
     def collect(self, layers: dict[str, nn.Module], needs: set[str],
                 pair_spans: dict[str, str] | None = None) -> dict[str, LayerStats]:
@@ -228,9 +229,10 @@ class SequentialCalibrator:
         with torch.inference_mode():
             for i in range(len(self.inputs)):
                 collector.mask = self.inputs.masks[i]
-                block(self.inputs.hidden(i, device), *self.inputs.args[i], **self.inputs.kwargs[i])
-                self.teacher_block(self.teacher_inputs.hidden(i, device), *self.teacher_inputs.args[i],
-                                   **self.teacher_inputs.kwargs[i])
+                args, kwargs = self.inputs.rest(block, i)
+                block(self.inputs.hidden(i, device), *args, **kwargs)
+                args, kwargs = self.teacher_inputs.rest(self.teacher_block, i)
+                self.teacher_block(self.teacher_inputs.hidden(i, device), *args, **kwargs)
 
     def _advance(self) -> None:
         block = self.blocks[self.index]

@@ -25,7 +25,10 @@ COMPONENTS = ("embeddings", "attention", "feed_forward", "other")
 
 # Roles of the projections inside a block, in data-flow order: each inner tuple is one sub-step of
 # sequential calibration (its layers read the same input).
-SUBSTEP_ROLES: tuple[tuple[str, ...], ...] = (("q", "k", "v", "qkv"), ("o",), ("in", "gate"), ("out",))
+# A fused projection has one role: "qkv" (q, k and v in one layer, rows laid out as the family's `qkv_layout`
+# says) or "in_gate" (the feed-forward's in and gate halves in one layer, in the order `in_gate_order` says).
+SUBSTEP_ROLES: tuple[tuple[str, ...], ...] = (("q", "k", "v", "qkv"), ("o",), ("in", "gate", "in_gate"), ("out",))
+QKV_LAYOUTS = ("blocked", "per_head")   # [Q|K|V] (K, V of the key/value heads) | [q_h|k_h|v_h] for each head h
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,10 @@ class Family:
     ffn_roles: dict[str, str] = field(default_factory=dict)
     heads_attrs: tuple[str, ...] = ("num_attention_heads", "n_head", "n_heads")
     kv_heads_attrs: tuple[str, ...] = ("num_key_value_heads",)
+    qkv_layout: str = "blocked"         # rows of a fused "qkv" role: one of QKV_LAYOUTS
+    in_gate_order: tuple[str, str] = ("gate", "in")   # halves of a fused "in_gate" role, first to last; the
+    #                                                   gate half goes through the activation
+    head_pruning: str = ""              # why heads cannot be removed per layer (empty: they can)
 
     @property
     def block(self) -> str:
@@ -90,6 +97,36 @@ FAMILIES: tuple[Family, ...] = (
                             "o": "self_attn.o_proj"},
            ffn_module="mlp",
            ffn_roles={"in": "mlp.up_proj", "gate": "mlp.gate_proj", "out": "mlp.down_proj"}),
+    Family(("gpt_neox",),
+           blocks=r"(.*\.)?layers",
+           embeddings=r"(^|\.)embed_in\.",
+           attention=r"\.attention\.|\.input_layernorm\.",
+           feed_forward=r"\.mlp\.|\.post_attention_layernorm\.",
+           attention_module="attention",
+           attention_roles={"qkv": "attention.query_key_value", "o": "attention.dense"},
+           ffn_module="mlp",
+           ffn_roles={"in": "mlp.dense_h_to_4h", "out": "mlp.dense_4h_to_h"},
+           qkv_layout="per_head"),
+    Family(("phi3",),
+           blocks=r"(.*\.)?layers",
+           embeddings=r"(^|\.)embed_tokens\.",
+           attention=r"\.self_attn\.|\.input_layernorm\.",
+           feed_forward=r"\.mlp\.|\.post_attention_layernorm\.",
+           attention_module="self_attn",
+           attention_roles={"qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj"},
+           ffn_module="mlp",
+           ffn_roles={"in_gate": "mlp.gate_up_proj", "out": "mlp.down_proj"},
+           head_pruning="phi3 attention splits qkv_proj by the head count of the config all layers share, so "
+                        "heads cannot be removed per layer"),
+    Family(("modernbert",),
+           blocks=r"(.*\.)?layers",
+           embeddings=r"(^|\.)embeddings\.",
+           attention=r"\.attn\.|\.attn_norm\.",
+           feed_forward=r"\.mlp\.|\.mlp_norm\.",
+           attention_module="attn",
+           attention_roles={"qkv": "attn.Wqkv", "o": "attn.Wo"},
+           ffn_module="mlp",
+           ffn_roles={"in_gate": "mlp.Wi", "out": "mlp.Wo"}),   # Wi = [act input | gate]: our gate, then in
 )
 
 # Output heads are task-specific and tiny; never compressed by default in the fallback.

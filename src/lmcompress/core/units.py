@@ -31,6 +31,7 @@ class Unit:
     heads: int | None = None                 # attention: query heads, key/value heads, head size
     kv_heads: int | None = None
     head_dim: int | None = None
+    qkv_layout: str = "blocked"              # rows of a fused "qkv" layer (core.families.QKV_LAYOUTS)
 
     @property
     def layer_names(self) -> list[str]:
@@ -119,7 +120,7 @@ def group_units(model: nn.Module, kind: str, selected: set[str] | None = None) -
         name = f"{block_name}.{root}" if root else block_name
         if selected is not None and not set(layers.values()) & selected:
             continue
-        unit = Unit(kind, name, index, layers)
+        unit = Unit(kind, name, index, layers, qkv_layout=family.qkv_layout)
         if kind in ("attention", "block"):
             unit.heads, unit.kv_heads, unit.head_dim = heads, kv_heads, head_dim
         units.append(unit)

@@ -26,8 +26,10 @@ from torch import nn
 
 from lmcompress.core.families import blocks_of, family_of, head_layout
 from lmcompress.core.linear import in_out_features
+from lmcompress.core.units import group_units
 from lmcompress.errors import LMCompressError
 from lmcompress.io.saving import architecture_reference, atomic_output_dir, compressed_modules
+from lmcompress.kernels.structured import head_counts
 from lmcompress.layers import LinearBlock
 
 # config attribute holding the feed-forward width, by model type (default: intermediate_size)
@@ -82,17 +84,8 @@ def _feed_forward(model: nn.Module, config: Any, family, prefix: str, depth: int
 
 def _heads(model: nn.Module, config: Any, family, prefix: str, depth: int) -> None:
     heads, kv_heads, head_dim = head_layout(model)
-    roles = family.attention_roles
-    now, now_kv = [], []
-    for i in range(depth):
-        block = f"{prefix}.{i}"
-        if "qkv" in roles:   # GPT-2: fused q, k, v of equal widths
-            width = in_out_features(model.get_submodule(f"{block}.{roles['qkv']}"))[1] // 3
-            now.append(width // head_dim)
-            now_kv.append(width // head_dim)
-        else:
-            now.append(in_out_features(model.get_submodule(f"{block}.{roles['o']}"))[0] // head_dim)
-            now_kv.append(in_out_features(model.get_submodule(f"{block}.{roles['k']}"))[1] // head_dim)
+    counts = [head_counts(model, unit) for unit in group_units(model, "attention")]
+    now, now_kv = [c[0] for c in counts], [c[1] for c in counts]
     if all(h == heads for h in now) and all(k == kv_heads for k in now_kv):
         return
     if len(set(now)) > 1 or len(set(now_kv)) > 1:

@@ -160,6 +160,21 @@ def model_language_kind(model: nn.Module) -> str | None:
             or language_model_kind(getattr(config, "architectures", None)))
 
 
+def saved_language_kind(spec: str | os.PathLike | None) -> str | None:
+    """`language_model_kind` of a plain checkpoint directory's config (None for a hub id, an lmcompress
+    directory, whose manifest names its class, or a config without language-model architectures)."""
+    from lmcompress.io import saving as io
+
+    location, local = resolve_model(spec)
+    if not local or io.read_manifest(location) is not None:
+        return None
+    try:
+        config = transformers.AutoConfig.from_pretrained(location, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    return language_model_kind(config.architectures)
+
+
 def _language_model_class(config, location: str):
     kind = language_model_kind(config.architectures)
     if kind is None:

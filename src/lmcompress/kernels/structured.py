@@ -4,8 +4,13 @@ Weights are sliced, never masked, so a pruned model is smaller and faster with t
 forward (no `head_mask`). Heads are removed by key/value group: in a grouped-query model a group is one
 key/value head with the query heads that read it, so the ratio of query to key/value heads is unchanged.
 
-Which projections are sliced on which side comes from the anatomy's roles: q, k, v, qkv, in and gate lose
-output rows; o and out lose input columns (their outputs, the residual stream, keep their width).
+Which projections are sliced on which side comes from the anatomy's roles: q, k, v, qkv, in, gate and in_gate
+lose output rows; o and out lose input columns (their outputs, the residual stream, keep their width).
+
+Fused projections are understood here and nowhere else: a "qkv" layer holds q, k and v rows laid out as the
+unit's `qkv_layout` says ("blocked": [Q|K|V], K and V over the key/value heads, as GPT-2, Phi-3 and ModernBERT;
+"per_head": [q_h|k_h|v_h] for each head h, as GPT-NeoX), and an "in_gate" layer holds a feed-forward's two
+row-halves (Phi-3's gate_up_proj, ModernBERT's Wi), so a neuron is one row of each half.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ from lmcompress.core.linear import (
 )
 from lmcompress.core.units import Unit
 
-ROW_ROLES = ("q", "k", "v", "qkv", "in", "gate")   # sliced by output rows
+ROW_ROLES = ("q", "k", "v", "qkv", "in", "gate", "in_gate")   # sliced by output rows
 COLUMN_ROLES = ("o", "out")                           # sliced by input columns
 HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head")
 WIDTH_ATTRS = ("all_head_size", "split_size")          # attributes that hold heads x head size
+NEURON_ROWS = {"in_gate": 2}                           # rows (or columns) one neuron spans in a role; else 1
 
 
 @dataclass
@@ -43,7 +49,7 @@ class Pieces:
 
     def params_per_piece(self, hidden: int) -> int:
         if self.kind == "neurons":
-            return hidden * len(self.unit.layers)
+            return hidden * sum(NEURON_ROWS.get(role, 1) for role in self.unit.layers)
         return hidden * self.head_dim * (2 * self.group_size + 2)
 
     def flops_per_piece(self, hidden: int, seq_len: int) -> int:
@@ -66,6 +72,17 @@ def current_heads(model: nn.Module, unit: Unit) -> int:
     return in_out_features(model.get_submodule(unit.layers["o"]))[0] // unit.head_dim
 
 
+def head_counts(model: nn.Module, unit: Unit) -> tuple[int, int]:
+    """(query heads, key/value heads) an attention unit has now, from its projections' widths."""
+    heads = current_heads(model, unit)
+    if "k" in unit.layers:
+        return heads, in_out_features(model.get_submodule(unit.layers["k"]))[1] // unit.head_dim
+    if "qkv" in unit.layers and unit.qkv_layout == "blocked":
+        width = in_out_features(model.get_submodule(unit.layers["qkv"]))[1]
+        return heads, (width - heads * unit.head_dim) // (2 * unit.head_dim)
+    return heads, heads
+
+
 def check_prunable(model: nn.Module, unit: Unit) -> None:
     for role, name in unit.layers.items():
         if not is_dense_linear(model.get_submodule(name)):
@@ -74,18 +91,48 @@ def check_prunable(model: nn.Module, unit: Unit) -> None:
 
 def feature_index(pieces: Pieces, keep: list[int], role: str, model: nn.Module) -> torch.Tensor:
     """Indices (into a projection's sliced side) of the kept pieces' features."""
+    keep = sorted(keep)
     if pieces.kind == "neurons":
-        return torch.tensor(sorted(keep), dtype=torch.long)
+        return neuron_rows(role, torch.tensor(keep, dtype=torch.long), pieces.count)
     hd, group = pieces.head_dim, pieces.group_size
-    heads = [g * group + j for g in sorted(keep) for j in range(group)]           # query heads kept
+    heads = [g * group + j for g in keep for j in range(group)]           # query heads kept
+    query = [h * hd + i for h in heads for i in range(hd)]
+    key_value = [g * hd + i for g in keep for i in range(hd)]
     if role in ("q", "o"):
-        return torch.tensor([h * hd + i for h in heads for i in range(hd)], dtype=torch.long)
+        return torch.tensor(query, dtype=torch.long)
     if role in ("k", "v"):
-        return torch.tensor([g * hd + i for g in sorted(keep) for i in range(hd)], dtype=torch.long)
-    # fused qkv (GPT-2: no grouping): three equal sections
-    width = in_out_features(model.get_submodule(pieces.unit.layers["qkv"]))[1] // 3
-    one = [h * hd + i for h in heads for i in range(hd)]
-    return torch.tensor([s * width + j for s in range(3) for j in one], dtype=torch.long)
+        return torch.tensor(key_value, dtype=torch.long)
+    if pieces.unit.qkv_layout == "per_head":   # [q_h|k_h|v_h] per head: a head is 3 hd consecutive rows
+        if group != 1:
+            raise ValueError(f"{pieces.unit.name}: a per-head fused qkv layout cannot group key/value heads")
+        return torch.tensor([h * 3 * hd + i for h in heads for i in range(3 * hd)], dtype=torch.long)
+    q_width, kv_width = pieces.count * group * hd, pieces.count * hd            # blocked: [Q|K|V]
+    rows = query + [q_width + i for i in key_value] + [q_width + kv_width + i for i in key_value]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def neuron_rows(role: str, keep: torch.Tensor, neurons: int) -> torch.Tensor:
+    """Rows (or columns) of a feed-forward projection holding neurons `keep` of `neurons`: both halves of a
+    fused "in_gate" layer, else the neurons themselves."""
+    if role == "in_gate":
+        return torch.cat([keep + half * neurons for half in range(NEURON_ROWS[role])])
+    return keep
+
+
+def split_halves(weight: torch.Tensor, bias: torch.Tensor | None, order: tuple[str, str]
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """A fused "in_gate" layer's (weight, bias) as {role: (weight, bias)} of its two halves, named by `order`."""
+    weights = weight.chunk(2, dim=0)
+    biases = bias.chunk(2, dim=0) if bias is not None else (None, None)
+    return {role: (weights[i], biases[i]) for i, role in enumerate(order)}
+
+
+def join_halves(parts: dict[str, tuple[torch.Tensor, torch.Tensor | None]], order: tuple[str, str]
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The inverse of `split_halves`: one fused (weight, bias)."""
+    weight = torch.cat([parts[role][0] for role in order])
+    biases = [parts[role][1] for role in order]
+    return weight, None if biases[0] is None else torch.cat(biases)
 
 
 def slice_unit(model: nn.Module, pieces: Pieces, keep: list[int],

@@ -24,7 +24,10 @@ from lmcompress.layers.base import CompressedLayer, register_layer
 class LinearBlock(CompressedLayer):
     """y = x W^T + b in place of a block (W: hidden x hidden)."""
 
-    manifest_fields: ClassVar[tuple[str, ...]] = ("in_features", "out_features", "returns_tuple")
+    manifest_fields: ClassVar[tuple[str, ...]] = ("in_features", "out_features", "returns_tuple", "attention_type")
+    # the block's kind, which models with local and global layers (ModernBERT) read off every block
+    field_checks: ClassVar[dict[str, tuple[Any, str]]] = {
+        "attention_type": (lambda v: v is None or (isinstance(v, str) and v.isidentifier()), "a name or null")}
     onnx_exportable: ClassVar[bool] = True   # its forward traces as is, op by op
 
     def __init__(self, hidden: int, returns_tuple: bool = False, dtype: torch.dtype | None = None,
@@ -33,6 +36,7 @@ class LinearBlock(CompressedLayer):
         self.in_features = self.out_features = hidden
         self.dense_kind = "Linear"
         self.returns_tuple = returns_tuple
+        self.attention_type: str | None = None
         self.proj = nn.Linear(hidden, hidden, bias=True, dtype=dtype, device=device)
 
     @classmethod
@@ -46,7 +50,9 @@ class LinearBlock(CompressedLayer):
 
     @classmethod
     def from_manifest(cls, entry: dict[str, Any]) -> LinearBlock:
-        return cls(entry["in_features"], bool(entry.get("returns_tuple", False)))
+        layer = cls(entry["in_features"], bool(entry.get("returns_tuple", False)))
+        layer.attention_type = entry.get("attention_type")
+        return layer
 
     def forward(self, hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
         out = self.proj(hidden_states)

@@ -36,13 +36,13 @@ from lmcompress.core.families import family_of
 from lmcompress.core.linear import dense_kind, in_out_features, is_dense_linear, make_dense, weight_out_in
 from lmcompress.core.units import Unit, group_units
 from lmcompress.errors import CalibrationError, RecipeError
-from lmcompress.kernels.structured import lstsq_refit
+from lmcompress.kernels.structured import NEURON_ROWS, join_halves, lstsq_refit, neuron_rows, split_halves
 from lmcompress.layers.lowrank import LowRankLinear, params_at_rank, rank_for_keep
 from lmcompress.methods.base import Candidates, LayerResult, Method, MethodConfig, register_method
 from lmcompress.methods.lowrank.svd import svd_factors
 from lmcompress.methods.lowrank.whitened_svd import WhitenedSVDConfig, whitened_full_factors
 
-ACTIVATION_ATTRS = ("hidden_act", "activation_function", "activation")
+ACTIVATION_ATTRS = ("hidden_act", "activation_function", "activation", "hidden_activation")
 MIN_STEPS_PER_CHECK = 20
 
 
@@ -177,6 +177,24 @@ def ffn_forward(activation: Callable, gated: bool) -> Callable[[list[torch.Tenso
     return forward
 
 
+def _in_role(unit: Unit) -> str | None:
+    """The role whose layer reads the feed-forward's input: in, or a fused in_gate."""
+    return next((role for role in ("in", "in_gate") if role in unit.layers), None)
+
+
+def _ffn_parts(model: nn.Module, unit: Unit, modules: dict[str, nn.Module]
+               ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """{in, [gate,] out: (weight, bias)} of the initialised layers, a fused in_gate split into its halves."""
+    parts = {}
+    for role, name in unit.layers.items():
+        weight, bias = weight_out_in(modules[name]), _bias(modules[name])
+        if role == "in_gate":
+            parts.update(split_halves(weight, bias, family_of(model).in_gate_order))
+        else:
+            parts[role] = (weight, bias)
+    return parts
+
+
 def _bias(layer: nn.Module) -> torch.Tensor | None:
     bias = getattr(layer, "bias", None)
     return None if bias is None else bias.detach()
@@ -199,8 +217,9 @@ class Learned(Method):
         return "feed_forward" if config.structure == "ffn" else "linear"
 
     def pair_spans(self, unit: Unit, config: LearnedConfig) -> dict[str, str]:
-        if config.structure == "ffn" and {"in", "out"} <= set(unit.layers):
-            return {unit.layers["out"]: unit.layers["in"]}
+        first = _in_role(unit)
+        if config.structure == "ffn" and first is not None and "out" in unit.layers:
+            return {unit.layers["out"]: unit.layers[first]}
         return {}
 
     def sized_by_budget(self, config: LearnedConfig) -> None:
@@ -217,7 +236,7 @@ class Learned(Method):
         ffn_activation(model)
         for unit in group_units(model, "feed_forward", set(layers)):
             missing = [n for n in unit.layer_names if n not in layers or not is_dense_linear(model.get_submodule(n))]
-            if missing or not {"in", "out"} <= set(unit.layers):
+            if missing or _in_role(unit) is None or "out" not in unit.layers:
                 raise RecipeError(f"method 'learned' (structure ffn): every projection of {unit.name or 'the block'}"
                                   f" must be a selected dense linear layer; not: {', '.join(missing) or 'in/out'}")
 
@@ -246,7 +265,7 @@ class Learned(Method):
             return get_method("whitened_svd").candidates(model, unit, stats, WhitenedSVDConfig(damp=config.damp))
         neurons = in_out_features(model.get_submodule(unit.layers["out"]))[0]
         hidden = in_out_features(model.get_submodule(unit.layers["out"]))[1]
-        per_neuron = hidden * len(unit.layers)
+        per_neuron = hidden * sum(NEURON_ROWS.get(role, 1) for role in unit.layers)
         sizes: list[int | None] = [*range(1, neurons), None]
         params = [per_neuron * (s or neurons) for s in sizes]
 
@@ -329,7 +348,8 @@ class Learned(Method):
             if role == "out":
                 modules[name] = make_dense(new_out.to(weight.dtype).contiguous(), bias, dense_kind(layer))
             else:
-                modules[name] = make_dense(weight[keep].contiguous(), None if bias is None else bias[keep],
+                rows = neuron_rows(role, keep, neurons).to(weight.device)
+                modules[name] = make_dense(weight[rows].contiguous(), None if bias is None else bias[rows],
                                            dense_kind(layer))
         return modules, keep
 
@@ -343,12 +363,13 @@ class Learned(Method):
             return [LayerResult(None, before[n], before[n], note=f"kept: {width} of {neurons} neurons saves nothing",
                                 name=n) for n in unit.layer_names]
         modules, _ = self._ffn_init(model, unit, stats, config, width)
-        gated = "gate" in unit.layers
+        parts = _ffn_parts(model, unit, modules)
+        gated = "gate" in parts
         roles = ["in", "gate", "out"] if gated else ["in", "out"]
         init: list[torch.Tensor | None] = []
         for role in roles:
-            module = modules[unit.layers[role]]
-            init += [weight_out_in(module).detach().float(), None if _bias(module) is None else _bias(module).float()]
+            weight, bias = parts[role]
+            init += [weight.detach().float(), None if bias is None else bias.detach().float()]
         x, y = _pairs(stats.get(out_name), out_name)
         present = [i for i, p in enumerate(init) if p is not None]
         forward = ffn_forward(ffn_activation(model), gated)
@@ -363,16 +384,18 @@ class Learned(Method):
         trained: list[torch.Tensor | None] = [None] * len(init)
         for index, value in zip(present, result.params, strict=True):
             trained[index] = value
+        learned = {role: (trained[2 * i], trained[2 * i + 1]) for i, role in enumerate(roles)}
+        if "in_gate" in unit.layers:
+            learned = {"in_gate": join_halves(learned, family_of(model).in_gate_order), "out": learned["out"]}
         results = []
-        for position, role in enumerate(roles):
-            name = unit.layers[role]
+        for role, name in unit.layers.items():
             layer = model.get_submodule(name)
             dtype, device = weight_out_in(layer).dtype, weight_out_in(layer).device
-            weight, bias = trained[2 * position], trained[2 * position + 1]
+            weight, bias = learned[role]
             new = make_dense(weight.detach().to(device, dtype).contiguous(),
                              None if bias is None else bias.detach().to(device, dtype), dense_kind(layer))
             after = math.prod(weight.shape)
-            first = role == "in"
+            first = role == _in_role(unit)
             results.append(LayerResult(new, before[name], after, note=result.note if first else "",
                                        metrics={"neurons": float(width), **result.metrics} if first else {},
                                        name=name))

@@ -179,6 +179,7 @@ def _bridge(model: nn.Module, blocks: nn.ModuleList, batches, removed: list[int]
             target = [h.detach() for h in run_block(block, original)]
             if i in removed:
                 replacement, metrics[i] = _fit(current, target, damp, original.returns_tuple)
+                replacement.attention_type = getattr(block, "attention_type", None)   # read off blocks by some models
                 blocks[i] = replacement
                 produced = [h.detach() for h in run_block(replacement, current)]
             else:

@@ -133,6 +133,9 @@ class Prune(Method):
         for kind, wanted in (("attention", config.heads), ("feed_forward", config.neurons)):
             if wanted:
                 units += [u for u in group_units(model, kind, selected) if set(u.layer_names) <= selected]
+        reason = family_of(model).head_pruning
+        if reason and any(u.kind == "attention" for u in units):
+            raise RecipeError(f"method 'prune': {reason}; prune neurons only (heads: false)")
         for unit in units:   # a group another method replaced is selected too (see `accepts`): say so
             try:
                 check_prunable(model, unit)
