@@ -49,6 +49,7 @@ class BlockInputs:
         self.returns_tuple = False
         self.block_rest: dict[nn.Module, list[tuple[tuple, dict]]] = {}   # a block's own (args, kwargs) per batch
         self._alias: tuple[nn.Module, nn.Module] | None = None              # (a copy, the block it copies)
+        self.tuple_size = 1               # items a tuple-returning block gives (DeBERTa: hidden, attentions)
         self._spill_dir = spill_dir
         self._own_dir: Path | None = None
 
@@ -79,7 +80,7 @@ class BlockInputs:
     def with_hidden(self, outputs: Sequence[torch.Tensor], cap_mb: float | None = None) -> BlockInputs:
         """The next block's inputs: new hidden states, the same other arguments and masks."""
         nxt = BlockInputs(self.cap_bytes / 2**20 if cap_mb is None else cap_mb, self._spill_dir)
-        nxt.returns_tuple = self.returns_tuple
+        nxt.returns_tuple, nxt.tuple_size = self.returns_tuple, self.tuple_size
         nxt.block_rest = self.block_rest
         for hidden, args, kwargs, mask in zip(outputs, self.args, self.kwargs, self.masks, strict=True):
             nxt.append(hidden, args, kwargs, mask)
@@ -173,6 +174,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches: Sequence[d
     with torch.inference_mode():  # record whether the architecture's blocks return tuples
         out = block(cache.hidden(0, device), *cache.args[0], **cache.kwargs[0])
     cache.returns_tuple = not torch.is_tensor(out)
+    cache.tuple_size = 1 if cache.returns_tuple is False else len(out)
     return cache
 
 
@@ -206,9 +208,15 @@ class no_cache:  # noqa: N801 - used as a context manager, named like one
 class Passthrough(nn.Module):
     """Stands in for a block that must not run: hands its input on unchanged."""
 
-    def __init__(self, returns_tuple: bool) -> None:
+    def __init__(self, returns_tuple: bool, tuple_size: int = 1) -> None:
         super().__init__()
-        self.returns_tuple = returns_tuple
+        self.returns_tuple, self.tuple_size = returns_tuple, tuple_size
 
     def forward(self, hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
-        return (hidden_states,) if self.returns_tuple else hidden_states
+        return tuple_output(hidden_states, self.tuple_size) if self.returns_tuple else hidden_states
+
+
+def tuple_output(hidden: torch.Tensor, size: int) -> tuple:
+    """A stand-in block's output as the replaced block returned it: the hidden states, then None for the items
+    it does not compute (attention weights ...), since some architectures unpack a fixed number of them."""
+    return (hidden, *([None] * (size - 1)))

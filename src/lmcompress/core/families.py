@@ -27,8 +27,13 @@ COMPONENTS = ("embeddings", "attention", "feed_forward", "other")
 # sequential calibration (its layers read the same input).
 # A fused projection has one role: "qkv" (q, k and v in one layer, rows laid out as the family's `qkv_layout`
 # says) or "in_gate" (the feed-forward's in and gate halves in one layer, in the order `in_gate_order` says).
-SUBSTEP_ROLES: tuple[tuple[str, ...], ...] = (("q", "k", "v", "qkv"), ("o",), ("in", "gate", "in_gate"), ("out",))
+SUBSTEP_ROLES: tuple[tuple[str, ...], ...] = (("q", "k", "v", "qkv", "pos_q", "pos_k"), ("o",),
+                                               ("in", "gate", "in_gate"), ("out",))
 QKV_LAYOUTS = ("blocked", "per_head")   # [Q|K|V] (K, V of the key/value heads) | [q_h|k_h|v_h] for each head h
+# Roles sliced like another role though they read another input: DeBERTa's relative-position projections
+# (`share_att_key: false`) map the position table to every head's query / key space, so they lose the same
+# rows as q / k when heads are pruned.
+ROLE_AS = {"pos_q": "q", "pos_k": "k"}
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,9 @@ class Family:
     in_gate_order: tuple[str, str] = ("gate", "in")   # halves of a fused "in_gate" role, first to last; the
     #                                                   gate half goes through the activation
     head_pruning: str = ""              # why heads cannot be removed per layer (empty: they can)
+    # every block runs the same shared layer group (ALBERT): there is no module per block, so the blocks are
+    # not listed (`blocks_of` is None) and per-block operations refuse; the shared layers are still targets
+    shared_layers: bool = False
 
     @property
     def block(self) -> str:
@@ -129,6 +137,81 @@ FAMILIES: tuple[Family, ...] = (
            ffn_roles={"in_gate": "mlp.Wi", "out": "mlp.Wo"}),   # Wi = [act input | gate]: our gate, then in
 )
 
+_BERT_FFN = {"in": "intermediate.dense", "out": "output.dense"}
+_LLAMA_ATTENTION = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
+_LLAMA_FFN = {"in": "mlp.up_proj", "gate": "mlp.gate_proj", "out": "mlp.down_proj"}
+FAMILIES += (
+    # DeBERTa-v2/v3: with share_att_key false each block also has pos_query_proj / pos_key_proj, which map the
+    # (shared) relative-position table to the heads; they are block linears (default targets, calibrated on
+    # the position table they read) and are sliced with the heads. With share_att_key true key/query_proj
+    # read the table too, and their statistics count its rows.
+    Family(("deberta-v2",),
+           blocks=r"(.*\.)?encoder\.layer",
+           embeddings=r"(^|\.)(embeddings|rel_embeddings)\.",
+           attention=r"\.attention\.",
+           feed_forward=r"\.intermediate\.|\.layer\.\d+\.output\.",
+           attention_module="attention",
+           attention_roles={"q": "attention.self.query_proj", "k": "attention.self.key_proj",
+                            "v": "attention.self.value_proj", "o": "attention.output.dense",
+                            "pos_q": "attention.self.pos_query_proj", "pos_k": "attention.self.pos_key_proj"},
+           ffn_roles=_BERT_FFN),
+    Family(("mpnet",),
+           blocks=r"(.*\.)?encoder\.layer",
+           embeddings=r"(^|\.)embeddings\.",
+           attention=r"\.attention\.",
+           feed_forward=r"\.intermediate\.|\.layer\.\d+\.output\.",
+           attention_module="attention",
+           attention_roles={"q": "attention.attn.q", "k": "attention.attn.k", "v": "attention.attn.v",
+                            "o": "attention.attn.o"},
+           ffn_roles=_BERT_FFN,
+           head_pruning="attention heads of model type 'mpnet' cannot be removed (MPNet adds one relative-position "
+                        "bias, computed once for all heads, to every layer)"),
+    # ALBERT: `albert_layer_groups` (one group in every released model) run at every depth; the embedding
+    # projection `embedding_hidden_mapping_in` sits outside them and is not a default target
+    Family(("albert",),
+           blocks=r"(.*\.)?encoder\.albert_layer_groups",
+           embeddings=r"(^|\.)embeddings\.",
+           attention=r"\.attention\.",
+           feed_forward=r"\.ffn(_output)?\.|\.full_layer_layer_norm\.",
+           attention_module="albert_layers.0.attention",
+           attention_roles={"q": "albert_layers.0.attention.query", "k": "albert_layers.0.attention.key",
+                            "v": "albert_layers.0.attention.value", "o": "albert_layers.0.attention.dense"},
+           ffn_roles={"in": "albert_layers.0.ffn", "out": "albert_layers.0.ffn_output"},
+           shared_layers=True),
+    # OPT: project_in / project_out (word_embed_proj_dim != hidden_size) sit outside the blocks
+    Family(("opt",),
+           blocks=r"(.*\.)?decoder\.layers",
+           embeddings=r"(^|\.)(embed_tokens|embed_positions)\.",
+           attention=r"\.self_attn\.|\.self_attn_layer_norm\.",
+           feed_forward=r"\.fc[12]\.|\.final_layer_norm\.",
+           attention_module="self_attn",
+           attention_roles={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                            "o": "self_attn.out_proj"},
+           ffn_module="",  # fc1 / fc2 are children of the block itself
+           ffn_roles={"in": "fc1", "out": "fc2"}),
+    # Qwen3 (q/k RMS norms over the head size) and Gemma (head_dim independent of hidden / heads, tied
+    # embeddings): Llama's anatomy
+    Family(("qwen3", "gemma"),
+           blocks=r"(.*\.)?layers",
+           embeddings=r"(^|\.)embed_tokens\.",
+           attention=r"\.self_attn\.|\.input_layernorm\.",
+           feed_forward=r"\.mlp\.|\.post_attention_layernorm\.",
+           attention_module="self_attn",
+           attention_roles=_LLAMA_ATTENTION,
+           ffn_module="mlp",
+           ffn_roles=_LLAMA_FFN),
+    # Gemma-2: norms before and after both sub-layers, attention logits soft-capped
+    Family(("gemma2",),
+           blocks=r"(.*\.)?layers",
+           embeddings=r"(^|\.)embed_tokens\.",
+           attention=r"\.self_attn\.|\.input_layernorm\.|\.post_attention_layernorm\.",
+           feed_forward=r"\.mlp\.|\.(pre|post)_feedforward_layernorm\.",
+           attention_module="self_attn",
+           attention_roles=_LLAMA_ATTENTION,
+           ffn_module="mlp",
+           ffn_roles=_LLAMA_FFN),
+)
+
 # Output heads are task-specific and tiny; never compressed by default in the fallback.
 _HEAD_NAMES = re.compile(r"(^|\.)(classifier|score|lm_head|pooler|qa_outputs)(\.|$)")
 
@@ -150,14 +233,27 @@ def dense_linear_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def blocks_of(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """(qualified name, ModuleList) of the transformer blocks, or None for an unknown family."""
+    """(qualified name, ModuleList) of the transformer blocks, or None for an unknown family (and for shared
+    layers, which are no list of one module per block)."""
     family = family_of(model)
-    if family is None:
+    if family is None or family.shared_layers:
         return None
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and re.fullmatch(family.blocks, name):
             return name, module
     return None
+
+
+def shared_layers_refusal(model: nn.Module, what: str, action: str) -> str | None:
+    """One line saying why `what` cannot be `action` per block on a model with shared layers (None: it has
+    one module per block, or no anatomy entry, which callers word themselves)."""
+    family = family_of(model)
+    if family is None or not family.shared_layers:
+        return None
+    model_type = model.config.model_type
+    return (f"{what}: shared {model_type.upper()} layers cannot be {action} per layer (model type {model_type!r} "
+            "runs one layer group in every block); compress the shared layer once with a layer-wise method and "
+            "calibration mode one_shot")
 
 
 def head_layout(model: nn.Module) -> tuple[int, int, int]:

@@ -13,7 +13,7 @@ from typing import Literal
 
 from torch import nn
 
-from lmcompress.core.families import SUBSTEP_ROLES, blocks_of, family_of, head_layout
+from lmcompress.core.families import SUBSTEP_ROLES, blocks_of, family_of, head_layout, shared_layers_refusal
 from lmcompress.errors import RecipeError
 
 UnitKind = Literal["linear", "attention", "feed_forward", "block", "model"]
@@ -105,7 +105,8 @@ def group_units(model: nn.Module, kind: str, selected: set[str] | None = None) -
         return [Unit("model", "", None, {})]
     family, found = family_of(model), blocks_of(model)
     if family is None or found is None:
-        raise RecipeError(f"{kind} units need an anatomy entry, and model type "
+        raise RecipeError(shared_layers_refusal(model, f"{kind} units", "grouped")
+                          or f"{kind} units need an anatomy entry, and model type "
                           f"{getattr(model.config, 'model_type', None)!r} has none; use a layer-wise method")
     prefix, blocks = found
     heads, kv_heads, head_dim = head_layout(model)

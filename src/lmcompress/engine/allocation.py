@@ -151,7 +151,7 @@ class SensitivityProbe:
                 return args, {**kwargs, "hidden_states": hidden}
 
             for i in range(start):
-                self.blocks[i] = Passthrough(cached.returns_tuple)
+                self.blocks[i] = Passthrough(cached.returns_tuple, cached.tuple_size)
             handle = self.blocks[start].register_forward_pre_hook(substitute, with_kwargs=True)
             try:
                 for i, batch in enumerate(self.batches):

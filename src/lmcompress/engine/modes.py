@@ -21,7 +21,7 @@ from torch import nn
 
 from lmcompress.calibration.collection import PassEstimate, SequentialCalibrator, cache_bytes_estimate, collect
 from lmcompress.calibration.stats import LayerStats, estimate_bytes
-from lmcompress.core.families import blocks_of
+from lmcompress.core.families import blocks_of, shared_layers_refusal
 from lmcompress.core.progress import track
 from lmcompress.core.units import Unit, factor_path, substep_of
 from lmcompress.errors import RecipeError
@@ -99,6 +99,9 @@ class Sequential(CalibrationMode):
     name = "sequential"
 
     def fallback(self, run, units) -> str | None:
+        refusal = shared_layers_refusal(run.model, f"stage {run.index + 1}: sequential calibration", "calibrated")
+        if refusal is not None:
+            raise RecipeError(refusal)
         if blocks_of(run.model) is None or any(u.block is None for u in units):
             log.warning("stage %d: sequential calibration needs every target inside a transformer block of a "
                         "known architecture; calibrating in one shot instead", run.index + 1)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -66,12 +68,28 @@ def count_flops(model: nn.Module, seq_len: int = 128) -> int:
     handles = [m.register_forward_hook(count_packed) for m in model.modules()
                if _is_packed_int8(m) or hasattr(m, "ran_packed_kernel")]
     try:
-        with counter, torch.inference_mode():
+        with _no_grad_parameters(model), counter, torch.inference_mode():
             model(**batch)
     finally:
         for handle in handles:
             handle.remove()
     return int(counter.get_total_flops()) + packed[0]
+
+
+@contextlib.contextmanager
+def _no_grad_parameters(model: nn.Module) -> Iterator[None]:
+    """Parameters marked as not needing gradients while FLOPs are counted. The counter's module tracker hooks
+    the gradient of every module input that requires one; a model that passes a parameter itself into a
+    module (DeBERTa's relative-position table into each layer) then fails under inference mode, where such
+    an input has no autograd node ('NoneType' object has no attribute 'next_functions')."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
 
 
 def _is_packed_int8(module: nn.Module) -> bool:

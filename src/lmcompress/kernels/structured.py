@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lmcompress.core.families import ROLE_AS
 from lmcompress.core.linear import (
     dense_kind,
     in_out_features,
@@ -30,7 +31,7 @@ from lmcompress.core.linear import (
 )
 from lmcompress.core.units import Unit
 
-ROW_ROLES = ("q", "k", "v", "qkv", "in", "gate", "in_gate")   # sliced by output rows
+ROW_ROLES = ("q", "k", "v", "qkv", "in", "gate", "in_gate", *ROLE_AS)   # sliced by output rows
 COLUMN_ROLES = ("o", "out")                           # sliced by input columns
 HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head")
 WIDTH_ATTRS = ("all_head_size", "split_size")          # attributes that hold heads x head size
@@ -94,6 +95,7 @@ def feature_index(pieces: Pieces, keep: list[int], role: str, model: nn.Module) 
     keep = sorted(keep)
     if pieces.kind == "neurons":
         return neuron_rows(role, torch.tensor(keep, dtype=torch.long), pieces.count)
+    role = ROLE_AS.get(role, role)
     hd, group = pieces.head_dim, pieces.group_size
     heads = [g * group + j for g in keep for j in range(group)]           # query heads kept
     query = [h * hd + i for h in heads for i in range(hd)]

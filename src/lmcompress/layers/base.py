@@ -42,7 +42,7 @@ def _counts(value: Any) -> bool:
 
 # what each manifest field may hold; `save` writes nothing else, so anything else is a damaged or crafted file
 _FIELD_CHECKS: dict[str, tuple[Any, str]] = {
-    **dict.fromkeys(("in_features", "out_features", "rank", "terms", "num_embeddings", "embedding_dim"),
+    **dict.fromkeys(("in_features", "out_features", "rank", "terms", "num_embeddings", "embedding_dim", "tuple_size"),
                     (_count, "a positive integer")),
     "bits": (lambda v: _integer(v) and v in (4, 8), "4 or 8"),
     "nnz": (lambda v: v is None or (_integer(v) and v >= 0), "a non-negative integer or null"),

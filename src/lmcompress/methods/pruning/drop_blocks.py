@@ -28,7 +28,7 @@ from pydantic import Field
 from torch import nn
 
 from lmcompress.calibration.blockcache import BlockInputs, capture_block_inputs, run_block
-from lmcompress.core.families import blocks_of, family_of, supported_model_types
+from lmcompress.core.families import blocks_of, family_of, shared_layers_refusal, supported_model_types
 from lmcompress.core.progress import track
 from lmcompress.core.units import block_index
 from lmcompress.errors import CalibrationError, RecipeError
@@ -114,7 +114,8 @@ def _candidates(model: nn.Module, targets: dict[str, nn.Module], config: DropBlo
     """Indices of the blocks that hold a targeted layer; RecipeError when `count` cannot be met."""
     found = blocks_of(model)
     if family_of(model) is None or found is None:
-        raise RecipeError(f"method 'drop_blocks' needs an anatomy entry for model type "
+        raise RecipeError(shared_layers_refusal(model, "method 'drop_blocks'", "dropped")
+                          or f"method 'drop_blocks' needs an anatomy entry for model type "
                           f"{getattr(getattr(model, 'config', None), 'model_type', None)!r}; supported: "
                           f"{', '.join(supported_model_types())}")
     total = len(found[1])
@@ -178,7 +179,8 @@ def _bridge(model: nn.Module, blocks: nn.ModuleList, batches, removed: list[int]
             block = blocks[i]
             target = [h.detach() for h in run_block(block, original)]
             if i in removed:
-                replacement, metrics[i] = _fit(current, target, damp, original.returns_tuple)
+                replacement, metrics[i] = _fit(current, target, damp, original.returns_tuple,
+                                               original.tuple_size)
                 replacement.attention_type = getattr(block, "attention_type", None)   # read off blocks by some models
                 blocks[i] = replacement
                 produced = [h.detach() for h in run_block(replacement, current)]
@@ -193,7 +195,7 @@ def _bridge(model: nn.Module, blocks: nn.ModuleList, batches, removed: list[int]
 
 
 def _fit(inputs: BlockInputs, targets: list[torch.Tensor], damp: float,
-         returns_tuple: bool) -> tuple[LinearBlock, dict[str, float]]:
+         returns_tuple: bool, tuple_size: int = 1) -> tuple[LinearBlock, dict[str, float]]:
     """Ridge least squares [X 1] [W; b] ~ Y over the calibration tokens, W pulled towards the identity."""
     device = targets[0].device
     hidden = targets[0].shape[-1]
@@ -225,7 +227,8 @@ def _fit(inputs: BlockInputs, targets: list[torch.Tensor], damp: float,
     identity = torch.cat([eye, torch.zeros(1, hidden, dtype=torch.float64, device=device)])
     metrics = {"removal_err": error(identity), "linear_err": error(solution)}
     dtype = targets[0].dtype
-    layer = LinearBlock.from_weights(solution[:-1].T.to(dtype).contiguous(), solution[-1].to(dtype), returns_tuple)
+    layer = LinearBlock.from_weights(solution[:-1].T.to(dtype).contiguous(), solution[-1].to(dtype), returns_tuple,
+                                    tuple_size)
     return layer, metrics
 
 

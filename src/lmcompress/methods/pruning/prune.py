@@ -34,7 +34,7 @@ from pydantic import Field
 from torch import nn
 
 from lmcompress.calibration.collection import SequentialCalibrator, collect
-from lmcompress.core.families import blocks_of, family_of, supported_model_types
+from lmcompress.core.families import blocks_of, family_of, shared_layers_refusal, supported_model_types
 from lmcompress.core.linear import in_out_features, is_dense_linear, weight_out_in
 from lmcompress.core.progress import track
 from lmcompress.core.units import Unit, group_units
@@ -100,10 +100,13 @@ class Prune(Method):
                        targets: dict[str, nn.Module], context: StageContext | None = None) -> ModelResult:
         context = context or StageContext()
         if family_of(model) is None or blocks_of(model) is None:
-            raise RecipeError(f"method 'prune' needs an anatomy entry for model type "
+            raise RecipeError(shared_layers_refusal(model, "method 'prune'", "pruned")
+                              or f"method 'prune' needs an anatomy entry for model type "
                               f"{getattr(model.config, 'model_type', None)!r}; supported: "
                               f"{', '.join(supported_model_types())} (add one in lmcompress/core/families.py, see "
                               f"docs/adding-a-method.md)")
+        if config.heads and family_of(model).head_pruning:
+            raise RecipeError(f"method 'prune': {family_of(model).head_pruning}; prune neurons only (heads: false)")
         if not (config.heads or config.neurons):
             raise RecipeError("method 'prune': heads and neurons are both off; nothing to prune")
         units = self._units(model, targets, config)
@@ -133,9 +136,6 @@ class Prune(Method):
         for kind, wanted in (("attention", config.heads), ("feed_forward", config.neurons)):
             if wanted:
                 units += [u for u in group_units(model, kind, selected) if set(u.layer_names) <= selected]
-        reason = family_of(model).head_pruning
-        if reason and any(u.kind == "attention" for u in units):
-            raise RecipeError(f"method 'prune': {reason}; prune neurons only (heads: false)")
         for unit in units:   # a group another method replaced is selected too (see `accepts`): say so
             try:
                 check_prunable(model, unit)

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from lmcompress.core.families import blocks_of
+from lmcompress.core.families import blocks_of, shared_layers_refusal
 from lmcompress.errors import DataError, DistillError
 
 HIDDEN_ATTRS = ("hidden_size", "n_embd", "dim", "d_model")
@@ -40,7 +40,8 @@ def check_models(teacher: nn.Module, student: nn.Module) -> None:
         raise DistillError(f"mismatched architecture: teacher model type {t_type!r}, student {s_type!r}")
     t_blocks, s_blocks = blocks_of(teacher), blocks_of(student)
     if t_blocks is None:
-        raise DistillError(f"distill needs an anatomy entry for model type {t_type!r} (it matches block outputs)")
+        raise DistillError(shared_layers_refusal(teacher, "distill", "matched")
+                           or f"distill needs an anatomy entry for model type {t_type!r} (it matches block outputs)")
     if len(t_blocks[1]) != len(s_blocks[1]):
         raise DistillError(f"mismatched depth: teacher has {len(t_blocks[1])} blocks, student {len(s_blocks[1])}; "
                            "blocks are matched one to one (drop_blocks with replace: linear keeps the depth)")

@@ -83,7 +83,7 @@ def compressed_units(student: nn.Module, teacher: nn.Module) -> list[str]:
                 units.append(name)   # cannot be compared alone; the block phase still trains it
                 continue
             block = f"{found[0]}.{index}" if found[0] else str(index)
-            root = family.attention_module if role in ("q", "k", "v", "qkv", "o") else family.ffn_module
+            root = family.attention_module if role in family.attention_roles else family.ffn_module
             units.append(f"{block}.{root}" if root else block)
     return [u for u in _outermost(units) if u in t_modules and not _frozen(student.get_submodule(u))]
 
