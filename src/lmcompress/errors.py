@@ -17,6 +17,10 @@ class RecipeError(LMCompressError):
     """A recipe or method option is invalid."""
 
 
+class CompressionError(LMCompressError):
+    """The compressed model cannot run (its architecture's code does not accept a compressed layer)."""
+
+
 class CalibrationError(LMCompressError):
     """Calibration produced no usable statistics (no tokens, NaN or inf)."""
 

@@ -25,6 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lmcompress.core.seq2seq import with_decoder_inputs
+
 
 class _Stop(Exception):
     """Raised by the capture hook so the rest of the model does not run."""
@@ -161,7 +163,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches: Sequence[d
     try:
         with no_cache(model), torch.inference_mode():
             for batch in batches:
-                batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+                batch = with_decoder_inputs(model, {k: v.to(device) for k, v in batch.items() if k != "labels"})
                 mask = batch.get("attention_mask")
                 current_mask[0] = mask.bool() if mask is not None else None
                 with contextlib.suppress(_Stop):

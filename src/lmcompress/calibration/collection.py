@@ -24,6 +24,7 @@ from lmcompress.calibration.blockcache import BlockInputs, capture_block_inputs,
 from lmcompress.calibration.stats import DEFAULT_PAIRS_MB, LABELLED_NEEDS, LayerStats, StatsCollector, check_stats
 from lmcompress.core.linear import weight_out_in
 from lmcompress.core.progress import track
+from lmcompress.core.seq2seq import with_decoder_inputs
 from lmcompress.errors import CalibrationError
 from lmcompress.tasks.batching import encode_batches
 
@@ -88,7 +89,7 @@ def collect(model: nn.Module, batches: list[dict[str, torch.Tensor]], layers: di
         if forward_needs:
             with collector, no_cache(model), torch.inference_mode():
                 for batch in track(batches, len(batches), desc, progress, unit="batch"):
-                    batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+                    batch = with_decoder_inputs(model, {k: v.to(device) for k, v in batch.items() if k != "labels"})
                     mask = batch.get("attention_mask")
                     collector.mask = mask.bool() if mask is not None else None
                     model(**batch)
@@ -256,3 +257,41 @@ class SequentialCalibrator:
 def _prefix_of(model: nn.Module, target: nn.Module) -> str:
     return next(name for name, module in model.named_modules() if module is target)
 
+
+
+class StackedCalibrator:
+    """`SequentialCalibrator` over one or more stacks of blocks (an encoder, then a decoder), with blocks
+    numbered as one sequence. Entering a new stack captures its inputs by running the model as compressed so
+    far, so a decoder is calibrated on what the compressed encoder now outputs (its cross-attention reads it)."""
+
+    def __init__(self, model: nn.Module, stacks: list[nn.ModuleList], batches: list[dict[str, torch.Tensor]],
+                 first_block: int = 0, **options) -> None:
+        self.model, self.stacks, self.batches, self.options = model, stacks, batches, options
+        self.stack: int | None = None
+        self.current: SequentialCalibrator | None = None
+        self.begin_block(first_block)
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        for position, stack in enumerate(self.stacks):
+            if index < len(stack):
+                return position, index
+            index -= len(stack)
+        raise IndexError(f"block {index} is past the model's blocks")
+
+    def begin_block(self, index: int) -> None:
+        stack, local = self._locate(index)
+        if self.current is None or stack != self.stack:
+            if self.current is not None:
+                self.current.close()
+            self.current = SequentialCalibrator(self.model, self.stacks[stack], self.batches, first_block=local,
+                                                **self.options)
+            self.stack = stack
+        self.current.begin_block(local)
+
+    def collect(self, layers: dict[str, nn.Module], needs: set[str],
+                pair_spans: dict[str, str] | None = None) -> dict[str, LayerStats]:
+        return self.current.collect(layers, needs, pair_spans)
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current.close()

@@ -2,7 +2,8 @@
 
 Anatomy is data, not if-chains: one `Family` entry per group of `config.model_type`s. It names
 
-- the repeated transformer blocks, in data-flow order (`blocks_of`);
+- the repeated transformer blocks, in data-flow order (`blocks_of`); an encoder-decoder has two stacks, which
+  `blocks` matches both of (`block_stacks`), numbered as one sequence: encoder blocks first, then decoder blocks;
 - inside each block, the coupled groups a structured method acts on: the attention module with its
   q/k/v/output projections and head layout, and the feed-forward module with its in/gate/out projections;
 - the regular expressions that split parameters into components for reports.
@@ -27,7 +28,9 @@ COMPONENTS = ("embeddings", "attention", "feed_forward", "other")
 # sequential calibration (its layers read the same input).
 # A fused projection has one role: "qkv" (q, k and v in one layer, rows laid out as the family's `qkv_layout`
 # says) or "in_gate" (the feed-forward's in and gate halves in one layer, in the order `in_gate_order` says).
+# A decoder block's cross-attention comes after its self-attention.
 SUBSTEP_ROLES: tuple[tuple[str, ...], ...] = (("q", "k", "v", "qkv", "pos_q", "pos_k"), ("o",),
+                                               ("cross_q", "cross_k", "cross_v"), ("cross_o",),
                                                ("in", "gate", "in_gate"), ("out",))
 QKV_LAYOUTS = ("blocked", "per_head")   # [Q|K|V] (K, V of the key/value heads) | [q_h|k_h|v_h] for each head h
 # Roles sliced like another role though they read another input: DeBERTa's relative-position projections
@@ -58,6 +61,21 @@ class Family:
     # every block runs the same shared layer group (ALBERT): there is no module per block, so the blocks are
     # not listed (`blocks_of` is None) and per-block operations refuse; the shared layers are still targets
     shared_layers: bool = False
+    # a decoder block's cross-attention (reads the encoder's output): calibrated and compressed layer by layer,
+    # never pruned by heads (it is not part of the attention unit)
+    cross_attention_roles: dict[str, str] = field(default_factory=dict)
+    # why a capability is missing for this family (empty: it works); the one-line refusal names the family
+    no_sequential: str = ""     # sequential calibration (falls back to one shot with this warning)
+    not_targets: str = ""       # regex: modules inside the blocks that are never default targets (not linears)
+
+    def role_paths(self) -> dict[str, tuple[str, ...]]:
+        """role -> the paths (relative to a block) it may have; `a|b` in a role lists alternatives, for stacks
+        whose blocks differ (T5's decoder has its feed-forward one sub-layer later than its encoder)."""
+        roles = {**self.attention_roles, **self.cross_attention_roles, **self.ffn_roles}
+        return {role: tuple(rel.split("|")) for role, rel in roles.items()}
+
+    def refusal(self, what: str, why: str) -> str:
+        return f"{what} is not supported for {'/'.join(self.model_types)} models: {why}"
 
     @property
     def block(self) -> str:
@@ -210,10 +228,46 @@ FAMILIES += (
            attention_roles=_LLAMA_ATTENTION,
            ffn_module="mlp",
            ffn_roles=_LLAMA_FFN),
+    # encoder-decoders (seq2seq): two stacks; the feed-forward is `wi`/`wo`, gated `wi_0`/`wi_1` in T5 v1.1/mT5
+    Family(("t5", "mt5"),
+           blocks=r"(.*\.)?(encoder|decoder)\.block",
+           embeddings=r"(^|\.)(shared|embed_tokens)\.",
+           attention=r"\.(SelfAttention|EncDecAttention)\.|\.layer\.0\.layer_norm\.",
+           feed_forward=r"\.DenseReluDense\.|\.layer\.[12]\.layer_norm\.",
+           attention_module="layer.0.SelfAttention",
+           attention_roles={"q": "layer.0.SelfAttention.q", "k": "layer.0.SelfAttention.k",
+                            "v": "layer.0.SelfAttention.v", "o": "layer.0.SelfAttention.o"},
+           cross_attention_roles={"cross_q": "layer.1.EncDecAttention.q", "cross_k": "layer.1.EncDecAttention.k",
+                                  "cross_v": "layer.1.EncDecAttention.v", "cross_o": "layer.1.EncDecAttention.o"},
+           ffn_module="layer.1.DenseReluDense|layer.2.DenseReluDense",
+           ffn_roles={"in": "layer.1.DenseReluDense.wi|layer.1.DenseReluDense.wi_1|layer.2.DenseReluDense.wi"
+                            "|layer.2.DenseReluDense.wi_1",
+                      "gate": "layer.1.DenseReluDense.wi_0|layer.2.DenseReluDense.wi_0",
+                      "out": "layer.1.DenseReluDense.wo|layer.2.DenseReluDense.wo"},
+           heads_attrs=("num_heads",),
+           not_targets=r"relative_attention_bias",
+           no_sequential="blocks after the first read the relative position bias block 0 computes, which the "
+                         "block-input cache does not carry",
+           head_pruning="removing attention heads is not supported for t5/mt5 models: the relative position bias "
+                        "of block 0 is shared by every block of its stack, so one block's heads cannot be removed "
+                        "alone"),
+    Family(("bart",),
+           blocks=r"(.*\.)?(encoder|decoder)\.layers",
+           embeddings=r"(^|\.)(shared|embed_tokens|embed_positions)\.",
+           attention=r"\.(self_attn|encoder_attn)(_layer_norm)?\.",
+           feed_forward=r"\.(fc1|fc2|final_layer_norm)\.",
+           attention_module="self_attn",
+           attention_roles={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                            "o": "self_attn.out_proj"},
+           cross_attention_roles={"cross_q": "encoder_attn.q_proj", "cross_k": "encoder_attn.k_proj",
+                                  "cross_v": "encoder_attn.v_proj", "cross_o": "encoder_attn.out_proj"},
+           ffn_module="",   # fc1/fc2 sit directly in the block
+           ffn_roles={"in": "fc1", "out": "fc2"},
+           heads_attrs=("encoder_attention_heads",)),
 )
 
 # Output heads are task-specific and tiny; never compressed by default in the fallback.
-_HEAD_NAMES = re.compile(r"(^|\.)(classifier|score|lm_head|pooler|qa_outputs)(\.|$)")
+_HEAD_NAMES = re.compile(r"(^|\.)(classifier|classification_head|score|lm_head|pooler|qa_outputs)(\.|$)")
 
 
 def family_of(model: nn.Module) -> Family | None:
@@ -232,16 +286,41 @@ def dense_linear_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
-def blocks_of(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """(qualified name, ModuleList) of the transformer blocks, or None for an unknown family (and for shared
-    layers, which are no list of one module per block)."""
+def block_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """(qualified name, ModuleList) of every stack of blocks, in model order (an encoder before its decoder)."""
     family = family_of(model)
-    if family is None or family.shared_layers:
-        return None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and re.fullmatch(family.blocks, name):
-            return name, module
-    return None
+    if family is None or family.shared_layers:   # shared layers are no list of one module per block
+        return []
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, nn.ModuleList) and re.fullmatch(family.blocks, name)]
+
+
+def blocks_of(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """(qualified name, ModuleList) of the transformer blocks (the first stack of an encoder-decoder), or None
+    for an unknown family (and for shared layers, which are no list of one module per block)."""
+    stacks = block_stacks(model)
+    return stacks[0] if stacks else None
+
+
+def is_multi_stack(model: nn.Module) -> bool:
+    """True for an encoder-decoder: block indices then run over both stacks (see `block_stacks`)."""
+    return len(block_stacks(model)) > 1
+
+
+def locate_block(model: nn.Module, index: int) -> tuple[str, nn.ModuleList, int]:
+    """(stack name, stack, index inside it) of block `index` counted over every stack in order."""
+    for name, stack in block_stacks(model):
+        if index < len(stack):
+            return name, stack, index
+        index -= len(stack)
+    raise IndexError(f"block {index} is past the model's blocks")
+
+
+def resolve_path(modules: dict[str, nn.Module] | nn.Module, block_name: str, rel: str) -> str | None:
+    """The qualified name of `rel` (alternatives `a|b`) under `block_name` that exists, or None."""
+    names = modules if isinstance(modules, dict) else dict(modules.named_modules())
+    return next((f"{block_name}.{r}" if r else block_name for r in rel.split("|")
+                 if (f"{block_name}.{r}" if r else block_name) in names), None)
 
 
 def shared_layers_refusal(model: nn.Module, what: str, action: str) -> str | None:
@@ -264,8 +343,8 @@ def head_layout(model: nn.Module) -> tuple[int, int, int]:
     heads = next(getattr(config, a) for a in attrs if getattr(config, a, None))
     kv_heads = next((getattr(config, a) for a in (family.kv_heads_attrs if family else ())
                      if getattr(config, a, None)), heads)
-    hidden = next(getattr(config, a) for a in ("hidden_size", "n_embd", "dim") if getattr(config, a, None))
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    hidden = next(getattr(config, a) for a in ("hidden_size", "n_embd", "dim", "d_model") if getattr(config, a, None))
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or hidden // heads
     return heads, kv_heads, head_dim
 
 
@@ -273,7 +352,7 @@ def default_target_pattern(model: nn.Module) -> str:
     """The default `targets`: every dense linear layer inside the transformer blocks."""
     family = family_of(model)
     if family is not None:
-        return family.block
+        return family.block + (f"(?!.*(?:{family.not_targets}))" if family.not_targets else "")
     return r"^(?!.*" + _HEAD_NAMES.pattern + r").*$"
 
 

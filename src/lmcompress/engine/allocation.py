@@ -30,6 +30,7 @@ from torch.nn import functional as F
 from lmcompress.calibration.blockcache import BlockInputs, Passthrough, capture_block_inputs, no_cache, run_block
 from lmcompress.core.linear import set_submodule
 from lmcompress.core.progress import track
+from lmcompress.core.seq2seq import with_decoder_inputs
 from lmcompress.core.units import Unit
 from lmcompress.errors import RecipeError
 from lmcompress.methods.base import Candidates
@@ -116,7 +117,8 @@ class SensitivityProbe:
                  cache_mb: float = 1024.0) -> None:
         self.model, self.blocks = model, blocks
         self.device = next(model.parameters()).device
-        self.batches = [{k: v.to(self.device) for k, v in b.items() if k != "labels"} for b in batches]
+        self.batches = [with_decoder_inputs(model, {k: v.to(self.device) for k, v in b.items() if k != "labels"})
+                        for b in batches]
         self.masks = [b["attention_mask"].bool() if "attention_mask" in b else None for b in self.batches]
         self.inputs: list[BlockInputs] = []
         self.reference: list[torch.Tensor] = []   # per batch: log-probabilities (or the regression output)

@@ -19,9 +19,9 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
-from lmcompress.calibration.collection import PassEstimate, SequentialCalibrator, cache_bytes_estimate, collect
+from lmcompress.calibration.collection import PassEstimate, StackedCalibrator, cache_bytes_estimate, collect
 from lmcompress.calibration.stats import LayerStats, estimate_bytes
-from lmcompress.core.families import blocks_of, shared_layers_refusal
+from lmcompress.core.families import block_stacks, family_of, shared_layers_refusal
 from lmcompress.core.progress import track
 from lmcompress.core.units import Unit, factor_path, substep_of
 from lmcompress.errors import RecipeError
@@ -102,7 +102,12 @@ class Sequential(CalibrationMode):
         refusal = shared_layers_refusal(run.model, f"stage {run.index + 1}: sequential calibration", "calibrated")
         if refusal is not None:
             raise RecipeError(refusal)
-        if blocks_of(run.model) is None or any(u.block is None for u in units):
+        family = family_of(run.model)
+        if family is not None and family.no_sequential:
+            log.warning("stage %d: %s; calibrating in one shot instead", run.index + 1,
+                        family.refusal("sequential calibration", family.no_sequential))
+            return OneShot.name
+        if not block_stacks(run.model) or any(u.block is None for u in units):
             log.warning("stage %d: sequential calibration needs every target inside a transformer block of a "
                         "known architecture; calibrating in one shot instead", run.index + 1)
             return OneShot.name
@@ -123,10 +128,10 @@ class Sequential(CalibrationMode):
 
     def apply(self, run, layers, units, batches, stats) -> None:
         """Statistics from the allocator are not reused: each sub-step recalibrates on the model so far."""
-        found = blocks_of(run.model)
-        assert found is not None
+        stacks = [blocks for _, blocks in block_stacks(run.model)]
+        assert stacks
         grouped = by_block_index(units)
-        calibrator = SequentialCalibrator(run.model, found[1], batches, first_block=min(grouped),
+        calibrator = StackedCalibrator(run.model, stacks, batches, first_block=min(grouped),
                                           teacher="cross_gram" in run.needs, cache_mb=run.cal.cache_mb,
                                           pairs_mb=run.cal.pairs_mb, progress=False)
         try:

@@ -27,7 +27,13 @@ from lmcompress.calibration.collection import (
     encode_spread_sample,
 )
 from lmcompress.calibration.stats import LABELLED_NEEDS, LayerStats
-from lmcompress.core.families import blocks_of, default_target_pattern, family_of, supported_model_types
+from lmcompress.core.families import (
+    blocks_of,
+    default_target_pattern,
+    family_of,
+    is_multi_stack,
+    supported_model_types,
+)
 from lmcompress.core.linear import in_out_features, set_submodule
 from lmcompress.core.units import Unit, units_for
 from lmcompress.engine.allocation import AllocationResult, SensitivityProbe, allocate
@@ -35,7 +41,8 @@ from lmcompress.engine.layer_timing import SEQ_LEN, LayerSpeed, time_layers
 from lmcompress.engine.modes import OneShot, get_mode
 from lmcompress.engine.recipe import Calibration, Recipe, ResolvedStage, Stage
 from lmcompress.engine.reuse import ScoreCache
-from lmcompress.errors import CalibrationError, RecipeError
+from lmcompress.errors import CalibrationError, CompressionError, RecipeError, first_line
+from lmcompress.evaluation.efficiency import dummy_batch
 from lmcompress.layers import CompressedLayer
 from lmcompress.methods import get_method
 from lmcompress.methods.base import LayerResult, Method, MethodConfig, StageContext
@@ -191,10 +198,22 @@ def compress(model: nn.Module, recipe: Recipe, tokenizer=None, calibration_data=
     for stage in stages:
         _StageRun(model, stage, recipe.calibration, summary.tokenizer or tokenizer, calibration_data,
                   progress, summary, reuse if stage.index == 0 else None, original).run()
+    check_forward(model)
     if timing:
         _record_speed(model, summary, progress)
     log.info("%s", summary.describe())
     return summary
+
+
+def check_forward(model: nn.Module, seq_len: int = 8) -> None:
+    """Run one small batch through the compressed model, so a model whose own code cannot run with the new
+    layers (one that reads a replaced layer's attributes) is refused in one line rather than saved."""
+    try:
+        with torch.inference_mode():
+            model(**dummy_batch(model, 2, seq_len))
+    except Exception as err:  # noqa: BLE001 - any failure of the architecture's forward is reported the same way
+        raise CompressionError(f"the compressed {type(model).__name__} cannot run a forward pass "
+                               f"({type(err).__name__}: {first_line(err)}); nothing should be saved") from None
 
 
 def _record_speed(model: nn.Module, summary: CompressionSummary, progress: bool) -> None:
@@ -334,7 +353,10 @@ class _StageRun:
             found = blocks_of(self.model)
             sample = encode_spread_sample(self.tokenizer, self.sample, self.stage.allocation.samples,
                                           self.cal.batch_size, self.cal.max_length)
-            probe = SensitivityProbe(self.model, found[1] if found else None, sample, self.cal.cache_mb)
+            # block-input caching skips the blocks before a unit; over two stacks it would skip the encoder, so
+            # an encoder-decoder is scored by whole-model passes
+            blocks = found[1] if found and not is_multi_stack(self.model) else None
+            probe = SensitivityProbe(self.model, blocks, sample, self.cal.cache_mb)
         key = self._reuse_key(units) if probe is not None and self.reuse is not None else None
         known = self.reuse.load(key) if key is not None else None
         try:

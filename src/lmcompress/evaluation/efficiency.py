@@ -16,6 +16,7 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from lmcompress.core.families import parameters_by_component
+from lmcompress.core.seq2seq import with_decoder_inputs
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
@@ -25,12 +26,20 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
 
 
 def dummy_batch(model: nn.Module, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
-    """Token ids that avoid special ids; FLOPs and latency depend only on shapes."""
+    """Token ids that avoid special ids, each row ending with the model's EOS when it has one (T5's and BART's
+    classifiers read the EOS position and refuse rows without one); FLOPs and latency depend only on shapes.
+    An encoder-decoder also gets decoder inputs (core/seq2seq.py)."""
     vocab = int(getattr(model.config, "vocab_size", 1000))
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(min(1000, vocab // 2), vocab, (batch_size, seq_len), generator=generator).to(device)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    low = min(1000, vocab // 2)
+    ids = torch.randint(low, vocab, (batch_size, seq_len), generator=generator)
+    eos = getattr(model.config, "eos_token_id", None)
+    if isinstance(eos, int) and 0 <= eos < vocab:
+        ids[ids == eos] = low if low != eos else low + 1
+        ids[:, -1] = eos
+    ids = ids.to(device)
+    return with_decoder_inputs(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
 
 
 def _attention_flops(query_shape, key_shape, value_shape, *_args, **_kwargs) -> int:

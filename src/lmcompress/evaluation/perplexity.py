@@ -1,4 +1,5 @@
-"""Perplexity of a causal LM over a long text, and pseudo-perplexity of a masked LM (docs/perplexity.md).
+"""Perplexity of a causal LM over a long text, pseudo-perplexity of a masked LM, and teacher-forced perplexity of an
+encoder-decoder (docs/perplexity.md).
 
 Perplexity is exp(total negative log-likelihood / number of predicted tokens). The text is tokenised once
 and read in windows of `max_length` tokens starting every `stride` tokens. In each window only the tokens
@@ -42,7 +43,7 @@ class Window:
 class LMScore:
     """A (pseudo-)perplexity and what it was computed on."""
 
-    method: str          # "perplexity" (causal LM) or "pseudo_perplexity" (masked LM)
+    method: str          # "perplexity" (causal LM), "pseudo_perplexity" (masked LM) or "seq2seq_perplexity"
     perplexity: float
     nll: float           # mean negative log-likelihood per scored token, in nats
     tokens: int          # tokens scored
@@ -204,6 +205,38 @@ def pseudo_perplexity(model: nn.Module, tokenizer, text: str, *, max_length: int
     return _score("pseudo_perplexity", total, len(targets), len(targets), len(targets), max_length, None)
 
 
+def seq2seq_perplexity(model: nn.Module, tokenizer, text: str, *, max_length: int | None = None,
+                       batch_size: int = 8, max_tokens: int | None = None, progress: bool = False) -> LMScore:
+    """Teacher-forced perplexity of an encoder-decoder (T5, BART): the text is cut into disjoint chunks of
+    `max_length` tokens; each chunk's first half is the source (the encoder's input) and its second half the
+    target, every target token predicted from the source and the target tokens before it. Only target tokens
+    are scored, so about half the text is; the number is not comparable with a causal LM's perplexity."""
+    max_length = _window_length(model, max_length)
+    if max_length < 2:
+        raise LMCompressError(f"max_length must be at least 2 for perplexity (a source and a target token), "
+                              f"got {max_length}")
+    ids = torch.tensor(_token_ids(tokenizer, text, False, max_tokens), dtype=torch.long)
+    if len(ids) < 2:
+        raise DataError(f"the text has {len(ids)} token(s); perplexity needs at least 2 (a source and a target)")
+    chunks = [ids[i:i + max_length] for i in range(0, len(ids), max_length)]
+    chunks = [c for c in chunks if len(c) >= 2]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    rows = _rows_per_batch(model, batch_size, max_length)
+    groups = [chunks[i:i + rows] for i in range(0, len(chunks), rows)]
+    model.eval()
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for group in track(groups, len(groups), "scoring", progress, unit="batch"):
+            sources = _padded([c[:len(c) // 2] for c in group], pad_id, device)
+            targets = _padded([c[len(c) // 2:] for c in group], pad_id, device)
+            labels = targets["input_ids"].masked_fill(targets["attention_mask"] == 0, -100)
+            logits = model(**sources, labels=labels, use_cache=False).logits.float()
+            nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+            total, count = total + float(nll.double()), count + int((labels != -100).sum())
+    return _score("seq2seq_perplexity", total, count, len(ids), len(chunks), max_length, None)
+
+
 def score_text(model: nn.Module, tokenizer, text: str, *, max_length: int | None = None, stride: int | None = None,
                batch_size: int = 8, max_tokens: int | None = None, progress: bool = False) -> LMScore:
     """Perplexity for a causal LM, pseudo-perplexity for a masked LM (`max_tokens` defaults to 1024 there)."""
@@ -214,5 +247,9 @@ def score_text(model: nn.Module, tokenizer, text: str, *, max_length: int | None
     if kind == "masked":
         return pseudo_perplexity(model, tokenizer, text, max_length=max_length, batch_size=batch_size,
                                  max_tokens=max_tokens or DEFAULT_PSEUDO_MAX_TOKENS, progress=progress)
+    if kind == "seq2seq":
+        return seq2seq_perplexity(model, tokenizer, text, max_length=max_length, batch_size=batch_size,
+                                  max_tokens=max_tokens, progress=progress)
     raise LMCompressError(f"a {type(model).__name__} is not a language model: perplexity needs a causal LM "
-                          "(...ForCausalLM, ...LMHeadModel) or a masked LM (...ForMaskedLM)")
+                          "(...ForCausalLM, ...LMHeadModel), a masked LM (...ForMaskedLM) or an encoder-decoder "
+                          "(...ForConditionalGeneration)")

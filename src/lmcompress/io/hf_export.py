@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import nn
 
-from lmcompress.core.families import blocks_of, family_of, head_layout
+from lmcompress.core.families import blocks_of, family_of, head_layout, is_multi_stack
 from lmcompress.core.linear import in_out_features
 from lmcompress.core.units import group_units
 from lmcompress.errors import LMCompressError
@@ -60,7 +60,7 @@ def hf_config(model: nn.Module) -> Any:
                           "export structurally pruned dense models only")
     config = copy.deepcopy(model.config)
     family, found = family_of(model), blocks_of(model)
-    if family is not None and found is not None:
+    if family is not None and found is not None and not is_multi_stack(model):  # else the structure check refuses
         prefix, blocks = found
         config.num_hidden_layers = len(blocks)
         _feed_forward(model, config, family, prefix, len(blocks))

@@ -141,15 +141,19 @@ def _classifier_kwargs(config, location: str, num_labels: int | None, label_name
 # Class-name endings of Hugging Face models with a trained language-modelling head.
 _CAUSAL_LM_ENDINGS: tuple[str, ...] = ("ForCausalLM", "LMHeadModel", "WithLMHead")
 _MASKED_LM_ENDINGS: tuple[str, ...] = ("ForMaskedLM",)
+# encoder-decoders with a language-modelling head (T5, mT5, BART); scored by teacher-forced perplexity
+_SEQ2SEQ_LM_ENDINGS: tuple[str, ...] = ("ForConditionalGeneration",)
 
 
 def language_model_kind(architectures: list[str] | tuple[str, ...] | None) -> str | None:
-    """'causal' or 'masked' when one of these class names has a language-modelling head, else None."""
+    """'causal', 'masked' or 'seq2seq' when one of these class names has a language-modelling head, else None."""
     for name in architectures or ():
         if name.endswith(_CAUSAL_LM_ENDINGS):
             return "causal"
         if name.endswith(_MASKED_LM_ENDINGS):
             return "masked"
+        if name.endswith(_SEQ2SEQ_LM_ENDINGS):
+            return "seq2seq"
     return None
 
 
@@ -181,7 +185,8 @@ def _language_model_class(config, location: str):
         raise ModelLoadError(f"{location} is not a language model (architectures: "
                              f"{', '.join(config.architectures or []) or 'none'}); language modeling needs a causal "
                              "LM (...ForCausalLM, ...LMHeadModel) or a masked LM (...ForMaskedLM)")
-    return transformers.AutoModelForCausalLM if kind == "causal" else transformers.AutoModelForMaskedLM
+    return {"causal": transformers.AutoModelForCausalLM, "masked": transformers.AutoModelForMaskedLM,
+            "seq2seq": transformers.AutoModelForSeq2SeqLM}[kind]
 
 
 def _head_kwargs(num_labels: int | None, label_names: tuple[str, ...] | None,

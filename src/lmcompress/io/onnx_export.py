@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmcompress.core.seq2seq import is_encoder_decoder
 from lmcompress.errors import LMCompressError, first_line
 from lmcompress.io.saving import atomic_output_dir, check_output_dir, compressed_modules
 from lmcompress.layers import CompressedLayer, layer_types
@@ -84,6 +85,14 @@ def require_onnx() -> tuple[Any, Any]:
         raise OnnxExportError(f"ONNX support needs the packages onnx, onnxruntime and onnxscript "
                               f"({err.name} is missing): {INSTALL_HINT}") from None
     return onnx, onnxruntime
+
+
+def check_not_seq2seq(model: nn.Module) -> None:
+    """An encoder-decoder is refused in one line: the graph's signature is encoder inputs to logits."""
+    if is_encoder_decoder(model):
+        model_type = getattr(model.config, "model_type", type(model).__name__)
+        raise OnnxExportError(f"ONNX export is not supported for {model_type} models (encoder-decoder): the graph "
+                              "takes encoder inputs only, and a decoder needs its own inputs")
 
 
 def check_format(fmt: str) -> None:
@@ -215,6 +224,7 @@ def export_onnx(model: nn.Module, tokenizer, out: str | Path, *, overwrite: bool
     Everything is checked (format support installed, output directory, layer types) before anything is
     written; a failure of the exporter itself is one OnnxExportError line and leaves nothing behind.
     """
+    check_not_seq2seq(model)
     _, onnxruntime = require_onnx()
     check_output_dir(out, overwrite)
     if source is not None and Path(source).is_dir():

@@ -133,6 +133,17 @@ class CompressedLayer(nn.Module):
         imported only when this is called (by the export)."""
         return {}
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """An empty tensor in the dtype and on the device this layer computes in: architectures read a linear
+        layer's `weight.dtype`/`.device` in their forward (T5's feed-forward casts to `wo.weight.dtype`), so a
+        compressed layer answers those cheaply. It holds no values: use `dense_weight()` for the matrix."""
+        tensors = [*self.parameters(), *self.buffers()]
+        floating = next((t for t in tensors if t.is_floating_point()), None)
+        reference = floating if floating is not None else (tensors[0] if tensors else torch.empty(0))
+        return torch.empty(0, dtype=reference.dtype if floating is not None else torch.float32,
+                           device=reference.device)
+
     def dense_weight(self) -> torch.Tensor:
         """The (out, in) weight this layer represents; for export and analysis, never used in forward."""
         raise NotImplementedError

@@ -42,7 +42,7 @@ from lmcompress.methods.base import Candidates, LayerResult, Method, MethodConfi
 from lmcompress.methods.lowrank.svd import svd_factors
 from lmcompress.methods.lowrank.whitened_svd import WhitenedSVDConfig, whitened_full_factors
 
-ACTIVATION_ATTRS = ("hidden_activation", "hidden_act", "activation_function", "activation")
+ACTIVATION_ATTRS = ("hidden_activation", "hidden_act", "activation_function", "activation", "dense_act_fn")
 MIN_STEPS_PER_CHECK = 20
 
 

@@ -28,7 +28,7 @@ from pydantic import Field
 from torch import nn
 
 from lmcompress.calibration.blockcache import BlockInputs, capture_block_inputs, run_block
-from lmcompress.core.families import blocks_of, family_of, shared_layers_refusal, supported_model_types
+from lmcompress.core.families import blocks_of, family_of, is_multi_stack, shared_layers_refusal, supported_model_types
 from lmcompress.core.progress import track
 from lmcompress.core.units import block_index
 from lmcompress.errors import CalibrationError, RecipeError
@@ -118,6 +118,9 @@ def _candidates(model: nn.Module, targets: dict[str, nn.Module], config: DropBlo
                           or f"method 'drop_blocks' needs an anatomy entry for model type "
                           f"{getattr(getattr(model, 'config', None), 'model_type', None)!r}; supported: "
                           f"{', '.join(supported_model_types())}")
+    if is_multi_stack(model):
+        raise RecipeError("method 'drop_blocks': " + family_of(model).refusal(
+            "dropping blocks", "the encoder and decoder stacks are sized and scored as one model only"))
     total = len(found[1])
     if config.count >= total:
         raise RecipeError(f"method 'drop_blocks': count {config.count} would leave no block (the model has "

@@ -33,8 +33,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from lmcompress.calibration.collection import SequentialCalibrator, collect
-from lmcompress.core.families import blocks_of, family_of, shared_layers_refusal, supported_model_types
+from lmcompress.calibration.collection import StackedCalibrator, collect
+from lmcompress.core.families import block_stacks, blocks_of, family_of, shared_layers_refusal, supported_model_types
 from lmcompress.core.linear import in_out_features, is_dense_linear, weight_out_in
 from lmcompress.core.progress import track
 from lmcompress.core.units import Unit, group_units
@@ -109,6 +109,7 @@ class Prune(Method):
             raise RecipeError(f"method 'prune': {family_of(model).head_pruning}; prune neurons only (heads: false)")
         if not (config.heads or config.neurons):
             raise RecipeError("method 'prune': heads and neurons are both off; nothing to prune")
+        _check_family(family_of(model), config)
         units = self._units(model, targets, config)
         pieces = {u.name: pieces_of(model, u) for u in units}
         costs = _budget_costs(model, units, pieces, context.budget)   # a too-small budget fails before any data
@@ -195,8 +196,9 @@ class Prune(Method):
             by_block.setdefault(unit.block, []).append(unit)
         calibrator = None
         if config.compensate != "none":
-            calibrator = SequentialCalibrator(model, blocks_of(model)[1], batches, first_block=min(by_block),
-                                              cache_mb=context.calibration.cache_mb, progress=False)
+            calibrator = StackedCalibrator(model, [b for _, b in block_stacks(model)], batches,
+                                           first_block=min(by_block), cache_mb=context.calibration.cache_mb,
+                                           progress=False)
         try:
             for block in track(sorted(by_block), len(by_block), "pruning", context.progress, unit="block"):
                 if calibrator is not None:
@@ -246,6 +248,13 @@ class Prune(Method):
                                        after, note=kept_note, metrics=metrics if name == out_name else {},
                                        name=name))
         return results
+
+
+def _check_family(family, config: PruneConfig) -> None:
+    """One-line refusals of what this family's anatomy says cannot be done."""
+    if config.compensate != "none" and family.no_sequential:
+        raise RecipeError(f"method 'prune' (compensate {config.compensate}): "
+                          f"{family.refusal('sequential calibration', family.no_sequential)}; use compensate: none")
 
 
 def _budget_costs(model, units, pieces, budget) -> tuple[dict[str, int], int, float] | None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lmcompress.calibration.blockcache import no_cache
+from lmcompress.core.seq2seq import with_decoder_inputs
 from lmcompress.tasks.batching import encode_batches
 from lmcompress.tasks.metrics import compute_metrics
 from lmcompress.training.distillation.config import DistillConfig
@@ -98,4 +99,4 @@ def _evaluating(model: nn.Module) -> Iterator[None]:
 def _forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Float logits, on the model's device."""
     device = next(model.parameters()).device
-    return model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+    return model(**with_decoder_inputs(model, {k: v.to(device) for k, v in batch.items()})).logits.float()

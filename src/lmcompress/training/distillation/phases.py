@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmcompress.calibration.blockcache import block_output, no_cache
-from lmcompress.core.families import blocks_of, family_of
+from lmcompress.core.families import block_stacks, family_of, resolve_path
 from lmcompress.core.linear import in_out_features, is_dense_linear
-from lmcompress.core.units import block_index, role_of
+from lmcompress.core.seq2seq import with_decoder_inputs
+from lmcompress.core.units import role_location
 from lmcompress.layers import CompressedLayer
 from lmcompress.tasks.batching import encode_batches
 from lmcompress.training.distillation.config import DistillConfig
@@ -71,20 +72,20 @@ def compressed_units(student: nn.Module, teacher: nn.Module) -> list[str]:
     module of the same name: compressed layers themselves, and for dense layers pruned to another width, the
     attention or feed-forward group around them (its output has the teacher's width again)."""
     t_modules = dict(teacher.named_modules())
-    family, found = family_of(student), blocks_of(student)
+    family = family_of(student)
     units = []
     for name, module in student.named_modules():
         if isinstance(module, CompressedLayer):
             units.append(name)
         elif is_dense_linear(module) and name in t_modules and is_dense_linear(t_modules[name]) \
                 and in_out_features(module) != in_out_features(t_modules[name]):
-            role, index = role_of(student, name), block_index(student, name)
-            if family is None or found is None or role is None or index is None:
+            where = role_location(student, name)
+            if family is None or where is None:
                 units.append(name)   # cannot be compared alone; the block phase still trains it
                 continue
-            block = f"{found[0]}.{index}" if found[0] else str(index)
+            role, block, _ = where
             root = family.attention_module if role in family.attention_roles else family.ffn_module
-            units.append(f"{block}.{root}" if root else block)
+            units.append((resolve_path(student, block, root) or block) if root else block)
     return [u for u in _outermost(units) if u in t_modules and not _frozen(student.get_submodule(u))]
 
 
@@ -99,8 +100,7 @@ def trainable_parameters(student: nn.Module, which: str, units: list[str]) -> li
     if which == "compressed":
         roots = [student.get_submodule(u) for u in units]
     elif which == "blocks":
-        found = blocks_of(student)
-        roots = [found[1]] if found else [student]
+        roots = [stack for _, stack in block_stacks(student)] or [student]
     else:
         roots = [student]
     params, seen = [], set()
@@ -133,7 +133,7 @@ class Phase:
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         labels = batch.get("labels")
-        inputs = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
+        inputs = with_decoder_inputs(self.student, {k: v.to(self.device) for k, v in batch.items() if k != "labels"})
         with torch.enable_grad(), no_cache(self.student), no_cache(self.teacher):
             loss = self.loss(inputs, None if labels is None else labels.to(self.device))
             self.optimizer.zero_grad(set_to_none=True)
@@ -178,6 +178,11 @@ class LocalPhase(Phase):
         return torch.stack(losses).mean()
 
 
+def all_blocks(model: nn.Module) -> list[nn.Module]:
+    """Every block of every stack (an encoder-decoder's encoder blocks, then its decoder blocks)."""
+    return [block for _, stack in block_stacks(model) for block in stack]
+
+
 def _capture_blocks(blocks: nn.ModuleList, outputs: list[torch.Tensor], detach_inputs: bool) -> list:
     handles = []
     for block in blocks:
@@ -193,7 +198,7 @@ class BlockPhase(Phase):
     def __init__(self, student, teacher, units: list[str], config: DistillConfig, regression: bool) -> None:
         params = trainable_parameters(student, config.trainable, units)
         super().__init__(student, teacher, params, config.lr_block, config, regression)
-        self.s_blocks, self.t_blocks = blocks_of(student)[1], blocks_of(teacher)[1]
+        self.s_blocks, self.t_blocks = all_blocks(student), all_blocks(teacher)
 
     def loss(self, inputs, labels):
         s_out: list[torch.Tensor] = []
@@ -220,7 +225,7 @@ class GlobalPhase(Phase):
     def __init__(self, student, teacher, units: list[str], config: DistillConfig, regression: bool) -> None:
         params = trainable_parameters(student, config.trainable, units)
         super().__init__(student, teacher, params, config.lr_global, config, regression)
-        self.s_blocks, self.t_blocks = blocks_of(student)[1], blocks_of(teacher)[1]
+        self.s_blocks, self.t_blocks = all_blocks(student), all_blocks(teacher)
         self.attention = config.attention_weight > 0
         self.saved_attention = {}
         if self.attention:   # sdpa kernels return no attention maps
