@@ -112,7 +112,8 @@ def test_fused_roles_sit_in_their_substeps_and_targets_are_block_linears(family,
     assert "qkv" in attention.layers and set(ffn.layers) & {"in", "in_gate"}
     qkv = attention.layers["qkv"]
     first_ffn = ffn.layers.get("in", ffn.layers.get("in_gate"))
-    assert [substep_of(model, n) for n in (qkv, attention.layers["o"], first_ffn, ffn.layers["out"])] == [0, 1, 2, 3]
+    positions = [substep_of(model, n) for n in (qkv, attention.layers["o"], first_ffn, ffn.layers["out"])]
+    assert positions == sorted(set(positions)), positions   # four sub-steps, in data-flow order
     assert role_of(model, first_ffn) in ("in", "in_gate")
     import re
 
