@@ -207,12 +207,20 @@ class no_cache:  # noqa: N801 - used as a context manager, named like one
             self.config.use_cache = self.saved
 
 
-class Passthrough(nn.Module):
-    """Stands in for a block that must not run: hands its input on unchanged."""
+# attributes some models read off every block while running them (ModernBERT: global or local attention)
+READ_OFF_BLOCKS = ("attention_type",)
 
-    def __init__(self, returns_tuple: bool, tuple_size: int = 1) -> None:
+
+class Passthrough(nn.Module):
+    """Stands in for a block that must not run: hands its input on unchanged, and answers what the model reads
+    off the block it replaces (`READ_OFF_BLOCKS`)."""
+
+    def __init__(self, returns_tuple: bool, tuple_size: int = 1, replaces: nn.Module | None = None) -> None:
         super().__init__()
         self.returns_tuple, self.tuple_size = returns_tuple, tuple_size
+        for name in READ_OFF_BLOCKS:
+            if replaces is not None and hasattr(replaces, name):
+                setattr(self, name, getattr(replaces, name))
 
     def forward(self, hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
         return tuple_output(hidden_states, self.tuple_size) if self.returns_tuple else hidden_states

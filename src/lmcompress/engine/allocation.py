@@ -153,7 +153,7 @@ class SensitivityProbe:
                 return args, {**kwargs, "hidden_states": hidden}
 
             for i in range(start):
-                self.blocks[i] = Passthrough(cached.returns_tuple, cached.tuple_size)
+                self.blocks[i] = Passthrough(cached.returns_tuple, cached.tuple_size, replaces=saved[i])
             handle = self.blocks[start].register_forward_pre_hook(substitute, with_kwargs=True)
             try:
                 for i, batch in enumerate(self.batches):

@@ -99,9 +99,10 @@ class Sequential(CalibrationMode):
     name = "sequential"
 
     def fallback(self, run, units) -> str | None:
-        refusal = shared_layers_refusal(run.model, f"stage {run.index + 1}: sequential calibration", "calibrated")
-        if refusal is not None:
-            raise RecipeError(refusal)
+        shared = shared_layers_refusal(run.model, f"stage {run.index + 1}: sequential calibration", "calibrated")
+        if shared is not None:   # one shot sees every use of a shared layer: the statistics that fit it
+            log.warning("%s; calibrating in one shot instead", shared.split("; compress the shared layer")[0])
+            return OneShot.name
         family = family_of(run.model)
         if family is not None and family.no_sequential:
             log.warning("stage %d: %s; calibrating in one shot instead", run.index + 1,
