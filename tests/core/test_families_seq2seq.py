@@ -237,3 +237,19 @@ def test_teacher_forced_perplexity_and_lm_calibration_through_both_stacks(family
     assert any(r.name.startswith(("decoder.", "model.decoder.")) for r in summary.layers)
     after = score_text(model, tokenizer, text, max_length=16)
     assert after.perplexity == pytest.approx(dense.perplexity, rel=1e-3)
+
+
+def test_prune_refuses_heads_when_encoder_and_decoder_head_counts_differ():
+    """Heads are counted from one config attribute; a decoder with its own count would be sliced wrongly."""
+    from transformers import BartConfig, BartForSequenceClassification
+
+    from lmcompress.engine.pipeline import compress
+    from lmcompress.engine.recipe import Recipe
+    from lmcompress.errors import RecipeError
+
+    model = BartForSequenceClassification(BartConfig(
+        vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64))
+    with pytest.raises(RecipeError, match="encoder has 4 attention heads and the decoder 2"):
+        compress(model, Recipe.single("prune", budget={"flops": 0.6}, score="magnitude", compensate="none"),
+                 progress=False)

@@ -109,7 +109,7 @@ class Prune(Method):
             raise RecipeError(f"method 'prune': {family_of(model).head_pruning}; prune neurons only (heads: false)")
         if not (config.heads or config.neurons):
             raise RecipeError("method 'prune': heads and neurons are both off; nothing to prune")
-        _check_family(family_of(model), config)
+        _check_family(family_of(model), config, model.config)
         units = self._units(model, targets, config)
         pieces = {u.name: pieces_of(model, u) for u in units}
         costs = _budget_costs(model, units, pieces, context.budget)   # a too-small budget fails before any data
@@ -250,8 +250,13 @@ class Prune(Method):
         return results
 
 
-def _check_family(family, config: PruneConfig) -> None:
+def _check_family(family, config: PruneConfig, family_config=None) -> None:
     """One-line refusals of what this family's anatomy says cannot be done."""
+    encoder_heads, decoder_heads = (getattr(family_config, a, None) for a in ("encoder_attention_heads",
+                                                                              "decoder_attention_heads"))
+    if config.heads and encoder_heads and decoder_heads and encoder_heads != decoder_heads:
+        raise RecipeError(f"method 'prune': the encoder has {encoder_heads} attention heads and the decoder "
+                          f"{decoder_heads}; removing heads needs one head count; prune neurons only (heads: false)")
     if config.compensate != "none" and family.no_sequential:
         raise RecipeError(f"method 'prune' (compensate {config.compensate}): "
                           f"{family.refusal('sequential calibration', family.no_sequential)}; use compensate: none")
