@@ -13,7 +13,6 @@ HELP = ("compress, save and measure every setting of a grid; Pareto fronts of th
         "and FLOPs (docs/sweep.md)")
 AT_LEAST = {"workers": 1, "max_samples": 1, "batch_size": 1, "max_length": 1, "seq_len": 1, "repeats": 1,
             "stride": 1, "max_tokens": 1}
-BASELINES = ("dense", "int8")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "calibration never sees (default 0.2)")
     p.add_argument("--out", required=True, help="sweep directory: results.jsonl, report.md, plots, models; "
                    "running again resumes there")
-    p.add_argument("--baselines", nargs="*", action="extend", choices=list(BASELINES),  # no list default: extend
+    p.add_argument("--baselines", nargs="*", action="extend", choices=["dense", "int8"],  # no list default: extend
                    help="reference points measured in the same run (default: dense int8)")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local worker processes (default) or a Ray cluster")
@@ -49,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from lmcompress.sweep.entry import SweepArgs, run_sweep_entry
+    from lmcompress.sweep.point import BASELINES
 
     rows = run_sweep_entry(SweepArgs(
         args.grid, args.out, args.model, data_args(args), args.heldout,

@@ -9,8 +9,7 @@ from pathlib import Path
 
 from lmcompress.entrypoints.arguments import DataArgs
 from lmcompress.errors import LMCompressError
-
-BASELINE_NAMES: tuple[str, ...] = ("dense", "int8")
+from lmcompress.sweep.point import BASELINES
 
 
 @dataclass(frozen=True)
@@ -20,7 +19,7 @@ class SweepArgs:
     model: str | None = None
     data: DataArgs = field(default_factory=DataArgs)
     heldout: float = 0.2                      # share of a single data file scored and never calibrated on
-    baselines: tuple[str, ...] = BASELINE_NAMES
+    baselines: tuple[str, ...] = BASELINES
     executor: str = "local"
     workers: int = 1
     ray_address: str | None = None
@@ -86,7 +85,7 @@ def run_sweep_entry(args: SweepArgs) -> list[dict]:
 
     def report(_row=None) -> None:
         latest = latest_results(args.out)
-        ids = [*BASELINE_NAMES, *(p.point_id for p in points)]
+        ids = [*BASELINES, *(p.point_id for p in points)]
         write_report([latest[i] for i in ids if i in latest], args.out, title, args.command,
                      scoring=scoring_note(settings))
 
