@@ -164,3 +164,19 @@ def stats_of(x: torch.Tensor):
 
     x = x.to(torch.float64)
     return LayerStats(gram=x.T @ x, count=x.shape[0])
+
+
+# running text and a tiny causal LM, for the language-modeling tests (perplexity, sweeps)
+TEXT = ("the film was wonderful and the acting superb, although the ending drags a little.\n"
+        "the soup was cold but the service was friendly, and the bread was fresh.\n"
+        "never have i been so bored in a theatre; the battery lasts for days and charges quickly.")
+
+
+def tiny_gpt2_lm(tokenizer, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    return GPT2LMHeadModel(config).eval()

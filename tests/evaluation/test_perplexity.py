@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import SHARED_DATA, make_tiny_gpt2, save_classifier
+from conftest import SHARED_DATA, TEXT, make_tiny_gpt2, save_classifier, tiny_gpt2_lm
 
 import lmcompress.evaluation.perplexity as ppl_module
 from lmcompress.cli import main
@@ -17,20 +17,6 @@ from lmcompress.evaluation.perplexity import perplexity, pseudo_perplexity, slid
 from lmcompress.io.models import load_model
 from lmcompress.tasks import get_task, load_examples
 from lmcompress.tasks.text import token_chunks
-
-TEXT = ("the film was wonderful and the acting superb, although the ending drags a little.\n"
-        "the soup was cold but the service was friendly, and the bread was fresh.\n"
-        "never have i been so bored in a theatre; the battery lasts for days and charges quickly.")
-
-
-def tiny_gpt2_lm(tokenizer, seed: int = 0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=128,
-                        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
-    return GPT2LMHeadModel(config).eval()
 
 
 def tiny_llama_lm(tokenizer, seed: int = 0):

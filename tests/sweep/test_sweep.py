@@ -289,7 +289,7 @@ def test_shipped_grids_validate(grid):
 
 
 def test_sweep_of_a_causal_lm_scores_perplexity_lower_is_better(tmp_path, tokenizer, capsys):
-    from test_perplexity import TEXT, tiny_gpt2_lm
+    from conftest import TEXT, tiny_gpt2_lm
 
     model_dir = tmp_path / "gpt2-lm"
     tiny_gpt2_lm(tokenizer).save_pretrained(model_dir)
