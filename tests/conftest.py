@@ -180,3 +180,13 @@ def tiny_gpt2_lm(tokenizer, seed: int = 0):
                         bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
                         pad_token_id=tokenizer.pad_token_id)
     return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: thread hand-offs cost more than the arithmetic (and other jobs share the cores). Files of
+    tiny-model tests use it for every test: `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

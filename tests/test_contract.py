@@ -77,13 +77,7 @@ SETUPS: dict[str, Setup] = {
 METHODS = available_methods()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: thread hand-offs cost more than the arithmetic (and other jobs share the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def setup_of(name: str) -> Setup:

@@ -41,12 +41,7 @@ ATTENTION = {"gpt_neox": r"\.attention\.", "phi3": r"\.self_attn\.", "modernbert
 HEADS_PRUNABLE = {"gpt_neox": True, "phi3": False, "modernbert": True}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(family: str, vocab_size: int, seed: int = 0, causal: bool = False) -> torch.nn.Module:

@@ -40,12 +40,7 @@ REFUSED = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(family: str, tokenizer, head: str = "classifier", seed: int = 0) -> nn.Module:

@@ -41,12 +41,7 @@ SQUARE_ATTENTION = {"qwen3": r"self_attn\.[kv]_proj", "gemma": r"self_attn\.[kv]
                     "gemma2": r"self_attn\.[kv]_proj", "opt": r"self_attn\."}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(family: str, tokenizer, seed: int = 0) -> torch.nn.Module:

@@ -40,13 +40,7 @@ FAST = {"lr_local": 1e-3, "lr_block": 1e-3, "lr_global": 1e-3, "batch_size": 8, 
         "max_length": 32, "checkpoints": 8}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: thread hand-offs cost more than the arithmetic (and other jobs share the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
