@@ -323,16 +323,17 @@ def resolve_path(modules: dict[str, nn.Module] | nn.Module, block_name: str, rel
                  if (f"{block_name}.{r}" if r else block_name) in names), None)
 
 
-def shared_layers_refusal(model: nn.Module, what: str, action: str) -> str | None:
-    """One line saying why `what` cannot be `action` per block on a model with shared layers (None: it has
-    one module per block, or no anatomy entry, which callers word themselves)."""
+def shared_layers_refusal(model: nn.Module, what: str, action: str, advice: bool = True) -> str | None:
+    """One line saying why `what` cannot be `action` per block on a model with shared layers, and (`advice`)
+    what to do instead (None: it has one module per block, or no anatomy entry, which callers word themselves)."""
     family = family_of(model)
     if family is None or not family.shared_layers:
         return None
     model_type = model.config.model_type
-    return (f"{what}: shared {model_type.upper()} layers cannot be {action} per layer (model type {model_type!r} "
-            "runs one layer group in every block); compress the shared layer once with a layer-wise method and "
-            "calibration mode one_shot")
+    text = (f"{what}: shared {model_type.upper()} layers cannot be {action} per layer (model type {model_type!r} "
+            "runs one layer group in every block)")
+    return text + ("; compress the shared layer once with a layer-wise method and calibration mode one_shot"
+                   if advice else "")
 
 
 def head_layout(model: nn.Module) -> tuple[int, int, int]:

@@ -99,9 +99,10 @@ class Sequential(CalibrationMode):
     name = "sequential"
 
     def fallback(self, run, units) -> str | None:
-        shared = shared_layers_refusal(run.model, f"stage {run.index + 1}: sequential calibration", "calibrated")
+        shared = shared_layers_refusal(run.model, f"stage {run.index + 1}: sequential calibration", "calibrated",
+                                       advice=False)
         if shared is not None:   # one shot sees every use of a shared layer: the statistics that fit it
-            log.warning("%s; calibrating in one shot instead", shared.split("; compress the shared layer")[0])
+            log.warning("%s; calibrating in one shot instead", shared)
             return OneShot.name
         family = family_of(run.model)
         if family is not None and family.no_sequential:
@@ -133,8 +134,8 @@ class Sequential(CalibrationMode):
         assert stacks
         grouped = by_block_index(units)
         calibrator = StackedCalibrator(run.model, stacks, batches, first_block=min(grouped),
-                                          teacher="cross_gram" in run.needs, cache_mb=run.cal.cache_mb,
-                                          pairs_mb=run.cal.pairs_mb, progress=False)
+                                       teacher="cross_gram" in run.needs, cache_mb=run.cal.cache_mb,
+                                       pairs_mb=run.cal.pairs_mb, progress=False)
         try:
             steps = [(block, step) for block, block_units in sorted(grouped.items())
                      for step in substeps(run.model, block_units)]
