@@ -105,7 +105,8 @@ def write_table(args, rows: list[dict], started: float) -> None:
             "layer is factorised under one global budget `{params: F}` split by measured sensitivity, with "
             f"sequential calibration on {args.calib_samples} training sentences (max length 64); only the option "
             "`target` differs. Dev accuracy on all 872 sentences; dense and int8 dynamic (PyTorch, no data) in "
-            "the same run. `s` is the wall time of compression (or quantization) plus scoring on 2 cores.\n\n"
+            "the same run. `s` is the wall time of compression (or quantization) plus scoring on 2 cores; the seeds "
+            "ran as separate calls, some beside other jobs, so compare times within a seed only.\n\n"
             + markdown_table(table, [("setting", "setting"), ("fraction", "F"), ("mean", "accuracy (mean)"),
                                      ("std", "std"), ("per_seed", "per seed"), ("seconds", "s")])
             + "\n\n## original minus current, per seed\n\n"
