@@ -195,7 +195,7 @@ class StatsCollector:
                 entry.pairs = PairSample(capacity[name], generator=torch.Generator().manual_seed(seed + index))
             self.stats[name] = entry
         self.mask: torch.Tensor | None = None
-        self._current_inputs: dict[str, torch.Tensor] = {}
+        self._current_inputs: dict[str, list[torch.Tensor]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> StatsCollector:
@@ -227,8 +227,8 @@ class StatsCollector:
                 self._span_inputs[out] = x
             if entry.gram is not None:
                 entry.gram += _batch_gram(x)
-            if entry.cross_gram is not None:
-                self._current_inputs[name] = x
+            if entry.cross_gram is not None:   # in call order: a layer may run more than once per forward
+                self._current_inputs.setdefault(name, []).append(x)
             if entry.summary is not None:
                 x64 = x.to(torch.float64)
                 entry.summary.total += x64.sum(0)
@@ -247,9 +247,10 @@ class StatsCollector:
 
     def _teacher_hook(self, name: str):
         def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
-            current = self._current_inputs.pop(name, None)
-            if current is None:
+            queued = self._current_inputs.get(name)
+            if not queued:
                 return
+            current = queued.pop(0)   # the teacher's n-th call pairs with the current model's n-th call
             self.stats[name].cross_gram += _batch_gram(current, self._rows(inputs[0]))
         return hook
 
