@@ -307,15 +307,6 @@ def is_multi_stack(model: nn.Module) -> bool:
     return len(block_stacks(model)) > 1
 
 
-def locate_block(model: nn.Module, index: int) -> tuple[str, nn.ModuleList, int]:
-    """(stack name, stack, index inside it) of block `index` counted over every stack in order."""
-    for name, stack in block_stacks(model):
-        if index < len(stack):
-            return name, stack, index
-        index -= len(stack)
-    raise IndexError(f"block {index} is past the model's blocks")
-
-
 def resolve_path(modules: dict[str, nn.Module] | nn.Module, block_name: str, rel: str) -> str | None:
     """The qualified name of `rel` (alternatives `a|b`) under `block_name` that exists, or None."""
     names = modules if isinstance(modules, dict) else dict(modules.named_modules())
