@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lmcompress.core.linear import execution_device
 from lmcompress.core.seq2seq import with_decoder_inputs
 
 
@@ -182,7 +183,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches: Sequence[d
 
 def run_block(block: nn.Module, inputs: BlockInputs, mask_setter=None) -> Iterator[torch.Tensor]:
     """Run `block` on every cached batch, yielding its output hidden states."""
-    device = next(block.parameters()).device
+    device = execution_device(block)
     with torch.inference_mode():
         for index in range(len(inputs)):
             if mask_setter is not None:

@@ -183,6 +183,7 @@ class SequentialCalibrator:
         if teacher:
             self.teacher_inputs = self.inputs.with_hidden([self.inputs.hidden(i) for i in range(len(self.inputs))])
         self.cache_mb = cache_mb
+        self._ahead: list[torch.Tensor] | None = None   # the current block's outputs, run before it changed
 
     def begin_block(self, index: int) -> None:
         """Advance the cached inputs to block `index`, keeping an unmodified copy of it if the teacher is on.
@@ -235,9 +236,15 @@ class SequentialCalibrator:
                 args, kwargs = self.teacher_inputs.rest(self.teacher_block, i)
                 self.teacher_block(self.teacher_inputs.hidden(i, device), *args, **kwargs)
 
+    def run_ahead(self) -> None:
+        """Run the current block now, before it is compressed, and feed the next block these outputs: one-shot
+        calibration block by block, on the original model's activations throughout."""
+        self._ahead = [h.detach() for h in run_block(self.blocks[self.index], self.inputs)]
+
     def _advance(self) -> None:
         block = self.blocks[self.index]
-        outputs = [h.detach() for h in run_block(block, self.inputs)]
+        outputs = self._ahead if self._ahead is not None else [h.detach() for h in run_block(block, self.inputs)]
+        self._ahead = None
         self.inputs.close()
         self.inputs = self.inputs.with_hidden(outputs, self.cache_mb)
         if self.teacher_inputs is not None:
@@ -291,6 +298,9 @@ class StackedCalibrator:
     def collect(self, layers: dict[str, nn.Module], needs: set[str],
                 pair_spans: dict[str, str] | None = None) -> dict[str, LayerStats]:
         return self.current.collect(layers, needs, pair_spans)
+
+    def run_ahead(self) -> None:
+        self.current.run_ahead()
 
     def close(self) -> None:
         if self.current is not None:

@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write the pruned model as a plain Hugging Face model (new sizes in its config) that "
                         "from_pretrained loads without lmcompress; refused, before anything is written, where the "
                         "config cannot express it")
+    p.add_argument("--offload", choices=["none", "cpu", "disk"], default="none",
+                   help="keep the blocks off the device and bring in one at a time: in host memory (cpu) or in "
+                        "safetensors files (disk), so memory holds about one block (default: none)")
     p.add_argument("--no-timing", action="store_true",
                    help="skip timing each compressed layer against the dense layer it replaces")
     p.add_argument("--overwrite", action="store_true", help="replace non-empty output directories")
@@ -110,6 +113,7 @@ def run(args: argparse.Namespace) -> None:
     from lmcompress.entrypoints.compress import CompressArgs, run_compress
 
     done = run_compress(CompressArgs(recipe_from_args(args), output_args(args), args.model, data_args(args),
-                                     args.dense_out, args.export_hf, not args.no_timing, not args.quiet))
+                                     args.dense_out, args.export_hf, not args.no_timing, not args.quiet,
+                                     offload=args.offload))
     exported = f"; Hugging Face export in {args.export_hf}" if args.export_hf else ""
     print(f"{done.summary.describe()}; saved to {args.out}{exported}")

@@ -21,10 +21,11 @@ from torch import nn
 
 from lmcompress.calibration.collection import PassEstimate, StackedCalibrator, cache_bytes_estimate, collect
 from lmcompress.calibration.stats import LayerStats, estimate_bytes
-from lmcompress.core.families import block_stacks, family_of, shared_layers_refusal
+from lmcompress.core.families import block_stacks, family_of, is_multi_stack, shared_layers_refusal
 from lmcompress.core.progress import track
 from lmcompress.core.units import Unit, factor_path, substep_of
-from lmcompress.errors import RecipeError
+from lmcompress.errors import CalibrationError, RecipeError
+from lmcompress.io.offload import offloader_of
 
 log = logging.getLogger("lmcompress")
 
@@ -81,17 +82,112 @@ def get_mode(name: str) -> CalibrationMode:
 
 @register_mode
 class OneShot(CalibrationMode):
+    """Statistics of the model as the stage found it. Where every unit is inside a block of one stack, they are
+    gathered block by block (each block's statistics on the original model's activations, then its units
+    compressed, with the block run ahead before it changes), so memory holds one block's statistics, not all
+    of them; otherwise in one pass of the whole model."""
+
     name = "one_shot"
+    stream = True     # tests turn it off to compare with the whole-model pass
 
     def estimate(self, run, layers, units, batches) -> PassEstimate:
+        if self._streams(run, units):
+            return PassEstimate(_largest_block_stats(run, layers, units), cache_bytes_estimate(run.model, batches,
+                                False), len(by_block_index(units)), 1)
         return PassEstimate(estimate_bytes(layers, run.needs, run.cal.pairs_mb), 0, 0, 1)
 
+    def _streams(self, run, units) -> bool:
+        return (self.stream and bool(run.needs) and "fisher" not in run.needs and not is_multi_stack(run.model)
+                and sequential_refusal(run, units) is None)
+
     def apply(self, run, layers, units, batches, stats) -> None:
+        if stats is None and self._streams(run, units):
+            self._apply_by_block(run, units, batches)
+            return
+        if offloader_of(run.model) is not None and run.needs:
+            raise CalibrationError(f"stage {run.index + 1}: one-shot calibration of the whole model at once cannot "
+                                   "run with offloaded blocks here (fisher statistics, an encoder-decoder, or targets "
+                                   "outside the blocks); use --offload none")
         if stats is None:
             stats = collect(run.model, batches, layers, run.needs, pairs_mb=run.cal.pairs_mb, progress=run.progress,
                             pair_spans=run.spans(units)) if run.needs else {}
         for unit in units:
             run.apply(unit, stats)
+
+    def _apply_by_block(self, run, units, batches) -> None:
+        grouped = by_block_index(units)
+        with _Walk(run, grouped, batches) as walk:
+            for block, block_units in track(sorted(grouped.items()), len(grouped), "one-shot calibration",
+                                            run.progress, unit="block"):
+                walk.enter(block)
+                block_layers = {n: run.model.get_submodule(n) for u in block_units for n in u.layer_names}
+                stats = walk.calibrator.collect(block_layers, run.needs, run.spans(block_units))
+                walk.calibrator.run_ahead()
+                for unit in block_units:
+                    run.apply(unit, stats)
+
+
+def sequential_refusal(run: StageRun, units: list[Unit]) -> str | None:
+    """Why these units cannot be calibrated block by block (None: they can)."""
+    shared = shared_layers_refusal(run.model, f"stage {run.index + 1}: sequential calibration", "calibrated",
+                                   advice=False)
+    if shared is not None:   # one shot sees every use of a shared layer: the statistics that fit it
+        return shared
+    family = family_of(run.model)
+    if family is not None and family.no_sequential:
+        return f"stage {run.index + 1}: {family.refusal('sequential calibration', family.no_sequential)}"
+    if not block_stacks(run.model) or any(u.block is None for u in units):
+        return (f"stage {run.index + 1}: sequential calibration needs every target inside a transformer block of a "
+                "known architecture")
+    return None
+
+
+class _Walk:
+    """The blocks of a stage in order, through one calibrator, with each block pinned on the device while its
+    units are calibrated and compressed when the model's blocks are offloaded (`io.offload`)."""
+
+    def __init__(self, run: StageRun, grouped: dict[int, list[Unit]], batches: list[dict[str, torch.Tensor]],
+                 teacher: bool = False) -> None:
+        self.run, self.first, self.batches = run, min(grouped), batches
+        self.blocks = [block for _, stack in block_stacks(run.model) for block in stack]
+        self.offloader = offloader_of(run.model)
+        self.teacher = teacher
+        self.current: int | None = None
+        self.calibrator: StackedCalibrator | None = None
+
+    def __enter__(self) -> _Walk:
+        if self.offloader is not None:
+            self.offloader.pin(self.blocks[self.first])
+        stacks = [blocks for _, blocks in block_stacks(self.run.model)]
+        self.calibrator = StackedCalibrator(self.run.model, stacks, self.batches, first_block=self.first,
+                                            teacher=self.teacher, cache_mb=self.run.cal.cache_mb,
+                                            pairs_mb=self.run.cal.pairs_mb, progress=False)
+        self.current = self.first
+        return self
+
+    def enter(self, block: int) -> None:
+        """Make `block` the current one: pinned first, then the cached inputs advanced to it (through the blocks
+        before it), then the block before it sent back, written out if it was compressed."""
+        if self.offloader is not None and block != self.current:
+            self.offloader.pin(self.blocks[block])
+        self.calibrator.begin_block(block)
+        if self.offloader is not None and block != self.current:
+            self.offloader.unpin(self.blocks[self.current])
+        self.current = block
+
+    def __exit__(self, *exc: object) -> None:
+        if self.calibrator is not None:
+            self.calibrator.close()
+        if self.offloader is not None:
+            self.offloader.unpin_all()
+
+
+def _largest_block_stats(run: StageRun, layers: dict[str, nn.Module], units: list[Unit]) -> int:
+    by_block: dict[int, dict[str, nn.Module]] = defaultdict(dict)
+    for block, block_units in by_block_index(units).items():
+        for unit in block_units:
+            by_block[block].update({n: layers[n] for n in unit.layer_names if n in layers})
+    return max(estimate_bytes(ls, run.needs, run.cal.pairs_mb) for ls in by_block.values())
 
 
 @register_mode
@@ -99,19 +195,9 @@ class Sequential(CalibrationMode):
     name = "sequential"
 
     def fallback(self, run, units) -> str | None:
-        shared = shared_layers_refusal(run.model, f"stage {run.index + 1}: sequential calibration", "calibrated",
-                                       advice=False)
-        if shared is not None:   # one shot sees every use of a shared layer: the statistics that fit it
-            log.warning("%s; calibrating in one shot instead", shared)
-            return OneShot.name
-        family = family_of(run.model)
-        if family is not None and family.no_sequential:
-            log.warning("stage %d: %s; calibrating in one shot instead", run.index + 1,
-                        family.refusal("sequential calibration", family.no_sequential))
-            return OneShot.name
-        if not block_stacks(run.model) or any(u.block is None for u in units):
-            log.warning("stage %d: sequential calibration needs every target inside a transformer block of a "
-                        "known architecture; calibrating in one shot instead", run.index + 1)
+        refusal = sequential_refusal(run, units)
+        if refusal is not None:
+            log.warning("%s; calibrating in one shot instead", refusal)
             return OneShot.name
         return None
 
@@ -130,23 +216,16 @@ class Sequential(CalibrationMode):
 
     def apply(self, run, layers, units, batches, stats) -> None:
         """Statistics from the allocator are not reused: each sub-step recalibrates on the model so far."""
-        stacks = [blocks for _, blocks in block_stacks(run.model)]
-        assert stacks
         grouped = by_block_index(units)
-        calibrator = StackedCalibrator(run.model, stacks, batches, first_block=min(grouped),
-                                       teacher="cross_gram" in run.needs, cache_mb=run.cal.cache_mb,
-                                       pairs_mb=run.cal.pairs_mb, progress=False)
-        try:
-            steps = [(block, step) for block, block_units in sorted(grouped.items())
-                     for step in substeps(run.model, block_units)]
+        steps = [(block, step) for block, block_units in sorted(grouped.items())
+                 for step in substeps(run.model, block_units)]
+        with _Walk(run, grouped, batches, teacher="cross_gram" in run.needs) as walk:
             for block, step in track(steps, len(steps), "sequential calibration", run.progress, unit="step"):
-                calibrator.begin_block(block)
+                walk.enter(block)
                 step_layers = {n: run.model.get_submodule(n) for u in step for n in u.layer_names}
-                step_stats = calibrator.collect(step_layers, run.needs, run.spans(step))
+                step_stats = walk.calibrator.collect(step_layers, run.needs, run.spans(step))
                 for unit in step:
                     run.apply(unit, step_stats)
-        finally:
-            calibrator.close()
 
 
 def by_block_index(units: list[Unit]) -> dict[int, list[Unit]]:

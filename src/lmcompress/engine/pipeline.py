@@ -28,6 +28,7 @@ from lmcompress.calibration.collection import (
 )
 from lmcompress.calibration.stats import LABELLED_NEEDS, LayerStats
 from lmcompress.core.families import (
+    block_stacks,
     blocks_of,
     default_target_pattern,
     family_of,
@@ -43,6 +44,7 @@ from lmcompress.engine.recipe import Calibration, Recipe, ResolvedStage, Stage
 from lmcompress.engine.reuse import ScoreCache
 from lmcompress.errors import CalibrationError, CompressionError, RecipeError, first_line
 from lmcompress.evaluation.efficiency import dummy_batch
+from lmcompress.io.offload import offloader_of
 from lmcompress.layers import CompressedLayer
 from lmcompress.methods import get_method
 from lmcompress.methods.base import LayerResult, Method, MethodConfig, StageContext
@@ -192,6 +194,9 @@ def compress(model: nn.Module, recipe: Recipe, tokenizer=None, calibration_data=
     """
     stages = recipe.resolved()   # each stage's method and options, validated once
     get_mode(recipe.calibration.mode)
+    offloaded = offloader_of(model) is not None
+    if offloaded:
+        _check_offloadable(stages)
     summary = CompressionSummary([])
     model.eval()
     original = copy.deepcopy(model).eval() if any(s.wants_original for s in stages) else None
@@ -199,10 +204,23 @@ def compress(model: nn.Module, recipe: Recipe, tokenizer=None, calibration_data=
         _StageRun(model, stage, recipe.calibration, summary.tokenizer or tokenizer, calibration_data,
                   progress, summary, reuse if stage.index == 0 else None, original).run()
     check_forward(model)
-    if timing:
+    if timing and offloaded:
+        log.info("layer timing skipped: the model's blocks are offloaded (time the saved model with `evaluate`)")
+    elif timing:
         _record_speed(model, summary, progress)
     log.info("%s", summary.describe())
     return summary
+
+
+def _check_offloadable(stages: list[ResolvedStage]) -> None:
+    """Refuse, before any work, what cannot run while the blocks wait off the device."""
+    for stage in stages:
+        what = f"stage {stage.index + 1} ({stage.stage.method})"
+        if stage.wants_original:
+            raise RecipeError(f"{what} keeps a copy of the whole model, which offloading cannot hold; "
+                              "use --offload none")
+        if stage.unit == "model":
+            raise RecipeError(f"{what} changes the whole model at once; use --offload none")
 
 
 def check_forward(model: nn.Module, seq_len: int = 8) -> None:
@@ -338,12 +356,18 @@ class _StageRun:
         """Decompose each unit once (on the model as the stage finds it), then choose sizes."""
         started = time.perf_counter()
         budget = self.stage.budget
+        offloader = offloader_of(self.model)
+        if sensitivity and offloader is not None and offloader.mode == "disk":
+            raise RecipeError(f"stage {self.index + 1}: a budget split by measured sensitivity swaps candidates into "
+                              "blocks that wait on disk, which is not supported; use --offload cpu or none, or "
+                              "allocation uniform")
         stats = collect(self.model, batches, layers, self.needs, pairs_mb=self.cal.pairs_mb,
                         progress=self.progress, desc="calibrating (allocation)",
                         pair_spans=self.spans(units)) if self.needs else {}
         candidates = []
         for unit in units:
-            found = self.method.candidates(self.model, unit, stats, self.config)
+            with _pinned(self.model, unit.block):
+                found = self.method.candidates(self.model, unit, stats, self.config)
             if found is None:
                 raise RecipeError(f"stage {self.index + 1}: method {self.stage.method!r} cannot be sized by a "
                                   "budget; give its own size options instead")
@@ -417,6 +441,23 @@ class _StageRun:
                                  result.metrics)
             self.summary.layers.append(record)
             layer_log.info("%s", _layer_line(record))
+
+
+class _pinned:  # noqa: N801 - a context manager, named like one
+    """Keep block `index` on the device for the duration (when the model's blocks are offloaded)."""
+
+    def __init__(self, model: nn.Module, index: int | None) -> None:
+        self.offloader = offloader_of(model)
+        blocks = [b for _, stack in block_stacks(model) for b in stack] if self.offloader is not None else []
+        self.block = blocks[index] if index is not None and blocks else None
+
+    def __enter__(self) -> None:
+        if self.block is not None:
+            self.offloader.pin(self.block)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.block is not None:
+            self.offloader.unpin(self.block)
 
 
 def _shape(module: nn.Module | None) -> tuple[int, int]:

@@ -24,6 +24,8 @@ class CompressArgs:
     export_hf: str | None = None              # also a plain Hugging Face model, where its config can say it
     timing: bool = True                       # time each compressed layer against the dense one
     progress: bool = True
+    offload: str = "none"                     # none | cpu | disk: blocks wait off the device (io.offload)
+    device: str = "cpu"
 
 
 @dataclass
@@ -53,6 +55,42 @@ def _check_separate(args: CompressArgs) -> None:
                 raise LMCompressError(f"{flag} {value} and {other_flag} {other} must be separate directories")
 
 
+def plan_or_refuse(args: CompressArgs) -> None:
+    """Print the expected peak memory and a time estimate, and refuse in one line, before any weight loads, work
+    that cannot fit (see `engine.plan`)."""
+    import logging
+
+    import transformers
+
+    from lmcompress.engine.plan import available_bytes, check_plan, measured_flops, memory_plan
+    from lmcompress.evaluation.anatomy import build_on_meta
+    from lmcompress.io.checkpoint import Checkpoint
+    from lmcompress.io.models import resolve_model
+
+    location, local = resolve_model(args.model)
+    if not local:
+        return
+    try:
+        meta = build_on_meta(transformers.AutoConfig.from_pretrained(location, local_files_only=True).to_dict(),
+                             location)
+        weight_bytes = Checkpoint(location).nbytes()
+    except LMCompressError:
+        return   # the load itself reports what is wrong with the folder
+    cal = args.recipe.calibration
+    plan = memory_plan(meta, args.recipe, cal.samples * cal.max_length, cal.batch_size * cal.max_length,
+                       weight_bytes, args.offload, args.device)
+    logging.getLogger("lmcompress").info("%s", plan.describe(measured_flops(args.device)))
+    check_plan(plan, available_bytes(args.device))
+
+
+def close_offloader(model) -> None:
+    from lmcompress.io.offload import offloader_of
+
+    offloader = offloader_of(model)
+    if offloader is not None:
+        offloader.close()
+
+
 def run_compress(args: CompressArgs) -> CompressOutcome:
     """Every output directory is checked before the (slow) model load, and written atomically."""
     from lmcompress.io.hf_export import check_exportable, export_hf
@@ -64,13 +102,21 @@ def run_compress(args: CompressArgs) -> CompressOutcome:
     for path in (args.out.path, args.dense_out, args.export_hf):
         if path:
             check_output_dir(path, args.out.overwrite)
-    model, tokenizer = load_model(args.model, language_model=args.data.language_modeling)
-    summary = compress_loaded(model, tokenizer, args.recipe, args.data, progress=args.progress, timing=args.timing)
-    tokenizer = summary.tokenizer or tokenizer  # vocabulary pruning replaces it
-    if args.export_hf:
-        check_exportable(model)  # before anything is written
-    save(model, args.out.path, tokenizer, args.recipe, overwrite=args.out.overwrite,
-         extra={"summary": summary.to_dict()})
+    if args.offload != "none" and (args.dense_out or args.export_hf):
+        raise LMCompressError("--dense-out and --export-hf need the whole model in memory; drop them with --offload")
+    plan_or_refuse(args)
+    model, tokenizer = load_model(args.model, language_model=args.data.language_modeling, offload=args.offload,
+                                  offload_device=args.device)
+    try:
+        summary = compress_loaded(model, tokenizer, args.recipe, args.data, progress=args.progress,
+                                  timing=args.timing)
+        tokenizer = summary.tokenizer or tokenizer  # vocabulary pruning replaces it
+        if args.export_hf:
+            check_exportable(model)  # before anything is written
+        save(model, args.out.path, tokenizer, args.recipe, overwrite=args.out.overwrite,
+             extra={"summary": summary.to_dict()})
+    finally:
+        close_offloader(model)
     if args.dense_out:
         save_dense(model, args.dense_out, tokenizer, overwrite=args.out.overwrite)
     if args.export_hf:

@@ -10,11 +10,13 @@ import os
 import re
 from pathlib import Path
 
+import torch
 import transformers
 from safetensors import SafetensorError
 from torch import nn
 
 from lmcompress.errors import LMCompressError, ModelLoadError, first_line
+from lmcompress.io.offload import check_offload
 
 BUNDLED = "bundled"
 log = logging.getLogger("lmcompress")
@@ -83,7 +85,8 @@ def load_tokenizer(location: str, local: bool = True):
 
 def load_model(spec: str | os.PathLike | None, num_labels: int | None = None,
                label_names: tuple[str, ...] | None = None, is_regression: bool = False, *,
-               language_model: bool = False) -> tuple[nn.Module, object]:
+               language_model: bool = False, offload: str = "none",
+               offload_device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
     """A sequence classifier (or regressor) and its tokenizer; with `language_model`, the checkpoint's own
     language model instead (causal or masked, from the config's `architectures`).
 
@@ -91,12 +94,21 @@ def load_model(spec: str | os.PathLike | None, num_labels: int | None = None,
     sequence classifier loads as it is unless the task (`num_labels`, or 1 output for regression) needs a head
     of another size; that head, and the head of a bare encoder (such as the bundled MiniLM), is new. A language
     model keeps its trained head: one without it would score text with random weights, so that is refused.
+
+    With `offload` (`cpu`, `disk`), the blocks wait off `offload_device` and come to it one at a time
+    (`io.offload`); the rest of the model is read at once. Offloading to the host is moot when the model runs
+    on the host, so `cpu` there loads the model whole.
     """
     from lmcompress.io import saving as io
 
+    check_offload(offload)
+    if offload == "cpu" and torch.device(offload_device).type == "cpu":
+        offload = "none"
     location, local = resolve_model(spec)
+    if offload != "none" and not local:
+        raise ModelLoadError(f"offloading reads a local checkpoint folder; {location} is not one")
     if local and io.read_manifest(location) is not None:
-        model = io.load(location)
+        model = io.load(location, device=offload_device if offload != "none" else "cpu", offload=offload)
         if language_model and model_language_kind(model) is None:
             raise ModelLoadError(f"{location} holds a {type(model).__name__}, not a language model")
         return model, load_tokenizer(location)
@@ -112,6 +124,12 @@ def load_model(spec: str | os.PathLike | None, num_labels: int | None = None,
     else:
         auto_class, kwargs = transformers.AutoModelForSequenceClassification, _classifier_kwargs(
             config, location, num_labels, label_names, is_regression)
+    if offload != "none":
+        model = _offloaded_model(auto_class, config, location, kwargs, offload_device, offload)
+        tokenizer = load_tokenizer(location, local)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        return model, tokenizer
     try:
         model = auto_class.from_pretrained(location, local_files_only=local, use_safetensors=True, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
@@ -120,6 +138,18 @@ def load_model(spec: str | os.PathLike | None, num_labels: int | None = None,
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
+
+
+def _offloaded_model(auto_class, config, location: str, kwargs: dict, device, offload: str) -> nn.Module:
+    """The model with its blocks waiting off the device (see `io.offload.offloaded`)."""
+    from lmcompress.io.offload import offloaded
+
+    for key, value in kwargs.items():
+        if key != "ignore_mismatched_sizes":
+            setattr(config, key, value)
+    model_class = auto_class._model_mapping[type(config)] if hasattr(auto_class, "_model_mapping") else auto_class
+    model, _ = offloaded(model_class, config, location, torch.device(device), offload)
+    return model
 
 
 def _classifier_kwargs(config, location: str, num_labels: int | None, label_names: tuple[str, ...] | None,

@@ -30,12 +30,16 @@ from typing import Any
 
 import torch
 import transformers
+from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
 from lmcompress.core.linear import dense_kind, in_out_features, is_dense_linear, make_dense, set_submodule
 from lmcompress.errors import LMCompressError, ModelLoadError, first_line
+from lmcompress.io.checkpoint import Checkpoint, is_sharded
+from lmcompress.io.offload import BlockOffloader, attach_offloader, check_offload, offloader_of
+from lmcompress.io.shards import SHARD_BYTES, load_shards, model_bytes, write_shards
 from lmcompress.layers import CompressedLayer, layer_from_manifest
 from lmcompress.layers.base import check_entry
 
@@ -129,10 +133,15 @@ def compressed_modules(model: nn.Module) -> dict[str, CompressedLayer]:
 
 def write_model(model: nn.Module, directory: Path, tokenizer=None, recipe=None,
                 extra: dict[str, Any] | None = None) -> None:
-    """Write model, manifest, recipe and tokenizer into an existing directory (see `save`)."""
+    """Write model, manifest, recipe and tokenizer into an existing directory (see `save`). A model whose blocks
+    wait off the device (`io.offload`), or one larger than `shards.SHARD_BYTES`, is written one block per shard."""
     model.config.save_pretrained(directory)
-    save_model(model, str(directory / WEIGHTS_NAME))
-    (directory / WEIGHTS_NAME).chmod(0o666 & ~_umask())  # safetensors writes 0600; the model is not a secret
+    offloader = offloader_of(model)
+    if offloader is not None or model_bytes(model) > SHARD_BYTES:
+        write_shards(model, directory, offloader)
+    else:
+        save_model(model, str(directory / WEIGHTS_NAME))
+        (directory / WEIGHTS_NAME).chmod(0o666 & ~_umask())  # safetensors writes 0600; the model is not a secret
     manifest = {
         "format": "lmcompress",
         "format_version": FORMAT_VERSION,
@@ -324,12 +333,15 @@ def _cast_to_saved_dtypes(model: nn.Module, file: str | Path) -> None:
             tensor.data = tensor.data.to(dtype)
 
 
-def load(path: str | Path) -> nn.Module:
+def load(path: str | Path, device: torch.device | str = "cpu", offload: str = "none") -> nn.Module:
     """Rebuild a model saved by `save`: architecture, compressed layers, then strict weight loading.
 
-    The model comes back in the dtype its weights were saved in (dense and compressed layers alike).
+    The model comes back in the dtype its weights were saved in (dense and compressed layers alike), on
+    `device`. A sharded model is read shard by shard into a model built without storage; with `offload`
+    (`cpu`, `disk`) its blocks wait off the device and come to it one at a time (`io.offload`).
     """
     path = Path(path)
+    check_offload(offload)
     manifest = read_manifest(path)
     if manifest is None:
         raise ModelLoadError(f"{path}: no {MANIFEST_NAME}; not a model saved by lmcompress")
@@ -344,6 +356,8 @@ def load(path: str | Path) -> nn.Module:
         config_class = getattr(architecture, "config_class", None)
         if not (isinstance(config_class, type) and isinstance(config, config_class)):
             raise ValueError(f"architecture {architecture.__name__} does not build a {type(config).__name__}")
+        if offload != "none" or is_sharded(path):
+            return _load_lazily(architecture, config, manifest, path, torch.device(device), offload)
         model = architecture(config)
         check_manifest(model, manifest)
         _restore_structure(model, manifest)
@@ -356,4 +370,26 @@ def load(path: str | Path) -> nn.Module:
         load_model(model, str(path / WEIGHTS_NAME), strict=True)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:
         raise ModelLoadError(f"could not load {path}: {first_line(err)}") from None
+    return model.to(device).eval()
+
+
+def _load_lazily(architecture: type, config: Any, manifest: dict[str, Any], path: Path, device: torch.device,
+                 offload: str) -> nn.Module:
+    """Build without storage, restore the compressed structure, then read the weights one shard at a time
+    (blocks left where they are when offloading)."""
+    with init_empty_weights(include_buffers=False):   # buffers the architecture computes stay real
+        model = architecture(config)
+    check_manifest(model, manifest)
+    with init_empty_weights(include_buffers=True):
+        _restore_structure(model, manifest)
+        for name, entry in manifest["replaced"].items():
+            _replace(model, name, entry)
+    if offload == "none":
+        load_shards(model, path, device)
+        return model.eval()
+    offloader = BlockOffloader(model, device, offload, Checkpoint(path))
+    load_shards(model, path, device, skip=tuple(prefix + "." for prefix in offloader.blocks.values()))
+    if offload == "cpu":
+        offloader.load_all_to_host()
+    attach_offloader(model, offloader)
     return model.eval()
