@@ -104,6 +104,9 @@ class OneShot(CalibrationMode):
         if stats is None and self._streams(run, units):
             self._apply_by_block(run, units, batches)
             return
+        if offloader_of(run.model) is not None and not run.needs and all(u.block is not None for u in units):
+            self._apply_data_free_by_block(run, units)
+            return
         if offloader_of(run.model) is not None and run.needs:
             raise CalibrationError(f"stage {run.index + 1}: one-shot calibration of the whole model at once cannot "
                                    "run with offloaded blocks here (fisher statistics, an encoder-decoder, or targets "
@@ -113,6 +116,19 @@ class OneShot(CalibrationMode):
                             pair_spans=run.spans(units)) if run.needs else {}
         for unit in units:
             run.apply(unit, stats)
+
+    def _apply_data_free_by_block(self, run, units) -> None:
+        """A method without statistics on offloaded blocks: each block brought in, compressed, written back."""
+        offloader = offloader_of(run.model)
+        blocks = [block for _, stack in block_stacks(run.model) for block in stack]
+        for index, block_units in track(sorted(by_block_index(units).items()), len(by_block_index(units)),
+                                        "compressing", run.progress, unit="block"):
+            offloader.pin(blocks[index])
+            try:
+                for unit in block_units:
+                    run.apply(unit, {})
+            finally:
+                offloader.unpin(blocks[index])
 
     def _apply_by_block(self, run, units, batches) -> None:
         grouped = by_block_index(units)

@@ -123,14 +123,20 @@ class BlockOffloader:
     def _load(self, block: nn.Module) -> None:
         if block in self.resident:
             return
+        # a block brought in during an inference-mode pass must not get inference tensors: layers that check a
+        # tensor's version (cached dense weights) and later training could not use them
+        with torch.inference_mode(False):
+            self._bring_in(block)
+        self.resident.add(block)
+        self.loads += 1
+
+    def _bring_in(self, block: nn.Module) -> None:
         if self.mode == "cpu":
             block.to(self.device)
         else:
             for name, tensor in self._stored(block).items():
                 dtype = self.dtype if (self.dtype is not None and tensor.is_floating_point()) else tensor.dtype
                 set_module_tensor_to_device(block, name, self.device, value=tensor, dtype=dtype)
-        self.resident.add(block)
-        self.loads += 1
 
     def _release(self, block: nn.Module, changed: bool) -> None:
         if block not in self.resident:
