@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import SENTENCES, logits, make_tiny_bert, make_tiny_llama, save_classifier, write_sentiment_csv
 
+from lmcompress.core.placement import offloader_of
 from lmcompress.engine.recipe import Recipe
 from lmcompress.entrypoints.arguments import DataArgs, OutputArgs
 from lmcompress.entrypoints.compress import CompressArgs, run_compress
@@ -15,7 +16,7 @@ from lmcompress.errors import LMCompressError, ModelLoadError
 from lmcompress.io import saving
 from lmcompress.io.checkpoint import INDEX_NAME
 from lmcompress.io.models import load_model
-from lmcompress.io.offload import offloaded, offloader_of
+from lmcompress.io.offload import offloaded
 from lmcompress.io.shards import write_shards
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,6 +39,13 @@ def test_offloaded_model_runs_like_the_loaded_one_and_holds_no_block_between_pas
     assert block_tensors and all(t.device.type == "meta" for t in block_tensors)
 
 
+def test_host_offloading_moves_blocks_and_keeps_outputs(saved, tokenizer):
+    model, folder = saved   # on a CPU the host is the device; the moves still run
+    lazy, offloader = offloaded(type(model), model.config, folder, torch.device("cpu"), "cpu")
+    assert torch.equal(logits(lazy, tokenizer), logits(model, tokenizer))
+    assert offloader.loads == len(offloader.blocks) and not offloader.resident
+
+
 def test_sharded_save_and_lazy_load_are_exact(saved, tokenizer, tmp_path):
     model, _ = saved
     out = tmp_path / "sharded"
@@ -57,17 +65,28 @@ def _compress(folder, tmp_path, offload: str, mode: str = "sequential", stage: d
     data = write_sentiment_csv(tmp_path / "cal.csv", SENTENCES * 2)
     recipe = Recipe.model_validate({"calibration": {"samples": 16, "batch_size": 4, "mode": mode},
                                     "stages": [stage or {"method": "whitened_svd", "options": {"keep": 0.5}}]})
-    out = tmp_path / f"out-{offload}-{mode}"
+    out = tmp_path / f"out-{offload}-{mode}-{len(list(tmp_path.iterdir()))}"
     run_compress(CompressArgs(recipe, OutputArgs(str(out)), str(folder), DataArgs(data=str(data)), timing=False,
                               progress=False, offload=offload))
     return out
 
 
-@pytest.mark.parametrize("mode", ["sequential", "one_shot"])
-def test_compressing_with_blocks_on_disk_gives_the_same_model(saved, tokenizer, tmp_path, mode):
+STAGES = {
+    "whitened_svd": {"method": "whitened_svd", "options": {"keep": 0.5}},
+    "prune kcm": {"method": "prune", "options": {"score": "kcm"}, "budget": {"flops": 0.6}},
+    "prune magnitude": {"method": "prune", "options": {"score": "magnitude", "compensate": "none"},
+                        "budget": {"params": 0.6}},
+    "int4 rtn": {"method": "quantize", "options": {"bits": 4, "scheme": "weight_only"}},
+}
+
+
+@pytest.mark.parametrize(("stage", "mode"), [("whitened_svd", "sequential"), ("whitened_svd", "one_shot"),
+                                             ("prune kcm", "sequential"), ("prune magnitude", "sequential"),
+                                             ("int4 rtn", "sequential")])
+def test_compressing_with_blocks_on_disk_gives_the_same_model(saved, tokenizer, tmp_path, stage, mode):
     _, folder = saved
-    whole = load_model(_compress(folder, tmp_path, "none", mode))[0]
-    path = _compress(folder, tmp_path, "disk", mode)
+    whole = load_model(_compress(folder, tmp_path, "none", mode, STAGES[stage]))[0]
+    path = _compress(folder, tmp_path, "disk", mode, STAGES[stage])
     assert (path / INDEX_NAME).is_file()   # written block by block
     assert torch.allclose(logits(load_model(path)[0], tokenizer), logits(whole, tokenizer), atol=1e-5)
 

@@ -3,8 +3,8 @@
 `capture_block_inputs` runs the model once, stopping at the chosen block, and keeps for every batch what
 that block received: the hidden states plus every other argument (attention masks, rotary embeddings ...),
 exactly as the architecture passes them, so a block can be re-run on its own with `run_block`. Hidden states
-are kept in memory up to `cap_mb` and spilled to safetensors files in a private temporary directory past
-it; the other arguments are small (masks, position tables) and stay in memory.
+are kept in host memory up to `cap_mb` and spilled to safetensors files in a private temporary directory past
+it; the other arguments are small (masks, position tables) and stay where the model put them.
 
 Where blocks of one model get different arguments (ModernBERT's or Gemma's local layers take a sliding-window
 mask and their own rotary tables: `config.layer_types` lists more than one kind), the capture runs the whole
@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmcompress.core.linear import execution_device
+from lmcompress.core.placement import execution_device
 from lmcompress.core.seq2seq import with_decoder_inputs
 
 
@@ -60,7 +60,9 @@ class BlockInputs:
         return len(self._hidden)
 
     def append(self, hidden: torch.Tensor, args: tuple, kwargs: dict, mask: torch.Tensor | None) -> None:
-        hidden = hidden.detach()
+        # kept on the host: on a GPU, the cache would otherwise take device memory the size of every batch's
+        # activations (two copies with the teacher); each batch goes back to the device when its block runs
+        hidden = hidden.detach().to("cpu")
         size = hidden.numel() * hidden.element_size()
         if self.in_memory_bytes + size <= self.cap_bytes:
             self._hidden.append(hidden)

@@ -48,17 +48,6 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-# set on a block that waits off its device (io.offload): where it runs once brought in
-EXECUTION_DEVICE = "_lmcompress_execution_device"
-OFFLOADER = "_lmcompress_offloader"   # on a model whose blocks wait off the device: what brings them in
-
-
-def execution_device(module: nn.Module) -> torch.device:
-    """Where a module computes: the device of its tensors, or for a block waiting off the device (offloaded
-    to the host or to disk), the device it is brought to when it runs."""
-    return getattr(module, EXECUTION_DEVICE, None) or module_device(module)
-
-
 def make_dense(weight: torch.Tensor, bias: torch.Tensor | None, kind: str) -> nn.Module:
     """A dense module of the given kind holding the (out, in) `weight`, on its device and in its dtype."""
     out_features, in_features = weight.shape

@@ -19,13 +19,14 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
-from lmcompress.calibration.collection import PassEstimate, StackedCalibrator, cache_bytes_estimate, collect
+from lmcompress.calibration.collection import PassEstimate, cache_bytes_estimate, collect
 from lmcompress.calibration.stats import LayerStats, estimate_bytes
+from lmcompress.calibration.walk import BlockWalk
 from lmcompress.core.families import block_stacks, family_of, is_multi_stack, shared_layers_refusal
+from lmcompress.core.placement import offloader_of
 from lmcompress.core.progress import track
 from lmcompress.core.units import Unit, factor_path, substep_of
 from lmcompress.errors import CalibrationError, RecipeError
-from lmcompress.io.offload import offloader_of
 
 log = logging.getLogger("lmcompress")
 
@@ -119,20 +120,17 @@ class OneShot(CalibrationMode):
 
     def _apply_data_free_by_block(self, run, units) -> None:
         """A method without statistics on offloaded blocks: each block brought in, compressed, written back."""
-        offloader = offloader_of(run.model)
-        blocks = [block for _, stack in block_stacks(run.model) for block in stack]
-        for index, block_units in track(sorted(by_block_index(units).items()), len(by_block_index(units)),
-                                        "compressing", run.progress, unit="block"):
-            offloader.pin(blocks[index])
-            try:
+        grouped = by_block_index(units)
+        with BlockWalk(run.model, min(grouped)) as walk:
+            for index, block_units in track(sorted(grouped.items()), len(grouped), "compressing", run.progress,
+                                            unit="block"):
+                walk.enter(index)
                 for unit in block_units:
                     run.apply(unit, {})
-            finally:
-                offloader.unpin(blocks[index])
 
     def _apply_by_block(self, run, units, batches) -> None:
         grouped = by_block_index(units)
-        with _Walk(run, grouped, batches) as walk:
+        with BlockWalk(run.model, min(grouped), batches, **_calibrator_options(run)) as walk:
             for block, block_units in track(sorted(grouped.items()), len(grouped), "one-shot calibration",
                                             run.progress, unit="block"):
                 walk.enter(block)
@@ -158,44 +156,8 @@ def sequential_refusal(run: StageRun, units: list[Unit]) -> str | None:
     return None
 
 
-class _Walk:
-    """The blocks of a stage in order, through one calibrator, with each block pinned on the device while its
-    units are calibrated and compressed when the model's blocks are offloaded (`io.offload`)."""
-
-    def __init__(self, run: StageRun, grouped: dict[int, list[Unit]], batches: list[dict[str, torch.Tensor]],
-                 teacher: bool = False) -> None:
-        self.run, self.first, self.batches = run, min(grouped), batches
-        self.blocks = [block for _, stack in block_stacks(run.model) for block in stack]
-        self.offloader = offloader_of(run.model)
-        self.teacher = teacher
-        self.current: int | None = None
-        self.calibrator: StackedCalibrator | None = None
-
-    def __enter__(self) -> _Walk:
-        if self.offloader is not None:
-            self.offloader.pin(self.blocks[self.first])
-        stacks = [blocks for _, blocks in block_stacks(self.run.model)]
-        self.calibrator = StackedCalibrator(self.run.model, stacks, self.batches, first_block=self.first,
-                                            teacher=self.teacher, cache_mb=self.run.cal.cache_mb,
-                                            pairs_mb=self.run.cal.pairs_mb, progress=False)
-        self.current = self.first
-        return self
-
-    def enter(self, block: int) -> None:
-        """Make `block` the current one: pinned first, then the cached inputs advanced to it (through the blocks
-        before it), then the block before it sent back, written out if it was compressed."""
-        if self.offloader is not None and block != self.current:
-            self.offloader.pin(self.blocks[block])
-        self.calibrator.begin_block(block)
-        if self.offloader is not None and block != self.current:
-            self.offloader.unpin(self.blocks[self.current])
-        self.current = block
-
-    def __exit__(self, *exc: object) -> None:
-        if self.calibrator is not None:
-            self.calibrator.close()
-        if self.offloader is not None:
-            self.offloader.unpin_all()
+def _calibrator_options(run: StageRun) -> dict:
+    return {"cache_mb": run.cal.cache_mb, "pairs_mb": run.cal.pairs_mb, "progress": False}
 
 
 def _largest_block_stats(run: StageRun, layers: dict[str, nn.Module], units: list[Unit]) -> int:
@@ -235,7 +197,8 @@ class Sequential(CalibrationMode):
         grouped = by_block_index(units)
         steps = [(block, step) for block, block_units in sorted(grouped.items())
                  for step in substeps(run.model, block_units)]
-        with _Walk(run, grouped, batches, teacher="cross_gram" in run.needs) as walk:
+        with BlockWalk(run.model, min(grouped), batches, teacher="cross_gram" in run.needs,
+                       **_calibrator_options(run)) as walk:
             for block, step in track(steps, len(steps), "sequential calibration", run.progress, unit="step"):
                 walk.enter(block)
                 step_layers = {n: run.model.get_submodule(n) for u in step for n in u.layer_names}

@@ -36,6 +36,7 @@ from lmcompress.core.families import (
     supported_model_types,
 )
 from lmcompress.core.linear import in_out_features, set_submodule
+from lmcompress.core.placement import offloader_of, pinned
 from lmcompress.core.units import Unit, units_for
 from lmcompress.engine.allocation import AllocationResult, SensitivityProbe, allocate
 from lmcompress.engine.layer_timing import SEQ_LEN, LayerSpeed, time_layers
@@ -44,7 +45,6 @@ from lmcompress.engine.recipe import Calibration, Recipe, ResolvedStage, Stage
 from lmcompress.engine.reuse import ScoreCache
 from lmcompress.errors import CalibrationError, CompressionError, RecipeError, first_line
 from lmcompress.evaluation.efficiency import dummy_batch
-from lmcompress.io.offload import offloader_of
 from lmcompress.layers import CompressedLayer
 from lmcompress.methods import get_method
 from lmcompress.methods.base import LayerResult, Method, MethodConfig, StageContext
@@ -219,7 +219,7 @@ def _check_offloadable(stages: list[ResolvedStage]) -> None:
         if stage.wants_original:
             raise RecipeError(f"{what} keeps a copy of the whole model, which offloading cannot hold; "
                               "use --offload none")
-        if stage.unit == "model":
+        if stage.unit == "model" and not stage.method.walks_blocks:
             raise RecipeError(f"{what} changes the whole model at once; use --offload none")
 
 
@@ -366,7 +366,7 @@ class _StageRun:
                         pair_spans=self.spans(units)) if self.needs else {}
         candidates = []
         for unit in units:
-            with _pinned(self.model, unit.block):
+            with pinned(self.model, _block(self.model, unit.block), changes=False):
                 found = self.method.candidates(self.model, unit, stats, self.config)
             if found is None:
                 raise RecipeError(f"stage {self.index + 1}: method {self.stage.method!r} cannot be sized by a "
@@ -443,21 +443,9 @@ class _StageRun:
             layer_log.info("%s", _layer_line(record))
 
 
-class _pinned:  # noqa: N801 - a context manager, named like one
-    """Keep block `index` on the device for the duration (when the model's blocks are offloaded)."""
-
-    def __init__(self, model: nn.Module, index: int | None) -> None:
-        self.offloader = offloader_of(model)
-        blocks = [b for _, stack in block_stacks(model) for b in stack] if self.offloader is not None else []
-        self.block = blocks[index] if index is not None and blocks else None
-
-    def __enter__(self) -> None:
-        if self.block is not None:
-            self.offloader.pin(self.block)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.block is not None:
-            self.offloader.unpin(self.block)
+def _block(model: nn.Module, index: int | None) -> nn.Module | None:
+    blocks = [b for _, stack in block_stacks(model) for b in stack]
+    return blocks[index] if index is not None and blocks else None
 
 
 def _shape(module: nn.Module | None) -> tuple[int, int]:

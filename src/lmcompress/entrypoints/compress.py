@@ -84,7 +84,7 @@ def plan_or_refuse(args: CompressArgs) -> None:
 
 
 def close_offloader(model) -> None:
-    from lmcompress.io.offload import offloader_of
+    from lmcompress.core.placement import offloader_of
 
     offloader = offloader_of(model)
     if offloader is not None:

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lmcompress.core.families import block_stacks
-from lmcompress.core.linear import EXECUTION_DEVICE, OFFLOADER
+from lmcompress.core.placement import EXECUTION_DEVICE, OFFLOADER
 from lmcompress.errors import ModelLoadError
 from lmcompress.io.checkpoint import Checkpoint
 
@@ -78,11 +78,11 @@ class BlockOffloader:
             self._load(block)
             self.pinned.add(block)
 
-    def unpin(self, block: nn.Module) -> None:
-        """Send a pinned block back, written out first since it may have changed."""
+    def unpin(self, block: nn.Module, changed: bool = True) -> None:
+        """Send a pinned block back, written out first if it may have changed."""
         if block in self.pinned:
             self.pinned.discard(block)
-            self._release(block, changed=True)
+            self._release(block, changed=changed)
 
     def unpin_all(self) -> None:
         for block in list(self.pinned):
@@ -176,10 +176,6 @@ class BlockOffloader:
 def attach_offloader(model: nn.Module, offloader: BlockOffloader) -> None:
     """Keep the offloader with its model, so the engine, saving and evaluation find where the blocks are."""
     model.__dict__[OFFLOADER] = offloader
-
-
-def offloader_of(model: nn.Module) -> BlockOffloader | None:
-    return model.__dict__.get(OFFLOADER)
 
 
 def _persistent(module: nn.Module) -> dict[str, torch.Tensor]:

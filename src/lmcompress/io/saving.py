@@ -36,9 +36,10 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from lmcompress.core.linear import dense_kind, in_out_features, is_dense_linear, make_dense, set_submodule
+from lmcompress.core.placement import offloader_of
 from lmcompress.errors import LMCompressError, ModelLoadError, first_line
 from lmcompress.io.checkpoint import Checkpoint, is_sharded
-from lmcompress.io.offload import BlockOffloader, attach_offloader, check_offload, offloader_of
+from lmcompress.io.offload import BlockOffloader, attach_offloader, check_offload
 from lmcompress.io.shards import SHARD_BYTES, load_shards, model_bytes, write_shards
 from lmcompress.layers import CompressedLayer, layer_from_manifest
 from lmcompress.layers.base import check_entry

@@ -121,6 +121,9 @@ class Method:
     # the result keeps what the data contains (not just its statistics): the CLI's embedded default data
     # would be a silent mistake, so it asks for --data
     keeps_data_content: ClassVar[bool] = False
+    # a model-level method that walks the blocks itself, pinning each (`calibration.walk`), can run on a model
+    # whose blocks wait off the device (`--offload`); others need the whole model in memory
+    walks_blocks: ClassVar[bool] = False
 
     def accepts(self, module: nn.Module) -> bool:
         """Which modules a stage may target with this method (default: dense linear layers, including the

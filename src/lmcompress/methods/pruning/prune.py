@@ -33,9 +33,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from lmcompress.calibration.collection import StackedCalibrator, collect
-from lmcompress.core.families import block_stacks, blocks_of, family_of, shared_layers_refusal, supported_model_types
+from lmcompress.calibration.collection import collect
+from lmcompress.calibration.walk import BlockWalk
+from lmcompress.core.families import blocks_of, family_of, is_multi_stack, shared_layers_refusal, supported_model_types
 from lmcompress.core.linear import in_out_features, is_dense_linear, weight_out_in
+from lmcompress.core.placement import offloader_of
 from lmcompress.core.progress import track
 from lmcompress.core.units import Unit, group_units
 from lmcompress.errors import CalibrationError, RecipeError
@@ -80,6 +82,7 @@ class Prune(Method):
     name = "prune"
     config_class = PruneConfig
     unit = "model"
+    walks_blocks = True
 
     def accepts(self, module: nn.Module) -> bool:
         """Dense linear layers, and layers another method already replaced: those are selected only so that
@@ -153,20 +156,50 @@ class Prune(Method):
             return {u.name: torch.rand(pieces[u.name].count, generator=generator, dtype=torch.float64)
                     for u in units}
         if config.score == "magnitude":
-            return {u.name: _magnitude(model, pieces[u.name]) for u in units}
+            scores = {}
+            with BlockWalk(model, min(u.block for u in units)) as walk:
+                for unit in sorted(units, key=lambda u: u.block):
+                    walk.enter(unit.block)
+                    scores[unit.name] = _magnitude(model, pieces[unit.name])
+            return scores
         if config.score == "fisher":
+            if offloader_of(model) is not None:
+                raise RecipeError("method 'prune': score fisher back-propagates through the whole model, which "
+                                  "offloaded blocks cannot; use kcm or activation, or --offload none")
             return _fisher(model, units, pieces, batches, progress)
-        outputs = {u.layers["o" if u.kind == "attention" else "out"]: model.get_submodule(
-            u.layers["o" if u.kind == "attention" else "out"]) for u in units}
-        stats = collect(model, batches, outputs, {"gram"}, progress=progress, desc="calibrating (scores)")
-        scores = {}
+        if is_multi_stack(model):
+            if offloader_of(model) is not None:
+                raise RecipeError("method 'prune': an encoder-decoder is scored in one whole-model pass, which "
+                                  "offloaded blocks cannot hold; use --offload none")
+            outputs = {_output_name(u): model.get_submodule(_output_name(u)) for u in units}
+            stats = collect(model, batches, outputs, {"gram"}, progress=progress, desc="calibrating (scores)")
+            return {u.name: self._unit_scores(model, u, stats, pieces, config) for u in units}
+        return self._streamed_scores(model, units, pieces, batches, config, progress)
+
+    def _streamed_scores(self, model, units, pieces, batches, config, progress) -> dict[str, torch.Tensor]:
+        """Scores block by block on the original model's activations (each block run ahead before the next),
+        holding one block's statistics at a time: the same numbers as one whole-model pass."""
+        by_block: dict[int, list[Unit]] = {}
         for unit in units:
-            name = unit.layers["o" if unit.kind == "attention" else "out"]
-            entry = stats[name]
-            weight = weight_out_in(model.get_submodule(name)).detach().to(torch.float64)
-            gram = entry.gram.to(torch.float64) / max(entry.count, 1)
-            scores[unit.name] = _output_scores(weight, gram, pieces[unit.name], config)
+            by_block.setdefault(unit.block, []).append(unit)
+        scores = {}
+        with BlockWalk(model, min(by_block), batches, progress=False) as walk:
+            for block in track(sorted(by_block), len(by_block), "calibrating (scores)", progress, unit="block"):
+                walk.enter(block)
+                outputs = {_output_name(u): model.get_submodule(_output_name(u)) for u in by_block[block]}
+                stats = walk.calibrator.collect(outputs, {"gram"})
+                walk.calibrator.run_ahead()
+                for unit in by_block[block]:
+                    scores[unit.name] = self._unit_scores(model, unit, stats, pieces, config)
         return scores
+
+    @staticmethod
+    def _unit_scores(model, unit, stats, pieces, config) -> torch.Tensor:
+        name = _output_name(unit)
+        entry = stats[name]
+        weight = weight_out_in(model.get_submodule(name)).detach().to(torch.float64)
+        gram = entry.gram.to(torch.float64) / max(entry.count, 1)
+        return _output_scores(weight, gram, pieces[unit.name], config)
 
     # --- selection ---------------------------------------------------------------------------------
     def _select(self, units, pieces, scores, config, costs) -> dict[str, list[int]]:
@@ -194,21 +227,14 @@ class Prune(Method):
         by_block: dict[int, list[Unit]] = {}
         for unit in units:
             by_block.setdefault(unit.block, []).append(unit)
-        calibrator = None
-        if config.compensate != "none":
-            calibrator = StackedCalibrator(model, [b for _, b in block_stacks(model)], batches,
-                                           first_block=min(by_block), cache_mb=context.calibration.cache_mb,
-                                           progress=False)
-        try:
+        calibrated = config.compensate != "none"
+        options = {"cache_mb": context.calibration.cache_mb, "progress": False} if calibrated else {}
+        with BlockWalk(model, min(by_block), batches if calibrated else None, **options) as walk:
             for block in track(sorted(by_block), len(by_block), "pruning", context.progress, unit="block"):
-                if calibrator is not None:
-                    calibrator.begin_block(block)
+                walk.enter(block)
                 for unit in sorted(by_block[block], key=lambda u: u.kind != "attention"):
-                    results += self._prune_unit(model, unit, pieces[unit.name], keep[unit.name], calibrator,
+                    results += self._prune_unit(model, unit, pieces[unit.name], keep[unit.name], walk.calibrator,
                                                 config)
-        finally:
-            if calibrator is not None:
-                calibrator.close()
         return results
 
     def _prune_unit(self, model, unit, pieces: Pieces, keep: list[int], calibrator, config) -> list[LayerResult]:
@@ -329,6 +355,10 @@ def _output_scores(weight: torch.Tensor, gram: torch.Tensor, pieces: Pieces, con
         else:
             scores[i] = torch.einsum("oi,ij,oj->", block, torch.linalg.inv(inverse[cols, cols]), block)
     return scores
+
+
+def _output_name(unit: Unit) -> str:
+    return unit.layers["o" if unit.kind == "attention" else "out"]
 
 
 def _magnitude(model: nn.Module, pieces: Pieces) -> torch.Tensor:
