@@ -44,6 +44,8 @@ METHODS = {
     "whitened_svd keep 0.5": ["--method", "whitened_svd", "--keep", "0.5"],
     "whitened_svd params=0.5": ["--method", "whitened_svd", "--budget", "params=0.5"],
     "prune kcm flops=0.5": ["--method", "prune", "--option", "score=kcm", "--budget", "flops=0.5"],
+    "prune magnitude flops=0.5": ["--method", "prune", "--option", "score=magnitude", "--option",
+                                  "compensate=none", "--budget", "flops=0.5"],
     "sparsify sparsegpt 50%": ["--method", "sparsify", "--option", "score=sparsegpt", "--option", "sparsity=0.5"],
     "sparsify wanda 50%": ["--method", "sparsify", "--option", "score=wanda", "--option", "sparsity=0.5"],
 }
@@ -55,7 +57,8 @@ PRESETS = {
        for method in ("int4 GPTQ g128", "whitened_svd keep 0.5", "whitened_svd params=0.5", "prune kcm flops=0.5",
                       "sparsify sparsegpt 50%")
        for offload in ("none", "disk") if offload == "none" or method not in _STATIC],
-    "big": [("llama-11.6b", "int4 RTN g128", "disk"), ("llama-11.6b", "sparsify wanda 50%", "disk")],
+    "big": [("llama-11.6b", "int4 RTN g128", "disk"), ("llama-11.6b", "prune magnitude flops=0.5", "disk"),
+            ("llama-11.6b", "sparsify wanda 50%", "disk")],
 }
 
 
