@@ -38,18 +38,20 @@ class MemoryPlan:
     offload: str
     device: str
     calibration_flops: float
+    baseline: int = 0       # this process before loading (interpreter, torch, tokenizer, data), on the host
 
     @property
     def device_peak(self) -> int:
         resident = self.weights if self.offload == "none" else self.outside_blocks + 2 * self.largest_block
-        return resident + self.statistics + self.activations + (self.block_inputs if self.device == "cpu" else 0)
+        host = self.block_inputs + self.baseline if self.device == "cpu" else 0
+        return resident + self.statistics + self.activations + host
 
     @property
     def host_peak(self) -> int:
         if self.device == "cpu":
             return self.device_peak
         held = {"none": 0, "cpu": self.weights, "disk": 2 * self.largest_block}[self.offload]
-        return held + self.block_inputs
+        return held + self.block_inputs + self.baseline
 
     def describe(self, flops_per_second: float | None = None) -> str:
         text = (f"plan: weights {_gib(self.weights)} (largest block {_gib(self.largest_block)}), one block's "
@@ -102,6 +104,15 @@ def _hidden_size(model: nn.Module) -> int:
     return 0
 
 
+def process_bytes() -> int:
+    """Resident memory of this process now (0 where /proc is not there)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
 def available_bytes(device: str) -> int | None:
     """Free memory where the work runs: the GPU's free memory, or the host's available memory."""
     if device.startswith("cuda") and torch.cuda.is_available():
@@ -133,14 +144,16 @@ def measured_flops(device: str = "cpu") -> float:
 
 
 def check_plan(plan: MemoryPlan, available: int | None) -> None:
-    """Refuse, in one line, work that cannot fit; say when only offloading would make it fit."""
+    """Refuse, in one line, work that cannot fit; say when only offloading would make it fit. `available` is
+    free memory besides what this process already holds, so the process's baseline is not counted twice."""
     if available is None:
         return
-    if plan.device_peak <= available:
+    own = plan.baseline if plan.device == "cpu" else 0
+    if plan.device_peak - own <= available:
         return
     one_block = plan.outside_blocks + 2 * plan.largest_block + plan.statistics + plan.activations
     if plan.offload == "none" and one_block <= available:
-        raise LMCompressError(f"the model needs about {_gib(plan.device_peak)} on {plan.device} but "
+        raise LMCompressError(f"the model needs about {_gib(plan.device_peak - own)} more on {plan.device} but "
                               f"{_gib(available)} is free; --offload disk (or cpu on a GPU) works block by block in "
                               f"about {_gib(one_block)}")
     raise LMCompressError(f"even one block needs about {_gib(one_block)} on {plan.device} (block "

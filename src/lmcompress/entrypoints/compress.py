@@ -62,7 +62,7 @@ def plan_or_refuse(args: CompressArgs) -> None:
 
     import transformers
 
-    from lmcompress.engine.plan import available_bytes, check_plan, measured_flops, memory_plan
+    from lmcompress.engine.plan import available_bytes, check_plan, measured_flops, memory_plan, process_bytes
     from lmcompress.evaluation.anatomy import build_on_meta
     from lmcompress.io.checkpoint import Checkpoint
     from lmcompress.io.models import resolve_model
@@ -79,6 +79,7 @@ def plan_or_refuse(args: CompressArgs) -> None:
     cal = args.recipe.calibration
     plan = memory_plan(meta, args.recipe, cal.samples * cal.max_length, cal.batch_size * cal.max_length,
                        weight_bytes, args.offload, args.device)
+    plan.baseline = process_bytes()
     logging.getLogger("lmcompress").info("%s", plan.describe(measured_flops(args.device)))
     check_plan(plan, available_bytes(args.device))
 
