@@ -74,8 +74,8 @@ def plan_or_refuse(args: CompressArgs) -> None:
         meta = build_on_meta(transformers.AutoConfig.from_pretrained(location, local_files_only=True).to_dict(),
                              location)
         weight_bytes = Checkpoint(location).nbytes()
-    except LMCompressError:
-        return   # the load itself reports what is wrong with the folder
+    except (LMCompressError, OSError, ValueError, KeyError):
+        return   # a folder the plan cannot read: the load itself reports, in one line, what is wrong with it
     cal = args.recipe.calibration
     plan = memory_plan(meta, args.recipe, cal.samples * cal.max_length, cal.batch_size * cal.max_length,
                        weight_bytes, args.offload, args.device)
