@@ -48,15 +48,18 @@ METHODS = {
                                   "compensate=none", "--budget", "flops=0.5"],
     "sparsify sparsegpt 50%": ["--method", "sparsify", "--option", "score=sparsegpt", "--option", "sparsity=0.5"],
     "sparsify wanda 50%": ["--method", "sparsify", "--option", "score=wanda", "--option", "sparsity=0.5"],
+    "distill 120s": [],   # `lmcompress distill` into a half-rank SVD student: steps per second (see `run`)
 }
 _STATIC = ("whitened_svd params=0.5", "prune kcm flops=0.5")   # need the whole model: no offload
 PRESETS = {
-    "tiny": [("tiny", m, o) for m in ("int4 GPTQ g128", "sparsify wanda 50%") for o in ("none", "disk")],
+    "tiny": [("tiny", m, o) for m in ("int4 GPTQ g128", "sparsify wanda 50%") for o in ("none", "disk")]
+    + [("tiny", "distill 120s", "none")],
     "cpu": [(size, "int4 GPTQ g128", offload) for size in ("depth-4", "depth-8") for offload in ("none", "disk")]
     + [("llama-0.1b", method, offload)
        for method in ("int4 GPTQ g128", "whitened_svd keep 0.5", "whitened_svd params=0.5", "prune kcm flops=0.5",
                       "sparsify sparsegpt 50%")
-       for offload in ("none", "disk") if offload == "none" or method not in _STATIC],
+       for offload in ("none", "disk") if offload == "none" or method not in _STATIC]
+    + [("llama-0.1b", "distill 120s", "none")],
     "big": [("llama-11.6b", "int4 RTN g128", "disk"), ("llama-11.6b", "prune magnitude flops=0.5", "disk"),
             ("llama-11.6b", "sparsify wanda 50%", "disk")],
 }
@@ -108,31 +111,47 @@ def make_checkpoint(name: str, vocab_size: int) -> Path:
 def run(model: Path, method: str, offload: str, samples: int, length: int) -> dict:
     """One `lmcompress compress` in a child process: wall seconds and the child's peak resident memory."""
     out = Path(tempfile.mkdtemp(prefix="scale-out-", dir=CACHE))
-    command = [sys.executable, "-m", "lmcompress.cli", "compress", "--model", str(model), *METHODS[method],
-               "--task", "lm", "--data", str(WIKITEXT), "--calib-samples", str(samples), "--calib-max-length",
-               str(length), "--out", str(out / "m"), "--no-timing", "--offload", offload]
+    if method.startswith("distill"):
+        # the student: the model with every block's linears factorised at half rank (data-free, not timed)
+        subprocess.run([sys.executable, "-m", "lmcompress.cli", "compress", "--model", str(model), "--method", "svd",
+                        "--keep", "0.5", "--task", "lm", "--data", str(WIKITEXT), "--no-timing", "--out",
+                        str(out / "student")], check=True, capture_output=True)
+        command = [sys.executable, "-m", "lmcompress.cli", "distill", "--teacher", str(model), "--student",
+                   str(out / "student"), "--task", "lm", "--data", str(WIKITEXT), "--time", "120s", "--phases",
+                   "global", "--max-length", str(length), "--batch-size", "4", "--max-train-samples", "2000",
+                   "--heldout", "0.02", "--out", str(out / "m")]
+    else:
+        command = [sys.executable, "-m", "lmcompress.cli", "compress", "--model", str(model), *METHODS[method],
+                   "--task", "lm", "--data", str(WIKITEXT), "--calib-samples", str(samples), "--calib-max-length",
+                   str(length), "--out", str(out / "m"), "--no-timing", "--offload", offload]
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - started
+    curve = out / "m" / "curve.json"
+    points = json.loads(curve.read_text()).get("points", []) if curve.is_file() else []
+    # training steps per second between the first checkpoint (after the teacher's held-out outputs) and the last
+    span = points[-1]["elapsed_s"] - points[0]["elapsed_s"] if len(points) > 1 else 0
+    rate = round((points[-1]["step"] - points[0]["step"]) / span, 2) if span > 0 else None
     shutil.rmtree(out, ignore_errors=True)
     plan = next((line for line in output.splitlines() if line.startswith("plan:")), "")
     ok = os.waitstatus_to_exitcode(status) == 0
     if not ok:
         print(output[-2000:], flush=True)
     return {"seconds": round(seconds, 1), "peak_host_gib": round(usage.ru_maxrss * 1024 / 2**30, 2), "ok": ok,
-            "error": "" if ok else output.strip().splitlines()[-1][:200], "plan": plan}
+            "error": "" if ok else output.strip().splitlines()[-1][:200], "plan": plan, "steps_per_s": rate}
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | params | layers | hidden | method | offload | wall s | peak host GiB | host / weights |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | params | layers | hidden | method | offload | wall s | peak host GiB | host / weights |"
+             " distill steps/s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = r["peak_host_gib"] * 2**30 / r["weight_bytes"]
         status = "" if r["ok"] else f" (failed: {r['error']})"
         lines.append(f"| {r['model']} | {r['params'] / 1e9:.2f}B | {r['layers']} | {r['hidden']} | {r['method']} | "
-                     f"{r['offload']} | {r['seconds']}{status} | {r['peak_host_gib']} | {ratio:.2f} |")
+                     f"{r['offload']} | {r['seconds']}{status} | {r['peak_host_gib']} | {ratio:.2f} | "
+                     f"{r.get('steps_per_s') or ''} |")
     return "\n".join(lines)
 
 

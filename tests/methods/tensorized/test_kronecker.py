@@ -200,7 +200,7 @@ def test_bad_sizes_fail_before_calibration(tokenizer, examples, monkeypatch):
 
     monkeypatch.setattr("lmcompress.engine.pipeline.collect", refuse)           # the allocator's calibration
     monkeypatch.setattr("lmcompress.engine.modes.collect", refuse)              # one-shot calibration
-    monkeypatch.setattr("lmcompress.engine.modes.StackedCalibrator", refuse)
+    monkeypatch.setattr("lmcompress.engine.modes.BlockWalk", refuse)
     prime = BertForSequenceClassification(BertConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
         intermediate_size=37, max_position_embeddings=64)).eval()
