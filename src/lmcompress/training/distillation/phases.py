@@ -25,9 +25,9 @@ from torch import nn
 
 from lmcompress.calibration.blockcache import block_output, no_cache
 from lmcompress.core.families import block_stacks, family_of, resolve_path
+from lmcompress.core.linear import in_out_features, is_dense_linear
 from lmcompress.core.placement import execution_device
 from lmcompress.core.runtime import GradientScaling, mixed_precision
-from lmcompress.core.linear import in_out_features, is_dense_linear
 from lmcompress.core.seq2seq import with_decoder_inputs
 from lmcompress.core.units import role_location
 from lmcompress.layers import CompressedLayer
