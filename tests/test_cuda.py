@@ -102,13 +102,14 @@ def test_cli_compress_then_evaluate_on_the_device(tokenizer, tmp_path, capsys):
 
     source = save_classifier(make_tiny_bert(tokenizer.vocab_size), tokenizer, tmp_path / "dense")
     data = write_sentiment_csv(tmp_path / "data.csv", SENTENCES * 2)
+    task = ["--task", "text-classification", "--text-column", "text", "--label-column", "label", "--data", str(data)]
     out = tmp_path / "compressed"
-    assert main(["-q", "compress", "--model", str(source), "--method", "whitened_svd", "--keep", "0.5",
-                 "--task", "text-classification", "--text-column", "text", "--label-column", "label", "--data", str(data), "--calib-samples", "8", "--calib-max-length", "16", "--no-timing",
-                 "--out", str(out), "--device", DEVICE]) == 0
+    assert main(["-q", "compress", "--model", str(source), "--method", "whitened_svd", "--keep", "0.5", *task,
+                 "--calib-samples", "8", "--calib-max-length", "16", "--no-timing", "--out", str(out),
+                 "--device", DEVICE]) == 0
     report = tmp_path / "eval.json"
-    assert main(["-q", "evaluate", "--model", str(out), "--task", "text-classification", "--text-column", "text", "--label-column", "label", "--data", str(data), "--max-length", "16",
-                 "--seq-len", "16", "--repeats", "2", "--json", str(report), "--device", DEVICE]) == 0
+    assert main(["-q", "evaluate", "--model", str(out), *task, "--max-length", "16", "--seq-len", "16",
+                 "--repeats", "2", "--json", str(report), "--device", DEVICE]) == 0
     result = json.loads(report.read_text())
     assert result["latency"]["device"].startswith(torch.device(DEVICE).type)   # timed where the model ran
     assert 0.0 <= result["metric"]["value"] <= 1.0
