@@ -107,7 +107,7 @@ def resolve_dtype(spec: str | torch.dtype | None, device: torch.device,
     (what `auto` keeps on a GPU; float32 when unknown)."""
     dtype = parse_dtype(spec)
     if dtype is None:
-        dtype = checkpoint if checkpoint in DTYPES.values() else torch.float32
+        dtype = checkpoint if checkpoint in HALF or checkpoint == torch.float32 else torch.float32
         try:
             check_dtype(dtype, device)
         except DeviceError:
