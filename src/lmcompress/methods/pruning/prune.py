@@ -342,7 +342,7 @@ def _piece_columns(pieces: Pieces, index: int) -> slice:
 
 def _output_scores(weight: torch.Tensor, gram: torch.Tensor, pieces: Pieces, config: PruneConfig) -> torch.Tensor:
     """`activation` or `kcm` scores of each piece, from the output projection W (out x in) and G = X^T X / n."""
-    scores = torch.zeros(pieces.count, dtype=torch.float64, device=weight.device)   # the products' device
+    scores = torch.zeros(pieces.count, dtype=torch.float64, device=weight.device)   # scores live with the weights
     inverse = None
     if config.score == "kcm":
         ridge = max(config.damp, 1e-6) * float(torch.diagonal(gram).mean().clamp_min(1e-12))
@@ -354,7 +354,7 @@ def _output_scores(weight: torch.Tensor, gram: torch.Tensor, pieces: Pieces, con
             scores[i] = torch.einsum("oi,ij,oj->", block, gram[cols, cols], block)
         else:
             scores[i] = torch.einsum("oi,ij,oj->", block, torch.linalg.inv(inverse[cols, cols]), block)
-    return scores.cpu()   # ranked beside other units' scores on the host
+    return scores
 
 
 def _output_name(unit: Unit) -> str:
@@ -375,7 +375,7 @@ def _magnitude(model: nn.Module, pieces: Pieces) -> torch.Tensor:
                 writes[i] += weight[:, index].pow(2).sum()
             else:
                 reads[i] += weight[index].pow(2).sum()
-    return (reads.sqrt() * writes.sqrt()).cpu()   # every score kind is ranked on the host
+    return reads.sqrt() * writes.sqrt()
 
 
 def _fisher(model, units, pieces, batches, progress) -> dict[str, torch.Tensor]:
