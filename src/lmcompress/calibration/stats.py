@@ -215,7 +215,7 @@ class StatsCollector:
     def _rows(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.detach()
         if self.mask is not None and tensor.dim() == 3 and tensor.shape[:2] == self.mask.shape:
-            tensor = tensor[self.mask]
+            tensor = tensor[self.mask.to(tensor.device)]   # a mask kept on the host selects device rows too
         return tensor.reshape(-1, tensor.shape[-1])
 
     def _hook(self, name: str):

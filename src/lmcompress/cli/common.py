@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lmcompress.entrypoints.arguments import DataArgs, OutputArgs
+from lmcompress.entrypoints.arguments import DataArgs, OutputArgs, RuntimeArgs
 from lmcompress.errors import LMCompressError, RecipeError
 
 
@@ -22,6 +22,23 @@ def add_task_args(parser: argparse.ArgumentParser, data_help: str) -> None:
     parser.add_argument("--text-column", help="text column (text-classification; or to rename GLUE columns)")
     parser.add_argument("--text-pair-column", help="second text column for sentence-pair tasks")
     parser.add_argument("--label-column", help="label column")
+
+
+def add_runtime_args(parser: argparse.ArgumentParser, training: bool = False) -> None:
+    """--device and --dtype, the same on every command that runs a model (docs/devices.md)."""
+    parser.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
+                        help="where the model runs (default auto: the GPU when there is one, else the CPU)")
+    auto = ("bfloat16 mixed precision on a GPU that has it, float32 elsewhere; weights stay float32" if training
+            else "the checkpoint's own type; float16 widens to float32 on the CPU")
+    parser.add_argument("--dtype", default="auto", metavar="auto|float32|bfloat16|float16",
+                        help=f"floating-point type to compute in (default auto: {auto})")
+
+
+def runtime_args(args: argparse.Namespace) -> RuntimeArgs:
+    """The --device and --dtype of a command, checked against this machine before any model loads."""
+    runtime = RuntimeArgs(args.device, args.dtype)
+    runtime.check()
+    return runtime
 
 
 def add_key_values(parser: argparse.ArgumentParser, flag: str, metavar: str, help: str) -> None:

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from lmcompress.cli.common import add_key_values, add_task_args, data_args, key_values, output_args
+from lmcompress.cli.common import (
+    add_key_values,
+    add_runtime_args,
+    add_task_args,
+    data_args,
+    key_values,
+    output_args,
+    runtime_args,
+)
 from lmcompress.errors import RecipeError
 
 HELP = "compress a model with one method or a YAML recipe"
@@ -46,6 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload", choices=["none", "cpu", "disk"], default="none",
                    help="keep the blocks off the device and bring in one at a time: in host memory (cpu) or in "
                         "safetensors files (disk), so memory holds about one block (default: none)")
+    add_runtime_args(p)
     p.add_argument("--no-timing", action="store_true",
                    help="skip timing each compressed layer against the dense layer it replaces")
     p.add_argument("--overwrite", action="store_true", help="replace non-empty output directories")
@@ -114,6 +123,6 @@ def run(args: argparse.Namespace) -> None:
 
     done = run_compress(CompressArgs(recipe_from_args(args), output_args(args), args.model, data_args(args),
                                      args.dense_out, args.export_hf, not args.no_timing, not args.quiet,
-                                     offload=args.offload))
+                                     offload=args.offload, runtime=runtime_args(args)))
     exported = f"; Hugging Face export in {args.export_hf}" if args.export_hf else ""
     print(f"{done.summary.describe()}; saved to {args.out}{exported}")

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lmcompress.cli.common import add_key_values, add_task_args, data_args, key_values, output_args
+from lmcompress.cli.common import (
+    add_key_values,
+    add_runtime_args,
+    add_task_args,
+    data_args,
+    key_values,
+    output_args,
+    runtime_args,
+)
 
 HELP = ("train a compressed student towards its teacher within one wall-clock budget; the best student so far is "
         "always saved (docs/distillation.md)")
@@ -30,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, help="softmax temperature of the logits' KL (default 2)")
     p.add_argument("--batch-size", type=int, help="training batch size (default 16)")
     p.add_argument("--max-length", type=int, help="tokens per example (default 128)")
+    add_runtime_args(p, training=True)
     add_key_values(p, "--option", "KEY=VALUE", "other distillation options, e.g. hidden_weight=0.5 "
                    "attention_weight=0.1 ce_weight=0.5 select=metric lr_global=2e-5 (docs/distillation.md)")
 
@@ -50,7 +59,7 @@ def run(args: argparse.Namespace) -> None:
     budget = parse_duration(args.time)
     result = run_distill(DistillArgs(args.teacher, args.time, output_args(args), args.student, data_args(args),
                                      args.resume, args.heldout, args.max_train_samples, distill_config(args),
-                                     not args.quiet))
+                                     not args.quiet, runtime_args(args)))
     points, best = result.curve["points"], result.state.get("best") or {}
     metric = result.curve.get("metric")
     quality = f"held-out divergence {points[0]['divergence']:.4g} -> {best.get('divergence', float('nan')):.4g}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lmcompress.cli.common import add_task_args, data_args, write_json
+from lmcompress.cli.common import add_runtime_args, add_task_args, data_args, runtime_args, write_json
 
 HELP = "task metric, parameters, FLOPs, latency and size of a model"
 AT_LEAST = {"max_samples": 1, "batch_size": 1, "max_length": 1, "seq_len": 1, "latency_batch_size": 1,
@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="language-modeling: tokens between window starts, at most --max-length (default: half of it)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="language-modeling: score only the text's first N tokens (masked LMs: default 1024)")
+    add_runtime_args(p)
     p.add_argument("--lm-eval", metavar="TASKS",
                    help="run these lm-evaluation-harness tasks (comma-separated) on the causal LM instead; needs "
                         "lm-eval installed and its data cached locally (runs offline)")
@@ -39,7 +40,7 @@ def _arguments(args: argparse.Namespace):
 
     return EvaluateArgs(args.model, data_args(args), args.max_samples, args.batch_size, args.max_length,
                         args.seq_len, args.latency_batch_size, args.repeats, args.stride, args.max_tokens,
-                        not args.quiet)
+                        not args.quiet, runtime_args(args))
 
 
 def metric_line(task: str, result) -> str:

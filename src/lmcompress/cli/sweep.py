@@ -6,7 +6,7 @@ import argparse
 import shlex
 from pathlib import Path
 
-from lmcompress.cli.common import add_task_args, data_args
+from lmcompress.cli.common import add_runtime_args, add_task_args, data_args, runtime_args
 from lmcompress.errors import LMCompressError
 
 HELP = ("compress, save and measure every setting of a grid; Pareto fronts of the metric against latency, bytes "
@@ -41,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=20, help="timed forward passes at batch 1 (median reported)")
     p.add_argument("--stride", type=int, default=None, help="language-modeling: tokens between window starts")
     p.add_argument("--max-tokens", type=int, default=None, help="language-modeling: score the first N tokens")
+    add_runtime_args(p)
     p.add_argument("--discard-models", action="store_true", help="delete each compressed model once measured")
     p.add_argument("--title", default=None, help="title of the report and plots")
     p.add_argument("--overwrite", action="store_true", help="start again in an --out that holds another sweep")
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> None:
         tuple(BASELINES if args.baselines is None else args.baselines), args.executor, args.workers,
         args.ray_address, args.max_samples, args.batch_size, args.max_length, args.seq_len, args.repeats,
         args.stride, args.max_tokens, not args.discard_models, args.title, "lmcompress " + shlex.join(args.argv),
-        args.overwrite, args.quiet))
+        args.overwrite, args.quiet, runtime_args(args)))
     failed = [r for r in rows if r["status"] != "ok"]
     print(f"{len(rows) - len(failed)} of {len(rows)} points measured; report in {Path(args.out) / 'report.md'}")
     if failed:

@@ -44,3 +44,25 @@ class OutputArgs:
 
     path: str
     overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class RuntimeArgs:
+    """Where the model runs and in which floating-point type: `auto|cpu|cuda|cuda:N|mps` and
+    `auto|float32|bfloat16|float16`, resolved against the machine when the work starts (`core.runtime` says
+    what `auto` picks)."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def torch_device(self):
+        """The torch.device, or a one-line error for a device this machine lacks."""
+        from lmcompress.core.runtime import resolve_device
+
+        return resolve_device(self.device)
+
+    def check(self) -> None:
+        """Every name and the device's availability, before any model loads (one line when wrong)."""
+        from lmcompress.core.runtime import check_dtype, parse_dtype
+
+        check_dtype(parse_dtype(self.dtype), self.torch_device())

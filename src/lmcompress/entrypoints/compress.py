@@ -9,7 +9,7 @@ from typing import Any
 
 from lmcompress.engine.pipeline import CompressionSummary
 from lmcompress.engine.recipe import Recipe
-from lmcompress.entrypoints.arguments import DataArgs, OutputArgs
+from lmcompress.entrypoints.arguments import DataArgs, OutputArgs, RuntimeArgs
 from lmcompress.entrypoints.data import calibration_examples
 from lmcompress.errors import LMCompressError
 
@@ -25,7 +25,13 @@ class CompressArgs:
     timing: bool = True                       # time each compressed layer against the dense one
     progress: bool = True
     offload: str = "none"                     # none | cpu | disk: blocks wait off the device (io.offload)
-    device: str = "cpu"
+    device: str | None = None                 # kept for older callers: overrides runtime.device when given
+    runtime: RuntimeArgs = field(default_factory=RuntimeArgs)   # --device and --dtype
+
+    @property
+    def placement(self) -> RuntimeArgs:
+        """The device and dtype the work runs with (`device`, where an older caller gives it, wins)."""
+        return self.runtime if self.device is None else RuntimeArgs(self.device, self.runtime.dtype)
 
 
 @dataclass
@@ -55,7 +61,7 @@ def _check_separate(args: CompressArgs) -> None:
                 raise LMCompressError(f"{flag} {value} and {other_flag} {other} must be separate directories")
 
 
-def plan_or_refuse(args: CompressArgs) -> None:
+def plan_or_refuse(args: CompressArgs, device: str = "cpu") -> None:
     """Print the expected peak memory and a time estimate, and refuse in one line, before any weight loads, work
     that cannot fit (see `engine.plan`)."""
     import logging
@@ -78,10 +84,10 @@ def plan_or_refuse(args: CompressArgs) -> None:
         return   # a folder the plan cannot read: the load itself reports, in one line, what is wrong with it
     cal = args.recipe.calibration
     plan = memory_plan(meta, args.recipe, cal.samples * cal.max_length, cal.batch_size * cal.max_length,
-                       weight_bytes, args.offload, args.device)
+                       weight_bytes, args.offload, device)
     plan.baseline = process_bytes()
-    logging.getLogger("lmcompress").info("%s", plan.describe(measured_flops(args.device)))
-    check_plan(plan, available_bytes(args.device))
+    logging.getLogger("lmcompress").info("%s", plan.describe(measured_flops(device)))
+    check_plan(plan, available_bytes(device))
 
 
 def close_offloader(model) -> None:
@@ -99,15 +105,17 @@ def run_compress(args: CompressArgs) -> CompressOutcome:
     from lmcompress.io.saving import check_output_dir, save, save_dense
 
     args.recipe.check_methods()
+    args.placement.check()   # a device this machine lacks, an unknown dtype: one line before any work
+    device = str(args.placement.torch_device())
     _check_separate(args)
     for path in (args.out.path, args.dense_out, args.export_hf):
         if path:
             check_output_dir(path, args.out.overwrite)
     if args.offload != "none" and (args.dense_out or args.export_hf):
         raise LMCompressError("--dense-out and --export-hf need the whole model in memory; drop them with --offload")
-    plan_or_refuse(args)
+    plan_or_refuse(args, device)
     model, tokenizer = load_model(args.model, language_model=args.data.language_modeling, offload=args.offload,
-                                  offload_device=args.device)
+                                  device=device, dtype=args.placement.dtype)
     try:
         summary = compress_loaded(model, tokenizer, args.recipe, args.data, progress=args.progress,
                                   timing=args.timing)

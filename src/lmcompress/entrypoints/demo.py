@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lmcompress.engine.pipeline import compress
 from lmcompress.engine.recipe import Calibration, Recipe
+from lmcompress.entrypoints.arguments import RuntimeArgs
 from lmcompress.evaluation import evaluate, int8_dynamic
 from lmcompress.evaluation.results_table import RESULT_COLUMNS, markdown_table, result_row
 from lmcompress.io.saving import atomic_output_dir
@@ -60,7 +61,14 @@ def demo_recipes(keeps: Sequence[float]) -> dict[tuple[str, float], Recipe]:
 
 
 def run_demo(out: str | Path = "lmcompress-demo", keeps: Sequence[float] = (0.5, 0.3),
-             overwrite: bool = False, progress: bool = True) -> list[dict]:
+             overwrite: bool = False, progress: bool = True, runtime: RuntimeArgs | None = None) -> list[dict]:
+    """The demo's table; fine-tuning trains on `runtime`'s device (autocast in its dtype), and the fine-tuned
+    model is then cast to its dtype for compressing and scoring (int8 rows run on the CPU, where PyTorch's
+    dynamic int8 kernels are)."""
+    from lmcompress.io.models import place
+
+    runtime = runtime or RuntimeArgs("cpu", "auto")
+    runtime.check()
     started = time.perf_counter()
     logging.getLogger("lmcompress.layers").setLevel(logging.WARNING)  # many runs x 36 layers: summaries only
     task = get_task(DEFAULT_TASK)
@@ -68,7 +76,9 @@ def run_demo(out: str | Path = "lmcompress-demo", keeps: Sequence[float] = (0.5,
     dev = load_examples(task, None, "dev")
     recipes = demo_recipes(keeps)  # validated before the (slow) fine-tuning
     with atomic_output_dir(out, overwrite) as tmp:
-        model, tokenizer, _ = finetune(None, task, train, DEMO_FINETUNE, out=tmp / "finetuned", progress=progress)
+        model, tokenizer, _ = finetune(None, task, train, DEMO_FINETUNE, out=tmp / "finetuned", progress=progress,
+                                       device=runtime.device, dtype=runtime.dtype)
+        model = place(model, runtime.device, runtime.dtype)
         eval_kwargs = {"max_length": DEMO_FINETUNE.max_length, "latency_repeats": 10, "progress": progress}
         base = evaluate(model, tokenizer, task, dev, **eval_kwargs)
         rows = [result_row("fine-tuned (dense)", 1.0, base, base.params["total"])]
@@ -120,5 +130,6 @@ def _report(task: str, n_train: int, n_dev: int, table: str, minutes: float) -> 
             f"least squares) to that fraction of FLOPs, then quantize to int8 in the same recipe; there `keep` is "
             f"the FLOPs fraction. The *distilled* rows chain three stages in one recipe: the same pruning, "
             f"{DISTILL_TIME} of `distill` towards the fine-tuned model (docs/distillation.md), then int8.\n\n"
-            f"GFLOPs and latency are per example at 128 tokens (latency: batch 1, median of 10 CPU runs).\n\n"
+            f"GFLOPs and latency are per example at 128 tokens (latency: batch 1, median of 10 runs on the "
+            f"device each model runs on).\n\n"
             f"{table}\n\nMade by `lmcompress demo` in {minutes:.1f} minutes.\n")

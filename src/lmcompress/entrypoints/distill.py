@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from lmcompress.entrypoints.arguments import DataArgs, OutputArgs
+from lmcompress.entrypoints.arguments import DataArgs, OutputArgs, RuntimeArgs
 from lmcompress.entrypoints.data import task_and_examples
 from lmcompress.errors import DataError, LMCompressError
 from lmcompress.training.distillation import DistillConfig
@@ -26,6 +26,7 @@ class DistillArgs:
     max_train_samples: int | None = None
     config: DistillConfig = field(default_factory=DistillConfig)
     progress: bool = True
+    runtime: RuntimeArgs = field(default_factory=RuntimeArgs)   # --device, --dtype (the autocast type)
 
 
 def _check(args: DistillArgs) -> float:
@@ -73,10 +74,14 @@ def run_distill(args: DistillArgs):
     from lmcompress.training.distillation import distill, split_heldout
 
     budget = _check(args)
+    args.runtime.check()
+    device = args.runtime.torch_device()
     language_modeling = args.data.language_modeling
-    teacher, tokenizer = load_model(args.teacher, language_model=language_modeling)
-    student, student_tokenizer = (None, None) if args.resume else load_model(args.student,
-                                                                             language_model=language_modeling)
+    # float32 master weights for the student (trained under autocast) and the teacher beside it (see core.runtime)
+    teacher, tokenizer = load_model(args.teacher, language_model=language_modeling, device=device,
+                                    dtype="float32")
+    student, student_tokenizer = (None, None) if args.resume else load_model(
+        args.student, language_model=language_modeling, device=device, dtype="float32")
     check_sequence_length(teacher, args.config.max_length, "max_length")
     task, examples = _examples(args, teacher, tokenizer)
     train, heldout = split_heldout(examples, args.heldout, args.config.seed)
@@ -84,4 +89,4 @@ def run_distill(args: DistillArgs):
         train = train.take(args.max_train_samples, seed=args.config.seed)
     return distill(teacher, student, tokenizer, train, heldout, task, budget, args.out.path, config=args.config,
                    resume=args.resume, overwrite=args.out.overwrite, student_tokenizer=student_tokenizer,
-                   progress=args.progress)
+                   progress=args.progress, dtype=args.runtime.dtype)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from lmcompress.entrypoints.arguments import OutputArgs
+from lmcompress.entrypoints.arguments import OutputArgs, RuntimeArgs
+from lmcompress.errors import LMCompressError
 
 
 @dataclass(frozen=True)
@@ -12,6 +13,7 @@ class ExportArgs:
     out: OutputArgs
     model: str | None = None
     format: str = "onnx"
+    runtime: RuntimeArgs = field(default_factory=RuntimeArgs)   # where the graph is traced; float32 only
 
 
 def run_export(args: ExportArgs) -> dict:
@@ -21,9 +23,14 @@ def run_export(args: ExportArgs) -> dict:
     from lmcompress.io.saving import check_output_dir
 
     check_format(args.format)  # format, packages and output directory before the (slow) model load
+    args.runtime.check()
+    if args.runtime.dtype not in ("auto", "float32"):
+        raise LMCompressError(f"export writes float32 graphs (ONNX Runtime's CPU kernels); --dtype "
+                              f"{args.runtime.dtype} is not supported here (use auto or float32)")
     require_onnx()
     check_output_dir(args.out.path, args.out.overwrite)
     # a language model keeps its trained head (a classifier class would put a new, random one on it)
-    model, tokenizer = load_model(args.model, language_model=saved_language_kind(args.model) is not None)
+    model, tokenizer = load_model(args.model, language_model=saved_language_kind(args.model) is not None,
+                                  device=args.runtime.device, dtype="float32")
     return export_onnx(model, tokenizer, args.out.path, overwrite=args.out.overwrite,
                        source=resolve_model(args.model)[0])

@@ -1,4 +1,5 @@
-"""What a compressed model costs: parameters (by component), FLOPs, measured CPU latency, bytes on disk."""
+"""What a compressed model costs: parameters (by component), FLOPs, latency measured on the device the model
+runs on, bytes on disk."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from lmcompress.core.families import parameters_by_component
+from lmcompress.core.placement import execution_device
+from lmcompress.core.runtime import synchronize
 from lmcompress.core.seq2seq import with_decoder_inputs
 
 
@@ -30,7 +33,7 @@ def dummy_batch(model: nn.Module, batch_size: int, seq_len: int) -> dict[str, to
     classifiers read the EOS position and refuse rows without one); FLOPs and latency depend only on shapes.
     An encoder-decoder also gets decoder inputs (core/seq2seq.py)."""
     vocab = int(getattr(model.config, "vocab_size", 1000))
-    device = next(model.parameters()).device
+    device = execution_device(model)
     generator = torch.Generator().manual_seed(0)
     low = min(1000, vocab // 2)
     ids = torch.randint(low, vocab, (batch_size, seq_len), generator=generator)
@@ -125,18 +128,17 @@ def paired_latency(models: dict[str, nn.Module], batch_size: int = 1, seq_len: i
     the absolute milliseconds do not.
     """
     batches = {name: dummy_batch(model, batch_size, seq_len) for name, model in models.items()}
-    devices = {name: next(model.parameters()).device for name, model in models.items()}
+    devices = {name: execution_device(model) for name, model in models.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for model in models.values():
             model.eval()
         for round_ in range(warmup + repeats):
             for name, model in models.items():
-                sync = torch.cuda.synchronize if devices[name].type == "cuda" else (lambda *_: None)
-                sync(devices[name])
+                synchronize(devices[name])   # a GPU queues kernels: the clock waits for them
                 start = time.perf_counter()
                 model(**batches[name])
-                sync(devices[name])
+                synchronize(devices[name])
                 if round_ >= warmup:
                     times[name].append((time.perf_counter() - start) * 1000)
     result = {}
@@ -144,7 +146,7 @@ def paired_latency(models: dict[str, nn.Module], batch_size: int = 1, seq_len: i
         quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
         result[name] = {"median_ms": statistics.median(values), "p25_ms": quartiles[0], "p75_ms": quartiles[2],
                         "batch_size": batch_size, "seq_len": seq_len, "repeats": repeats,
-                        "threads": torch.get_num_threads()}
+                        "threads": torch.get_num_threads(), "device": str(devices[name])}
     return result
 
 

@@ -15,6 +15,8 @@ import transformers
 from safetensors import SafetensorError
 from torch import nn
 
+from lmcompress.core.placement import offloader_of
+from lmcompress.core.runtime import parse_dtype, resolve_device, resolve_dtype
 from lmcompress.errors import LMCompressError, ModelLoadError, first_line
 from lmcompress.io.offload import check_offload
 
@@ -86,7 +88,8 @@ def load_tokenizer(location: str, local: bool = True):
 def load_model(spec: str | os.PathLike | None, num_labels: int | None = None,
                label_names: tuple[str, ...] | None = None, is_regression: bool = False, *,
                language_model: bool = False, offload: str = "none",
-               offload_device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
+               offload_device: str | torch.device | None = None, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None) -> tuple[nn.Module, object]:
     """A sequence classifier (or regressor) and its tokenizer; with `language_model`, the checkpoint's own
     language model instead (causal or masked, from the config's `architectures`).
 
@@ -98,9 +101,43 @@ def load_model(spec: str | os.PathLike | None, num_labels: int | None = None,
     With `offload` (`cpu`, `disk`), the blocks wait off `offload_device` and come to it one at a time
     (`io.offload`); the rest of the model is read at once. Offloading to the host is moot when the model runs
     on the host, so `cpu` there loads the model whole.
+
+    `device` (`auto|cpu|cuda|cuda:N|mps`, default cpu) and `dtype` (`auto|float32|bfloat16|float16`, default
+    auto: the checkpoint's own type; see `core.runtime`) place and cast the model once, after it is read. An
+    offloaded model computes on `offload_device` (default: `device`) and is not moved or cast after loading: its
+    blocks come to that device when they run, in the checkpoint's type.
     """
+    model, tokenizer = _load(spec, num_labels, label_names, is_regression, language_model=language_model,
+                             offload=offload, offload_device=offload_device if offload_device is not None else device,
+                             dtype=dtype)
+    if offload == "none" or offloader_of(model) is None:
+        model = place(model, device, dtype)
+    return model, tokenizer
+
+
+def place(model: nn.Module, device: str | torch.device | None, dtype: str | torch.dtype | None) -> nn.Module:
+    """`model` cast to the resolved dtype and moved to the resolved device, once (see `core.runtime`)."""
+    target = resolve_device(device if device is not None else "cpu")
+    wanted = resolve_dtype(dtype, target, floating_dtype(model))
+    if floating_dtype(model) != wanted:
+        model = model.to(dtype=wanted)
+    return model.to(target)
+
+
+def floating_dtype(model: nn.Module) -> torch.dtype | None:
+    """The type most of the model's floating-point weights are in (None when it has none)."""
+    counts: dict[torch.dtype, int] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.dtype.is_floating_point:
+            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+    return max(counts, key=counts.get) if counts else None
+
+
+def _load(spec, num_labels, label_names, is_regression, *, language_model: bool, offload: str,
+          offload_device, dtype=None) -> tuple[nn.Module, object]:
     from lmcompress.io import saving as io
 
+    offload_device = resolve_device(offload_device if offload_device is not None else "cpu")
     check_offload(offload)
     if offload == "cpu" and torch.device(offload_device).type == "cpu":
         offload = "none"
@@ -125,7 +162,7 @@ def load_model(spec: str | os.PathLike | None, num_labels: int | None = None,
         auto_class, kwargs = transformers.AutoModelForSequenceClassification, _classifier_kwargs(
             config, location, num_labels, label_names, is_regression)
     if offload != "none":
-        model = _offloaded_model(auto_class, config, location, kwargs, offload_device, offload)
+        model = _offloaded_model(auto_class, config, location, kwargs, offload_device, offload, parse_dtype(dtype))
         tokenizer = load_tokenizer(location, local)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
@@ -140,15 +177,17 @@ def load_model(spec: str | os.PathLike | None, num_labels: int | None = None,
     return model.eval(), tokenizer
 
 
-def _offloaded_model(auto_class, config, location: str, kwargs: dict, device, offload: str) -> nn.Module:
-    """The model with its blocks waiting off the device (see `io.offload.offloaded`)."""
+def _offloaded_model(auto_class, config, location: str, kwargs: dict, device, offload: str,
+                     dtype: torch.dtype | None = None) -> nn.Module:
+    """The model with its blocks waiting off the device (see `io.offload.offloaded`), in `dtype` when one is
+    asked for (None: the checkpoint's)."""
     from lmcompress.io.offload import offloaded
 
     for key, value in kwargs.items():
         if key != "ignore_mismatched_sizes":
             setattr(config, key, value)
     model_class = auto_class._model_mapping[type(config)] if hasattr(auto_class, "_model_mapping") else auto_class
-    model, _ = offloaded(model_class, config, location, torch.device(device), offload)
+    model, _ = offloaded(model_class, config, location, torch.device(device), offload, dtype=dtype)
     return model
 
 

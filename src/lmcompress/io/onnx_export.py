@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmcompress.core.placement import execution_device
 from lmcompress.core.seq2seq import is_encoder_decoder
 from lmcompress.errors import LMCompressError, first_line
 from lmcompress.io.saving import atomic_output_dir, check_output_dir, compressed_modules
@@ -189,7 +190,8 @@ def _export_graph(prepared: nn.Module, names: list[str], path: Path) -> None:
     from lmcompress.io.models import max_positions
 
     wrapper = _LogitsOnly(prepared, names).eval()
-    example = example_inputs(prepared, names)
+    device = execution_device(prepared)   # traced where the model is; the saved graph runs anywhere
+    example = {n: t.to(device) for n, t in example_inputs(prepared, names).items()}
     batch = torch.export.Dim("batch", max=65536)
     seq = torch.export.Dim("sequence", max=max_positions(prepared) or 65536)
     shapes = {n: {0: batch, 1: seq} for n in names}
@@ -213,8 +215,10 @@ def _export_graph(prepared: nn.Module, names: list[str], path: Path) -> None:
 
 
 def _logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's float logits on the host, its inputs brought to the device it runs on."""
+    device = execution_device(model)
     with torch.inference_mode():
-        return model(**inputs).logits.float()
+        return model(**{n: t.to(device) for n, t in inputs.items()}).logits.float().cpu()
 
 
 def export_onnx(model: nn.Module, tokenizer, out: str | Path, *, overwrite: bool = False,

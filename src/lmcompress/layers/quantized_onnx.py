@@ -76,7 +76,7 @@ def translations() -> dict[Any, Any]:
 
 
 def _float_bias(layer: nn.Module) -> torch.Tensor:
-    bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_features)
+    bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_features, device=layer.scales.device)
     return bias.detach().float().clone()
 
 

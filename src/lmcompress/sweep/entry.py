@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmcompress.entrypoints.arguments import DataArgs
+from lmcompress.entrypoints.arguments import DataArgs, RuntimeArgs
 from lmcompress.errors import LMCompressError
 from lmcompress.sweep.point import BASELINES
 
@@ -35,6 +35,7 @@ class SweepArgs:
     command: str | None = None                # how the sweep was started, for the report
     overwrite: bool = False
     quiet: bool = False
+    runtime: RuntimeArgs = field(default_factory=RuntimeArgs)   # --device, --dtype: every point runs with them
 
 
 def _settings(args: SweepArgs, model):
@@ -56,7 +57,8 @@ def _settings(args: SweepArgs, model):
                              text_pair_column=data.text_pair_column, label_column=data.label_column,
                              max_samples=args.max_samples, batch_size=args.batch_size, max_length=args.max_length,
                              seq_len=args.seq_len, repeats=args.repeats, stride=args.stride,
-                             max_tokens=args.max_tokens, threads=threads, keep_models=args.keep_models)
+                             max_tokens=args.max_tokens, threads=threads, keep_models=args.keep_models,
+                             device=args.runtime.device, dtype=args.runtime.dtype)
     return task, SweepSettings(**{**settings.__dict__, "fingerprint": fingerprint(settings)})
 
 
@@ -69,6 +71,7 @@ def run_sweep_entry(args: SweepArgs) -> list[dict]:
     from lmcompress.sweep.runner import latest_results, prepare_out, run_sweep
 
     points = load_grid(args.grid)  # every point validated before the model loads
+    args.runtime.check()
     if args.data.language_modeling and args.stride is not None:
         from lmcompress.evaluation.perplexity import check_window_args
 

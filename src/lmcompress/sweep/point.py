@@ -45,6 +45,14 @@ class SweepSettings:
     threads: int | None = None           # torch threads per worker (None: leave PyTorch's default)
     keep_models: bool = True
     fingerprint: str = ""                # model + data identity, for reusing calibration results
+    device: str = "auto"                 # --device and --dtype, carried to every worker (core.runtime)
+    dtype: str = "auto"
+
+    def load(self, spec: str):
+        """A model and tokenizer as every worker loads them: on the sweep's device, in its dtype."""
+        from lmcompress.io.models import load_model
+
+        return load_model(spec, language_model=self.language_modeling, device=self.device, dtype=self.dtype)
 
     @property
     def language_modeling(self) -> bool:
@@ -176,15 +184,14 @@ def _calibration_data(settings: SweepSettings, recipe, model, tokenizer):
 def _build(settings: SweepSettings, job: Job, directory: Path):
     """The point's model and tokenizer, plus seconds spent compressing (None when loaded or a baseline)."""
     from lmcompress.engine.recipe import Recipe
-    from lmcompress.io.models import load_model
     from lmcompress.io.saving import read_manifest, save
 
     saved = directory / "model"
     if job.kind == "recipe" and saved.is_dir() and read_manifest(saved) is not None:
         log.info("%s: compressed model found from an earlier run; evaluating it", job.name)
-        model, tokenizer = load_model(str(saved), language_model=settings.language_modeling)
+        model, tokenizer = settings.load(str(saved))
         return model, tokenizer, None
-    model, tokenizer = load_model(settings.model, language_model=settings.language_modeling)
+    model, tokenizer = settings.load(settings.model)
     if job.kind == "dense":
         return model, tokenizer, None
     if job.kind == "int8":
@@ -229,11 +236,9 @@ def _dev_examples(settings: SweepSettings, model):
 
 def _reference(settings: SweepSettings):
     """The uncompressed model, loaded once per worker, timed in alternation with each point."""
-    from lmcompress.io.models import load_model
-
-    key = ("reference", settings.model, settings.language_modeling)
+    key = ("reference", settings.model, settings.language_modeling, settings.device, settings.dtype)
     if key not in _WORKER_CACHE:
-        _WORKER_CACHE[key] = load_model(settings.model, language_model=settings.language_modeling)[0]
+        _WORKER_CACHE[key] = settings.load(settings.model)[0]
     return _WORKER_CACHE[key]
 
 

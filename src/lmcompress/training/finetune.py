@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import get_linear_schedule_with_warmup
 
 from lmcompress.core.progress import track
+from lmcompress.core.runtime import GradientScaling, mixed_precision, resolve_device, training_dtype
 from lmcompress.io.models import check_sequence_length, load_model, model_label_names
 from lmcompress.io.saving import (
     atomic_output_dir,
@@ -69,19 +70,26 @@ def match_model_labels(model, train: Examples) -> Examples:
 
 
 def finetune(model_spec, task: TaskSpec, train: Examples, config: FinetuneConfig | None = None,
-             out: str | Path | None = None, overwrite: bool = False, progress: bool = True):
+             out: str | Path | None = None, overwrite: bool = False, progress: bool = True,
+             device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = "auto"):
     """Fine-tune `model_spec` (None = bundled MiniLM) on `train`; save to `out` if given.
+
+    Training runs on `device` (`auto|cpu|cuda|cuda:N`) with float32 master weights; a half `dtype` (or `auto`
+    on a GPU with bfloat16) runs the forward passes under `torch.autocast` in that type, with loss scaling for
+    float16 (`core.runtime`). The saved weights are float32 either way: compress with `--dtype` to halve them.
 
     Returns (model, tokenizer, FinetuneResult). The saved directory is a normal Hugging Face checkpoint
     (safetensors + tokenizer) with the task name, label names and data columns in its config.
     """
     config = config or FinetuneConfig()
+    target = resolve_device(device)
+    autocast_dtype = training_dtype(dtype, target)
     if out is not None:
         check_output_dir(out, overwrite)  # fail before training, not after
     train = train.take(config.max_train_samples, seed=config.seed)
     torch.manual_seed(config.seed)  # also fixes the new classification head's initialisation
     model, tokenizer = load_model(model_spec, num_labels=train.num_labels, label_names=train.label_names,
-                                  is_regression=task.is_regression)
+                                  is_regression=task.is_regression, device=target, dtype=torch.float32)
     check_sequence_length(model, config.max_length, "max_length")
     model.config.finetuning_task = task.name
     # the columns read, so that evaluating or calibrating on the same kind of data later needs no overrides
@@ -97,6 +105,7 @@ def finetune(model_spec, task: TaskSpec, train: Examples, config: FinetuneConfig
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     generator = torch.Generator().manual_seed(config.seed)
+    scaling = GradientScaling(target, autocast_dtype)
     step, loss_ema = 0, float("nan")
     def epochs():  # reshuffled every epoch, for as many steps as asked
         while True:
@@ -107,16 +116,20 @@ def finetune(model_spec, task: TaskSpec, train: Examples, config: FinetuneConfig
     steps = track(range(total_steps), total_steps, "fine-tuning", progress, unit="step",
                   status=lambda: f"loss {loss_ema:.4f}")
     for _, batch in zip(steps, epochs()):  # noqa: B905 - epochs() never ends; the steps decide
-        loss = model(**batch).loss
-        loss.backward()
+        with mixed_precision(target, autocast_dtype):
+            loss = model(**{k: v.to(target) for k, v in batch.items()}).loss
+        scaling.backward(loss)
+        scaling.unscale(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        scaling.step(optimizer)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss_ema = loss.item() if math.isnan(loss_ema) else 0.95 * loss_ema + 0.05 * loss.item()
         step += 1
     model.eval()
-    log.info("fine-tuned %d steps on %d examples, final loss %.4f", step, len(train), loss_ema)
+    log.info("fine-tuned %d steps on %d examples on %s%s, final loss %.4f", step, len(train), target,
+             "" if autocast_dtype == torch.float32 else f" ({str(autocast_dtype).removeprefix('torch.')} autocast)",
+             loss_ema)
     if out is not None:
         with atomic_output_dir(out, overwrite) as tmp:
             if compressed_modules(model) or structural_changes(model):

@@ -342,7 +342,7 @@ def _piece_columns(pieces: Pieces, index: int) -> slice:
 
 def _output_scores(weight: torch.Tensor, gram: torch.Tensor, pieces: Pieces, config: PruneConfig) -> torch.Tensor:
     """`activation` or `kcm` scores of each piece, from the output projection W (out x in) and G = X^T X / n."""
-    scores = torch.zeros(pieces.count, dtype=torch.float64)
+    scores = torch.zeros(pieces.count, dtype=torch.float64, device=weight.device)   # scores live with the weights
     inverse = None
     if config.score == "kcm":
         ridge = max(config.damp, 1e-6) * float(torch.diagonal(gram).mean().clamp_min(1e-12))

@@ -55,11 +55,12 @@ def _subset(examples: Any, keep: list[int]) -> Any:
                     examples.label_names)
 
 
-def _resumed_student(store: CheckpointStore, student: nn.Module | None) -> nn.Module:
-    """The saved best; loaded into `student` where one is given (it keeps its device and is trained in place)."""
+def _resumed_student(store: CheckpointStore, student: nn.Module | None, device: torch.device) -> nn.Module:
+    """The saved best; loaded into `student` where one is given (it keeps its device and is trained in place),
+    else brought to `device` (the teacher's) in float32, the type training keeps its master weights in."""
     best = store.load_best()
     if student is None:
-        return best
+        return best.to(device=device, dtype=torch.float32)
     try:
         student.load_state_dict(best.state_dict())
     except RuntimeError:
@@ -71,7 +72,8 @@ def _resumed_student(store: CheckpointStore, student: nn.Module | None) -> nn.Mo
 
 def distill(teacher: nn.Module, student: nn.Module | None, tokenizer: Any, train: Any, heldout: Any, task: Any,
             time_budget: str | float, out: str | Path, *, config: DistillConfig | None = None, resume: bool = False,
-            overwrite: bool = False, student_tokenizer: Any = None, progress: bool = True) -> DistillResult:
+            overwrite: bool = False, student_tokenizer: Any = None, progress: bool = True,
+            dtype: str | torch.dtype | None = None) -> DistillResult:
     """Distil `teacher` into `student` for `time_budget` ('90s', '5m', '1h' or seconds) of wall-clock time.
 
     Every check (architecture, depth, width, vocabulary, classes, data, labels, budget, output directory) runs
@@ -81,8 +83,18 @@ def distill(teacher: nn.Module, student: nn.Module | None, tokenizer: Any, train
     trained in place and returned with its best weights. `overwrite` replaces only an earlier distillation run
     in `out` (its own files), never a directory that holds anything else.
     """
+    from lmcompress.core.placement import execution_device
+    from lmcompress.core.runtime import training_dtype
+
     started = time.perf_counter()
     config = config or DistillConfig()
+    device = execution_device(teacher)
+    precision = training_dtype("float32" if dtype is None else dtype, device)
+    if student is not None and execution_device(student) != device:
+        from lmcompress.errors import DistillError
+
+        raise DistillError(f"distill: the teacher is on {device} and the student on {execution_device(student)}; "
+                           "put both on one device")
     budget_s = parse_duration(time_budget)
     store = CheckpointStore(out)
     if not resume and student is None:
@@ -96,7 +108,7 @@ def distill(teacher: nn.Module, student: nn.Module | None, tokenizer: Any, train
     state = store.prepare(resume, overwrite)
     curve = None
     if state is not None:
-        student = _resumed_student(store, student)
+        student = _resumed_student(store, student, device)
         check_models(teacher, student)
         curve = store.read_curve()
     teacher.eval()
@@ -113,7 +125,7 @@ def distill(teacher: nn.Module, student: nn.Module | None, tokenizer: Any, train
     batches = training_batches(tokenizer, train, config, labelled, config.seed + (state or {}).get("step", 0))
     settings = None if state is not None else run_settings(config, teacher, student, train, heldout)
     runner = Anytime(student, teacher, tokenizer, units, batches, heldout_scores, store, config, budget_s, started,
-                     state, curve, regression, progress, settings)
+                     state, curve, regression, progress, settings, precision)
     try:
         final = runner.run()
     except KeyboardInterrupt:

@@ -26,6 +26,8 @@ from torch import nn
 from lmcompress.calibration.blockcache import block_output, no_cache
 from lmcompress.core.families import block_stacks, family_of, resolve_path
 from lmcompress.core.linear import in_out_features, is_dense_linear
+from lmcompress.core.placement import execution_device
+from lmcompress.core.runtime import GradientScaling, mixed_precision
 from lmcompress.core.seq2seq import with_decoder_inputs
 from lmcompress.core.units import role_location
 from lmcompress.layers import CompressedLayer
@@ -126,7 +128,13 @@ class Phase:
         for p in params:
             p.requires_grad_(True)
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        self.device = next(student.parameters()).device
+        self.device = execution_device(student)
+        self.precision = torch.float32    # the autocast type of each step (`make_phase` sets it)
+        self.scaling = GradientScaling(self.device, self.precision)
+
+    def use_precision(self, dtype: torch.dtype) -> None:
+        """Run each step's forward passes under autocast in `dtype`; the parameters stay in their own type."""
+        self.precision, self.scaling = dtype, GradientScaling(self.device, dtype)
 
     def loss(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -135,11 +143,13 @@ class Phase:
         labels = batch.get("labels")
         inputs = with_decoder_inputs(self.student, {k: v.to(self.device) for k, v in batch.items() if k != "labels"})
         with torch.enable_grad(), no_cache(self.student), no_cache(self.teacher):
-            loss = self.loss(inputs, None if labels is None else labels.to(self.device))
+            with mixed_precision(self.device, self.precision):
+                loss = self.loss(inputs, None if labels is None else labels.to(self.device))
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            self.scaling.backward(loss.float())
+        self.scaling.unscale(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
-        self.optimizer.step()
+        self.scaling.step(self.optimizer)
         return float(loss.detach())
 
     def close(self) -> None:
@@ -273,12 +283,14 @@ PHASE_CLASSES: dict[str, type[Phase]] = {"local": LocalPhase, "block": BlockPhas
 
 
 def make_phase(name: str, student: nn.Module, teacher: nn.Module, units: list[str], config: DistillConfig,
-               regression: bool) -> Phase | None:
-    """The phase, or None (with the reason logged) when it has nothing to train."""
+               regression: bool, precision: torch.dtype = torch.float32) -> Phase | None:
+    """The phase, or None (with the reason logged) when it has nothing to train; its steps run under autocast
+    in `precision` (float32: none)."""
     if name == "local" and not units:
         log.info("distill: no compressed unit differs from the teacher; skipping the local phase")
         return None
     phase = PHASE_CLASSES[name](student, teacher, units, config, regression)
+    phase.use_precision(precision)
     if not phase.params:
         phase.close()
         log.info("distill: the %s phase has no trainable parameters (trainable=%s); skipping it", name,

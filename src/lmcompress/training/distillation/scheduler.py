@@ -43,8 +43,10 @@ class Anytime:
     def __init__(self, student: nn.Module, teacher: nn.Module, tokenizer: Any, units: list[str],
                  batches: Iterator[dict[str, torch.Tensor]], heldout: HeldOut, store: CheckpointStore,
                  config: DistillConfig, budget_s: float, started: float, state: dict | None, curve: dict | None,
-                 regression: bool, progress: bool = True, settings: dict | None = None) -> None:
+                 regression: bool, progress: bool = True, settings: dict | None = None,
+                 precision: torch.dtype = torch.float32) -> None:
         self.student, self.teacher, self.tokenizer, self.units = student, teacher, tokenizer, units
+        self.precision = precision   # autocast type of the training steps (float32: none)
         self.batches, self.heldout, self.store, self.config = batches, heldout, store, config
         self.budget_s, self.started, self.regression, self.progress = budget_s, started, regression, progress
         self.resumed = state is not None
@@ -105,7 +107,8 @@ class Anytime:
         self.state["phase"], self.state["phase_deadline_s"] = name, round(deadline, 3)
         if min(deadline, self._limit()) <= self.elapsed():
             return
-        phase = make_phase(name, self.student, self.teacher, self.units, self.config, self.regression)
+        phase = make_phase(name, self.student, self.teacher, self.units, self.config, self.regression,
+                           self.precision)
         if phase is None:
             self.state["phase_deadline_s"] = None
             return
