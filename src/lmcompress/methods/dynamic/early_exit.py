@@ -91,6 +91,9 @@ class EarlyExit(Method):
     unit = "model"
     budget_metrics = ()
 
+    def accepts(self, module: nn.Module) -> bool:
+        return True   # the stage adds heads beside the blocks; whatever the blocks are made of (int8, pruned) stays
+
     def needs_for(self, config: EarlyExitConfig) -> frozenset[str]:
         return frozenset({"labels"}) if config.labels else frozenset()
 
