@@ -79,3 +79,24 @@ def dynamic_report(model: nn.Module, tokenizer: Any, examples: Examples, *, batc
     return {"rule": heads.rule.to_dict(), "exit_histogram": histogram, "flops": int(fraction * total),
             "flops_fraction": fraction, "flops_all_blocks": total, "flops_seq_len": flops_seq_len,
             "latency": latency}
+
+
+def paired_data_latency(models: dict[str, nn.Module], tokenizer: Any, examples: Examples, batch_size: int,
+                        max_length: int = 128, repeats: int = 3) -> dict[str, dict[str, float]]:
+    """`efficiency.paired_latency` on dev examples instead of random ids: the models' passes over the same
+    batches interleaved (a, b, a, b, ...) after one warm-up round; median ms per batch of each. What a dynamic
+    model costs depends on its input, so a sweep times its early-exit points (and their dense reference) so."""
+    batches = list(encode_batches(tokenizer, examples, batch_size, max_length))
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for round_ in range(repeats + 1):
+            for batch in batches:
+                for name, model in models.items():
+                    device = next(model.parameters()).device
+                    inputs = {k: v.to(device) for k, v in batch.items()}
+                    start = time.perf_counter()
+                    model(**inputs)
+                    if round_:
+                        times[name].append((time.perf_counter() - start) * 1000)
+    return {name: {"median_ms": statistics.median(values), "batch_size": batch_size, "examples": len(examples),
+                   "repeats": repeats, "data": "dev"} for name, values in times.items()}
