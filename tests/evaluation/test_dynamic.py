@@ -38,3 +38,11 @@ def test_dynamic_report_counts_where_examples_left(tiny_bert, tokenizer):
     assert early["flops_fraction"] < 0.75 < 1.0 < late["flops_fraction"]   # the heads cost a little
     assert set(late["latency"]) == {"batch_1", "batch_8"} and late["latency"]["batch_8"]["exits"]["median_ms"] > 0
     assert torch.is_tensor(heads.last_exit)
+
+
+def test_paired_data_latency_times_every_model_on_the_same_dev_batches(tiny_bert, tokenizer):
+    from lmcompress.evaluation.dynamic import paired_data_latency
+
+    data = Examples(SENTENCES, None, [0] * len(SENTENCES), ("negative", "positive"))
+    timed = paired_data_latency({"a": tiny_bert, "b": tiny_bert}, tokenizer, data, 4, repeats=1)
+    assert set(timed) == {"a", "b"} and all(t["median_ms"] > 0 and t["examples"] == 12 for t in timed.values())

@@ -53,6 +53,7 @@ class EarlyExitConfig(MethodConfig):
     patience: int | None = Field(default=None, ge=1, description="fixed patience (no search)")
     tolerance: float | None = Field(default=None, ge=0, description="regression: agreement tolerance of patience")
     time: str | float = Field(default="2m", description="wall-clock budget of the training: 90s, 2m")
+    max_steps: int | None = Field(default=None, ge=1, description="also stop after this many training steps")
     heldout: float = Field(default=0.2, gt=0, lt=1, description="share of the data held out (at most 1000 examples)")
     samples: int = Field(default=4000, ge=2, description="at most this many examples are used")
     batch_size: int = Field(default=32, ge=1)
@@ -251,7 +252,7 @@ def _train_heads(model: nn.Module, tokenizer: Any, train: Any, held: Any, config
     next_check = time.perf_counter() - started + interval
     for p in heads.parameters():
         p.requires_grad_(True)
-    while time.perf_counter() - started < budget and stale < STALE_CHECKS:
+    while time.perf_counter() - started < budget and stale < STALE_CHECKS and steps < (config.max_steps or steps + 1):
         rows = torch.randint(0, len(x), (min(config.batch_size, len(x)),), generator=generator).to(device)
         target, label = teacher[rows], None if labels is None else labels[rows]
         loss = torch.stack([_head_loss(head.from_first(x[rows, k]), target, label, config, heads.regression)
@@ -260,7 +261,7 @@ def _train_heads(model: nn.Module, tokenizer: Any, train: Any, held: Any, config
         loss.backward()
         optimizer.step()
         steps += 1
-        if time.perf_counter() - started >= next_check or steps % 200 == 0:
+        if time.perf_counter() - started >= next_check or steps % 200 == 0 or steps == config.max_steps:
             score = held_loss()
             if score < best - 1e-6:
                 best, stale, best_state = score, 0, {k: v.clone() for k, v in heads.state_dict().items()}
@@ -314,7 +315,7 @@ def _train_joint(model: nn.Module, original: nn.Module, tokenizer: Any, train: A
             order = torch.randperm(len(train), generator=generator).tolist()
             for batch in encode_batches(tokenizer, train, config.batch_size, config.max_length, with_labels=labelled,
                                         order=order):
-                if time.perf_counter() - started >= budget:
+                if time.perf_counter() - started >= budget or steps >= (config.max_steps or steps + 1):
                     break
                 label = batch.pop("labels", None)
                 loss = step_loss({k: v.to(device) for k, v in batch.items()},
@@ -331,7 +332,7 @@ def _train_joint(model: nn.Module, original: nn.Module, tokenizer: Any, train: A
                     else:
                         stale += 1
                     next_check = time.perf_counter() - started + interval
-            if steps == 0:
+            if steps == 0 or steps >= (config.max_steps or steps + 1):
                 break
     finally:
         for p, flag in saved.items():
