@@ -200,14 +200,19 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _features(model: nn.Module, tokenizer: Any, examples: Any, config: EarlyExitConfig,
-              labelled: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _features(model: nn.Module, tokenizer: Any, examples: Any, config: EarlyExitConfig, labelled: bool,
+              deadline: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(first-token vector after each exit block (rows, exits, hidden), final logits, labels), float32: with the
-    backbone frozen, one pass over the data is all the training needs."""
+    backbone frozen, one pass over the data is all the training needs. The pass stops at `deadline`
+    (perf_counter; after at least one batch), so a slow machine trains on fewer examples rather than not at all."""
     heads, device = exits_of(model), _device(model)
     firsts, finals, labels = [], [], []
     with torch.no_grad():
         for batch in encode_batches(tokenizer, examples, 64, config.max_length, with_labels=labelled):
+            if firsts and deadline is not None and time.perf_counter() >= deadline:
+                log.warning("early_exit: the feature pass reached its share of the time budget after %d of %d "
+                            "examples; training on those", sum(len(f) for f in firsts), len(examples))
+                break
             label = batch.pop("labels", None)
             output = full_forward(model, **{k: v.to(device) for k, v in batch.items()}, output_hidden_states=True)
             firsts.append(torch.stack([output.hidden_states[p + 1][:, 0].float() for p in heads.positions], 1).cpu())
@@ -233,8 +238,9 @@ def _train_heads(model: nn.Module, tokenizer: Any, train: Any, held: Any, config
     heads = exits_of(model)
     budget = parse_duration(config.time)
     started = time.perf_counter()
-    x, teacher, labels = _features(model, tokenizer, train, config, labelled)
-    hx, hteacher, _ = _features(model, tokenizer, held, config, False)
+    # the feature passes may take at most 40% (training examples) and 10% (held-out) of the budget
+    x, teacher, labels = _features(model, tokenizer, train, config, labelled, started + 0.4 * budget)
+    hx, hteacher, _ = _features(model, tokenizer, held, config, False, time.perf_counter() + 0.1 * budget)
     device = _device(model)
     x, teacher, hx, hteacher = (t.to(device) for t in (x, teacher, hx, hteacher))
     labels = None if labels is None else labels.to(device)
@@ -271,7 +277,8 @@ def _train_heads(model: nn.Module, tokenizer: Any, train: Any, held: Any, config
     for p in heads.parameters():
         p.requires_grad_(False)
     heads.load_state_dict(best_state)
-    return {"steps": steps, "heldout_exit_loss_before": before, "heldout_exit_loss_after": best}
+    return {"steps": steps, "train_examples": len(x), "heldout_exit_loss_before": before,
+            "heldout_exit_loss_after": best}
 
 
 def _train_joint(model: nn.Module, original: nn.Module, tokenizer: Any, train: Any, held: Any,
