@@ -73,6 +73,8 @@ SETUPS: dict[str, Setup] = {
     "distill": Setup({"time": 0.5, "checkpoints": 2, "batch_size": 8, "eval_batch_size": 16, "max_length": 16}),
     # every feed-forward neuron kept, no training: the selection keeps the block as it is
     "learned": Setup({"structure": "ffn", "width": 64, "init": "select", "epochs": 0}),
+    # a confidence threshold above 1 never fires: every row runs every block, as the dense model does
+    "early_exit": Setup({"time": 0.5, "threshold": 1.01, "max_length": 16}),
 }
 METHODS = available_methods()
 

@@ -83,6 +83,19 @@ def _onnxruntime(args: argparse.Namespace) -> None:
         write_json(args.json, {**result, "runtime": "onnxruntime", "onnxruntime": ort})
 
 
+def _dynamic_lines(dynamic: dict, seq_len: int) -> str:
+    """An early-exit model: where examples left, average FLOPs, and latency timed on the dev examples."""
+    blocks = ", ".join(f"{int(b) + 1}: {n}" for b, n in dynamic["exit_histogram"].items())
+    lines = [f"early exit ({dynamic['rule']['kind']}): examples leaving after block {blocks}",
+             f"average FLOPs/example @ {seq_len} tokens: {dynamic['flops'] / 1e9:.3f} G "
+             f"({dynamic['flops_fraction']:.3f} of every block)"]
+    for key, row in dynamic["latency"].items():
+        lines.append(f"latency on dev examples ({key.replace('_', ' ')}): {row['exits']['ms_per_example']:.2f} "
+                     f"ms/example with exits, {row['all_blocks']['ms_per_example']:.2f} with every block "
+                     f"({row['speedup']:.2f}x)")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> None:
     from lmcompress.entrypoints.evaluate import run_evaluate
 
@@ -100,5 +113,7 @@ def run(args: argparse.Namespace) -> None:
           f"latency (batch {args.latency_batch_size}, {args.seq_len} tokens, median of {args.repeats}): "
           f"{result.latency_ms:.2f} ms\n"
           f"size: {result.size_bytes / 1e6:.2f} MB")
+    if result.dynamic:
+        print(_dynamic_lines(result.dynamic, args.seq_len))
     if args.json:
         write_json(args.json, result.to_dict())

@@ -163,3 +163,43 @@ def serialized_size(model: nn.Module) -> int:
             path = Path(tmp) / "model.safetensors"
             save_model(model, str(path))
         return path.stat().st_size
+
+
+def block_flops(model: nn.Module, seq_len: int = 128) -> tuple[list[int], int]:
+    """(FLOPs of each block of the model's one stack, FLOPs of the whole forward pass) for one example of
+    `seq_len` tokens, every block run (exits off): what an early exit at each block costs is read from these."""
+    from lmcompress.layers.early_exit import exit_blocks, exits_of
+
+    _register_attention_flops()
+    heads = exits_of(model)
+    blocks = exit_blocks(model)
+    batch = dummy_batch(model, 1, seq_len)
+    counter = FlopCounterMode(display=False)
+    packed = [0]
+    marks: list[int] = []
+
+    def count_packed(module: nn.Module, inputs: tuple, _output) -> None:
+        if getattr(module, "ran_packed_kernel", True):
+            packed[0] += 2 * module.in_features * module.out_features * inputs[0].numel() // module.in_features
+
+    def mark(*_args) -> None:
+        marks.append(int(counter.get_total_flops()) + packed[0])
+
+    handles = [m.register_forward_hook(count_packed) for m in model.modules()
+               if _is_packed_int8(m) or hasattr(m, "ran_packed_kernel")]
+    for block in blocks:
+        handles.append(block.register_forward_pre_hook(mark))
+        handles.append(block.register_forward_hook(mark))
+    enabled = heads.enabled if heads is not None else None
+    try:
+        if heads is not None:
+            heads.enabled = False
+        with _no_grad_parameters(model), counter, torch.inference_mode():
+            model(**batch)
+    finally:
+        if heads is not None:
+            heads.enabled = enabled
+        for handle in handles:
+            handle.remove()
+    per_block = [marks[2 * i + 1] - marks[2 * i] for i in range(len(blocks))]
+    return per_block, int(counter.get_total_flops()) + packed[0]

@@ -11,6 +11,7 @@ from torch import nn
 
 from lmcompress.core.progress import track
 from lmcompress.errors import DataError
+from lmcompress.evaluation.dynamic import dynamic_report
 from lmcompress.evaluation.efficiency import count_flops, measure_latency, parameter_counts, serialized_size
 from lmcompress.tasks import Examples, TaskSpec, compute_metrics
 from lmcompress.tasks.batching import encode_batches
@@ -30,11 +31,13 @@ class EvalResult:
     latency: dict[str, float]
     size_bytes: int
     language_modeling: dict | None = None  # LMScore.to_dict() for the language-modeling task
+    dynamic: dict | None = None  # an early-exit model: exits, average FLOPs, latency on dev data (dynamic.py)
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        if data["language_modeling"] is None:  # classification records keep their shape
-            del data["language_modeling"]
+        for key in ("language_modeling", "dynamic"):  # other records keep their shape
+            if data[key] is None:
+                del data[key]
         return data
 
 
@@ -96,7 +99,10 @@ def evaluate(model: nn.Module, tokenizer, task: TaskSpec, examples: Examples, *,
         metrics = compute_metrics(task, predictions, np.asarray(examples.labels), examples.label_names)
         metric, extra = {"name": task.metric, "value": metrics[task.metric]}, None
     latency = measure_latency(model, latency_batch_size, latency_seq_len, repeats=latency_repeats)
+    dynamic = None if task.kind == "language-modeling" else dynamic_report(
+        model, tokenizer, examples, batch_size=batch_size, max_length=max_length, flops_seq_len=flops_seq_len)
+    flops = dynamic["flops"] if dynamic else count_flops(model, flops_seq_len)
     return EvalResult(task=task.name, metric=metric, metrics=metrics, examples=len(examples),
-                      params=parameter_counts(model), flops=count_flops(model, flops_seq_len),
+                      params=parameter_counts(model), flops=flops,
                       flops_seq_len=flops_seq_len, latency_ms=latency["median_ms"], latency=latency,
-                      size_bytes=serialized_size(model), language_modeling=extra)
+                      size_bytes=serialized_size(model), language_modeling=extra, dynamic=dynamic)

@@ -31,6 +31,7 @@ from lmcompress.errors import LMCompressError
 from lmcompress.io.saving import architecture_reference, atomic_output_dir, compressed_modules
 from lmcompress.kernels.structured import head_counts
 from lmcompress.layers import LinearBlock
+from lmcompress.layers.early_exit import exits_of
 
 # config attribute holding the feed-forward width, by model type (default: intermediate_size)
 FFN_WIDTH_ATTR = {"gpt2": "n_inner", "distilbert": "hidden_dim"}
@@ -47,6 +48,9 @@ def _listing(values: list[int]) -> str:
 
 def hf_config(model: nn.Module) -> Any:
     """The model's config updated to the pruned structure; ExportError (one line) when it cannot express it."""
+    if exits_of(model) is not None:
+        raise ExportError("early exits have no Hugging Face equivalent (from_pretrained would run every block and "
+                          "drop the heads): keep the lmcompress format")
     replaced = [n for n, m in compressed_modules(model).items() if isinstance(m, LinearBlock)]
     if replaced:
         raise ExportError(f"blocks replaced by linear maps ({', '.join(replaced[:3])}"

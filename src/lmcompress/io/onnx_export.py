@@ -59,6 +59,7 @@ from lmcompress.core.seq2seq import is_encoder_decoder
 from lmcompress.errors import LMCompressError, first_line
 from lmcompress.io.saving import atomic_output_dir, check_output_dir, compressed_modules
 from lmcompress.layers import CompressedLayer, layer_types
+from lmcompress.layers.early_exit import exits_of
 
 log = logging.getLogger("lmcompress")
 
@@ -120,6 +121,9 @@ def check_onnx_exportable(model: nn.Module) -> dict[str, int]:
     if getattr(model, "config", None) is None:
         raise OnnxExportError(f"{type(model).__name__} has no Hugging Face config; export takes models loaded "
                               "by lmcompress (a model directory)")
+    if exits_of(model) is not None:
+        raise OnnxExportError("an early-exit model is not exported to ONNX: which blocks run depends on each row's "
+                              "exit, which one static graph cannot express (export the model before `early_exit`)")
     packed = next((name for name, m in model.named_modules() if hasattr(m, "_packed_params")), None)
     if packed is not None:
         raise OnnxExportError(f"{packed} is a PyTorch quantize_dynamic layer (packed fbgemm weights), which has no "

@@ -43,6 +43,7 @@ from lmcompress.io.offload import BlockOffloader, attach_offloader, check_offloa
 from lmcompress.io.shards import SHARD_BYTES, load_shards, model_bytes, write_shards
 from lmcompress.layers import CompressedLayer, layer_from_manifest
 from lmcompress.layers.base import check_entry
+from lmcompress.layers.early_exit import ExitHeads, attach, exits_of
 
 log = logging.getLogger("lmcompress")
 
@@ -149,6 +150,7 @@ def write_model(model: nn.Module, directory: Path, tokenizer=None, recipe=None,
         "architecture": type(model).__name__,
         "replaced": {name: layer.manifest_entry() for name, layer in compressed_modules(model).items()},
         **structural_changes(model),
+        **_exit_entry(model),
         **(extra or {}),
     }
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
@@ -156,6 +158,17 @@ def write_model(model: nn.Module, directory: Path, tokenizer=None, recipe=None,
         recipe.save(directory / RECIPE_NAME)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+
+
+def _exit_entry(model: nn.Module) -> dict[str, Any]:
+    """The early exits' heads and rule (layers/early_exit.py), when the model has them."""
+    heads = exits_of(model)
+    return {} if heads is None else {"early_exit": heads.manifest_entry()}
+
+
+def _restore_exits(model: nn.Module, manifest: dict[str, Any]) -> None:
+    if "early_exit" in manifest:
+        attach(model, ExitHeads.from_manifest(_mapping(manifest["early_exit"], "'early_exit'")))
 
 
 def architecture_reference(model: nn.Module, config: Any = None) -> nn.Module:
@@ -364,6 +377,7 @@ def load(path: str | Path, device: torch.device | str = "cpu", offload: str = "n
         _restore_structure(model, manifest)
         for name, entry in manifest["replaced"].items():
             _replace(model, name, entry)
+        _restore_exits(model, manifest)
         dtype = saved_dtype(path / WEIGHTS_NAME)
         if dtype is not None:
             model.to(dtype)
@@ -385,6 +399,7 @@ def _load_lazily(architecture: type, config: Any, manifest: dict[str, Any], path
         _restore_structure(model, manifest)
         for name, entry in manifest["replaced"].items():
             _replace(model, name, entry)
+        _restore_exits(model, manifest)
     if offload == "none":
         load_shards(model, path, device)
         return model.eval()

@@ -152,6 +152,7 @@ class PointResult:
     # noisy machine (see `paired_latency`)
     dense_latency_ms: dict[str, float] = field(default_factory=dict)
     speedup: dict[str, float] = field(default_factory=dict)
+    dynamic: dict[str, Any] | None = None        # an early-exit point: exits, average FLOPs, dev-data latency
     bytes: int | None = None
     compress_seconds: float | None = None
     eval_seconds: float | None = None
@@ -244,6 +245,7 @@ def _reference(settings: SweepSettings):
 
 def _evaluate(settings: SweepSettings, job: Job, model, tokenizer, result: PointResult) -> None:
     from lmcompress.evaluation import evaluate, serialized_size
+    from lmcompress.evaluation.dynamic import paired_data_latency
     from lmcompress.evaluation.efficiency import paired_latency
 
     task, dev = _dev_examples(settings, model)
@@ -253,10 +255,16 @@ def _evaluate(settings: SweepSettings, job: Job, model, tokenizer, result: Point
                          latency_repeats=1, progress=False, stride=settings.stride, max_tokens=settings.max_tokens)
     result.metric, result.metrics = evaluated.metric, evaluated.metrics
     result.params, result.flops, result.flops_seq_len = evaluated.params, evaluated.flops, evaluated.flops_seq_len
+    result.dynamic = evaluated.dynamic
     models = {"point": model} if job.kind == "dense" else {"point": model, "dense": _reference(settings)}
     for batch in LATENCY_BATCHES:
         repeats = settings.repeats if batch == 1 else max(3, settings.repeats // 2)
-        timed = paired_latency(models, batch, settings.seq_len, repeats=repeats)
+        if evaluated.dynamic:   # how long an early-exit model runs depends on the text: time it on dev examples
+            sample = dev.__class__(dev.texts[:64], None if dev.text_pairs is None else dev.text_pairs[:64],
+                                   dev.labels[:64], dev.label_names)
+            timed = paired_data_latency(models, tokenizer, sample, batch, settings.max_length, max(1, repeats // 5))
+        else:
+            timed = paired_latency(models, batch, settings.seq_len, repeats=repeats)
         key = f"b{batch}"
         result.latency[key] = timed["point"]
         result.latency_ms[key] = round(timed["point"]["median_ms"], 3)

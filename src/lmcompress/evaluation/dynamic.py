@@ -1,0 +1,102 @@
+"""What an early-exit model costs on real examples: where each example left, the average FLOPs per example, and
+latency timed on the dev examples themselves (random token ids cannot show when a model exits)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmcompress.evaluation.efficiency import block_flops
+from lmcompress.layers.early_exit import exit_costs, exits_of
+from lmcompress.tasks import Examples
+from lmcompress.tasks.batching import encode_batches
+
+
+def _head(examples: Examples, count: int) -> Examples:
+    count = min(count, len(examples))
+    pairs = None if examples.text_pairs is None else examples.text_pairs[:count]
+    return Examples(examples.texts[:count], pairs, examples.labels[:count], examples.label_names)
+
+
+def data_latency(model: nn.Module, tokenizer: Any, examples: Examples, batch_size: int, max_length: int = 128,
+                 repeats: int = 3) -> dict[str, float]:
+    """Milliseconds per batch (median over every batch of every timed pass) and per example, over the given
+    examples in their order, after one warm-up pass."""
+    device = next(model.parameters()).device
+    batches = [{k: v.to(device) for k, v in b.items()}
+               for b in encode_batches(tokenizer, examples, batch_size, max_length)]
+    times: list[float] = []
+    with torch.inference_mode():
+        for round_ in range(repeats + 1):
+            for batch in batches:
+                start = time.perf_counter()
+                model(**batch)
+                if round_:
+                    times.append((time.perf_counter() - start) * 1000)
+    per_pass = sum(times) / repeats
+    return {"median_ms": statistics.median(times), "ms_per_example": per_pass / len(examples),
+            "batch_size": batch_size, "examples": len(examples), "repeats": repeats}
+
+
+def dynamic_report(model: nn.Module, tokenizer: Any, examples: Examples, *, batch_size: int = 64,
+                   max_length: int = 128, flops_seq_len: int = 128, latency_examples: int = 64,
+                   latency_batch_sizes: tuple[int, ...] = (1, 8), repeats: int = 3) -> dict[str, Any] | None:
+    """None for a static model. For an early-exit one: the exit histogram ({block: examples}, the last block
+    meaning no early exit), the average FLOPs per example at `flops_seq_len` tokens (each example's blocks and
+    heads; also as a fraction of the model without exits), and latency on the first `latency_examples` dev
+    examples at each batch size, with exits and with every block run (the same model, exits off)."""
+    heads = exits_of(model)
+    if heads is None:
+        return None
+    device = next(model.parameters()).device
+    exits = []
+    with torch.inference_mode():
+        for batch in encode_batches(tokenizer, examples, batch_size, max_length):
+            model(**{k: v.to(device) for k, v in batch.items()})
+            exits.append(heads.last_exit.cpu())
+    at = torch.cat(exits)
+    per_block, total = block_flops(model, flops_seq_len)
+    costs = torch.tensor(exit_costs(heads, per_block, total), dtype=torch.float64)
+    index = {p: k for k, p in enumerate(heads.positions)}
+    chosen = torch.tensor([index.get(int(b), len(heads.positions)) for b in at])
+    fraction = float(costs[chosen].mean())
+    sample = _head(examples, latency_examples)
+    latency = {}
+    for size in latency_batch_sizes:
+        with_exits = data_latency(model, tokenizer, sample, size, max_length, repeats)
+        heads.enabled = False
+        try:
+            every_block = data_latency(model, tokenizer, sample, size, max_length, repeats)
+        finally:
+            heads.enabled = True
+        latency[f"batch_{size}"] = {"exits": with_exits, "all_blocks": every_block,
+                                    "speedup": every_block["ms_per_example"] / with_exits["ms_per_example"]}
+    histogram = {str(b): int((at == b).sum()) for b in [*heads.positions, heads.blocks - 1]}
+    return {"rule": heads.rule.to_dict(), "exit_histogram": histogram, "flops": int(fraction * total),
+            "flops_fraction": fraction, "flops_all_blocks": total, "flops_seq_len": flops_seq_len,
+            "latency": latency}
+
+
+def paired_data_latency(models: dict[str, nn.Module], tokenizer: Any, examples: Examples, batch_size: int,
+                        max_length: int = 128, repeats: int = 3) -> dict[str, dict[str, float]]:
+    """`efficiency.paired_latency` on dev examples instead of random ids: the models' passes over the same
+    batches interleaved (a, b, a, b, ...) after one warm-up round; median ms per batch of each. What a dynamic
+    model costs depends on its input, so a sweep times its early-exit points (and their dense reference) so."""
+    batches = list(encode_batches(tokenizer, examples, batch_size, max_length))
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for round_ in range(repeats + 1):
+            for batch in batches:
+                for name, model in models.items():
+                    device = next(model.parameters()).device
+                    inputs = {k: v.to(device) for k, v in batch.items()}
+                    start = time.perf_counter()
+                    model(**inputs)
+                    if round_:
+                        times[name].append((time.perf_counter() - start) * 1000)
+    return {name: {"median_ms": statistics.median(values), "batch_size": batch_size, "examples": len(examples),
+                   "repeats": repeats, "data": "dev"} for name, values in times.items()}

@@ -1,0 +1,201 @@
+"""`early_exit`: training lowers the exits' loss, the rules, rows leaving the batch, save/load, stacking, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import SENTENCES, make_tiny_gpt2
+from transformers import BertConfig, BertForSequenceClassification
+
+from lmcompress.calibration.settings import Calibration
+from lmcompress.engine.pipeline import compress
+from lmcompress.engine.recipe import Recipe
+from lmcompress.errors import RecipeError
+from lmcompress.io.saving import MANIFEST_NAME, load, save
+from lmcompress.layers.early_exit import ExitRule, _Track, all_exit_logits, exits_of, fires, simulate
+from lmcompress.methods.dynamic.early_exit import _choose
+from lmcompress.tasks import Examples
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CALIBRATION = Calibration(samples=48, batch_size=8, max_length=16)
+TEXTS = SENTENCES * 4
+
+
+def tiny_bert(vocab: int, labels: int = 2, blocks: int = 4) -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=blocks, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=labels)
+    model = BertForSequenceClassification(config).eval()
+    with torch.no_grad():   # confident logits that differ from block to block: the exits have something to learn
+        model.classifier.weight.mul_(40)
+    return model
+
+
+def examples(regression: bool = False) -> Examples:
+    if regression:
+        return Examples(TEXTS, None, [float(i % 5) for i in range(len(TEXTS))], None)
+    return Examples(TEXTS, None, [i % 2 for i in range(len(TEXTS))], ("negative", "positive"))
+
+
+def with_exits(tokenizer, stages: list[dict] | None = None, **options):
+    model = tiny_bert(tokenizer.vocab_size)
+    stage = {"method": "early_exit", "options": {"time": 1, "labels": False, **options}}
+    recipe = Recipe.from_dict({"stages": [*(stages or []), stage], "calibration": CALIBRATION.model_dump()})
+    summary = compress(model, recipe, tokenizer, examples(), progress=False, timing=False)
+    return model, summary.stages[-1].report
+
+
+def median_rule(model, tokenizer) -> ExitRule:
+    """A confidence threshold between the middle two of the first exit's confidences: half the rows leave there
+    and half do not (if no later exit takes them)."""
+    batch = dict(tokenizer(SENTENCES, padding=True, return_tensors="pt"))
+    with torch.inference_mode():
+        heads, _ = all_exit_logits(model, batch)
+    values = heads[0].double().softmax(-1).max(-1).values.sort().values
+    middle = len(values) // 2
+    assert values[middle - 1] < values[middle]
+    return ExitRule("confidence", threshold=float(values[middle - 1] + values[middle]) / 2)
+
+
+def test_training_lowers_the_held_out_exit_loss(tokenizer):
+    _, report = with_exits(tokenizer, time=120, max_steps=100)   # steps, not seconds: the same on a busy machine
+    assert report["steps"] > 0
+    assert report["heldout_exit_loss_after"] < report["heldout_exit_loss_before"]
+
+
+def test_rows_that_exit_leave_the_batch_and_give_batch_of_one_outputs(tokenizer):
+    model, _ = with_exits(tokenizer, positions=[0])
+    heads = exits_of(model)
+    heads.rule = median_rule(model, tokenizer)
+    seen = []
+    handle = model.bert.encoder.layer[-1].register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        together = model(**batch).logits
+        exits = heads.last_exit.clone()
+        alone = []
+        for text in SENTENCES:
+            alone.append(model(**tokenizer([text], return_tensors="pt")).logits)
+            assert int(heads.last_exit[0]) == int(exits[len(alone) - 1])
+    handle.remove()
+    assert 0 < int((exits == 0).sum()) < len(SENTENCES)            # some rows left at the first exit, some stayed
+    assert seen[0] == int((exits == heads.blocks - 1).sum()) < len(SENTENCES)   # the last block saw fewer rows
+    torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=0)
+
+
+def test_rules_fire_as_documented():
+    confident = torch.tensor([[4.0, 0.0], [0.1, 0.0]])
+    assert fires(ExitRule("confidence", threshold=0.9), confident, _Track(), False).tolist() == [True, False]
+    assert fires(ExitRule("entropy", threshold=0.5), confident, _Track(), False).tolist() == [True, False]
+    track, rule = _Track(), ExitRule("patience", patience=2)
+    assert fires(rule, torch.tensor([[1.0, 0.0], [1.0, 0.0]]), track, False).tolist() == [False, False]
+    assert fires(rule, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), track, False).tolist() == [True, False]
+    track, rule = _Track(), ExitRule("patience", patience=2, tolerance=0.1)
+    fires(rule, torch.tensor([[1.0], [1.0]]), track, True)
+    assert fires(rule, torch.tensor([[1.05], [1.5]]), track, True).tolist() == [True, False]
+
+
+def test_targets_pick_the_cheapest_rule_within_the_drop_and_the_best_within_the_flops():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 2, (200,))
+    final = torch.nn.functional.one_hot(labels, 2).float() * 3
+    noisy = [final + torch.randn(200, 2) * s for s in (3.0, 1.5, 0.5)]
+    costs = torch.tensor([0.25, 0.5, 0.75, 1.0])
+
+    def choose(**target):
+        from lmcompress.methods.dynamic.early_exit import EarlyExitConfig
+
+        return _choose(EarlyExitConfig(**target), "confidence", noisy, final, labels, costs, False)
+
+    best, table = choose(target_drop=1.0)
+    assert best["metric"] >= best["full"] - 1.0
+    assert best["flops"] == min(t["flops"] for t in table if t["metric"] >= t["full"] - 1.0)
+    assert best["flops"] < 1.0
+    best, table = choose(target_flops=0.5)
+    assert best["flops"] <= 0.5
+    assert best["metric"] == max(t["metric"] for t in table if t["flops"] <= 0.5)
+    chosen, _ = simulate(best["rule"], noisy, final, False)
+    assert float(costs[chosen].mean()) == pytest.approx(best["flops"])
+
+
+def test_save_and_load_reproduce_exits_and_outputs(tokenizer, tmp_path):
+    model, _ = with_exits(tokenizer, target_flops=0.6, positions=[0])
+    model.lmcompress_exits.rule = median_rule(model, tokenizer)
+    save(model, tmp_path / "m", tokenizer)
+    assert "early_exit" in json.loads((tmp_path / "m" / MANIFEST_NAME).read_text())
+    loaded = load(tmp_path / "m")
+    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        expected, exits = model(**batch).logits, exits_of(model).last_exit.clone()
+        got = loaded(**batch).logits
+    assert exits_of(loaded).rule == exits_of(model).rule
+    assert torch.equal(exits_of(loaded).last_exit, exits)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_stacks_after_prune_and_int8_quantize(tokenizer, tmp_path):
+    stages = [{"method": "prune", "options": {"keep": 0.5}}, {"method": "quantize", "options": {"bits": 8}}]
+    model, report = with_exits(tokenizer, stages=stages, target_drop=2.0)
+    assert report["heldout_flops_fraction"] > 0
+    save(model, tmp_path / "m", tokenizer)
+    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    loaded = load(tmp_path / "m")
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=0, rtol=0)
+
+
+def test_regressor_exits_by_patience_within_a_tolerance(tokenizer):
+    model = tiny_bert(tokenizer.vocab_size, labels=1)
+    recipe = Recipe.single("early_exit", calibration=CALIBRATION, time=1, target_drop=5.0)
+    report = compress(model, recipe, tokenizer, examples(True), progress=False, timing=False).stages[-1].report
+    assert report["rule"]["kind"] == "patience"
+    with torch.inference_mode():
+        assert model(**tokenizer(SENTENCES, padding=True, return_tensors="pt")).logits.shape == (len(SENTENCES), 1)
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"target_drop": 1.0, "target_flops": 0.5}, "not both"),
+    ({"rule": "patience", "threshold": 0.9}, "not threshold"),
+    ({"time": "soon"}, "duration"),
+])
+def test_bad_options_are_one_line(options, match):
+    with pytest.raises(RecipeError, match=match) as err:
+        Recipe.single("early_exit", **options)
+    assert "\n" not in str(err.value)
+
+
+def test_unsupported_models_are_refused_in_one_line(tokenizer):
+    model = make_tiny_gpt2(tokenizer.vocab_size, tokenizer.pad_token_id)
+    tokenizer_gpt = tokenizer
+    with pytest.raises(RecipeError, match="decoder classifiers") as err:
+        compress(model, Recipe.single("early_exit", calibration=CALIBRATION, time=1), tokenizer_gpt, examples(),
+                 progress=False, timing=False)
+    assert "\n" not in str(err.value)
+    regressor = tiny_bert(tokenizer.vocab_size, labels=1)
+    with pytest.raises(RecipeError, match="patience"):
+        compress(regressor, Recipe.single("early_exit", calibration=CALIBRATION, rule="confidence", time=1),
+                 tokenizer, examples(True), progress=False, timing=False)
+    twice, _ = with_exits(tokenizer)
+    with pytest.raises(RecipeError, match="already has exits"):
+        compress(twice, Recipe.single("early_exit", calibration=CALIBRATION, time=1), tokenizer, examples(),
+                 progress=False, timing=False)
+
+
+def test_onnx_export_refuses_in_one_line(tokenizer):
+    from lmcompress.io.onnx_export import OnnxExportError, check_onnx_exportable
+
+    model, _ = with_exits(tokenizer)
+    with pytest.raises(OnnxExportError, match="early-exit") as err:
+        check_onnx_exportable(model)
+    assert "\n" not in str(err.value)
+
+
+def test_hugging_face_export_refuses_in_one_line(tokenizer):
+    from lmcompress.io.hf_export import ExportError, check_exportable
+
+    model, _ = with_exits(tokenizer)
+    with pytest.raises(ExportError, match="early exits") as err:
+        check_exportable(model)
+    assert "\n" not in str(err.value)
