@@ -58,7 +58,8 @@ def _ranks(folder: Path) -> dict:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        for stage in data.get("stages", []) if isinstance(data, dict) else []:
+        summary = data.get("summary", data) if isinstance(data, dict) else {}
+        for stage in summary.get("stages", []) if isinstance(summary, dict) else []:
             allocation = stage.get("allocation") if isinstance(stage, dict) else None
             if allocation:
                 return {name: unit["size"] for name, unit in allocation["units"].items()}
