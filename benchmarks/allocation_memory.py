@@ -114,6 +114,10 @@ def main() -> None:
         rows.append({"model": name, "params": weight_bytes // 2, "layers": layers, "hidden": hidden,
                      "weight_bytes": weight_bytes, "before": before, "after": after})
         save_rows(out, rows)
+        write(out, rows, args, started)   # the table as it stands, so a stopped run keeps what it measured
+
+
+def write(out: Path, rows: list[dict], args: argparse.Namespace, started: float) -> None:
     text = ["# Sensitivity allocator memory, before and after (this machine)", "", made_by(started), "",
             f"`lmcompress compress {' '.join(COMMAND)} --task lm` on random bf16 Llama-shaped models, calibrated on "
             f"{args.samples} WikiText-2 sequences of {args.length} tokens (allocation samples: the default, at most "
@@ -123,7 +127,6 @@ def main() -> None:
             f"Command: `python benchmarks/allocation_memory.py --before {args.before} --models "
             f"{' '.join(args.models)} --samples {args.samples} --length {args.length}`", "", table(rows), ""]
     out.write_text("\n".join(text))
-    print("\n".join(text))
 
 
 if __name__ == "__main__":
