@@ -531,7 +531,7 @@ def test_language_model_heldout_keeps_no_per_token_vocabulary_logits(tokenizer):
     texts = TEXTS * 3
     examples = Examples(texts, None, [None] * len(texts), None)
     heldout = HeldOut(teacher, tokenizer, examples, get_task("language-modeling"),
-                      DistillConfig(eval_batch_size=8, max_length=32))
+                      DistillConfig(eval_batch_size=8, max_length=32, heldout_logits_mb=0))
     assert len(heldout.batches) > 1
     per_token = [t.shape for t in _stored_tensors(heldout) if t.dim() >= 3 or (t.dim() >= 1 and t.shape[-1] == vocab)]
     assert per_token == [], per_token
@@ -540,6 +540,27 @@ def test_language_model_heldout_keeps_no_per_token_vocabulary_logits(tokenizer):
     assert score.divergence > 0 and score.metric is None
     assert score.divergence == pytest.approx(expected, rel=1e-5)
     assert heldout.score(teacher).divergence == pytest.approx(0.0, abs=1e-6)
+
+
+def test_language_model_heldout_logits_stay_under_their_cap_on_the_host(tokenizer):
+    teacher = _tiny_lm(tokenizer.vocab_size, tokenizer.pad_token_id, seed=0)
+    student = _tiny_lm(tokenizer.vocab_size, tokenizer.pad_token_id, seed=1)
+    texts = TEXTS * 3
+    examples = Examples(texts, None, [None] * len(texts), None)
+    task = get_task("language-modeling")
+    everything = HeldOut(teacher, tokenizer, examples, task, DistillConfig(eval_batch_size=4, max_length=32,
+                                                                          heldout_logits_mb=1024))
+    sizes = [t.numel() * 4 for t in everything.teacher_logits]
+    assert all(t is not None and t.device.type == "cpu" for t in everything.teacher_logits)
+    cap_mb = (sizes[0] + sizes[1] + sizes[2] // 2) / 2**20     # room for two batches and a half
+    capped = HeldOut(teacher, tokenizer, examples, task, DistillConfig(eval_batch_size=4, max_length=32,
+                                                                      heldout_logits_mb=cap_mb))
+    kept = [t for t in capped.teacher_logits if t is not None]
+    assert len(kept) == 2 and capped.kept_bytes == sum(t.numel() * t.element_size() for t in kept)
+    assert capped.kept_bytes <= cap_mb * 2**20 and all(t.device.type == "cpu" for t in kept)
+    expected, _ = _reference_divergence(teacher, student, capped, False)
+    for heldout in (everything, capped):   # kept or recomputed, the same score
+        assert heldout.score(student).divergence == pytest.approx(expected, rel=1e-5)
 
 
 def test_classifier_heldout_scores_are_unchanged(tokenizer, data):

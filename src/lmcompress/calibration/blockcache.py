@@ -112,6 +112,7 @@ class BlockInputs:
 
     def close(self) -> None:
         self._hidden.clear()
+        self.in_memory_bytes = self.spilled_bytes = 0
         if self._own_dir is not None:
             shutil.rmtree(self._own_dir, ignore_errors=True)
             self._own_dir = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -176,14 +177,17 @@ class SequentialCalibrator:
         self.model, self.blocks, self.batches = model, blocks, batches
         self.pairs_mb, self.progress = pairs_mb, progress
         self.index = first_block
-        self.inputs: BlockInputs = capture_block_inputs(model, blocks[first_block], batches, cache_mb)
+        # `cache_mb` caps all cached activations together: while the inputs advance, a block's inputs and the
+        # next block's are both alive (and the teacher's two as well), so each cache gets its share of the cap
+        self.cache_mb = cache_mb
+        self.share_mb = cache_mb / (4 if teacher else 2)
+        self.inputs: BlockInputs = capture_block_inputs(model, blocks[first_block], batches, self.share_mb)
         self.teacher_inputs: BlockInputs | None = None
         self.teacher_block: nn.Module | None = None
         self.teacher_index: int | None = None     # the block `teacher_block` is an unmodified copy of
         if teacher:
             self.teacher_inputs = self.inputs.with_hidden([self.inputs.hidden(i) for i in range(len(self.inputs))])
-        self.cache_mb = cache_mb
-        self._ahead: list[torch.Tensor] | None = None   # the current block's outputs, run before it changed
+        self._ahead: BlockInputs | None = None   # the next block's inputs, run before the current block changed
 
     def begin_block(self, index: int) -> None:
         """Advance the cached inputs to block `index`, keeping an unmodified copy of it if the teacher is on.
@@ -239,26 +243,35 @@ class SequentialCalibrator:
     def run_ahead(self) -> None:
         """Run the current block now, before it is compressed, and feed the next block these outputs: one-shot
         calibration block by block, on the original model's activations throughout."""
-        self._ahead = [h.detach() for h in run_block(self.blocks[self.index], self.inputs)]
+        self._ahead = self.inputs.with_hidden(_outputs(self.blocks[self.index], self.inputs), self.share_mb)
 
     def _advance(self) -> None:
         block = self.blocks[self.index]
-        outputs = self._ahead if self._ahead is not None else [h.detach() for h in run_block(block, self.inputs)]
+        nxt = self._ahead if self._ahead is not None else self.inputs.with_hidden(_outputs(block, self.inputs),
+                                                                                   self.share_mb)
         self._ahead = None
         self.inputs.close()
-        self.inputs = self.inputs.with_hidden(outputs, self.cache_mb)
+        self.inputs = nxt
         if self.teacher_inputs is not None:
             teacher = self.teacher_block if self.teacher_block is not None else block
-            teacher_out = [h.detach() for h in run_block(teacher, self.teacher_inputs)]
+            teacher_next = self.teacher_inputs.with_hidden(_outputs(teacher, self.teacher_inputs), self.share_mb)
             self.teacher_inputs.close()
-            self.teacher_inputs = self.teacher_inputs.with_hidden(teacher_out, self.cache_mb)
+            self.teacher_inputs = teacher_next
             self.teacher_block, self.teacher_index = None, None
         self.index += 1
 
     def close(self) -> None:
         self.inputs.close()
+        if self._ahead is not None:
+            self._ahead.close()
         if self.teacher_inputs is not None:
             self.teacher_inputs.close()
+
+
+def _outputs(block: nn.Module, inputs: BlockInputs) -> Iterator[torch.Tensor]:
+    """The block's outputs batch by batch, each handed on (to the host cache) before the next is computed, so
+    the device never holds every batch's activations at once."""
+    return (h.detach() for h in run_block(block, inputs))
 
 
 def _prefix_of(model: nn.Module, target: nn.Module) -> str:

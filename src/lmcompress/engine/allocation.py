@@ -86,6 +86,15 @@ def output_divergence(reference: torch.Tensor, output: torch.Tensor) -> float:
     return float((ref_log.exp() * (ref_log - F.log_softmax(output, -1))).sum(-1).mean())
 
 
+# rows of a KL taken at once: float64 log-probabilities of `rows x vocabulary`, so a 128k vocabulary takes
+# 64 MiB per chunk rather than the whole batch's (tokens x vocabulary) in float64
+KL_CHUNK_MB = 64.0
+
+
+def _chunk_rows(width: int, mb: float = KL_CHUNK_MB) -> int:
+    return max(1, int(mb * 2**20 // (8 * max(width, 1))))
+
+
 def _kl_sum(ref_log: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     """Summed KL(reference || output) over rows, from the reference's log-probabilities and output logits."""
     ref_log, out_log = ref_log.double(), F.log_softmax(output.double(), -1)
@@ -97,10 +106,25 @@ def _logits(output: Any) -> torch.Tensor:
 
 
 def _real_rows(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """One row per scored position: per token (padding left out) for a language model, per example else."""
+    """One row per scored position: per token (padding left out) for a language model, per example else.
+    A language model's logits at a position are its next-token distribution there, so every real position is
+    scored, the last one included."""
     if mask is not None and logits.dim() == 3 and logits.shape[:2] == mask.shape:
         return logits[mask]
     return logits.reshape(-1, logits.shape[-1])
+
+
+def _head_of(model: nn.Module) -> nn.Module | None:
+    """The output projection (an LM head) when the model has one wider than its input: the reference is then
+    kept as the head's input (hidden x tokens) and the logits recomputed from it per chunk when scored."""
+    try:
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    weight = getattr(head, "weight", None)
+    if not isinstance(head, nn.Linear) or weight is None or weight.dim() != 2 or weight.shape[0] <= weight.shape[1]:
+        return None
+    return head
 
 
 class SensitivityProbe:
@@ -109,8 +133,17 @@ class SensitivityProbe:
     Each block's inputs are cached once (for the model as it is when the probe is built), so scoring a unit
     in block b runs only blocks b..L-1 and the head: earlier blocks are replaced by pass-throughs and block
     b's input is substituted from the cache. Outputs are scored batch by batch over real tokens only (batches
-    may differ in length; a language model has a distribution per token): only the reference, at real tokens,
-    is kept for all batches.
+    may differ in length; a language model has a distribution per token), and the KL is taken in chunks of
+    rows (`KL_CHUNK_MB`), so memory holds one batch's logits, never all batches'.
+
+    What is kept of the reference (the unchanged model's output), on the host: for a model whose output comes
+    from a head wider than its input (a language model's vocabulary projection), the head's *input* at the real
+    tokens, in the model's dtype (hidden / vocabulary of the logits' size: 1/16 for a 2048-wide Llama with a
+    32k vocabulary); the reference logits are recomputed from it, chunk by chunk, when scored. This is used only
+    when the head applied to its input gives the model's logits (checked on the first batch: a model that
+    transforms logits after its head, e.g. soft-capping, keeps log-probabilities instead). Otherwise (a
+    classifier: a row per example) the reference log-probabilities are kept in float32. Block-input caches
+    share `cache_mb` between all blocks (each block gets its part, spilling to disk past it).
     """
 
     def __init__(self, model: nn.Module, blocks: nn.ModuleList | None, batches: list[dict[str, torch.Tensor]],
@@ -121,18 +154,66 @@ class SensitivityProbe:
                         for b in batches]
         self.masks = [b["attention_mask"].bool() if "attention_mask" in b else None for b in self.batches]
         self.inputs: list[BlockInputs] = []
-        self.reference: list[torch.Tensor] = []   # per batch: log-probabilities (or the regression output)
-        self._each_output(None, lambda _i, rows: self.reference.append(rows if rows.shape[-1] == 1
-                                                                       else F.log_softmax(rows, -1)))
+        # per batch: the head's input rows (`self.head` set), else log-probabilities or the regression output
+        self.reference: list[torch.Tensor] = []
+        self.head = _head_of(model)
+        self._capture_reference()
         self.rows = sum(r.shape[0] for r in self.reference)
-        self.regression = self.reference[0].shape[-1] == 1
+        self.regression = self.head is None and self.reference[0].shape[-1] == 1
         self.variance = torch.cat(self.reference).double().var().clamp_min(1e-12) if self.regression else None
         if blocks is not None and len(blocks):
-            current = capture_block_inputs(model, blocks[0], self.batches, cache_mb)
+            share = cache_mb / len(blocks)   # every block's inputs are kept: the cap is shared, not per block
+            current = capture_block_inputs(model, blocks[0], self.batches, share)
             self.inputs.append(current)
             for block in list(blocks)[:-1]:
-                current = current.with_hidden([h.detach() for h in run_block(block, current)])
+                # streamed: each batch's output goes to the host as it comes, never all on the device at once
+                current = current.with_hidden((h.detach() for h in run_block(block, current)), share)
                 self.inputs.append(current)
+
+    def _capture_reference(self) -> None:
+        seen: list[torch.Tensor] = []
+
+        def grab(_module: nn.Module, args: tuple, _output: Any) -> None:
+            seen.append(args[0].detach())
+
+        handle = self.head.register_forward_hook(grab) if self.head is not None else None
+        try:
+            def keep(i: int, rows: torch.Tensor) -> None:
+                if self.head is not None:
+                    hidden = _real_rows(seen.pop(), self.masks[i]) if seen else None
+                    if i == 0 and (hidden is None or not self._head_reproduces(hidden, rows)):
+                        self.head = None      # logits are not the head's output: keep log-probabilities
+                        self.reference.clear()
+                    elif hidden is not None:
+                        self.reference.append(hidden.cpu())
+                        return
+                seen.clear()
+                self.reference.append(rows.float().cpu() if rows.shape[-1] == 1
+                                      else F.log_softmax(rows.float(), -1).cpu())
+
+            self._each_output(None, keep)
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    def _head_reproduces(self, hidden: torch.Tensor, rows: torch.Tensor) -> bool:
+        if hidden.shape[0] != rows.shape[0]:
+            return False
+        step = _chunk_rows(rows.shape[-1])
+        for start in range(0, rows.shape[0], step):
+            again = self.head(hidden[start:start + step]).float()
+            part = rows[start:start + step].float()
+            if again.shape != part.shape or not torch.allclose(again, part, rtol=1e-2,
+                                                                atol=1e-3 * float(part.abs().max().clamp_min(1))):
+                return False
+        return True
+
+    def _reference_log(self, i: int, start: int, stop: int) -> torch.Tensor:
+        """Reference log-probabilities (float64, on the device) of rows start:stop of batch i."""
+        kept = self.reference[i][start:stop].to(self.device)
+        if self.head is None:
+            return kept.double()
+        return F.log_softmax(self.head(kept).double(), -1)
 
     def _each_output(self, start: int | None, consume: Callable[[int, torch.Tensor], None]) -> None:
         """Run the sample (from block `start` on, when given) and hand each batch's real-token output rows
@@ -140,7 +221,7 @@ class SensitivityProbe:
         with no_cache(self.model), torch.inference_mode():
             if start is None or not self.inputs:
                 for i, batch in enumerate(self.batches):
-                    consume(i, _real_rows(_logits(self.model(**batch)).float(), self.masks[i]))
+                    consume(i, _real_rows(_logits(self.model(**batch)), self.masks[i]))
                 return
             saved = list(self.blocks)[:start]
             cached = self.inputs[start]
@@ -158,7 +239,7 @@ class SensitivityProbe:
             try:
                 for i, batch in enumerate(self.batches):
                     batch_index[0] = i
-                    consume(i, _real_rows(_logits(self.model(**batch)).float(), self.masks[i]))
+                    consume(i, _real_rows(_logits(self.model(**batch)), self.masks[i]))
             finally:
                 handle.remove()
                 for i, block in enumerate(saved):
@@ -169,11 +250,14 @@ class SensitivityProbe:
         total = [0.0]
 
         def add(i: int, rows: torch.Tensor) -> None:
-            reference = self.reference[i]
             if self.regression:
-                total[0] += float(((rows.double() - reference.double()) ** 2).sum())
-            else:
-                total[0] += float(_kl_sum(reference, rows))
+                total[0] += float(((rows.double() - self.reference[i].to(rows.device).double()) ** 2).sum())
+                return
+            step = _chunk_rows(rows.shape[-1])
+            with torch.inference_mode():
+                for first in range(0, rows.shape[0], step):
+                    ref_log = self._reference_log(i, first, first + step)
+                    total[0] += float(_kl_sum(ref_log, rows[first:first + step]))
 
         self._each_output(start, add)
         mean = total[0] / max(self.rows, 1)
@@ -192,9 +276,15 @@ class SensitivityProbe:
             for name, module in originals.items():
                 set_submodule(self.model, name, module)
 
+    def reference_bytes(self) -> int:
+        """Host memory the reference takes (for the log and the tests)."""
+        return sum(r.numel() * r.element_size() for r in self.reference)
+
     def close(self) -> None:
         for cache in self.inputs:
             cache.close()
+        self.inputs.clear()
+        self.reference.clear()
 
 
 def predicted_losses(costs: Sequence[int], probe_index: Sequence[int], probe_loss: Sequence[float],
@@ -291,15 +381,64 @@ def uniform_choice(candidates: Sequence[Candidates], fraction: float, metric: st
     return [c.index_for_fraction(fraction, metric) if fraction < 1 else len(c.sizes) - 1 for c in candidates]
 
 
-def allocate(units: Sequence[Unit], candidates: Sequence[Candidates], fraction: float, metric: str = "params",
+def sizes_only(candidates: Candidates) -> Candidates:
+    """The sizes and costs of `candidates` without its builder (and so without the factors its builder holds):
+    what the allocator keeps of a unit once the unit's probes are scored."""
+    def build(_size: Any) -> dict[str, nn.Module]:
+        raise RuntimeError("this unit's candidates were freed once its probes were scored")
+
+    return Candidates(list(candidates.sizes), list(candidates.params), list(candidates.flops_per_token), build,
+                      candidates.dense_params, candidates.dense_flops_per_token)
+
+
+CandidateSource = Sequence[Candidates] | Callable[[int], Candidates]
+
+
+def allocate(units: Sequence[Unit], candidates: CandidateSource, fraction: float, metric: str = "params",
              seq_len: int = 128, strategy: str = "sensitivity", probe: SensitivityProbe | None = None,
              probes: Sequence[float] = (0.1, 0.25, 0.5, 0.75), progress: bool = True,
              known: dict[tuple[str, float], float] | None = None) -> AllocationResult:
     """Sizes for `units` whose total cost is at most `fraction` of their dense cost.
 
+    `candidates` is either every unit's candidates, or a function giving unit u's (called once per unit, in
+    order): then only one unit's candidates (its decomposition) is alive at a time, since each unit's probes
+    are scored as soon as its candidates exist and only their sizes and costs are kept after.
+
     `known` holds sensitivity scores measured before on the same model, data and method, by (unit name,
     probe fraction): those probes are not run again, and the new scores are added to it (a sweep over
     budgets measures each unit once)."""
+    sensitivity = strategy != "uniform" and probe is not None
+    if sensitivity:
+        # never extrapolate below the smallest probe: a unit that looks harmless at 10% is not at 1%, and
+        # the summed divergence would push it there (measured: MiniLM lost 8 points that way at F = 0.3)
+        probes = sorted({*probes, *([fraction / 2] if fraction / 2 < min(probes) else [])})
+    known = {} if known is None else known
+    make = candidates if callable(candidates) else candidates.__getitem__
+    kept: list[Candidates] = []
+    scores: dict[tuple[int, float], float] = {}
+    jobs = len(units) * len(probes) if sensitivity else 0
+
+    def measure():   # one step per probe; a unit's candidates live only while its own probes run
+        for u, unit in enumerate(units):
+            found = make(u)
+            for p in probes if sensitivity else ():
+                if (unit.name, p) not in known:
+                    replacements = found.build(found.sizes[found.index_for_fraction(p, metric)])
+                    known[unit.name, p] = probe.score(unit.block, replacements)
+                    del replacements
+                scores[u, p] = known[unit.name, p]
+                yield
+            kept.append(sizes_only(found))
+            del found     # this unit's factors go now, before the next unit's decomposition
+
+    for _ in track(measure(), jobs, "sensitivity", progress and sensitivity, unit="probe"):
+        pass
+    return _choose(units, kept, fraction, metric, seq_len, strategy, probes if sensitivity else None, scores)
+
+
+def _choose(units: Sequence[Unit], candidates: Sequence[Candidates], fraction: float, metric: str, seq_len: int,
+            strategy: str, probes: Sequence[float] | None, scores: dict[tuple[int, float], float]) -> AllocationResult:
+    """The allocation from the units' costs and (with `probes`) their measured sensitivity."""
     costs = [c.cost(metric, seq_len) for c in candidates]
     dense = sum(c.dense_cost(metric, seq_len) for c in candidates)
     budget = int(fraction * dense)
@@ -309,22 +448,11 @@ def allocate(units: Sequence[Unit], candidates: Sequence[Candidates], fraction: 
                           f"size of every unit already needs {smallest:,} ({smallest / dense:.1%})")
     uniform = uniform_choice(candidates, fraction, metric, seq_len)
     measured: list[dict[str, float]] = [{} for _ in units]
-    if strategy == "uniform" or probe is None:
+    if probes is None:
         losses = [[0.0] * len(c) for c in costs]
         choice, chose_uniform = uniform, True
     else:
-        # never extrapolate below the smallest probe: a unit that looks harmless at 10% is not at 1%, and
-        # the summed divergence would push it there (measured: MiniLM lost 8 points that way at F = 0.3)
-        probes = sorted({*probes, *([fraction / 2] if fraction / 2 < min(probes) else [])})
         losses = []
-        known = {} if known is None else known
-        scores = {(u, p): known[units[u].name, p] for u in range(len(units)) for p in probes
-                  if (units[u].name, p) in known}
-        jobs = [(u, p) for u in range(len(units)) for p in probes if (u, p) not in scores]
-        for u, p in track(jobs, len(jobs), "sensitivity", progress, unit="probe"):
-            index = candidates[u].index_for_fraction(p, metric)
-            scores[u, p] = known[units[u].name, p] = probe.score(units[u].block,
-                                                                  candidates[u].build(candidates[u].sizes[index]))
         floors = []
         for u, cand in enumerate(candidates):
             index = [cand.index_for_fraction(p, metric) for p in probes]

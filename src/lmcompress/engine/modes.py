@@ -98,8 +98,7 @@ class OneShot(CalibrationMode):
         return PassEstimate(estimate_bytes(layers, run.needs, run.cal.pairs_mb), 0, 0, 1)
 
     def _streams(self, run, units) -> bool:
-        return (self.stream and bool(run.needs) and "fisher" not in run.needs and not is_multi_stack(run.model)
-                and sequential_refusal(run, units) is None)
+        return self.stream and streams_by_block(run, units)
 
     def apply(self, run, layers, units, batches, stats) -> None:
         if stats is None and self._streams(run, units):
@@ -139,6 +138,43 @@ class OneShot(CalibrationMode):
                 walk.calibrator.run_ahead()
                 for unit in block_units:
                     run.apply(unit, stats)
+
+
+def streams_by_block(run: StageRun, units: list[Unit]) -> bool:
+    """Whether these units' statistics can be gathered one block at a time (in block order)."""
+    return (bool(run.needs) and "fisher" not in run.needs and not is_multi_stack(run.model)
+            and sequential_refusal(run, units) is None
+            and all(a.block <= b.block for a, b in zip(units, units[1:], strict=False)))
+
+
+class BlockStatistics:
+    """Context manager: statistics of one block's units at a time, on the model as it is (nothing is compressed
+    meanwhile), for a walk over units in block order; the previous block's statistics are dropped when the walk
+    moves on. The budget allocator decomposes each unit from these, so it never holds every block's."""
+
+    def __init__(self, run: StageRun, units: list[Unit], batches: list[dict[str, torch.Tensor]]) -> None:
+        self.run, self.grouped = run, by_block_index(units)
+        self.walk = BlockWalk(run.model, min(self.grouped), batches, **_calibrator_options(run))
+        self.block: int | None = None
+        self.stats: dict[str, LayerStats] = {}
+
+    def __enter__(self) -> BlockStatistics:
+        self.walk.__enter__()
+        return self
+
+    def stats_for(self, unit: Unit) -> dict[str, LayerStats]:
+        if unit.block != self.block:
+            self.stats = {}    # the previous block's go before this block's are gathered
+            self.walk.enter(unit.block)
+            self.block = unit.block
+            block_units = self.grouped[unit.block]
+            layers = {n: self.run.model.get_submodule(n) for u in block_units for n in u.layer_names}
+            self.stats = self.walk.calibrator.collect(layers, self.run.needs, self.run.spans(block_units))
+        return self.stats
+
+    def __exit__(self, *exc: object) -> None:
+        self.stats = {}
+        self.walk.__exit__(*exc)
 
 
 def sequential_refusal(run: StageRun, units: list[Unit]) -> str | None:

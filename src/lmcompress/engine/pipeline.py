@@ -40,7 +40,7 @@ from lmcompress.core.placement import offloader_of, pinned
 from lmcompress.core.units import Unit, units_for
 from lmcompress.engine.allocation import AllocationResult, SensitivityProbe, allocate
 from lmcompress.engine.layer_timing import SEQ_LEN, LayerSpeed, time_layers
-from lmcompress.engine.modes import OneShot, get_mode
+from lmcompress.engine.modes import BlockStatistics, OneShot, get_mode, streams_by_block
 from lmcompress.engine.recipe import Calibration, Recipe, ResolvedStage, Stage
 from lmcompress.engine.reuse import ScoreCache
 from lmcompress.errors import CalibrationError, CompressionError, RecipeError, first_line
@@ -361,17 +361,6 @@ class _StageRun:
             raise RecipeError(f"stage {self.index + 1}: a budget split by measured sensitivity swaps candidates into "
                               "blocks that wait on disk, which is not supported; use --offload cpu or none, or "
                               "allocation uniform")
-        stats = collect(self.model, batches, layers, self.needs, pairs_mb=self.cal.pairs_mb,
-                        progress=self.progress, desc="calibrating (allocation)",
-                        pair_spans=self.spans(units)) if self.needs else {}
-        candidates = []
-        for unit in units:
-            with pinned(self.model, _block(self.model, unit.block), changes=False):
-                found = self.method.candidates(self.model, unit, stats, self.config)
-            if found is None:
-                raise RecipeError(f"stage {self.index + 1}: method {self.stage.method!r} cannot be sized by a "
-                                  "budget; give its own size options instead")
-            candidates.append(found)
         probe = None
         if sensitivity:
             found = blocks_of(self.model)
@@ -381,13 +370,38 @@ class _StageRun:
             # an encoder-decoder is scored by whole-model passes
             blocks = found[1] if found and not is_multi_stack(self.model) else None
             probe = SensitivityProbe(self.model, blocks, sample, self.cal.cache_mb)
+        # statistics one block at a time where one-shot calibration can stream them (then one-shot gathers them
+        # again as it compresses, rather than all blocks' being held meanwhile); else all at once, reused by it
+        by_block = bool(self.needs) and streams_by_block(self, units)
+        stats = None if by_block or not self.needs else collect(
+            self.model, batches, layers, self.needs, pairs_mb=self.cal.pairs_mb, progress=self.progress,
+            desc="calibrating (allocation)", pair_spans=self.spans(units))
+        source = BlockStatistics(self, units, batches) if by_block else None
+
+        def candidates(u: int):
+            unit = units[u]
+            if source is not None:
+                unit_stats = source.stats_for(unit)
+                found = self.method.candidates(self.model, unit, unit_stats, self.config)
+            else:
+                with pinned(self.model, _block(self.model, unit.block), changes=False):
+                    found = self.method.candidates(self.model, unit, stats or {}, self.config)
+            if found is None:
+                raise RecipeError(f"stage {self.index + 1}: method {self.stage.method!r} cannot be sized by a "
+                                  "budget; give its own size options instead")
+            return found
+
         key = self._reuse_key(units) if probe is not None and self.reuse is not None else None
         known = self.reuse.load(key) if key is not None else None
         try:
+            if source is not None:
+                source.__enter__()
             result = allocate(units, candidates, budget.fraction, budget.metric, budget.seq_len,
                               self.stage.allocation.strategy, probe, self.stage.allocation.probes, self.progress,
                               known)
         finally:
+            if source is not None:
+                source.__exit__(None, None, None)
             if probe is not None:
                 probe.close()
         if key is not None:

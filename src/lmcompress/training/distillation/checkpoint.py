@@ -64,8 +64,10 @@ def structure_digest(model: nn.Module) -> str:
 
 def run_settings(config: Any, teacher: nn.Module, student: nn.Module, train: Any, heldout: Any) -> dict:
     """What makes two runs the same run: options, models' structure, data sizes (kept in state.json)."""
-    return {"config": config.model_dump(mode="json"), "teacher": structure_digest(teacher),
-            "student": structure_digest(student), "train": len(train), "heldout": len(heldout)}
+    # the held-out cache's size changes memory, not results: a run resumes under another cap
+    return {"config": config.model_dump(mode="json", exclude={"heldout_logits_mb"}),
+            "teacher": structure_digest(teacher), "student": structure_digest(student), "train": len(train),
+            "heldout": len(heldout)}
 
 
 class CheckpointStore:

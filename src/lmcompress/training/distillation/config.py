@@ -60,6 +60,9 @@ class DistillConfig(BaseModel):
     trainable: Literal["compressed", "blocks", "all"] = Field(
         default="blocks", description="block and global phases train the compressed units only, every float "
                                       "parameter inside the transformer blocks, or all (embeddings, head)")
+    heldout_logits_mb: float = Field(
+        default=64, ge=0, description="host memory for the teacher's held-out per-token logits (a language "
+                                      "model's); batches past it are recomputed by the teacher at each score")
     max_grad_norm: float = Field(default=1.0, gt=0)
     seed: int = Field(default=0, ge=0)
 

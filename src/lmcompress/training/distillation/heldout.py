@@ -1,6 +1,7 @@
 """Scoring a student on the held-out split: divergence from the teacher (always), and the task metric (with
-labels). A classifier teacher's held-out logits are computed once; a language model's are recomputed at each
-score, batch by batch (keeping them would take held-out tokens x vocabulary floats)."""
+labels). A classifier teacher's held-out logits are computed once; a language model's are kept on the host up to
+`heldout_logits_mb` and recomputed at each score past it, batch by batch (keeping them all would take held-out
+tokens x vocabulary floats: 8 GB for 512 examples of 128 tokens with a 32k vocabulary)."""
 
 from __future__ import annotations
 
@@ -36,9 +37,10 @@ class Score:
 
 class HeldOut:
     """The held-out batches (sorted by length, little padding), their labels, and the teacher's logits where they
-    are small: one row per example (a classifier). Per-token logits (a language model: sequence x vocabulary for
-    every example) are never kept: the teacher runs again beside the student, batch by batch, so memory stays
-    that of one batch whatever the held-out size."""
+    are small: one row per example (a classifier), always kept. Per-token logits (a language model: sequence x
+    vocabulary for every example) are kept, in float32 on the host, only while they fit in `heldout_logits_mb`
+    (the shortest batches first); for the rest the teacher runs again beside the student, batch by batch, so
+    memory stays under the cap plus one batch whatever the held-out size."""
 
     def __init__(self, teacher: nn.Module, tokenizer: Any, examples: Any, task: Any, config: DistillConfig) -> None:
         self.task, self.teacher = task, teacher
@@ -51,11 +53,18 @@ class HeldOut:
         classify = getattr(task, "kind", "classification") == "classification"
         self.labels = np.asarray(labels) if classify and all(label is not None for label in labels) else None
         self.teacher_logits: list[torch.Tensor | None] = []
+        self.kept_bytes, cap = 0, int(config.heldout_logits_mb * 2**20)
         with _evaluating(teacher):
             for batch in self.batches:
                 logits = _forward(teacher, batch)
-                self.teacher_logits.append(logits.cpu() if logits.dim() == 2 else None)
-        self.teacher_metric = self._metric([t for t in self.teacher_logits if t is not None])
+                size = logits.numel() * logits.element_size()
+                if logits.dim() == 2 or self.kept_bytes + size <= cap:
+                    self.teacher_logits.append(logits.cpu())
+                    self.kept_bytes += size * (logits.dim() != 2)   # one row per example is not counted
+                else:
+                    self.teacher_logits.append(None)
+                del logits
+        self.teacher_metric = self._metric([t for t in self.teacher_logits if t is not None and t.dim() == 2])
 
     @property
     def metric_name(self) -> str | None:
