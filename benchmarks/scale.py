@@ -50,16 +50,13 @@ METHODS = {
     "sparsify wanda 50%": ["--method", "sparsify", "--option", "score=wanda", "--option", "sparsity=0.5"],
     "distill 120s": [],   # `lmcompress distill` into a half-rank SVD student: steps per second (see `run`)
 }
-_STATIC = ("whitened_svd params=0.5", "prune kcm flops=0.5")   # need the whole model: no offload
 PRESETS = {
     "tiny": [("tiny", m, o) for m in ("int4 GPTQ g128", "sparsify wanda 50%") for o in ("none", "disk")]
     + [("tiny", "distill 120s", "none")],
     "cpu": [(size, "int4 GPTQ g128", offload) for size in ("depth-4", "depth-8") for offload in ("none", "disk")]
-    + [("llama-0.1b", method, offload)
-       for method in ("int4 GPTQ g128", "whitened_svd keep 0.5", "whitened_svd params=0.5", "prune kcm flops=0.5",
-                      "sparsify sparsegpt 50%")
-       for offload in ("none", "disk") if offload == "none" or method not in _STATIC]
-    + [("llama-0.1b", "distill 120s", "none")],
+    + [("llama-0.1b", method, "none") for method in ("int4 GPTQ g128", "whitened_svd keep 0.5",
+                                                     "whitened_svd params=0.5", "prune kcm flops=0.5",
+                                                     "sparsify sparsegpt 50%", "distill 120s")],
     "big": [("llama-11.6b", "int4 RTN g128", "disk"), ("llama-11.6b", "prune magnitude flops=0.5", "disk"),
             ("llama-11.6b", "sparsify wanda 50%", "disk")],
 }
