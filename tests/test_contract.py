@@ -30,7 +30,7 @@ from lmcompress.engine.recipe import Recipe
 from lmcompress.errors import RecipeError
 from lmcompress.io.saving import load, save
 from lmcompress.kernels.quantgrid import GridSpec
-from lmcompress.layers import CompressedLayer, LinearBlock, QuantizedEmbedding, layer_from_manifest, layer_types
+from lmcompress.layers import CompressedLayer, FourierMixing, LinearBlock, QuantizedEmbedding, layer_from_manifest, layer_types
 from lmcompress.methods import available_methods, get_method
 from lmcompress.methods.base import registered_methods
 from lmcompress.tasks import Examples
@@ -73,6 +73,8 @@ SETUPS: dict[str, Setup] = {
     "distill": Setup({"time": 0.5, "checkpoints": 2, "batch_size": 8, "eval_batch_size": 16, "max_length": 16}),
     # every feed-forward neuron kept, no training: the selection keeps the block as it is
     "learned": Setup({"structure": "ffn", "width": 64, "init": "select", "epochs": 0}),
+    # no block swapped is the only lossless setting (Fourier mixing replaces attention; tests/methods/mixing)
+    "fourier_mixing": Setup({"blocks": []}),
 }
 METHODS = available_methods()
 
@@ -226,6 +228,7 @@ LAYER_BUILDERS: dict[str, list[Callable[[], nn.Module]]] = {
                         _by_method("quantize", scheme="weight_only", bits=4, group_size=16)],
     "QuantizedEmbedding": [_embedding],
     "LinearBlock": [_linear_block],
+    "FourierMixing": [lambda: FourierMixing(32)],
 }
 LAYER_TYPES = sorted(layer_types())
 
