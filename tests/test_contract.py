@@ -30,7 +30,14 @@ from lmcompress.engine.recipe import Recipe
 from lmcompress.errors import RecipeError
 from lmcompress.io.saving import load, save
 from lmcompress.kernels.quantgrid import GridSpec
-from lmcompress.layers import CompressedLayer, FourierMixing, LinearBlock, QuantizedEmbedding, layer_from_manifest, layer_types
+from lmcompress.layers import (
+    CompressedLayer,
+    FourierMixing,
+    LinearBlock,
+    QuantizedEmbedding,
+    layer_from_manifest,
+    layer_types,
+)
 from lmcompress.methods import available_methods, get_method
 from lmcompress.methods.base import registered_methods
 from lmcompress.tasks import Examples

@@ -125,6 +125,7 @@ def sensitivities(model: nn.Module, modules: list[str], batches: list[dict[str, 
             changed = last_hidden()
         finally:
             set_submodule(model, name, original)
-        scores.append(sum(float((a.float() - b.float()).pow(2).mean()) for a, b in zip(changed, reference)) / scale)
+        scores.append(sum(float((a.float() - b.float()).pow(2).mean()) for a, b in zip(changed, reference, strict=True))
+                      / scale)
     log.info("fourier_mixing: block sensitivities %s", [round(s, 4) for s in scores])
     return scores
