@@ -114,7 +114,7 @@ def _epoch(model: DAN, features: list[list[int]], targets: torch.Tensor, loss_of
             opt.step()
         with torch.no_grad():
             model.embedding.weight[0].zero_()
-        total += float(loss) * len(chunk)
+        total += float(loss.detach()) * len(chunk)
     return total / max(1, len(features))
 
 
