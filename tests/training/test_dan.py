@@ -87,3 +87,51 @@ def test_a_regressor_teacher_gives_a_regressor_and_a_non_classifier_is_refused(t
     assert model.config.num_labels == 1 and model.config.problem_type == "regression"
     with pytest.raises(LMCompressError, match="sequence classifier"):
         distill_dan(teacher.bert, tokenizer, SENTENCES)
+
+
+def test_int8_table_through_quantize_saves_smaller_and_reloads_exactly(tokenizer, tmp_path):
+    from lmcompress.engine.pipeline import compress
+    from lmcompress.engine.recipe import Recipe
+    from lmcompress.layers import QuantizedEmbedding
+
+    teacher, texts = teacher_and_texts(tokenizer)
+    model = distill_dan(teacher, tokenizer, texts, options=DANOptions(dim=32, hidden=8, epochs=1)).model
+    batch = model.featurizer(SENTENCES)
+    with torch.inference_mode():
+        before = model(**batch).logits
+    save(model, tmp_path / "float")
+    compress(model, Recipe.single("quantize", targets=["embedding"], scheme="weight_only"), progress=False,
+             timing=False)
+    assert isinstance(model.embedding, QuantizedEmbedding)
+    save(model, tmp_path / "int8")
+    assert (tmp_path / "int8" / "model.safetensors").stat().st_size < \
+        0.5 * (tmp_path / "float" / "model.safetensors").stat().st_size
+    loaded = load(tmp_path / "int8")
+    with torch.inference_mode():
+        after = model(**batch).logits
+        torch.testing.assert_close(loaded(**batch).logits, after, atol=0, rtol=0)
+    torch.testing.assert_close(after, before, atol=0.05, rtol=0)
+
+
+def test_cli_trains_saves_and_refuses_in_one_line(tokenizer, tmp_path, capsys):
+    from lmcompress.cli import main
+
+    teacher = make_tiny_bert(tokenizer.vocab_size)
+    teacher.config.id2label, teacher.config.label2id = {0: "negative", 1: "positive"}, {"negative": 0, "positive": 1}
+    save(teacher, tmp_path / "teacher", tokenizer)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{s}\t{i % 2}\n" for i, s in enumerate(SENTENCES)))
+    (tmp_path / "extra.txt").write_text("a new film about cats\n\nthe plot is cold\n")
+    common = ["distill", "--teacher", str(tmp_path / "teacher"), "--student", "dan", "--task", "sst2", "--data",
+              str(data), "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "dan"), "--unlabeled", str(tmp_path / "extra.txt"), "--option",
+                 "ngram=1", "dim=8", "hidden=8", "epochs=1"]) == 0
+    assert "12 texts + 2 unlabelled" in capsys.readouterr().out
+    assert isinstance(load(tmp_path / "dan"), DAN)
+    for option, word in (("no_such=1", "no_such"), ("min_count=99", "vocabulary is empty")):
+        assert main([*common, "--out", str(tmp_path / "bad"), "--option", option]) == 2
+        err = capsys.readouterr().err.strip()
+        assert word in err and "\n" not in err and not (tmp_path / "bad").exists()
+    assert main([*common, "--out", str(tmp_path / "bad"), "--unlabeled", str(tmp_path / "none.txt")]) == 2
+    assert "no such file" in capsys.readouterr().err

@@ -48,13 +48,15 @@ def distill_config(args: argparse.Namespace):
 
 def run_dan(args: argparse.Namespace) -> None:
     from lmcompress.entrypoints.students import DANArgs, run_dan
-    from lmcompress.errors import LMCompressError
+    from pydantic import ValidationError
+
+    from lmcompress.errors import LMCompressError, validation_message
     from lmcompress.training.dan import DANOptions
 
     try:
         options = DANOptions(**key_values(args.option, "--option"))
-    except ValueError as err:   # pydantic's message, in one line
-        raise LMCompressError(f"--option for --student dan: {' '.join(str(err).split())}") from None
+    except ValidationError as err:
+        raise LMCompressError(f"--option for --student dan: {validation_message(err)}") from None
     result = run_dan(DANArgs(args.teacher, output_args(args), data_args(args), options, args.unlabeled,
                              args.max_train_samples, not args.quiet))
     report = result.report

@@ -39,6 +39,13 @@ class DANConfig:
         data["id2label"] = {str(k): v for k, v in self.id2label.items()}
         return data
 
+    def save_pretrained(self, directory: Any) -> None:
+        """Hugging Face-like: `config.json` (read by model-directory checks and written beside exports)."""
+        import json
+        from pathlib import Path
+
+        (Path(directory) / "config.json").write_text(json.dumps(self.to_dict(), indent=2))
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DANConfig:
         data = dict(data)
@@ -70,12 +77,13 @@ class DAN(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **_: Any) -> SequenceClassifierOutput:
-        if _exporting():   # the same mean as a gather and a sum: portable across ONNX runtimes
-            keep = (input_ids != 0).unsqueeze(-1).to(self.embedding.weight.dtype)
-            total = F.embedding(input_ids, self.embedding.weight).mul(keep).sum(1)
-            x = total / keep.sum(1).clamp(min=1)
-        else:
-            x = self.embedding(input_ids)
+        if isinstance(self.embedding, nn.EmbeddingBag) and not _exporting():
+            x = self.embedding(input_ids)   # fused gather and mean, padding (id 0) left out
+        else:   # the same mean as a gather and a sum: under ONNX export, or an int8 table (`quantize`)
+            rows = F.embedding(input_ids, self.embedding.weight) if isinstance(self.embedding, nn.EmbeddingBag) \
+                else self.embedding(input_ids)
+            keep = (input_ids != 0).unsqueeze(-1).to(rows.dtype)
+            x = rows.mul(keep).sum(1) / keep.sum(1).clamp(min=1)
         for layer in self.hidden:
             x = self.dropout(torch.relu(layer(x)))
         return SequenceClassifierOutput(logits=self.classifier(x))

@@ -95,3 +95,15 @@ def test_bad_choices_are_one_line_errors(tokenizer):
         swapped(tokenizer, [{"method": "fourier_mixing", "blocks": [5]}])
     with pytest.raises(RecipeError, match="heads were pruned"):
         swapped(tokenizer, [{"method": "prune", "keep": 0.5}, {"method": "fourier_mixing", "blocks": [0]}])
+
+
+def test_distill_stage_recovers_towards_the_unswapped_model(tokenizer):
+    model = make_tiny_bert(tokenizer.vocab_size)
+    recipe = Recipe.from_dict({"stages": [
+        {"method": "fourier_mixing", "options": {"blocks": [0]}},
+        {"method": "distill", "options": {"time": 3, "max_length": 16, "batch_size": 8, "phases": ["block", "global"]}}],
+        "calibration": CALIBRATION.model_dump()})
+    summary = compress(model, recipe, tokenizer, examples(), progress=False, timing=False)
+    report = summary.stages[-1].report
+    assert report["steps"] > 0 and report["divergence_after"] <= report["divergence_before"]
+    assert type(model.bert.encoder.layer[0].attention.self).__name__ == "FourierMixing"
