@@ -47,9 +47,9 @@ def distill_config(args: argparse.Namespace):
 
 
 def run_dan(args: argparse.Namespace) -> None:
-    from lmcompress.entrypoints.students import DANArgs, run_dan
     from pydantic import ValidationError
 
+    from lmcompress.entrypoints.students import DANArgs, run_dan
     from lmcompress.errors import LMCompressError, validation_message
     from lmcompress.training.dan import DANOptions
 

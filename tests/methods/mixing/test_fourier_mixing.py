@@ -101,7 +101,8 @@ def test_distill_stage_recovers_towards_the_unswapped_model(tokenizer):
     model = make_tiny_bert(tokenizer.vocab_size)
     recipe = Recipe.from_dict({"stages": [
         {"method": "fourier_mixing", "options": {"blocks": [0]}},
-        {"method": "distill", "options": {"time": 3, "max_length": 16, "batch_size": 8, "phases": ["block", "global"]}}],
+        {"method": "distill",
+         "options": {"time": 3, "max_length": 16, "batch_size": 8, "phases": ["block", "global"]}}],
         "calibration": CALIBRATION.model_dump()})
     summary = compress(model, recipe, tokenizer, examples(), progress=False, timing=False)
     report = summary.stages[-1].report
