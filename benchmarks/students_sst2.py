@@ -11,12 +11,13 @@ Presets (each sets every knob below; flags given explicitly override them):
          About 15-20 minutes on 2 cores (teacher outputs ~3 min, Fourier distillation ~5 min).
   full   seeds 0 1 2; 16,000 labelled + all other SST-2 training sentences (~51k) unlabelled; ngram {1,2,3},
          table {20k, 200k, 1M}, dim {64, 256, 1024}; Fourier k 1..6 with 5 and 10 minutes. Hours.
+  smoke  a minute: checks that the script runs (tiny sizes; its numbers mean nothing).
 
 Teachers: benchmarks/common.py `finetuned_model` (MiniLM fine-tuned on 16,000 SST-2 sentences, one per seed, cached).
 Unlabelled text: SST-2 training sentences outside the labelled sample (in-domain, labels unused).
 Speed at batch 8 is end to end on the dev sentences (text in, classes out: tokenizer or featurizer included),
 dense and students timed in the same run; the ratio is dense seconds / student seconds.
-Fourier speed: model-only forward at batch 8, 128 and 512 tokens, against the same model without the swap
+Fourier speed: model-only forward at batch 1, 128 and 512 tokens, against the same model without the swap
 (paired, interleaved). Bytes: the saved weights file.
 """
 
@@ -45,6 +46,8 @@ from lmcompress.training.dan import DANOptions, distill_dan, teacher_outputs
 PRESETS = {
     "first": {"seeds": [0], "labelled": 4000, "unlabelled": 8000, "ngram": [1, 2], "table": [20_000, 200_000],
               "dim": [64, 256], "ks": [1, 2, 3], "distill": ["90s"], "epochs": 5},
+    "smoke": {"seeds": [0], "labelled": 200, "unlabelled": 200, "ngram": [1], "table": [1000], "dim": [16],
+              "ks": [1], "distill": ["10s"], "epochs": 1},
     "full": {"seeds": [0, 1, 2], "labelled": 16_000, "unlabelled": None, "ngram": [1, 2, 3],
              "table": [20_000, 200_000, 1_000_000], "dim": [64, 256, 1024], "ks": [1, 2, 3, 4, 5, 6],
              "distill": ["5m", "10m"], "epochs": 5},
@@ -127,28 +130,37 @@ def run_seed(seed: int, settings: dict, args, task, train: Examples, dev: Exampl
 
 
 def fourier(seed, settings, teacher, tokenizer, task, labelled, dev, rows, out, teacher_acc) -> None:
+    """Blocks chosen by sensitivity once (each block swapped alone); k swaps the k least sensitive. Speed is measured
+    on the undistilled swap (distillation changes weights, not shapes)."""
     done = {(r["seed"], r["model"]) for r in rows}
+    order: list[int] | None = None
     for k in settings["ks"]:
+        speed: dict[str, float] = {}
         for budget in [None, *settings["distill"]]:
             name = f"Fourier k={k}" + (f" + distill {budget}" if budget else "")
             if (seed, name) in done:
                 continue
             model = copy.deepcopy(teacher)
-            stages = [{"method": "fourier_mixing", "options": {"count": k}}]
+            choice = {"count": k} if order is None else {"blocks": order[:k]}
+            stages = [{"method": "fourier_mixing", "options": choice}]
             if budget:
                 stages.append({"method": "distill", "options": {"time": budget, "max_length": 64}})
             recipe = Recipe.from_dict({"stages": stages, "calibration": {"samples": 256, "max_length": 64}})
-            compress(model, recipe, tokenizer, labelled, progress=False, timing=False)
-            speed = {}
-            for length in (128, 512):
-                timed = paired_latency({"dense": teacher, "swapped": model}, batch_size=8, seq_len=length, repeats=5)
-                speed[f"speedup_{length}"] = timed["dense"]["median_ms"] / timed["swapped"]["median_ms"]
+            summary = compress(model, recipe, tokenizer, labelled, progress=False, timing=False)
+            report = summary.stages[0].report or {}
+            if order is None and report.get("sensitivity"):
+                order = sorted(range(len(report["sensitivity"])), key=report["sensitivity"].__getitem__)
+            if not speed:
+                for length in (128, 512):
+                    timed = paired_latency({"dense": teacher, "swapped": model}, batch_size=1, seq_len=length,
+                                           repeats=10)
+                    speed[f"speedup_{length}"] = timed["dense"]["median_ms"] / timed["swapped"]["median_ms"]
             acc = accuracy(model, tokenizer, task, dev)
             rows.append({"seed": seed, "model": name, "kind": "fourier", "accuracy": acc, "teacher": teacher_acc,
-                         "gap": teacher_acc - acc, **speed})
+                         "gap": teacher_acc - acc, "blocks": report.get("blocks"), **speed})
             save_rows(out, rows)
-            print(f"seed {seed} {name}: acc {acc:.4f} speed x{speed['speedup_128']:.2f} (128) "
-                  f"x{speed['speedup_512']:.2f} (512)", flush=True)
+            print(f"seed {seed} {name} (blocks {report.get('blocks')}): acc {acc:.4f} speed "
+                  f"x{speed['speedup_128']:.2f} (128) x{speed['speedup_512']:.2f} (512)", flush=True)
 
 
 def mean_rows(rows: list[dict]) -> list[dict]:
@@ -162,7 +174,7 @@ def mean_rows(rows: list[dict]) -> list[dict]:
                     "speedup_128", "speedup_512"):
             values = [r[key] for r in group if r.get(key) is not None]
             if values:
-                entry[key] = float(np.mean(values)) if key != "bytes" else int(np.mean(values))
+                entry[key] = int(np.mean(values)) if key in ("bytes", "params") else float(np.mean(values))
         merged.append(entry)
     return merged
 
