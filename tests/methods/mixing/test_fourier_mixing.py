@@ -102,7 +102,8 @@ def test_distill_stage_recovers_towards_the_unswapped_model(tokenizer):
     recipe = Recipe.from_dict({"stages": [
         {"method": "fourier_mixing", "options": {"blocks": [0]}},
         {"method": "distill",
-         "options": {"time": 3, "max_length": 16, "batch_size": 8, "phases": ["block", "global"]}}],
+         "options": {"time": 6, "max_length": 16, "batch_size": 8, "eval_batch_size": 16, "checkpoints": 2,
+                     "phases": ["global"]}}],
         "calibration": CALIBRATION.model_dump()})
     summary = compress(model, recipe, tokenizer, examples(), progress=False, timing=False)
     report = summary.stages[-1].report
