@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from common import ROOT, SHARED_GLUE, file_bytes, finetuned_model, load_rows, made_by, save_rows
+from common import ROOT, SHARED_GLUE, file_bytes, finetuned_model, load_rows, made_by
+from common import save_rows as _save_rows
 
 from lmcompress.engine.pipeline import compress
 from lmcompress.engine.recipe import Recipe
@@ -53,6 +54,13 @@ PRESETS = {
              "distill": ["5m", "10m"], "epochs": 5},
 }
 TEACHER_SAMPLES = 16_000
+RUN: dict = {}   # preset, start time and dev size of this call, for the table written after every row
+
+
+def save_rows(out: Path, rows: list[dict]) -> None:
+    """Rows and the table after every new row, so that a stopped run still leaves its table."""
+    _save_rows(out, rows)
+    write_table(out, rows)
 
 
 def accuracy(model, tokenizer, task, dev: Examples) -> float:
@@ -179,6 +187,22 @@ def mean_rows(rows: list[dict]) -> list[dict]:
     return merged
 
 
+def write_table(out: Path, rows: list[dict]) -> None:
+    merged = mean_rows(rows)
+    dan_columns = [("model", "model"), ("seeds", "seeds"), ("accuracy", "accuracy"), ("gap", "gap to teacher"),
+                   ("speedup_b8", "x dense, batch 8 (text in)"), ("ms_per_batch8", "ms / batch of 8"),
+                   ("bytes", "bytes"), ("params", "parameters")]
+    fourier_columns = [("model", "model"), ("seeds", "seeds"), ("accuracy", "accuracy"), ("gap", "gap to teacher"),
+                       ("speedup_128", "x unswapped, 128 tokens"), ("speedup_512", "x unswapped, 512 tokens")]
+    text = [f"# Students on SST-2 (preset {RUN['preset']})", "", made_by(RUN["started"]), "",
+            f"Dev accuracy on all {RUN['dev']} SST-2 dev sentences, mean over seeds. Teachers: "
+            + __doc__.split("Teachers:")[1].strip(), "", "## DAN students and baselines", "",
+            markdown_table([r for r in merged if r["kind"] != "fourier"], dan_columns), "",
+            "## Fourier mixing in place of the k least sensitive attention blocks", "",
+            markdown_table([r for r in merged if r["kind"] == "fourier"], fourier_columns), ""]
+    out.with_suffix(".md").write_text("\n".join(text))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="first")
@@ -197,22 +221,11 @@ def main() -> None:
     train = load_examples(task, str(SHARED_GLUE / "SST-2"), "train")
     dev = load_examples(task, str(SHARED_GLUE / "SST-2"), "dev")
     out = Path(args.out)
+    RUN.update(preset=args.preset, started=started, dev=len(dev))
     rows = load_rows(out)
     for seed in settings["seeds"]:
         run_seed(seed, settings, args, task, train, dev, rows, out)
-    merged = mean_rows(rows)
-    dan_columns = [("model", "model"), ("seeds", "seeds"), ("accuracy", "accuracy"), ("gap", "gap to teacher"),
-                   ("speedup_b8", "x dense, batch 8 (text in)"), ("ms_per_batch8", "ms / batch of 8"),
-                   ("bytes", "bytes"), ("params", "parameters")]
-    fourier_columns = [("model", "model"), ("seeds", "seeds"), ("accuracy", "accuracy"), ("gap", "gap to teacher"),
-                       ("speedup_128", "x unswapped, 128 tokens"), ("speedup_512", "x unswapped, 512 tokens")]
-    text = [f"# Students on SST-2 (preset {args.preset})", "", made_by(started), "",
-            f"Dev accuracy on all {len(dev)} SST-2 dev sentences, mean over seeds. " + __doc__.split("Teachers:")[1]
-            .strip(), "", "## DAN students and baselines", "",
-            markdown_table([r for r in merged if r["kind"] != "fourier"], dan_columns), "",
-            "## Fourier mixing in place of the k least sensitive attention blocks", "",
-            markdown_table([r for r in merged if r["kind"] == "fourier"], fourier_columns), ""]
-    out.with_suffix(".md").write_text("\n".join(text))
+    write_table(out, rows)
 
 
 if __name__ == "__main__":
