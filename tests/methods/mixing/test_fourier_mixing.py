@@ -88,6 +88,17 @@ def test_stacks_with_prune_and_int8(tokenizer, tmp_path):
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=0, rtol=0)
 
 
+def test_prune_after_the_swap_leaves_the_mixed_blocks_and_prunes_the_others(tokenizer):
+    model = swapped(tokenizer, [{"method": "fourier_mixing", "blocks": [0]}, {"method": "prune", "keep": 0.5}])
+    layers = model.bert.encoder.layer
+    assert type(layers[0].attention.self).__name__ == "FourierMixing"
+    assert layers[0].attention.output.dense.in_features == 32       # the mixing's width is kept
+    assert layers[1].attention.output.dense.in_features == 16       # half the heads of the other block
+    assert layers[0].intermediate.dense.out_features == 32          # neurons pruned in both
+    with torch.inference_mode():
+        assert torch.isfinite(model(**tokenizer(SENTENCES, padding=True, return_tensors="pt")).logits).all()
+
+
 def test_bad_choices_are_one_line_errors(tokenizer):
     with pytest.raises(RecipeError, match="exactly one of"):
         Recipe.single("fourier_mixing")
