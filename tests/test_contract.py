@@ -30,7 +30,14 @@ from lmcompress.engine.recipe import Recipe
 from lmcompress.errors import RecipeError
 from lmcompress.io.saving import load, save
 from lmcompress.kernels.quantgrid import GridSpec
-from lmcompress.layers import CompressedLayer, LinearBlock, QuantizedEmbedding, layer_from_manifest, layer_types
+from lmcompress.layers import (
+    CompressedLayer,
+    FourierMixing,
+    LinearBlock,
+    QuantizedEmbedding,
+    layer_from_manifest,
+    layer_types,
+)
 from lmcompress.methods import available_methods, get_method
 from lmcompress.methods.base import registered_methods
 from lmcompress.tasks import Examples
@@ -75,6 +82,8 @@ SETUPS: dict[str, Setup] = {
     "learned": Setup({"structure": "ffn", "width": 64, "init": "select", "epochs": 0}),
     # a confidence threshold above 1 never fires: every row runs every block, as the dense model does
     "early_exit": Setup({"time": 0.5, "threshold": 1.01, "max_length": 16}),
+    # no block swapped is the only lossless setting (Fourier mixing replaces attention; tests/methods/mixing)
+    "fourier_mixing": Setup({"blocks": []}),
 }
 METHODS = available_methods()
 
@@ -228,6 +237,7 @@ LAYER_BUILDERS: dict[str, list[Callable[[], nn.Module]]] = {
                         _by_method("quantize", scheme="weight_only", bits=4, group_size=16)],
     "QuantizedEmbedding": [_embedding],
     "LinearBlock": [_linear_block],
+    "FourierMixing": [lambda: FourierMixing(32)],
 }
 LAYER_TYPES = sorted(layer_types())
 

@@ -21,6 +21,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "finetune": "lmcompress.training.finetune",
     "FinetuneConfig": "lmcompress.training.finetune",
+    "distill_dan": "lmcompress.training.dan",
+    "DANOptions": "lmcompress.training.dan",
     "compress": "lmcompress.engine.pipeline",
     "CompressionSummary": "lmcompress.engine.pipeline",
     "evaluate": "lmcompress.evaluation",

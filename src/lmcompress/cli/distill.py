@@ -21,10 +21,13 @@ HELP = ("train a compressed student towards its teacher within one wall-clock bu
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", required=True, help="the uncompressed model directory")
-    p.add_argument("--student", help="the compressed model directory (not needed with --resume)")
+    p.add_argument("--student", help="the compressed model directory (not needed with --resume), or `dan`: train a "
+                   "sparse n-gram averaging network from the teacher (docs/students.md; options by --option)")
+    p.add_argument("--unlabeled", metavar="FILE", help="--student dan: extra text, one per line, to count n-grams "
+                   "on and to distil on")
     add_task_args(p, "training data: GLUE folder (reads train.tsv), a file, a datasets directory or hf:NAME; a "
                   "--heldout share of it scores checkpoints")
-    p.add_argument("--time", required=True, help="wall-clock budget: 90s, 5m, 1h, 1h30m")
+    p.add_argument("--time", help="wall-clock budget: 90s, 5m, 1h, 1h30m (required but with --student dan)")
     p.add_argument("--out", required=True, help="output directory: best/ (the best student), state.json, "
                    "curve.json, curve.png")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its best student")
@@ -52,9 +55,36 @@ def distill_config(args: argparse.Namespace):
     return DistillConfig(**{**key_values(args.option, "--option"), **{k: v for k, v in flags.items() if v is not None}})
 
 
+def run_dan(args: argparse.Namespace) -> None:
+    from pydantic import ValidationError
+
+    from lmcompress.entrypoints.students import DANArgs, run_dan
+    from lmcompress.errors import LMCompressError, validation_message
+    from lmcompress.training.dan import DANOptions
+
+    try:
+        options = DANOptions(**key_values(args.option, "--option"))
+    except ValidationError as err:
+        raise LMCompressError(f"--option for --student dan: {validation_message(err)}") from None
+    result = run_dan(DANArgs(args.teacher, output_args(args), data_args(args), options, args.unlabeled,
+                             args.max_train_samples, not args.quiet))
+    report = result.report
+    print(f"DAN student ({report['params']:,} parameters, {report['vocabulary']:,} n-grams) trained on "
+          f"{report['texts']} texts + {report['unlabeled']} unlabelled in {report['seconds']}s; saved in {args.out}")
+
+
 def run(args: argparse.Namespace) -> None:
     from lmcompress.entrypoints.distill import DistillArgs, run_distill
+    from lmcompress.errors import LMCompressError
     from lmcompress.training.distillation import parse_duration
+
+    if args.student == "dan":
+        run_dan(args)
+        return
+    if args.unlabeled:
+        raise LMCompressError("--unlabeled is for --student dan")
+    if args.time is None:
+        raise LMCompressError("--time is required (a wall-clock budget: 90s, 5m, 1h)")
 
     budget = parse_duration(args.time)
     result = run_distill(DistillArgs(args.teacher, args.time, output_args(args), args.student, data_args(args),

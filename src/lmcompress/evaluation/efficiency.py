@@ -36,6 +36,7 @@ def dummy_batch(model: nn.Module, batch_size: int, seq_len: int) -> dict[str, to
     device = execution_device(model)
     generator = torch.Generator().manual_seed(0)
     low = min(1000, vocab // 2)
+    seq_len *= int(getattr(model, "features_per_token", 1))   # a DAN reads n-gram ids, several per word
     ids = torch.randint(low, vocab, (batch_size, seq_len), generator=generator)
     eos = getattr(model.config, "eos_token_id", None)
     if isinstance(eos, int) and 0 <= eos < vocab:

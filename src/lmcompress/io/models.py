@@ -148,7 +148,8 @@ def _load(spec, num_labels, label_names, is_regression, *, language_model: bool,
         model = io.load(location, device=offload_device if offload != "none" else "cpu", offload=offload)
         if language_model and model_language_kind(model) is None:
             raise ModelLoadError(f"{location} holds a {type(model).__name__}, not a language model")
-        return model, load_tokenizer(location)
+        featurizer = getattr(model, "featurizer", None)   # a DAN student's n-grams are its tokenizer
+        return model, featurizer if featurizer is not None else load_tokenizer(location)
     try:
         config = transformers.AutoConfig.from_pretrained(location, local_files_only=local)
     except (OSError, ValueError) as err:

@@ -41,8 +41,11 @@ from lmcompress.errors import LMCompressError, ModelLoadError, first_line
 from lmcompress.io.checkpoint import Checkpoint, is_sharded
 from lmcompress.io.offload import BlockOffloader, attach_offloader, check_offload
 from lmcompress.io.shards import SHARD_BYTES, load_shards, model_bytes, write_shards
+from lmcompress.io.students import ARCHITECTURE as STUDENT_ARCHITECTURE
+from lmcompress.io.students import load_student, write_student
 from lmcompress.layers import CompressedLayer, layer_from_manifest
 from lmcompress.layers.base import check_entry
+from lmcompress.layers.dan import DAN
 from lmcompress.layers.early_exit import ExitHeads, attach, exits_of
 
 log = logging.getLogger("lmcompress")
@@ -136,7 +139,11 @@ def compressed_modules(model: nn.Module) -> dict[str, CompressedLayer]:
 def write_model(model: nn.Module, directory: Path, tokenizer=None, recipe=None,
                 extra: dict[str, Any] | None = None) -> None:
     """Write model, manifest, recipe and tokenizer into an existing directory (see `save`). A model whose blocks
-    wait off the device (`io.offload`), or one larger than `shards.SHARD_BYTES`, is written one block per shard."""
+    wait off the device (`io.offload`), or one larger than `shards.SHARD_BYTES`, is written one block per shard.
+    A DAN student is written by `io.students`."""
+    if isinstance(model, DAN):
+        write_student(model, directory, {"format": "lmcompress", "format_version": FORMAT_VERSION}, extra)
+        return
     model.config.save_pretrained(directory)
     offloader = offloader_of(model)
     if offloader is not None or model_bytes(model) > SHARD_BYTES:
@@ -364,6 +371,8 @@ def load(path: str | Path, device: torch.device | str = "cpu", offload: str = "n
         raise ModelLoadError(f"{path}: bad format_version {version!r} in {MANIFEST_NAME}")
     if version > FORMAT_VERSION:
         raise ModelLoadError(f"{path}: saved by a newer lmcompress (format {version})")
+    if manifest.get("architecture") == STUDENT_ARCHITECTURE:
+        return load_student(path, manifest, device)
     architecture = _architecture(manifest, path)
     try:
         config = transformers.AutoConfig.from_pretrained(path)

@@ -6,12 +6,13 @@ per-layer shapes before loading weights strictly) and can turn itself back into 
 
 from lmcompress.layers.base import CompressedLayer, layer_from_manifest, layer_types, register_layer
 from lmcompress.layers.block_linear import LinearBlock
+from lmcompress.layers.fourier import FourierMixing
 from lmcompress.layers.kronecker import KroneckerLinear
 from lmcompress.layers.lowrank import LowRankLinear
 from lmcompress.layers.quantized import QuantizedEmbedding, QuantizedLinear
 from lmcompress.layers.sparse import SparseLinear
 from lmcompress.layers.tensor_train import TTLinear
 
-__all__ = ["CompressedLayer", "KroneckerLinear", "LinearBlock", "LowRankLinear", "QuantizedEmbedding",
+__all__ = ["CompressedLayer", "FourierMixing", "KroneckerLinear", "LinearBlock", "LowRankLinear", "QuantizedEmbedding",
            "QuantizedLinear", "SparseLinear",
            "TTLinear", "layer_from_manifest", "layer_types", "register_layer"]

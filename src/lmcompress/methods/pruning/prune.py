@@ -139,7 +139,9 @@ class Prune(Method):
         units = []
         for kind, wanted in (("attention", config.heads), ("feed_forward", config.neurons)):
             if wanted:
-                units += [u for u in group_units(model, kind, selected) if set(u.layer_names) <= selected]
+                units += [u for u in group_units(model, kind, selected) if set(u.layer_names) <= selected
+                          and (kind != "attention" or {"q", "qkv"} & set(u.layers))]   # no heads left: an
+                #                                         attention replaced by Fourier mixing has no projections
         for unit in units:   # a group another method replaced is selected too (see `accepts`): say so
             try:
                 check_prunable(model, unit)

@@ -57,13 +57,17 @@ class QuantizeConfig(MethodConfig):
         return GridSpec(self.bits, self.group_size, symmetric)
 
 
+# tables that become a QuantizedEmbedding (an EmbeddingBag is a DAN student's table: its owner averages the rows)
+EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+
+
 @register_method
 class Quantize(Method):
     name = "quantize"
     config_class = QuantizeConfig
 
     def accepts(self, module: nn.Module) -> bool:
-        return is_dense_linear(module) or isinstance(module, (SparseLinear, nn.Embedding))
+        return is_dense_linear(module) or isinstance(module, (SparseLinear, *EMBEDDINGS))
 
     def needs_for(self, config: QuantizeConfig) -> frozenset[str]:
         return frozenset({"gram"}) if config.algorithm == "gptq" else frozenset()
@@ -76,10 +80,10 @@ class Quantize(Method):
         spec = config.grid()
         head = model.get_output_embeddings() if model is not None and hasattr(model, "get_output_embeddings") else None
         for name, module in layers.items():
-            if isinstance(module, nn.Embedding) and head is not None and getattr(head, "weight", None) is module.weight:
+            if isinstance(module, EMBEDDINGS) and head is not None and getattr(head, "weight", None) is module.weight:
                 raise RecipeError(f"method 'quantize': {name} is tied to the output head; quantizing tied "
                                   "embeddings is not supported (the head would keep the float copy)")
-            if isinstance(module, nn.Embedding):
+            if isinstance(module, EMBEDDINGS):
                 if config.scheme != "weight_only" or config.algorithm != "rtn":
                     raise RecipeError(f"{name}: embeddings are quantized with scheme=weight_only algorithm=rtn")
                 width = module.embedding_dim
@@ -95,7 +99,7 @@ class Quantize(Method):
     def compress_layer(self, name: str, layer: nn.Module, stats: LayerStats | None, config: QuantizeConfig,
                        size: Any = None) -> LayerResult:
         spec = config.grid()
-        if isinstance(layer, nn.Embedding):
+        if isinstance(layer, EMBEDDINGS):
             new = QuantizedEmbedding.from_embedding(layer, spec)
             count = layer.weight.numel()
             return LayerResult(new, count, count, metrics={"bits": spec.bits,

@@ -127,7 +127,8 @@ class Phase:
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
-        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        # None when nothing trains (a parameter-free unit such as Fourier mixing): `make_phase` then skips it
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if params else None
         self.device = execution_device(student)
         self.precision = torch.float32    # the autocast type of each step (`make_phase` sets it)
         self.scaling = GradientScaling(self.device, self.precision)

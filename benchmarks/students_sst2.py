@@ -1,0 +1,232 @@
+"""Cheaper architectures on SST-2: DAN students (sparse n-gram distillation) by n-gram order, table size, embedding
+dimension and extra unlabelled text, and Fourier mixing in place of k attention blocks before and after
+distillation, beside the dense teacher and its int8 version, in one run.
+
+    flock /tmp/lmc-bench.lock env PYTHONPATH=src python benchmarks/students_sst2.py --preset first \\
+        --cache /work/main/.cache/benchmarks            # -> docs/benchmarks/students_sst2.md (+ .json)
+
+Presets (each sets every knob below; flags given explicitly override them):
+  first  seed 0; 4,000 labelled + 8,000 unlabelled sentences; DAN grid ngram {1,2} x table {20k, 200k} x dim
+         {64, 256}, with and without the unlabelled text (9 DANs); Fourier k {1, 2, 3} with 90 s of distillation.
+         About 15-20 minutes on 2 cores (teacher outputs ~3 min, Fourier distillation ~5 min).
+  full   seeds 0 1 2; 16,000 labelled + all other SST-2 training sentences (~51k) unlabelled; ngram {1,2,3},
+         table {20k, 200k, 1M}, dim {64, 256, 1024}; Fourier k 1..6 with 5 and 10 minutes. Hours.
+  smoke  a minute: checks that the script runs (tiny sizes; its numbers mean nothing).
+
+Teachers: benchmarks/common.py `finetuned_model` (MiniLM fine-tuned on 16,000 SST-2 sentences, one per seed, cached).
+Unlabelled text: SST-2 training sentences outside the labelled sample (in-domain, labels unused).
+Speed at batch 8 is end to end on the dev sentences (text in, classes out: tokenizer or featurizer included),
+dense and students timed in the same run; the ratio is dense seconds / student seconds.
+Fourier speed: model-only forward at batch 1, 128 and 512 tokens, against the same model without the swap
+(paired, interleaved). Bytes: the saved weights file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from common import ROOT, SHARED_GLUE, file_bytes, finetuned_model, load_rows, made_by
+from common import save_rows as _save_rows
+
+from lmcompress.engine.pipeline import compress
+from lmcompress.engine.recipe import Recipe
+from lmcompress.evaluation import predict
+from lmcompress.evaluation.efficiency import paired_latency
+from lmcompress.evaluation.results_table import markdown_table
+from lmcompress.tasks import Examples, compute_metrics, get_task, load_examples
+from lmcompress.training.dan import DANOptions, distill_dan, teacher_outputs
+
+PRESETS = {
+    "first": {"seeds": [0], "labelled": 4000, "unlabelled": 8000, "ngram": [1, 2], "table": [20_000, 200_000],
+              "dim": [64, 256], "ks": [1, 2, 3], "distill": ["90s"], "epochs": 5},
+    "smoke": {"seeds": [0], "labelled": 200, "unlabelled": 200, "ngram": [1], "table": [1000], "dim": [16],
+              "ks": [1], "distill": ["10s"], "epochs": 1},
+    "full": {"seeds": [0, 1, 2], "labelled": 16_000, "unlabelled": None, "ngram": [1, 2, 3],
+             "table": [20_000, 200_000, 1_000_000], "dim": [64, 256, 1024], "ks": [1, 2, 3, 4, 5, 6],
+             "distill": ["5m", "10m"], "epochs": 5},
+}
+TEACHER_SAMPLES = 16_000
+RUN: dict = {}   # preset, start time and dev size of this call, for the table written after every row
+
+
+def save_rows(out: Path, rows: list[dict]) -> None:
+    """Rows and the table after every new row, so that a stopped run still leaves its table."""
+    _save_rows(out, rows)
+    write_table(out, rows)
+
+
+def accuracy(model, tokenizer, task, dev: Examples) -> float:
+    predictions = predict(model, tokenizer, dev, batch_size=64, progress=False)
+    return float(compute_metrics(task, predictions, np.asarray(dev.labels), dev.label_names)["accuracy"])
+
+
+def end_to_end_seconds(models: dict[str, tuple], texts: list[str], rounds: int = 3) -> dict[str, float]:
+    """Median over `rounds` of the seconds to classify `texts` at batch 8, text in (tokenizing included), the
+    models' rounds interleaved so that they share the machine's drift."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for name, (model, tokenizer) in models.items():
+                model.eval()
+                start = time.perf_counter()
+                for i in range(0, len(texts), 8):
+                    model(**tokenizer(texts[i:i + 8], padding=True, truncation=True, max_length=128,
+                                      return_tensors="pt"))
+                times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(values)) for name, values in times.items()}
+
+
+def dan_points(settings: dict) -> list[tuple[str, DANOptions, bool]]:
+    points = []
+    for ngram, table, dim in itertools.product(settings["ngram"], settings["table"], settings["dim"]):
+        options = DANOptions(ngram=ngram, table=table, dim=dim, hidden=256, epochs=settings["epochs"])
+        points.append((f"DAN n={ngram} table={table // 1000}k dim={dim} +unlabelled", options, True))
+    best = DANOptions(ngram=max(settings["ngram"]), table=max(settings["table"]), dim=max(settings["dim"]),
+                      hidden=256, epochs=settings["epochs"])
+    points.append((f"DAN n={best.ngram} table={best.table // 1000}k dim={best.dim} labelled only", best, False))
+    return points
+
+
+def run_seed(seed: int, settings: dict, args, task, train: Examples, dev: Examples, rows: list[dict],
+             out: Path) -> None:
+    done = {(r["seed"], r["model"]) for r in rows}
+    teacher, tokenizer = finetuned_model(task, train, TEACHER_SAMPLES, seed, Path(args.cache))
+    labelled = train.take(settings["labelled"], seed=seed)
+    rest = sorted(set(train.texts) - set(labelled.texts))
+    unlabelled = rest if settings["unlabelled"] is None else \
+        [rest[i] for i in np.random.default_rng(seed).permutation(len(rest))[:settings["unlabelled"]]]
+    started = time.perf_counter()
+    logits = teacher_outputs(teacher, tokenizer, [*labelled.texts, *unlabelled], max_length=64)
+    print(f"seed {seed}: teacher outputs for {len(logits)} texts in {time.perf_counter() - started:.0f}s", flush=True)
+    int8 = copy.deepcopy(teacher)
+    compress(int8, Recipe.single("quantize", scheme="dynamic"), tokenizer, progress=False, timing=False)
+    baselines = {"dense": (teacher, tokenizer), "int8 dynamic": (int8, tokenizer)}
+    teacher_acc = accuracy(teacher, tokenizer, task, dev)
+
+    def record(name: str, model, tok, extra: dict) -> None:
+        seconds = end_to_end_seconds({"dense": (teacher, tokenizer), name: (model, tok)}, dev.texts)
+        row = {"seed": seed, "model": name, "accuracy": accuracy(model, tok, task, dev), "teacher": teacher_acc,
+               "speedup_b8": seconds["dense"] / seconds[name], "ms_per_batch8": 1000 * seconds[name] / (
+                   len(dev.texts) / 8), "bytes": file_bytes(model, tok), **extra}
+        row["gap"] = teacher_acc - row["accuracy"]
+        rows.append(row)
+        save_rows(out, rows)
+        print(f"seed {seed} {name}: acc {row['accuracy']:.4f} (teacher {teacher_acc:.4f}) "
+              f"speed x{row['speedup_b8']:.1f} bytes {row['bytes']:,}", flush=True)
+
+    for name, (model, tok) in baselines.items():
+        if (seed, name) not in done:
+            record(name, model, tok, {"kind": "baseline"})
+    for name, options, with_unlabelled in dan_points(settings):
+        if (seed, name) in done:
+            continue
+        extra_texts = unlabelled if with_unlabelled else []
+        soft = logits if with_unlabelled else logits[:len(labelled.texts)]
+        result = distill_dan(teacher, tokenizer, labelled.texts, None, extra_texts,
+                             options.model_copy(update={"seed": seed}), teacher_logits=soft)
+        record(name, result.model, result.model.featurizer,
+               {"kind": "dan", "params": result.report["params"], "train_s": result.report["seconds"]})
+    fourier(seed, settings, teacher, tokenizer, task, labelled, dev, rows, out, teacher_acc)
+
+
+def fourier(seed, settings, teacher, tokenizer, task, labelled, dev, rows, out, teacher_acc) -> None:
+    """Blocks chosen by sensitivity once (each block swapped alone); k swaps the k least sensitive. Speed is measured
+    on the undistilled swap (distillation changes weights, not shapes)."""
+    done = {(r["seed"], r["model"]) for r in rows}
+    order: list[int] | None = None
+    for k in settings["ks"]:
+        speed: dict[str, float] = {}
+        for budget in [None, *settings["distill"]]:
+            name = f"Fourier k={k}" + (f" + distill {budget}" if budget else "")
+            if (seed, name) in done:
+                continue
+            model = copy.deepcopy(teacher)
+            choice = {"count": k} if order is None else {"blocks": order[:k]}
+            stages = [{"method": "fourier_mixing", "options": choice}]
+            if budget:
+                stages.append({"method": "distill", "options": {"time": budget, "max_length": 64}})
+            recipe = Recipe.from_dict({"stages": stages, "calibration": {"samples": 256, "max_length": 64}})
+            summary = compress(model, recipe, tokenizer, labelled, progress=False, timing=False)
+            report = summary.stages[0].report or {}
+            if order is None and report.get("sensitivity"):
+                order = sorted(range(len(report["sensitivity"])), key=report["sensitivity"].__getitem__)
+            if not speed:
+                for length in (128, 512):
+                    timed = paired_latency({"dense": teacher, "swapped": model}, batch_size=1, seq_len=length,
+                                           repeats=10)
+                    speed[f"speedup_{length}"] = timed["dense"]["median_ms"] / timed["swapped"]["median_ms"]
+            acc = accuracy(model, tokenizer, task, dev)
+            rows.append({"seed": seed, "model": name, "kind": "fourier", "accuracy": acc, "teacher": teacher_acc,
+                         "gap": teacher_acc - acc, "blocks": report.get("blocks"), **speed})
+            save_rows(out, rows)
+            print(f"seed {seed} {name} (blocks {report.get('blocks')}): acc {acc:.4f} speed "
+                  f"x{speed['speedup_128']:.2f} (128) x{speed['speedup_512']:.2f} (512)", flush=True)
+
+
+def mean_rows(rows: list[dict]) -> list[dict]:
+    by_model: dict[str, list[dict]] = {}
+    for row in rows:
+        by_model.setdefault(row["model"], []).append(row)
+    merged = []
+    for name, group in by_model.items():
+        entry = {"model": name, "seeds": len(group), "kind": group[0]["kind"]}
+        for key in ("accuracy", "teacher", "gap", "speedup_b8", "ms_per_batch8", "bytes", "params",
+                    "speedup_128", "speedup_512"):
+            values = [r[key] for r in group if r.get(key) is not None]
+            if values:
+                entry[key] = int(np.mean(values)) if key in ("bytes", "params") else float(np.mean(values))
+        merged.append(entry)
+    return merged
+
+
+def write_table(out: Path, rows: list[dict]) -> None:
+    merged = mean_rows(rows)
+    dan_columns = [("model", "model"), ("seeds", "seeds"), ("accuracy", "accuracy"), ("gap", "gap to teacher"),
+                   ("speedup_b8", "x dense, batch 8 (text in)"), ("ms_per_batch8", "ms / batch of 8"),
+                   ("bytes", "bytes"), ("params", "parameters")]
+    fourier_columns = [("model", "model"), ("seeds", "seeds"), ("accuracy", "accuracy"), ("gap", "gap to teacher"),
+                       ("speedup_128", "x unswapped, 128 tokens"), ("speedup_512", "x unswapped, 512 tokens")]
+    text = [f"# Students on SST-2 (preset {RUN['preset']})", "", made_by(RUN["started"]), "",
+            f"Dev accuracy on all {RUN['dev']} SST-2 dev sentences, mean over seeds. Teachers: "
+            + __doc__.split("Teachers:")[1].strip(), "", "## DAN students and baselines", "",
+            markdown_table([r for r in merged if r["kind"] != "fourier"], dan_columns), "",
+            "## Fourier mixing in place of the k least sensitive attention blocks", "",
+            markdown_table([r for r in merged if r["kind"] == "fourier"], fourier_columns), ""]
+    out.with_suffix(".md").write_text("\n".join(text))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="first")
+    parser.add_argument("--seeds", type=int, nargs="+")
+    parser.add_argument("--ks", type=int, nargs="+", help="Fourier: numbers of blocks swapped")
+    parser.add_argument("--cache", default=str(ROOT / ".cache" / "benchmarks"))
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "students_sst2"))
+    args = parser.parse_args()
+    settings = dict(PRESETS[args.preset])
+    settings.update({k: v for k, v in (("seeds", args.seeds), ("ks", args.ks)) if v})
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(torch.get_num_threads())
+    started = time.perf_counter()
+    task = get_task("sst2")
+    train = load_examples(task, str(SHARED_GLUE / "SST-2"), "train")
+    dev = load_examples(task, str(SHARED_GLUE / "SST-2"), "dev")
+    out = Path(args.out)
+    RUN.update(preset=args.preset, started=started, dev=len(dev))
+    rows = load_rows(out)
+    for seed in settings["seeds"]:
+        run_seed(seed, settings, args, task, train, dev, rows, out)
+    write_table(out, rows)
+
+
+if __name__ == "__main__":
+    main()

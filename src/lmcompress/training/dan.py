@@ -1,0 +1,180 @@
+"""Sparse distillation (Ye et al. 2022): train a DAN student (`layers.dan`) on a fine-tuned classifier's soft
+outputs over all available text (the labelled texts plus any unlabelled ones), then optionally on the labels.
+
+Hand-written rather than through `transformers.Trainer`: the embedding table takes sparse gradients (only the rows of
+the batch's n-grams move), which needs `torch.optim.SparseAdam` beside a dense optimiser for the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from lmcompress.core.progress import track
+from lmcompress.errors import DataError, LMCompressError
+from lmcompress.kernels.ngrams import NgramFeaturizer
+from lmcompress.layers.dan import DAN, DANConfig
+
+log = logging.getLogger("lmcompress")
+
+
+class DANOptions(BaseModel):
+    """`--option KEY=VALUE` of `lmcompress distill --student dan`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    ngram: int = Field(default=2, ge=1, le=5, description="n-grams of n = 1..ngram words")
+    table: int = Field(default=200_000, ge=1, description="n-grams kept, most frequent first")
+    hash: int | None = Field(default=None, ge=1, description="hash every n-gram into this many rows instead")
+    min_count: int = Field(default=1, ge=1, description="drop n-grams seen fewer times")
+    dim: int = Field(default=256, ge=1, description="embedding dimension")
+    hidden: int = Field(default=256, ge=1, description="hidden layer width")
+    layers: int = Field(default=1, ge=0, description="hidden layers after the average")
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    epochs: int = Field(default=5, ge=0, description="passes over all text on the teacher's outputs")
+    label_epochs: int = Field(default=0, ge=0, description="passes over the labelled text on its labels afterwards")
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    embedding_lr: float = Field(default=1e-2, gt=0, description="SparseAdam rate of the table")
+    temperature: float = Field(default=1.0, gt=0, description="softmax temperature of the soft targets")
+    teacher_batch_size: int = Field(default=64, ge=1)
+    max_length: int = Field(default=128, ge=1, description="teacher tokens per text")
+    seed: int = 0
+
+
+@dataclass
+class DANResult:
+    model: DAN
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def check_teacher(teacher: nn.Module) -> bool:
+    """True for a regressor; a one-line error for anything that is not a sequence classifier."""
+    name = type(teacher).__name__
+    config = getattr(teacher, "config", None)
+    if not name.endswith("ForSequenceClassification") or config is None:
+        raise LMCompressError(f"a DAN student distils a sequence classifier or regressor; the teacher is a {name}")
+    return getattr(config, "problem_type", None) == "regression" or config.num_labels == 1
+
+
+@torch.inference_mode()
+def teacher_outputs(teacher: nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 64,
+                    max_length: int = 128, progress: bool = False) -> torch.Tensor:
+    """The teacher's logits (float32, CPU) for every text, batched by length to waste little on padding."""
+    teacher.eval()
+    device = next(teacher.parameters()).device
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.empty(len(texts), teacher.config.num_labels)
+    starts = range(0, len(order), batch_size)
+    for start in track(starts, len(starts), "teacher outputs", progress, unit="batch"):
+        chunk = order[start:start + batch_size]
+        batch = tokenizer([texts[i] for i in chunk], padding=True, truncation=True, max_length=max_length,
+                          return_tensors="pt")
+        out[chunk] = teacher(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+    return out
+
+
+def _batches(features: list[list[int]], order: list[int], size: int):
+    for start in range(0, len(order), size):
+        chunk = order[start:start + size]
+        width = max(1, *(len(features[i]) for i in chunk))
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        for row, i in enumerate(chunk):
+            ids[row, :len(features[i])] = torch.tensor(features[i], dtype=torch.long)
+        yield chunk, ids
+
+
+def _optimisers(model: DAN, options: DANOptions) -> list[torch.optim.Optimizer]:
+    dense = [p for n, p in model.named_parameters() if not n.startswith("embedding.")]
+    return [torch.optim.SparseAdam(list(model.embedding.parameters()), lr=options.embedding_lr),
+            torch.optim.AdamW(dense, lr=options.lr)]
+
+
+def _epoch(model: DAN, features: list[list[int]], targets: torch.Tensor, loss_of, options: DANOptions,
+           optimisers: list[torch.optim.Optimizer], rng: random.Random) -> float:
+    model.train()
+    order = list(range(len(features)))
+    rng.shuffle(order)
+    total = 0.0
+    for chunk, ids in _batches(features, order, options.batch_size):
+        loss = loss_of(model(ids).logits, targets[chunk])
+        for opt in optimisers:
+            opt.zero_grad()
+        loss.backward()
+        for opt in optimisers:
+            opt.step()
+        with torch.no_grad():
+            model.embedding.weight[0].zero_()
+        total += float(loss.detach()) * len(chunk)
+    return total / max(1, len(features))
+
+
+def distill_dan(teacher: nn.Module, tokenizer: Any, texts: Sequence[str], labels: Sequence[Any] | None = None,
+                unlabeled: Sequence[str] = (), options: DANOptions | None = None,
+                teacher_logits: torch.Tensor | None = None, progress: bool = False) -> DANResult:
+    """Build the n-gram vocabulary on `texts` + `unlabeled`, train a DAN on the teacher's outputs over all of them
+    (`teacher_logits`, one row per text of texts + unlabeled, when already computed), then `label_epochs` on
+    `labels` (which belong to `texts`)."""
+    options = options or DANOptions()
+    regression = check_teacher(teacher)
+    everything = [*texts, *unlabeled]
+    if not everything:
+        raise DataError("no text to distil on")
+    torch.manual_seed(options.seed)
+    rng = random.Random(options.seed)
+    started = time.perf_counter()
+    featurizer = NgramFeaturizer.build(everything, options.ngram, options.table, options.hash, options.min_count)
+    for index, text in enumerate(everything):
+        if not text.strip():
+            raise DataError(f"text {index} has no features (it is empty)")
+    features = [featurizer.ids(t) for t in everything]
+    empty = sum(not row for row in features)
+    if empty == len(features):
+        raise DataError("no text has a feature of the n-gram vocabulary")
+    if teacher_logits is None:
+        teacher_logits = teacher_outputs(teacher, tokenizer, everything, options.teacher_batch_size,
+                                         options.max_length, progress)
+    elif len(teacher_logits) != len(everything):
+        raise DataError(f"{len(teacher_logits)} teacher outputs for {len(everything)} texts")
+    config = DANConfig(vocab_size=featurizer.vocab_size, dim=options.dim, hidden=options.hidden,
+                       layers=options.layers, num_labels=teacher.config.num_labels,
+                       id2label={int(k): str(v) for k, v in teacher.config.id2label.items()} if not regression else {},
+                       problem_type="regression" if regression else "single_label_classification",
+                       dropout=options.dropout)
+    model = DAN(config, featurizer)
+    optimisers = _optimisers(model, options)
+    temperature = options.temperature
+
+    def soft_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if regression:
+            return F.mse_loss(logits, target)
+        return F.kl_div(F.log_softmax(logits / temperature, -1), F.softmax(target / temperature, -1),
+                        reduction="batchmean") * temperature ** 2
+
+    losses = [_epoch(model, features, teacher_logits, soft_loss, options, optimisers, rng)
+              for _ in range(options.epochs)]
+    label_losses = []
+    if options.label_epochs:
+        if labels is None:
+            raise DataError("label_epochs needs labelled data")
+        target = torch.tensor(list(labels), dtype=torch.float32 if regression else torch.long)
+        hard = (lambda lg, y: F.mse_loss(lg.squeeze(-1), y)) if regression else F.cross_entropy
+        label_losses = [_epoch(model, features[:len(texts)], target, hard, options, optimisers, rng)
+                        for _ in range(options.label_epochs)]
+    model.eval()
+    report = {"texts": len(texts), "unlabeled": len(unlabeled), "vocabulary": featurizer.vocab_size - 1,
+              "texts_without_features": empty, "soft_losses": [round(v, 5) for v in losses],
+              "label_losses": [round(v, 5) for v in label_losses], "seconds": round(time.perf_counter() - started, 1),
+              "params": sum(p.numel() for p in model.parameters()), "options": options.model_dump()}
+    if any(math.isnan(v) for v in losses):
+        raise LMCompressError("DAN training diverged (NaN loss); lower lr or embedding_lr")
+    return DANResult(model, report)

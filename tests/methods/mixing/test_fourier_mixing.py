@@ -1,0 +1,122 @@
+"""`fourier_mixing` and its `FourierMixing` layer: padding, the FFT itself, block choice, save/load, stacking."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import SENTENCES, make_tiny_bert
+
+from lmcompress.calibration.settings import Calibration
+from lmcompress.engine.pipeline import compress
+from lmcompress.engine.recipe import Recipe
+from lmcompress.errors import RecipeError
+from lmcompress.io.saving import load, save
+from lmcompress.layers import FourierMixing
+from lmcompress.tasks import Examples
+
+CALIBRATION = Calibration(samples=8, batch_size=4, max_length=16)
+
+
+def examples() -> Examples:
+    return Examples(texts=SENTENCES, text_pairs=None, labels=[i % 2 for i in range(len(SENTENCES))],
+                    label_names=("negative", "positive"))
+
+
+def swapped(tokenizer, stages: list[dict]) -> torch.nn.Module:
+    model = make_tiny_bert(tokenizer.vocab_size)
+    stages = [{"method": s.pop("method"), "options": s} for s in (dict(s) for s in stages)]
+    compress(model, Recipe.from_dict({"stages": stages, "calibration": CALIBRATION.model_dump()}), tokenizer,
+             examples(), progress=False, timing=False)
+    return model
+
+
+def test_layer_is_the_real_part_of_the_2d_fft_and_zero_on_padding():
+    layer = FourierMixing(8)
+    x = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)[:, None, None, :]
+    out, weights = layer(x, mask)
+    assert weights is None
+    torch.testing.assert_close(out[0], torch.fft.fft2(x[0]).real)
+    torch.testing.assert_close(out[1, :3], torch.fft.fft2(x[1, :3]).real)   # over the true length only
+    assert out[1, 3:].abs().max() == 0
+    additive = torch.zeros(2, 1, 1, 5).masked_fill(~mask, torch.finfo(torch.float32).min)
+    torch.testing.assert_close(layer(x, additive)[0], out)
+
+
+def test_export_form_matches_the_fft(monkeypatch):
+    import lmcompress.layers.fourier as fourier
+
+    layer, x = FourierMixing(6), torch.randn(3, 7, 6)
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5], dtype=torch.bool)[:, None, None, :]
+    expected = layer(x, mask)[0]
+    monkeypatch.setattr(fourier, "_exporting", lambda: True)
+    torch.testing.assert_close(layer(x, mask)[0], expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_padded_and_unpadded_sentences_give_the_same_outputs_on_real_tokens(tokenizer, implementation):
+    model = swapped(tokenizer, [{"method": "fourier_mixing", "blocks": [0, 1]}])
+    model.config._attn_implementation = implementation
+    batch = tokenizer(SENTENCES[:4], padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        padded = model(**batch, output_hidden_states=True).hidden_states[-1]
+        for row, sentence in enumerate(SENTENCES[:4]):
+            alone = tokenizer([sentence], return_tensors="pt")
+            n = alone["input_ids"].shape[1]
+            got = model(**alone, output_hidden_states=True).hidden_states[-1][0]
+            torch.testing.assert_close(padded[row, :n], got, atol=1e-5, rtol=1e-5)
+
+
+def test_count_swaps_the_least_sensitive_blocks_and_saves(tokenizer, tmp_path):
+    model = swapped(tokenizer, [{"method": "fourier_mixing", "count": 1}])
+    kinds = [type(block.attention.self).__name__ for block in model.bert.encoder.layer]
+    assert sorted(kinds) == ["BertSelfAttention", "FourierMixing"]
+    save(model, tmp_path / "m", tokenizer)
+    batch, loaded = tokenizer(SENTENCES, padding=True, return_tensors="pt"), load(tmp_path / "m")
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=0, rtol=0)
+
+
+def test_stacks_with_prune_and_int8(tokenizer, tmp_path):
+    model = swapped(tokenizer, [{"method": "prune", "keep": 0.5, "heads": False},
+                                {"method": "fourier_mixing", "blocks": [1]},
+                                {"method": "quantize", "bits": 8}])
+    assert type(model.bert.encoder.layer[1].attention.self).__name__ == "FourierMixing"
+    save(model, tmp_path / "m", tokenizer)
+    batch, loaded = tokenizer(SENTENCES, padding=True, return_tensors="pt"), load(tmp_path / "m")
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=0, rtol=0)
+
+
+def test_prune_after_the_swap_leaves_the_mixed_blocks_and_prunes_the_others(tokenizer):
+    model = swapped(tokenizer, [{"method": "fourier_mixing", "blocks": [0]}, {"method": "prune", "keep": 0.5}])
+    layers = model.bert.encoder.layer
+    assert type(layers[0].attention.self).__name__ == "FourierMixing"
+    assert layers[0].attention.output.dense.in_features == 32       # the mixing's width is kept
+    assert layers[1].attention.output.dense.in_features == 16       # half the heads of the other block
+    assert layers[0].intermediate.dense.out_features == 32          # neurons pruned in both
+    with torch.inference_mode():
+        assert torch.isfinite(model(**tokenizer(SENTENCES, padding=True, return_tensors="pt")).logits).all()
+
+
+def test_bad_choices_are_one_line_errors(tokenizer):
+    with pytest.raises(RecipeError, match="exactly one of"):
+        Recipe.single("fourier_mixing")
+    with pytest.raises(RecipeError, match="out of range"):
+        swapped(tokenizer, [{"method": "fourier_mixing", "blocks": [5]}])
+    with pytest.raises(RecipeError, match="heads were pruned"):
+        swapped(tokenizer, [{"method": "prune", "keep": 0.5}, {"method": "fourier_mixing", "blocks": [0]}])
+
+
+def test_distill_stage_recovers_towards_the_unswapped_model(tokenizer):
+    model = make_tiny_bert(tokenizer.vocab_size)
+    recipe = Recipe.from_dict({"stages": [
+        {"method": "fourier_mixing", "options": {"blocks": [0]}},
+        {"method": "distill",
+         "options": {"time": 6, "max_length": 16, "batch_size": 8, "eval_batch_size": 16, "checkpoints": 2,
+                     "phases": ["global"]}}],
+        "calibration": CALIBRATION.model_dump()})
+    summary = compress(model, recipe, tokenizer, examples(), progress=False, timing=False)
+    report = summary.stages[-1].report
+    assert report["steps"] > 0 and report["divergence_after"] <= report["divergence_before"]
+    assert type(model.bert.encoder.layer[0].attention.self).__name__ == "FourierMixing"

@@ -1,0 +1,137 @@
+"""The DAN student: n-gram features, distillation towards a teacher, save/load, evaluation, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import SENTENCES, make_tiny_bert
+
+from lmcompress.errors import DataError, LMCompressError
+from lmcompress.evaluation.efficiency import count_flops, measure_latency, parameter_counts
+from lmcompress.io.saving import load, save
+from lmcompress.kernels.ngrams import NgramFeaturizer, ngrams, words
+from lmcompress.layers.dan import DAN
+from lmcompress.training.dan import DANOptions, distill_dan
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_ngrams_and_the_vocabulary_keeps_the_most_frequent_under_the_limit():
+    assert ngrams(words("The cat, sat"), 2) == ["the", "cat", ",", "sat", "the cat", "cat ,", ", sat"]
+    texts = ["a b", "a b", "a c", "d"]
+    featurizer = NgramFeaturizer.build(texts, order=2, table=3)
+    assert list(featurizer.vocab) == ["a", "a b", "b"]     # counts 3, 2, 2 (ties alphabetical)
+    assert featurizer.vocab_size == 4
+    assert NgramFeaturizer.build(texts, order=1, min_count=2).vocab == {"a": 1, "b": 2}
+    batch = featurizer(["a b", "c d"], padding=True, return_tensors="pt")
+    assert batch["input_ids"].tolist() == [[1, 3, 2], [0, 0, 0]]     # unseen n-grams have no id
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 0]]
+
+
+def test_hashing_is_stable_and_inside_the_table():
+    a = NgramFeaturizer.build([], order=3, hash_size=17)
+    ids = a.ids("one two three four")
+    assert len(ids) == 4 + 3 + 2 and all(1 <= i <= 17 for i in ids)
+    assert NgramFeaturizer.from_json(a.to_json()).ids("one two three four") == ids
+
+
+def test_empty_vocabulary_and_text_without_features_are_one_line_errors():
+    with pytest.raises(DataError, match="vocabulary is empty"):
+        NgramFeaturizer.build(["a", "b"], min_count=5)
+    with pytest.raises(DataError, match="no features"):
+        NgramFeaturizer.build(["a b"])(["a", "   "])
+
+
+def teacher_and_texts(tokenizer):
+    teacher = make_tiny_bert(tokenizer.vocab_size, seed=3)
+    texts = SENTENCES * 4
+    return teacher, texts
+
+
+def test_the_student_learns_to_agree_with_its_teacher(tokenizer):
+    teacher, texts = teacher_and_texts(tokenizer)
+    # a random tiny teacher is near-uniform and one-sided: sharpen it and centre it on these sentences, so that it
+    # splits them between the classes and agreement means something
+    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        teacher.classifier.weight.mul_(50)
+        logits = teacher(**batch).logits
+        teacher.classifier.bias[1] -= (logits[:, 1] - logits[:, 0]).median() - 1e-3
+    options = DANOptions(ngram=2, dim=16, hidden=16, epochs=60, batch_size=8, dropout=0.0, embedding_lr=0.05)
+    result = distill_dan(teacher, tokenizer, texts, options=options)
+    with torch.inference_mode():
+        wanted = teacher(**batch).logits.argmax(-1)
+        got = result.model(**result.model.featurizer(SENTENCES)).logits.argmax(-1)
+    assert len(set(wanted.tolist())) == 2
+    assert (got == wanted).float().mean() == 1.0
+    assert result.report["soft_losses"][-1] < result.report["soft_losses"][0] / 5
+
+
+def test_save_and_load_give_the_same_outputs_and_it_is_timed_like_any_model(tokenizer, tmp_path):
+    teacher, texts = teacher_and_texts(tokenizer)
+    model = distill_dan(teacher, tokenizer, texts, options=DANOptions(dim=8, hidden=8, epochs=1)).model
+    save(model, tmp_path / "dan")
+    loaded = load(tmp_path / "dan")
+    assert isinstance(loaded, DAN) and (tmp_path / "dan" / "ngrams.json").is_file()
+    batch = model.featurizer(SENTENCES)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=0, rtol=0)
+    assert parameter_counts(loaded)["total"] == sum(p.numel() for p in model.parameters())
+    assert 0 < count_flops(loaded) < 10_000
+    assert measure_latency(loaded, batch_size=8, repeats=2)["median_ms"] > 0
+
+
+def test_a_regressor_teacher_gives_a_regressor_and_a_non_classifier_is_refused(tokenizer):
+    teacher = make_tiny_bert(tokenizer.vocab_size, num_labels=1)
+    model = distill_dan(teacher, tokenizer, SENTENCES, options=DANOptions(dim=8, hidden=8, epochs=1)).model
+    assert model.config.num_labels == 1 and model.config.problem_type == "regression"
+    with pytest.raises(LMCompressError, match="sequence classifier"):
+        distill_dan(teacher.bert, tokenizer, SENTENCES)
+
+
+def test_int8_table_through_quantize_saves_smaller_and_reloads_exactly(tokenizer, tmp_path):
+    from lmcompress.engine.pipeline import compress
+    from lmcompress.engine.recipe import Recipe
+    from lmcompress.layers import QuantizedEmbedding
+
+    teacher, texts = teacher_and_texts(tokenizer)
+    model = distill_dan(teacher, tokenizer, texts, options=DANOptions(dim=32, hidden=8, epochs=1)).model
+    batch = model.featurizer(SENTENCES)
+    with torch.inference_mode():
+        before = model(**batch).logits
+    save(model, tmp_path / "float")
+    compress(model, Recipe.single("quantize", targets=["embedding"], scheme="weight_only"), progress=False,
+             timing=False)
+    assert isinstance(model.embedding, QuantizedEmbedding)
+    save(model, tmp_path / "int8")
+    assert (tmp_path / "int8" / "model.safetensors").stat().st_size < \
+        0.5 * (tmp_path / "float" / "model.safetensors").stat().st_size
+    loaded = load(tmp_path / "int8")
+    with torch.inference_mode():
+        after = model(**batch).logits
+        torch.testing.assert_close(loaded(**batch).logits, after, atol=0, rtol=0)
+    torch.testing.assert_close(after, before, atol=0.05, rtol=0)
+
+
+def test_cli_trains_saves_and_refuses_in_one_line(tokenizer, tmp_path, capsys):
+    from lmcompress.cli import main
+
+    teacher = make_tiny_bert(tokenizer.vocab_size)
+    teacher.config.id2label, teacher.config.label2id = {0: "negative", 1: "positive"}, {"negative": 0, "positive": 1}
+    save(teacher, tmp_path / "teacher", tokenizer)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{s}\t{i % 2}\n" for i, s in enumerate(SENTENCES)))
+    (tmp_path / "extra.txt").write_text("a new film about cats\n\nthe plot is cold\n")
+    common = ["distill", "--teacher", str(tmp_path / "teacher"), "--student", "dan", "--task", "sst2", "--data",
+              str(data), "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "dan"), "--unlabeled", str(tmp_path / "extra.txt"), "--option",
+                 "ngram=1", "dim=8", "hidden=8", "epochs=1"]) == 0
+    assert "12 texts + 2 unlabelled" in capsys.readouterr().out
+    assert isinstance(load(tmp_path / "dan"), DAN)
+    for option, word in (("no_such=1", "no_such"), ("min_count=99", "vocabulary is empty")):
+        assert main([*common, "--out", str(tmp_path / "bad"), "--option", option]) == 2
+        err = capsys.readouterr().err.strip()
+        assert word in err and "\n" not in err and not (tmp_path / "bad").exists()
+    assert main([*common, "--out", str(tmp_path / "bad"), "--unlabeled", str(tmp_path / "none.txt")]) == 2
+    assert "no such file" in capsys.readouterr().err
