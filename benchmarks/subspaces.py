@@ -99,7 +99,7 @@ def main() -> None:
     train, dev = load_examples(task, args.data, "train"), load_examples(task, args.data, "dev")
     tuned, tokenizer = finetuned_model(task, train, 16_000, args.seed, Path(args.cache))
     pretrained, _ = load_model(str(bundled_model_path()), num_labels=2)
-    batches = encode_batches(tokenizer, dev.take(args.samples, seed=args.seed), 32, 64)
+    batches = list(encode_batches(tokenizer, dev.take(args.samples, seed=args.seed), 32, 64))
     models = {"pretrained": pretrained.eval(), "fine-tuned": tuned.eval()}
     layers = {tag: {n: m for n, m in model.named_modules() if is_dense_linear(m) and matrix_type(n)}
               for tag, model in models.items()}

@@ -18,6 +18,7 @@ empty model and the tensor moves; safetensors reads one block's tensors at a tim
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import shutil
 import tempfile
@@ -63,6 +64,7 @@ class BlockOffloader:
         self.resident: set[nn.Module] = set()
         self.pinned: set[nn.Module] = set()
         self.written: dict[nn.Module, Path] = {}     # block -> its compressed form, written by `_release`
+        self.members: dict[nn.Module, list[nn.Module]] = {}   # block -> its modules when it was brought in
         self.loads = 0
         self._work: Path | None = None
         self._handles = []
@@ -127,6 +129,7 @@ class BlockOffloader:
         # tensor's version (cached dense weights) and later training could not use them
         with torch.inference_mode(False):
             self._bring_in(block)
+        self.members[block] = list(block.modules())
         self.resident.add(block)
         self.loads += 1
 
@@ -148,7 +151,21 @@ class BlockOffloader:
                 self._write(block)
             for name in _persistent(block):
                 set_module_tensor_to_device(block, name, "meta")
+            self._free_replaced(block)
+            return_freed_memory()
         self.resident.discard(block)
+
+    def _free_replaced(self, block: nn.Module) -> None:
+        """Drop the storage of modules that were in `block` when it came in but were replaced since (the dense
+        layers a method compressed): the engine's unit lists may still refer to them, and each would otherwise
+        keep a block's worth of weights read from disk alive for the rest of the run."""
+        kept = {id(module) for module in block.modules()}
+        for module in self.members.pop(block, []):
+            if id(module) in kept:
+                continue
+            for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+                if tensor is not None and tensor.device.type != "meta":
+                    set_module_tensor_to_device(module, name, "meta")
 
     def _stored(self, block: nn.Module) -> dict[str, torch.Tensor]:
         if block in self.written:
@@ -171,6 +188,19 @@ class BlockOffloader:
         state = {name: t.detach().to("cpu").contiguous() for name, t in _persistent(block).items()}
         save_file(state, str(file))
         self.written[block] = file
+
+
+def return_freed_memory() -> None:
+    """Hand freed heap memory back to the system. glibc keeps a released block's tensors in its arenas, so
+    without this the resident memory grows by about a block per block walked (measured: +30 MiB per 35 MiB
+    block on a Llama of hidden 1024) although nothing refers to them; elsewhere this does nothing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def attach_offloader(model: nn.Module, offloader: BlockOffloader) -> None:
