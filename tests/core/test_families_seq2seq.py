@@ -37,6 +37,8 @@ REFUSED = {
     ("t5", "prune"): "removing attention heads is not supported for t5/mt5 models",
     ("mt5", "prune"): "removing attention heads is not supported for t5/mt5 models",
     **{(f, "drop_blocks"): "dropping blocks is not supported" for f in FAMILIES},
+    **{(f, "early_exit"): "one known stack of blocks" for f in FAMILIES},
+    **{(f, "fourier_mixing"): "fourier_mixing needs an encoder" for f in FAMILIES},
 }
 
 

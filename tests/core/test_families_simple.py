@@ -36,6 +36,10 @@ ALBERT_REFUSAL = "shared ALBERT layers cannot be"
 # what cannot work, and the words of its one-line refusal
 REFUSED = {("albert", m): ALBERT_REFUSAL for m in ("prune", "drop_blocks", "distill", "learned")}
 REFUSED[("mpnet", "prune")] = "attention heads of model type 'mpnet' cannot be removed"
+REFUSED.update({(f, "fourier_mixing"): "fourier_mixing" for f in FAMILIES})   # BERT-like encoders only
+REFUSED.update({(f, "early_exit"): "early_exit" for f in ("opt", "qwen3", "gemma", "gemma2")})   # decoders
+REFUSED[("albert", "early_exit")] = "one known stack of blocks"
+REFUSED[("mpnet", "early_exit")] = "relative-position bias"
 # square attention projections (tensor-train's rank 8 is their full rank); Qwen3/Gemma's q/o are 64 x 32
 SQUARE_ATTENTION = {"qwen3": r"self_attn\.[kv]_proj", "gemma": r"self_attn\.[kv]_proj",
                     "gemma2": r"self_attn\.[kv]_proj", "opt": r"self_attn\."}

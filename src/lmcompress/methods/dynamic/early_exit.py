@@ -140,6 +140,9 @@ class EarlyExit(Method):
         return ModelResult([], None, report)
 
 
+SHARED_POSITION_BIAS = ("mpnet",)   # position bias built once per batch outside the blocks (tests/core)
+
+
 def _new_heads(model: nn.Module, config: EarlyExitConfig) -> tuple[ExitHeads, str]:
     """Heads for this model, or a one-line RecipeError saying why it cannot have them."""
     if exits_of(model) is not None:
@@ -148,6 +151,9 @@ def _new_heads(model: nn.Module, config: EarlyExitConfig) -> tuple[ExitHeads, st
         blocks = len(exit_blocks(model))
     except ValueError as err:
         raise RecipeError(f"early_exit: {err}") from None
+    if getattr(model.config, "model_type", None) in SHARED_POSITION_BIAS:
+        raise RecipeError(f"early_exit: {model.config.model_type} computes one relative-position bias for the whole "
+                          "batch before its blocks, which the exits cannot yet narrow to the rows still running")
     classifier = getattr(model, "classifier", None)
     outputs = int(getattr(model.config, "num_labels", 0) or 0)
     if classifier is None or outputs < 1:
