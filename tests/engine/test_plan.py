@@ -31,6 +31,15 @@ def test_offloading_plans_for_about_one_block_not_the_whole_model(tokenizer):
     assert whole.statistics > 0 and "expected peak" in whole.describe(1e9)
 
 
+def test_data_free_recipes_plan_no_calibration_time(tokenizer):
+    model = make_tiny_llama(tokenizer.vocab_size, tokenizer.pad_token_id)
+    rtn = Recipe.model_validate({"stages": [{"method": "quantize", "options": {"scheme": "weight_only", "bits": 4}}]})
+    free = planning.memory_plan(model, rtn, tokens=4096, batch_tokens=256)
+    aware = planning.memory_plan(model, RECIPE, tokens=4096, batch_tokens=256)
+    assert free.calibration_flops == 0 and "TFLOP" not in free.describe(1e9)
+    assert aware.calibration_flops > 0 and "TFLOP" in aware.describe(1e9)
+
+
 def test_check_plan_advises_offloading_when_only_one_block_fits(tokenizer):
     model = make_tiny_llama(tokenizer.vocab_size, tokenizer.pad_token_id)
     plan = planning.memory_plan(model, RECIPE, tokens=64, batch_tokens=64, offload="none")

@@ -59,7 +59,7 @@ class MemoryPlan:
                 f"{self.device} memory {_gib(self.device_peak)}")
         if self.device != "cpu":
             text += f", host memory {_gib(self.host_peak)}"
-        if flops_per_second:
+        if flops_per_second and self.calibration_flops:
             text += (f"; calibration forward passes about {self.calibration_flops / 1e12:.2f} TFLOP, "
                      f"~{self.calibration_flops / flops_per_second:.0f} s at the measured "
                      f"{flops_per_second / 1e9:.0f} GFLOP/s (method work comes on top)")
@@ -89,8 +89,10 @@ def memory_plan(model: nn.Module, recipe: Recipe, tokens: int, batch_tokens: int
                   if isinstance(m, nn.Linear)), default=hidden)
     activations = batch_tokens * (4 * hidden + 2 * widest) * 4
     block_params = sum(sizes) / max(element, 1)
-    # a model pass to capture inputs, then per stage about one block pass per sub-step (q/k/v, out, ffn in, out)
-    passes = 1 + 4 * len(recipe.resolved())
+    # a model pass to capture inputs, then per data-aware stage about one block pass per sub-step (q/k/v, out,
+    # ffn in, out); data-free stages (round-to-nearest, magnitude) run no calibration pass at all
+    calibrated = sum(1 for stage in recipe.resolved() if stage.needs - {"labels", "texts"})
+    passes = 1 + 4 * calibrated if calibrated else 0
     return MemoryPlan(total, max(sizes), max(total - sum(sizes), 0), stats, cache, activations, offload, device,
                       2.0 * tokens * block_params * passes)
 
