@@ -4,8 +4,8 @@ FLOPs do not predict latency (a low-rank layer near break-even times slower than
 use the hardware differently), and timing a whole model for every candidate size an allocator or a search
 considers costs seconds each. So each *layer type and shape* is timed once, on the model's device and dtype at
 one (batch size, sequence length), and kept in a table on disk; a model's latency is then predicted as the
-sum of the table's entries for its layers plus a measured residual (embeddings, norms, residual additions,
-the classifier: what the table does not price). This is ZipLM's measured-latency-table idea.
+sum of the table's entries for its layers, corrected by what the model measured (embeddings, norms, the
+classifier, and layers running slower inside a block than alone). This is ZipLM's measured-latency-table idea.
 
 What the table prices (each an entry, keyed by device, dtype, batch size, sequence length and shape):
 
@@ -16,14 +16,19 @@ What the table prices (each an entry, keyed by device, dtype, batch size, sequen
 - `attention`: scaled-dot-product attention (softmax included) with h query heads, g key/value heads, head
   size d: the part of an attention block that is not its projections;
 - `activation`: the feed-forward activation over a width;
-- `block`: a whole transformer block as the model runs it (timed on its real inputs), which gives the
-  block's residual (norms, additions) once its projections, attention and activation are taken out.
+- residuals: the whole model timed once, each block clocked inside the same passes.
 
 The predictor (`predict_latency`) sums, per block, the entries of its linear layers, its attention at its
-current head count and its activation at its current width, plus the block residual; then the entries of
-the linear layers outside the blocks and the model's outside residual (the whole model timed once, less
-everything above). Residuals are measured once per model shape (class, width, vocabulary, attention
-implementation) and cached too, so a pruned or factorised copy of a model is predicted without timing it.
+current head count and its activation at its current width, times the *block factor* (the blocks' time
+clocked inside the model's forward passes over the sum of their entries); then adds the entries of the
+linear layers outside the blocks and the *outside residual* (the whole model timed once, less its blocks and
+those layers: embeddings, pooler).
+The block's correction is a factor and not a constant because profiling a block here showed the gap in its
+products, not beside them: inside the block, the matrix products, attention and activation each ran 1.4-4x
+slower than the same call alone (fresh buffers, colder caches), while norms and additions were ~3% of it; a
+constant would leave a pruned block's savings too small. Residuals are measured once per model shape (class,
+width, vocabulary, attention implementation) and cached, so a pruned or factorised copy of a model is
+predicted without timing it.
 
 It lives in `evaluation/` because it is a cost of a model, like FLOPs and measured latency, and the layers
 that spend it sit above: `methods/` (prune and drop_blocks size themselves under a latency budget),
@@ -38,7 +43,9 @@ import json
 import logging
 import os
 import platform
+import statistics
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,8 +58,9 @@ from torch.nn import functional as F
 from lmcompress.core.families import block_stacks, family_of, head_layout
 from lmcompress.core.linear import in_out_features, is_dense_linear
 from lmcompress.core.placement import execution_device
+from lmcompress.core.runtime import synchronize
 from lmcompress.core.units import group_units
-from lmcompress.evaluation.efficiency import call_milliseconds, dummy_batch, measure_latency
+from lmcompress.evaluation.efficiency import call_milliseconds, dummy_batch
 from lmcompress.layers.base import CompressedLayer
 
 log = logging.getLogger("lmcompress")
@@ -60,6 +68,7 @@ log = logging.getLogger("lmcompress")
 FORMAT = 1                      # bump when what an entry measures changes: older files are then ignored
 CACHE_ENV = "LMCOMPRESS_CACHE"  # overrides the cache folder (tests point it at a temporary one)
 REPEATS = 15
+RESIDUALS = ("block_factor", "outside")
 ACTIVATION_ATTRS = ("hidden_act", "activation_function", "hidden_activation", "activation")
 
 
@@ -257,14 +266,14 @@ class LatencyTable:
         return self.module(layer)
 
     def residual(self, fields: dict[str, Any]) -> dict[str, float] | None:
-        """A model shape's measured residuals ({"block": ms, "outside": ms}), when known."""
+        """A model shape's measured residuals ({"block_factor": x, "outside": ms}), when known."""
         key = self.key("residual", **fields)
-        found = [self.entries.get(f"{key}.{part}") for part in ("block", "outside")]
-        return None if None in found else {"block": found[0], "outside": found[1]}
+        found = {part: self.entries.get(f"{key}.{part}") for part in RESIDUALS}
+        return None if None in found.values() else found
 
-    def set_residual(self, fields: dict[str, Any], block: float, outside: float) -> None:
+    def set_residual(self, fields: dict[str, Any], block_factor: float, outside: float) -> None:
         key = self.key("residual", **fields)
-        self.entries[f"{key}.block"], self.entries[f"{key}.outside"] = float(block), float(outside)
+        self.entries[f"{key}.block_factor"], self.entries[f"{key}.outside"] = float(block_factor), float(outside)
         self.save()
 
 
@@ -279,7 +288,7 @@ class BlockParts:
     kv_heads: int = 0
     head_dim: int = 0
     width: int = 0                 # feed-forward width now (0: none found)
-    structured: bool = False       # an attention or feed-forward group was found: the block residual applies
+    structured: bool = False       # an attention or feed-forward group was found: the block factor applies
 
 
 def activation_name(model: nn.Module) -> str:
@@ -356,44 +365,64 @@ def residual_fields(model: nn.Module) -> dict[str, Any]:
             "attn": getattr(config, "_attn_implementation", None) or "eager"}
 
 
-def _block_inputs(model: nn.Module, block: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tuple, dict]:
-    """The positional and keyword arguments the model calls `block` with on `batch`."""
-    seen: list[tuple[tuple, dict]] = []
+def timed_passes(model: nn.Module, batch_size: int, seq_len: int, repeats: int,
+                 warmup: int = 2) -> tuple[float, list[float]]:
+    """Median milliseconds of whole forward passes, and of each block *inside* those same passes (clocked by
+    hooks at the block's entry and exit), so block and model times share the machine's state of the moment."""
+    names = block_names(model)
+    blocks = [model.get_submodule(n) for n in names]
+    device = execution_device(model)
+    batch = dummy_batch(model, batch_size, seq_len)
+    starts: dict[int, float] = {}
+    current: list[float] = [0.0] * len(blocks)
 
-    def grab(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not seen:
-            seen.append((args, dict(kwargs)))
+    def enter(i: int):
+        def hook(*_args: Any) -> None:
+            synchronize(device)
+            starts[i] = time.perf_counter()
+        return hook
 
-    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
+    def leave(i: int):
+        def hook(*_args: Any) -> None:
+            synchronize(device)
+            current[i] = 1000 * (time.perf_counter() - starts[i])
+        return hook
+
+    handles = [h for i, b in enumerate(blocks)
+               for h in (b.register_forward_pre_hook(enter(i)), b.register_forward_hook(leave(i)))]
+    totals: list[float] = []
+    per_block: list[list[float]] = [[] for _ in blocks]
+    model.eval()
     try:
         with torch.inference_mode():
-            model(**batch)
+            for round_ in range(warmup + repeats):
+                synchronize(device)
+                start = time.perf_counter()
+                model(**batch)
+                synchronize(device)
+                if round_ >= warmup:
+                    totals.append(1000 * (time.perf_counter() - start))
+                    for i, ms in enumerate(current):
+                        per_block[i].append(ms)
     finally:
-        handle.remove()
-    return seen[0]
+        for handle in handles:
+            handle.remove()
+    return statistics.median(totals), [statistics.median(b) if b else 0.0 for b in per_block]
 
 
 def measure_residuals(model: nn.Module, table: LatencyTable) -> dict[str, float]:
-    """Time the whole model and its first block once; what the table does not price is the residual: per
-    block (norms, additions: never below zero) and outside the blocks (embeddings, classifier)."""
+    """Time the whole model once, each block clocked inside the same passes: the block factor (the blocks' time
+    in the model over their table entries) and the outside residual (the model less its blocks and its outside
+    linear layers: embeddings, pooler)."""
     parts = block_parts(model)
     act = activation_name(model)
-    batch = dummy_batch(model, table.batch_size, table.seq_len)
-    device = execution_device(model)
-    model.eval()
-    block = 0.0
-    structured = [p for p in parts if p.structured]
-    if structured:
-        first = structured[0]
-        module = model.get_submodule(block_names(model)[first.index])
-        args, kwargs = _block_inputs(model, module, batch)
-        whole = call_milliseconds(lambda: module(*args, **kwargs), device, table.repeats)
-        block = max(0.0, whole - block_components_ms(table, first, act))
-    total = measure_latency(model, table.batch_size, table.seq_len, warmup=2, repeats=table.repeats)["median_ms"]
-    blocks = sum(block_components_ms(table, p, act) + (block if p.structured else 0.0) for p in parts)
-    outside = total - blocks - sum(table.module(m) for m in outside_linears(model).values())
-    table.set_residual(residual_fields(model), block, outside)
-    return {"block": block, "outside": outside}
+    total, blocks = timed_passes(model, table.batch_size, table.seq_len, table.repeats)
+    priced = sum(block_components_ms(table, p, act) for p in parts if p.structured)
+    in_model = sum(ms for p, ms in zip(parts, blocks, strict=True) if p.structured)
+    factor = in_model / priced if priced > 0 else 1.0
+    outside = total - sum(blocks) - sum(table.module(m) for m in outside_linears(model).values())
+    table.set_residual(residual_fields(model), factor, outside)
+    return {"block_factor": factor, "outside": outside}
 
 
 @dataclass
@@ -401,7 +430,7 @@ class Prediction:
     """A model's predicted milliseconds per forward pass, and where they go."""
 
     total_ms: float
-    blocks_ms: list[float] = field(default_factory=list)   # each block, its residual included
+    blocks_ms: list[float] = field(default_factory=list)   # each block, its factor applied
     outside_ms: float = 0.0                                # linear layers outside the blocks + outside residual
     residual: dict[str, float] = field(default_factory=dict)
     batch_size: int = 8
@@ -420,10 +449,11 @@ def residuals(model: nn.Module, table: LatencyTable) -> dict[str, float]:
 
 def predict_latency(model: nn.Module, table: LatencyTable, residual: dict[str, float] | None = None) -> Prediction:
     """Predicted milliseconds per forward pass at the table's (batch size, sequence length): the table's
-    entries for the model's layers plus the residuals (measured on this model's shape once, then cached)."""
+    entries for the model's layers, corrected by the residuals (measured on this model's shape once, then
+    cached): each block's entries times the block factor, plus the outside residual."""
     residual = residual if residual is not None else residuals(model, table)
     act = activation_name(model)
-    blocks = [block_components_ms(table, p, act) + (residual["block"] if p.structured else 0.0)
+    blocks = [block_components_ms(table, p, act) * (residual["block_factor"] if p.structured else 1.0)
               for p in block_parts(model)]
     outside = residual["outside"] + sum(table.module(m) for m in outside_linears(model).values())
     return Prediction(sum(blocks) + outside, blocks, outside, dict(residual), table.batch_size, table.seq_len)
