@@ -46,6 +46,7 @@ import platform
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,8 +201,10 @@ class LatencyTable:
         if kind in ("linear", "int8"):
             layer = nn.Linear(fields["inp"], fields["out"], bias=bool(fields["bias"]), **options)
             if kind == "int8":
-                layer = torch.ao.quantization.quantize_dynamic(nn.Sequential(layer.float().cpu()), {nn.Linear},
-                                                               dtype=torch.qint8)
+                with warnings.catch_warnings():   # torch.ao's deprecation notices: the baseline users run today
+                    warnings.simplefilter("ignore")
+                    layer = torch.ao.quantization.quantize_dynamic(nn.Sequential(layer.float().cpu()), {nn.Linear},
+                                                                   dtype=torch.qint8)
                 x = torch.randn(*rows, fields["inp"])
                 return call_milliseconds(lambda: layer(x), torch.device("cpu"), self.repeats)
             x = torch.randn(*rows, fields["inp"], **options)
