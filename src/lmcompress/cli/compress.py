@@ -33,8 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore", nargs="+", action="extend", metavar="RE", default=[],
                    help="regexes of layer names to skip")
     add_key_values(p, "--option", "KEY=VALUE", "other method options (repeatable)")
-    add_key_values(p, "--budget", "KIND=VALUE", "one budget for all targeted layers instead of --keep: params=F or "
-                   "flops=F (optionally seq_len=N for flops)")
+    add_key_values(p, "--budget", "KIND=VALUE", "one budget for all targeted layers instead of --keep: params=F, "
+                   "flops=F (optionally seq_len=N), or latency=F: a fraction of the dense model's latency predicted "
+                   "from this device's measured latency table, at batch_size=B and seq_len=N (default 8 x 128; "
+                   "also written latency=F@B,N)")
     p.add_argument("--allocation", choices=["sensitivity", "uniform"],
                    help="how --budget is split among layers (default: sensitivity, measured on calibration data)")
     p.add_argument("--calibration-mode", choices=["sequential", "one_shot", "one-shot"],
@@ -60,14 +62,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace non-empty output directories")
 
 
-BUDGET_KEYS = "params=F, flops=F or seq_len=N"
+BUDGET_KEYS = "params=F, flops=F, latency=F (or F@B,N), seq_len=N or batch_size=B"
 
 
-def _budget_value(key: str, text: str) -> float | int:
-    if key not in ("params", "flops", "seq_len"):
+def _budget_value(key: str, text: str) -> float | int | str:
+    if key not in ("params", "flops", "latency", "seq_len", "batch_size"):
         raise RecipeError(f"--budget expects {BUDGET_KEYS}, got {f'{key}={text}'!r}")
+    if key == "latency" and "@" in text:
+        return text   # F@B,N: read by the recipe's Budget
     try:
-        return int(text) if key == "seq_len" else float(text)
+        return int(text) if key in ("seq_len", "batch_size") else float(text)
     except ValueError:
         raise RecipeError(f"--budget {key} needs a number, got {text!r}") from None
 
@@ -100,7 +104,7 @@ def recipe_from_args(args: argparse.Namespace):
                 options[key] = value
         budget = key_values(args.budget, "--budget", _budget_value, BUDGET_KEYS) if args.budget else None
         if args.allocation and budget is None:
-            raise RecipeError("--allocation splits a --budget; give --budget params=F or flops=F too")
+            raise RecipeError("--allocation splits a --budget; give --budget params=F, flops=F or latency=F too")
         allocation = {"strategy": args.allocation} if args.allocation else None
         recipe = Recipe.single(args.method, args.targets, args.ignore, budget=budget, allocation=allocation,
                                **options)

@@ -65,6 +65,8 @@ class AllocationResult:
     units: list[UnitAllocation]
     chose_uniform: bool = False
     seconds: float = 0.0
+    latency: dict[str, Any] | None = None    # a latency budget: predicted milliseconds, dense and allocated
+
 
     def sizes(self) -> dict[str, Any]:
         return {u.unit: u.size for u in self.units}
@@ -72,6 +74,7 @@ class AllocationResult:
     def to_dict(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "metric": self.metric, "budget": self.budget, "used": self.used,
                 "dense": self.dense, "chose_uniform": self.chose_uniform, "seconds": round(self.seconds, 2),
+                **({"latency": self.latency} if self.latency is not None else {}),
                 "units": {u.unit: {"size": u.size, "fraction": round(u.fraction, 4),
                                    "predicted_loss": u.predicted_loss, "probes": u.probes} for u in self.units}}
 
@@ -388,7 +391,8 @@ def sizes_only(candidates: Candidates) -> Candidates:
         raise RuntimeError("this unit's candidates were freed once its probes were scored")
 
     return Candidates(list(candidates.sizes), list(candidates.params), list(candidates.flops_per_token), build,
-                      candidates.dense_params, candidates.dense_flops_per_token)
+                      candidates.dense_params, candidates.dense_flops_per_token, candidates.latency_ns,
+                      candidates.dense_latency_ns)
 
 
 CandidateSource = Sequence[Candidates] | Callable[[int], Candidates]

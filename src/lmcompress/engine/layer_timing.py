@@ -12,13 +12,12 @@ deployment will feel, so the verdict is measured rather than predicted.
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from lmcompress.evaluation.efficiency import milliseconds
 from lmcompress.layers.base import CompressedLayer
 
 SEQ_LEN = 128
@@ -52,22 +51,6 @@ def outermost_compressed(model: nn.Module) -> dict[str, CompressedLayer]:
             continue
         found[name] = module
     return found
-
-
-def milliseconds(module: nn.Module, x: torch.Tensor, repeats: int, max_seconds: float = 1.0) -> float:
-    """Median wall-clock time of `module(x)` over `repeats` calls (fewer, but at least 3, when a slow layer
-    would take longer than `max_seconds`: its verdict is not in doubt)."""
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-    times: list[float] = []
-    with torch.inference_mode():
-        module(x)   # warm-up: builds packed kernels and caches
-        while len(times) < repeats and (len(times) < 3 or sum(times) < max_seconds):
-            sync()
-            start = time.perf_counter()
-            module(x)
-            sync()
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def _signature(module: CompressedLayer, weight: torch.Tensor) -> str:

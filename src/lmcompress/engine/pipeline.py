@@ -39,6 +39,7 @@ from lmcompress.core.linear import in_out_features, set_submodule
 from lmcompress.core.placement import offloader_of, pinned
 from lmcompress.core.units import Unit, units_for
 from lmcompress.engine.allocation import AllocationResult, SensitivityProbe, allocate
+from lmcompress.engine.latency_budget import LatencyPricing
 from lmcompress.engine.layer_timing import SEQ_LEN, LayerSpeed, time_layers
 from lmcompress.engine.modes import BlockStatistics, OneShot, get_mode, streams_by_block
 from lmcompress.engine.recipe import Calibration, Recipe, ResolvedStage, Stage
@@ -391,12 +392,16 @@ class _StageRun:
                                   "budget; give its own size options instead")
             return found
 
+        fraction, pricing = budget.fraction, None
+        if budget.metric == "latency":   # sizes priced from the device's latency table (engine/latency_budget.py)
+            pricing = LatencyPricing(self.model, units, budget)
+            fraction, candidates = pricing.targets_fraction(budget.fraction), pricing.wrap(candidates)
         key = self._reuse_key(units) if probe is not None and self.reuse is not None else None
         known = self.reuse.load(key) if key is not None else None
         try:
             if source is not None:
                 source.__enter__()
-            result = allocate(units, candidates, budget.fraction, budget.metric, budget.seq_len,
+            result = allocate(units, candidates, fraction, budget.metric, budget.seq_len,
                               self.stage.allocation.strategy, probe, self.stage.allocation.probes, self.progress,
                               known)
         finally:
@@ -408,6 +413,11 @@ class _StageRun:
             self.reuse.save(key, known)
         result.seconds = time.perf_counter() - started
         self.sizes = result.sizes()
+        if pricing is not None:
+            result.latency = pricing.summary(result.used)
+            log.info("latency budget %.0f%%: predicted %.2f ms of the dense %.2f ms (batch %d x %d tokens)",
+                     100 * budget.fraction, result.latency["predicted_ms"], result.latency["dense_ms"],
+                     budget.batch_size, budget.seq_len)
         log.info("allocation (%s, %s budget %.0f%%): used %s of %s%s in %.1fs", result.strategy, result.metric,
                  100 * budget.fraction, f"{result.used:,}", f"{result.dense:,}",
                  "; uniform predicted better and was kept" if result.chose_uniform else "", result.seconds)
@@ -423,6 +433,7 @@ class _StageRun:
         cal = self.cal
         return {"method": self.stage.method, "options": self.stage.options, "units": [u.name for u in units],
                 "metric": self.stage.budget.metric, "seq_len": self.stage.budget.seq_len,
+                **({"batch_size": self.stage.budget.batch_size} if self.stage.budget.metric == "latency" else {}),
                 "allocation_samples": self.stage.allocation.samples,
                 "scoring": 2,   # 2: sample spread over lengths, divergence over real tokens only
                 "calibration": [cal.samples, cal.seed, cal.batch_size, cal.max_length]}

@@ -15,30 +15,57 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lmcompress.calibration.settings import Calibration
 from lmcompress.errors import RecipeError, validation_message
 
+LATENCY_METHODS = "prune, drop_blocks, and the low-rank and tensorized methods"
+
 
 class Budget(BaseModel):
-    """One budget for all targeted units of a stage: a fraction of their weight parameters, or of their
-    forward FLOPs at `seq_len` tokens."""
+    """One budget for all targeted units of a stage: a fraction of their weight parameters, of their forward
+    FLOPs at `seq_len` tokens, or of the *whole dense model's* latency predicted from the device's latency
+    table (`lmcompress.evaluation.latency_table`) at `batch_size` x `seq_len`. `latency` may also be written
+    `F@B,S` (fraction, batch size, sequence length), e.g. `0.6@8,128`."""
 
     model_config = ConfigDict(extra="forbid")
 
     params: float | None = Field(default=None, gt=0, le=1, description="fraction of the targets' parameters")
     flops: float | None = Field(default=None, gt=0, le=1, description="fraction of the targets' FLOPs")
-    seq_len: int = Field(default=128, ge=1, description="tokens per example for a FLOPs budget")
+    latency: float | None = Field(default=None, gt=0, le=1,
+                                  description="fraction of the dense model's predicted latency (F or F@B,S)")
+    seq_len: int = Field(default=128, ge=1, description="tokens per example for a FLOPs or latency budget")
+    batch_size: int = Field(default=8, ge=1, description="examples per forward pass for a latency budget")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _latency_shorthand(cls, data: Any) -> Any:
+        """`latency: "0.6@8,128"` -> latency 0.6, batch_size 8, seq_len 128 (each at most once)."""
+        if not isinstance(data, dict) or not isinstance(data.get("latency"), str) or "@" not in data["latency"]:
+            return data
+        text = data["latency"]
+        fraction, _, shape = text.partition("@")
+        batch, comma, length = shape.partition(",")
+        try:
+            parsed = {"latency": float(fraction), "batch_size": int(batch), **({"seq_len": int(length)} if comma
+                                                                               else {})}
+        except ValueError:
+            raise ValueError(f"latency {text!r}: expected F@B or F@B,S (fraction @ batch size, sequence length), "
+                             "e.g. 0.6@8,128") from None
+        for key in ("batch_size", "seq_len"):
+            if key in parsed and key in data and int(data[key]) != parsed[key]:
+                raise ValueError(f"latency {text!r} says {key} {parsed[key]} but {key} is {data[key]}")
+        return {**data, **parsed}
 
     @model_validator(mode="after")
     def _one_kind(self) -> Budget:
-        if (self.params is None) == (self.flops is None):
-            raise ValueError("a budget is either params=F or flops=F (one of them)")
+        if sum(v is not None for v in (self.params, self.flops, self.latency)) != 1:
+            raise ValueError("a budget is params=F, flops=F or latency=F (one of them)")
         return self
 
     @property
     def metric(self) -> str:
-        return "params" if self.params is not None else "flops"
+        return next(k for k in ("params", "flops", "latency") if getattr(self, k) is not None)
 
     @property
     def fraction(self) -> float:
-        return self.params if self.params is not None else self.flops  # type: ignore[return-value]
+        return getattr(self, self.metric)
 
 
 ALLOCATIONS = ("sensitivity", "uniform")
@@ -105,6 +132,10 @@ class Stage(BaseModel):
             method.sized_by_budget(config)
             if not method.budget_metrics:
                 raise RecipeError(f"method {self.method!r} cannot be sized by a budget")
+            if self.budget.metric == "latency" and "latency" not in method.budget_metrics:
+                raise RecipeError(f"method {self.method!r} cannot take a latency budget: its sizes do not change "
+                                  f"latency in the table (it takes {' or '.join(method.budget_metrics)}; latency "
+                                  f"budgets size {LATENCY_METHODS})")
             if self.budget.metric not in method.budget_metrics:
                 raise RecipeError(f"method {self.method!r} takes a {' or '.join(method.budget_metrics)} budget, "
                                   f"not {self.budget.metric}")

@@ -7,7 +7,7 @@ import contextlib
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -108,6 +108,28 @@ def _no_grad_parameters(model: nn.Module) -> Iterator[None]:
 def _is_packed_int8(module: nn.Module) -> bool:
     """PyTorch's dynamically quantized Linear (weights packed as int8, no float `weight` parameter)."""
     return hasattr(module, "_packed_params") and hasattr(module, "in_features")
+
+
+def call_milliseconds(call: Callable[[], object], device: torch.device, repeats: int,
+                      max_seconds: float = 1.0) -> float:
+    """Median wall-clock milliseconds of `call()` over `repeats` calls after one warm-up (fewer, but at least 3,
+    once they have taken `max_seconds`: a slow call's time is not in doubt). A GPU queues kernels, so the clock
+    waits for them."""
+    times: list[float] = []
+    with torch.inference_mode():
+        call()   # warm-up: builds packed kernels and caches
+        while len(times) < repeats and (len(times) < 3 or sum(times) < max_seconds):
+            synchronize(device)
+            start = time.perf_counter()
+            call()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def milliseconds(module: nn.Module, x: torch.Tensor, repeats: int, max_seconds: float = 1.0) -> float:
+    """Median wall-clock time of `module(x)` over `repeats` calls (see `call_milliseconds`)."""
+    return call_milliseconds(lambda: module(x), x.device, repeats, max_seconds)
 
 
 def measure_latency(model: nn.Module, batch_size: int = 1, seq_len: int = 128, warmup: int = 3,

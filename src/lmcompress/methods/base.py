@@ -91,14 +91,27 @@ class Candidates:
     build: Callable[[Any], dict[str, nn.Module]]
     dense_params: int
     dense_flops_per_token: int
+    # a latency budget: nanoseconds per forward pass at each size, priced by the engine from the device's latency
+    # table (methods leave these unset)
+    latency_ns: Sequence[int] | None = None
+    dense_latency_ns: int | None = None
 
     def cost(self, metric: str, seq_len: int = 1) -> list[int]:
         if metric == "params":
             return list(self.params)
+        if metric == "latency":
+            return list(self._priced().latency_ns)
         return [f * seq_len for f in self.flops_per_token]
 
     def dense_cost(self, metric: str, seq_len: int = 1) -> int:
+        if metric == "latency":
+            return int(self._priced().dense_latency_ns)
         return self.dense_params if metric == "params" else self.dense_flops_per_token * seq_len
+
+    def _priced(self) -> Candidates:
+        if self.latency_ns is None or self.dense_latency_ns is None:
+            raise RuntimeError("these candidates have no latency costs: the engine prices them for a latency budget")
+        return self
 
     def index_for_fraction(self, fraction: float, metric: str = "params") -> int:
         """The largest size costing at most `fraction` of the dense unit (the smallest if none does)."""

@@ -159,7 +159,7 @@ def test_bad_input_is_one_line(tokenizer, examples):
         with pytest.raises(error) as caught:
             compress(model, Recipe.single("drop_blocks", targets, **options), tokenizer, None, progress=False)
         assert text in str(caught.value) and "\n" not in str(caught.value)
-    with pytest.raises(RecipeError, match="cannot be sized by a budget"):
+    with pytest.raises(RecipeError, match="takes a latency budget, not params"):   # a latency budget sizes it
         Recipe.single("drop_blocks", budget={"params": 0.5})
     other = tiny("bert", tokenizer)
     other.config.model_type = "not-a-known-family"

@@ -45,6 +45,7 @@ class LowRankMethod(Method):
     factors at full rank with components ordered by importance, so any rank is a slice."""
 
     config_class = LowRankConfig
+    budget_metrics = ("params", "flops", "latency")   # a latency budget: the engine times the ranks it builds
 
     def full_factors(self, weight: torch.Tensor, stats: LayerStats | None,
                      config: LowRankConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,11 @@
 2. **Remove** them for real: out of the blocks' ModuleList, with the config's depth (`num_hidden_layers`,
    i.e. `n_layer` for GPT-2, `n_layers` for DistilBERT; `layer_types` where the config has one) and every
    per-layer `layer_idx` updated, so `lmcompress.load` and `from_pretrained` build the new depth.
-3. Or, with `replace: linear` (ReplaceMe / LLM-Streamline style), put in each removed block's place a
+3. Sized by `count`, or by a stage budget `{latency: F}` (batch_size, seq_len): the fewest blocks, taken in
+   score order, whose removal brings the model's latency, predicted from the device's latency table, to at
+   most F of the dense model's (each block saves its predicted milliseconds, its residual included; less the
+   linear map's under `replace: linear`).
+4. Or, with `replace: linear` (ReplaceMe / LLM-Streamline style), put in each removed block's place a
    `LinearBlock`: one hidden x hidden map plus a bias, fitted by ridge least squares. Each removed block gets
    its own map, fitted sequentially: from the input the model *as bridged so far* gives it (earlier maps
    included) to the output the original block gives on the original model's hidden states at the same
@@ -29,9 +33,11 @@ from torch import nn
 
 from lmcompress.calibration.blockcache import BlockInputs, capture_block_inputs, run_block
 from lmcompress.core.families import blocks_of, family_of, is_multi_stack, shared_layers_refusal, supported_model_types
+from lmcompress.core.linear import in_out_features
 from lmcompress.core.progress import track
 from lmcompress.core.units import block_index
 from lmcompress.errors import CalibrationError, RecipeError
+from lmcompress.evaluation.latency_table import LatencyTable, outermost_linears, predict_latency
 from lmcompress.layers.block_linear import LinearBlock
 from lmcompress.methods.base import LayerResult, Method, MethodConfig, ModelResult, StageContext, register_method
 
@@ -56,7 +62,11 @@ class DropBlocks(Method):
     name = "drop_blocks"
     config_class = DropBlocksConfig
     unit = "model"
-    budget_metrics = ()   # sized by `count`
+    budget_metrics = ("latency",)   # sized by `count`, or by a latency budget (how many blocks go)
+
+    def sized_by_budget(self, config: DropBlocksConfig) -> None:
+        if "count" in config.model_fields_set:
+            raise RecipeError("method 'drop_blocks': a stage budget sets how many blocks go; drop count")
 
     def uses_data(self, config: DropBlocksConfig) -> bool:
         return config.score == "redundancy" or config.replace == "linear"
@@ -82,9 +92,14 @@ class DropBlocks(Method):
         scores: dict[int, float] = {}
         if config.score == "redundancy":
             scores = _redundancy(blocks, model, batches, candidates, cache_mb, context.progress)
-            removed = sorted(sorted(candidates, key=lambda i: (-scores[i], i))[:config.count])
+            order = sorted(candidates, key=lambda i: (-scores[i], i))
         else:
-            removed = sorted(candidates)[-config.count:]
+            order = sorted(candidates, reverse=True)
+        latency = None
+        count = config.count
+        if context.budget is not None:
+            count, latency = _count_for_latency(model, order, config, context.budget)
+        removed = sorted(order[:count])
         names = {i: f"{prefix}.{i}" if prefix else str(i) for i in removed}
         params = {i: sum(p.numel() for p in blocks[i].parameters()) for i in removed}
         metrics: dict[int, dict[str, float]] = {i: {} for i in removed}
@@ -103,11 +118,35 @@ class DropBlocks(Method):
         report = {"score": config.score, "replace": config.replace, "blocks_before": total,
                   "blocks_after": len(blocks), "removed": removed, "removed_names": [names[i] for i in removed],
                   "scores": [round(scores[i], 6) if i in scores else None for i in range(total)]}
+        if latency is not None:
+            report["latency"] = latency
         if config.replace == "linear":
             report["errors"] = {names[i]: metrics[i] for i in removed}
         log.info("%s %d of %d blocks: %s", "bridged" if config.replace == "linear" else "removed", len(removed),
                  total, ", ".join(map(str, removed)))
         return ModelResult(results, None, report)
+
+
+def _count_for_latency(model: nn.Module, order: list[int], config: DropBlocksConfig,
+                       budget: Any) -> tuple[int, dict[str, Any]]:
+    """The fewest blocks, in `order`, whose removal leaves the predicted latency within the budget."""
+    table = LatencyTable.for_model(model, budget.batch_size, budget.seq_len)
+    prediction = predict_latency(model, table)
+    dense = prediction.total_ms
+    hidden = getattr(model.config, "hidden_size", None) or in_out_features(
+        next(iter(outermost_linears(blocks_of(model)[1][order[0]]).values())))[0]
+    bridge = table.linear(hidden, hidden) if config.replace == "linear" else 0.0
+    predicted, count = dense, 0
+    while count == 0 or predicted > budget.fraction * dense:   # at least one block goes
+        if count == len(order) or count == len(prediction.blocks_ms) - 1:
+            raise RecipeError(f"budget too small: latency {budget.fraction:g} of the dense model's predicted "
+                              f"{dense:.2f} ms (batch {budget.batch_size} x {budget.seq_len} tokens) needs more "
+                              f"than the {count} block(s) drop_blocks may remove (predicted {predicted / dense:.1%})")
+        predicted -= prediction.blocks_ms[order[count]] - bridge
+        count += 1
+    return count, {"dense_ms": round(dense, 4), "predicted_ms": round(predicted, 4),
+                           "fraction": round(predicted / dense, 4), "batch_size": budget.batch_size,
+                           "seq_len": budget.seq_len, "device": table.device_key}
 
 
 def _candidates(model: nn.Module, targets: dict[str, nn.Module], config: DropBlocksConfig) -> list[int]:

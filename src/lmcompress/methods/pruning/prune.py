@@ -14,8 +14,10 @@
      forward-backward pass per batch (Kwon et al.); needs labels.
    Scores of `activation`, `kcm` and `fisher` are in the same units for heads and neurons, so both are
    ranked jointly across all layers.
-2. **Select** under the stage budget (`budget: {flops: F, seq_len: N}` with attention included, or
-   `{params: F}`): pieces go in order of score per unit of cost until the targets fit; or, without a budget,
+2. **Select** under the stage budget (`budget: {flops: F, seq_len: N}` with attention included,
+   `{params: F}`, or `{latency: F, batch_size: B, seq_len: N}`: F of the whole dense model's latency predicted
+   from the device's latency table, a piece costing the milliseconds its group saves per piece, measured at a
+   few widths): pieces go in order of score per unit of cost until the targets fit; or, without a budget,
    `keep` of every layer's heads and neurons.
 3. **Remove and compensate**, block by block with sequential calibration: the model as pruned so far
    gives the statistics of the next block. `compensate=lstsq` refits the output projection (o, out) on
@@ -41,6 +43,7 @@ from lmcompress.core.placement import offloader_of
 from lmcompress.core.progress import track
 from lmcompress.core.units import Unit, group_units
 from lmcompress.errors import CalibrationError, RecipeError
+from lmcompress.evaluation.latency_table import LatencyTable, group_line, predict_latency
 from lmcompress.kernels.structured import (
     Pieces,
     bias_shift,
@@ -83,6 +86,7 @@ class Prune(Method):
     config_class = PruneConfig
     unit = "model"
     walks_blocks = True
+    budget_metrics = ("params", "flops", "latency")
 
     def accepts(self, module: nn.Module) -> bool:
         """Dense linear layers, and layers another method already replaced: those are selected only so that
@@ -115,7 +119,11 @@ class Prune(Method):
         _check_family(family_of(model), config, model.config)
         units = self._units(model, targets, config)
         pieces = {u.name: pieces_of(model, u) for u in units}
-        costs = _budget_costs(model, units, pieces, context.budget)   # a too-small budget fails before any data
+        latency = None
+        if context.budget is not None and context.budget.metric == "latency":
+            latency = _latency_costs(model, units, pieces, context.budget)
+        costs = (_budget_costs(model, units, pieces, context.budget) if latency is None
+                 else latency[:3])   # a too-small budget fails before any data
         batches = None
         if self.uses_data(config):
             if data is None or tokenizer is None:
@@ -130,6 +138,12 @@ class Prune(Method):
         report = {"score": config.score, "compensate": config.compensate,
                   "heads_kept": {u: n * pieces[u].group_size for u, n in kept_heads.items()},
                   "neurons_kept": kept_neurons}
+        if latency is not None:
+            unit_cost, dense_ms = latency[0], latency[3]
+            saved = sum(unit_cost[u.name] * (pieces[u.name].count - len(keep[u.name])) for u in units)
+            report["latency"] = {"dense_ms": round(dense_ms, 4), "predicted_ms": round(dense_ms - saved, 4),
+                                 "fraction": round((dense_ms - saved) / dense_ms, 4), **latency[4]}
+            log.info("latency budget: predicted %.2f ms of the dense %.2f ms", dense_ms - saved, dense_ms)
         log.info("pruned to %s heads and %s neurons", sum(report["heads_kept"].values()), sum(kept_neurons.values()))
         return ModelResult(results, None, report)
 
@@ -306,6 +320,28 @@ def _budget_costs(model, units, pieces, budget) -> tuple[dict[str, int], int, fl
         raise RecipeError(f"budget too small: {budget.metric} {budget.fraction:g} of the targets, but keeping "
                           f"one head group and one neuron per layer already needs {floor / total:.1%}")
     return unit_cost, total, allowed
+
+
+def _latency_costs(model, units, pieces, budget) -> tuple[dict[str, float], float, float, float, dict[str, Any]]:
+    """(milliseconds one piece of each unit costs, the targets' variable milliseconds, what is allowed of them,
+    the dense model's predicted milliseconds, where they came from) under a latency budget.
+
+    Each group's latency is timed through the device's latency table at a few piece counts and a line fitted
+    (`group_line`): removing a piece saves its slope, times the block factor (see `latency_table`). The
+    budget is a fraction of the whole dense model's predicted latency, so the targets must shed (1 - F) of it."""
+    table = LatencyTable.for_model(model, budget.batch_size, budget.seq_len)
+    prediction = predict_latency(model, table)
+    dense, factor = prediction.total_ms, prediction.residual["block_factor"]   # a group runs inside its block
+    unit_cost = {u.name: factor * max(group_line(table, model, u, pieces[u.name].count)[1], 1e-9) for u in units}
+    total = sum(unit_cost[u.name] * pieces[u.name].count for u in units)
+    allowed = total - (1 - budget.fraction) * dense
+    floor = sum(unit_cost[u.name] for u in units)   # one piece per unit stays
+    if floor > allowed:
+        raise RecipeError(f"budget too small: latency {budget.fraction:g} of the dense model's predicted "
+                          f"{dense:.2f} ms (batch {budget.batch_size} x {budget.seq_len} tokens), but keeping one "
+                          f"head group and one neuron per layer is predicted at {(dense - total + floor) / dense:.1%}")
+    where = {"batch_size": budget.batch_size, "seq_len": budget.seq_len, "device": table.device_key}
+    return unit_cost, total, allowed, dense, where
 
 
 def _uniform_select(units, pieces, scores, unit_cost, excess: float) -> dict[str, list[int]]:

@@ -157,6 +157,7 @@ class KroneckerMethod(Method):
     count to factors; it may precompute what all counts share (one SVD, the whitened statistics)."""
 
     config_class = KroneckerConfig
+    budget_metrics = ("params", "flops", "latency")   # a latency budget: the engine times the terms it builds
 
     def fit(self, weight: torch.Tensor, stats: LayerStats | None, config: KroneckerConfig, shape: Shape) -> Fit:
         raise NotImplementedError

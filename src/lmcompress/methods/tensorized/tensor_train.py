@@ -117,6 +117,7 @@ class TensorTrain(Method):
 
     name = "tensor_train"
     config_class = TensorTrainConfig
+    budget_metrics = ("params", "flops", "latency")   # a latency budget: the engine times the cores it builds
 
     def require_stats(self, stats: LayerStats | None) -> None:
         """Raise CalibrationError when the statistics this method needs are missing (none here)."""
