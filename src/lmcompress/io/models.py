@@ -18,6 +18,7 @@ from torch import nn
 from lmcompress.core.placement import offloader_of
 from lmcompress.core.runtime import parse_dtype, resolve_device, resolve_dtype
 from lmcompress.errors import LMCompressError, ModelLoadError, first_line
+from lmcompress.io.adapters import is_adapter_folder, load_adapter_folder
 from lmcompress.io.offload import check_offload
 
 BUNDLED = "bundled"
@@ -144,6 +145,10 @@ def _load(spec, num_labels, label_names, is_regression, *, language_model: bool,
     location, local = resolve_model(spec)
     if offload != "none" and not local:
         raise ModelLoadError(f"offloading reads a local checkpoint folder; {location} is not one")
+    if local and is_adapter_folder(location):   # `finetune --peft` saved unmerged: base + adapter (io.adapters)
+        if language_model:
+            raise ModelLoadError(f"{location} holds a classifier's adapter, not a language model")
+        return load_adapter_folder(location, offload_device), load_tokenizer(location)
     if local and io.read_manifest(location) is not None:
         model = io.load(location, device=offload_device if offload != "none" else "cpu", offload=offload)
         if language_model and model_language_kind(model) is None:

@@ -38,6 +38,7 @@ from torch import nn
 from lmcompress.core.linear import dense_kind, in_out_features, is_dense_linear, make_dense, set_submodule
 from lmcompress.core.placement import offloader_of
 from lmcompress.errors import LMCompressError, ModelLoadError, first_line
+from lmcompress.io.adapters import is_adapter_folder, load_adapter_folder
 from lmcompress.io.checkpoint import Checkpoint, is_sharded
 from lmcompress.io.offload import BlockOffloader, attach_offloader, check_offload
 from lmcompress.io.shards import SHARD_BYTES, load_shards, model_bytes, write_shards
@@ -364,6 +365,8 @@ def load(path: str | Path, device: torch.device | str = "cpu", offload: str = "n
     path = Path(path)
     check_offload(offload)
     manifest = read_manifest(path)
+    if manifest is None and is_adapter_folder(path):   # a peft adapter folder (`finetune --peft`, unmerged)
+        return load_adapter_folder(path, device)
     if manifest is None:
         raise ModelLoadError(f"{path}: no {MANIFEST_NAME}; not a model saved by lmcompress")
     version = manifest.get("format_version", 0)

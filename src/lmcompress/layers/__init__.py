@@ -4,6 +4,7 @@ Every layer here can be rebuilt empty from its manifest entry (so `lmcompress.lo
 per-layer shapes before loading weights strictly) and can turn itself back into a dense layer.
 """
 
+from lmcompress.layers.adapters import BottleneckAdapter, LoRALinear
 from lmcompress.layers.base import CompressedLayer, layer_from_manifest, layer_types, register_layer
 from lmcompress.layers.block_linear import LinearBlock
 from lmcompress.layers.fourier import FourierMixing
@@ -13,6 +14,6 @@ from lmcompress.layers.quantized import QuantizedEmbedding, QuantizedLinear
 from lmcompress.layers.sparse import SparseLinear
 from lmcompress.layers.tensor_train import TTLinear
 
-__all__ = ["CompressedLayer", "FourierMixing", "KroneckerLinear", "LinearBlock", "LowRankLinear", "QuantizedEmbedding",
-           "QuantizedLinear", "SparseLinear",
-           "TTLinear", "layer_from_manifest", "layer_types", "register_layer"]
+__all__ = ["BottleneckAdapter", "CompressedLayer", "FourierMixing", "KroneckerLinear", "LinearBlock", "LoRALinear",
+           "LowRankLinear", "QuantizedEmbedding", "QuantizedLinear", "SparseLinear", "TTLinear", "layer_from_manifest",
+           "layer_types", "register_layer"]

@@ -6,9 +6,10 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import get_linear_schedule_with_warmup
 
 from lmcompress.core.progress import track
@@ -32,13 +33,38 @@ class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     epochs: float = Field(default=1.0, gt=0, allow_inf_nan=False)
-    lr: float = Field(default=5e-5, gt=0, allow_inf_nan=False)
+    lr: float | None = Field(default=None, gt=0, allow_inf_nan=False, description="default: 5e-5, or the --peft "
+                             "method's own (training.peft.DEFAULT_LR)")
     batch_size: int = Field(default=32, ge=1)
     max_length: int = Field(default=128, ge=8)
     max_train_samples: int | None = Field(default=None, ge=1)
     seed: int = Field(default=0, ge=0, lt=2**63)  # what torch.manual_seed accepts
     warmup_ratio: float = Field(default=0.06, ge=0, lt=1)
     weight_decay: float = Field(default=0.01, ge=0, allow_inf_nan=False)
+    peft: str | None = Field(
+        default=None, description="train only a parameter-efficient part (and the head): docs/peft.md")
+    peft_options: dict[str, Any] = Field(default_factory=dict, description="the method's options (r, alpha, "
+                                         "dropout, target; target, feedforward; num_virtual_tokens; size)")
+    merge: bool = Field(default=False, description="fold lora or ia3 into the weights before saving")
+
+    @model_validator(mode="after")
+    def _peft(self) -> FinetuneConfig:
+        from lmcompress.training.peft import check_merge, parse_options
+
+        if self.peft is not None:
+            parse_options(self.peft, self.peft_options)
+        check_merge(self.peft, self.merge)
+        if self.peft is None and self.peft_options:
+            from lmcompress.errors import LMCompressError
+
+            raise LMCompressError("--peft-option needs --peft (lora, ia3, prompt or adapter)")
+        return self
+
+    @property
+    def learning_rate(self) -> float:
+        from lmcompress.training.peft import DEFAULT_LR
+
+        return self.lr if self.lr is not None else DEFAULT_LR[self.peft]
 
 
 @dataclass
@@ -46,6 +72,8 @@ class FinetuneResult:
     steps: int
     final_loss: float
     config: dict
+    trainable_params: int = 0
+    total_params: int = 0
 
 
 def match_model_labels(model, train: Examples) -> Examples:
@@ -90,19 +118,34 @@ def finetune(model_spec, task: TaskSpec, train: Examples, config: FinetuneConfig
     torch.manual_seed(config.seed)  # also fixes the new classification head's initialisation
     model, tokenizer = load_model(model_spec, num_labels=train.num_labels, label_names=train.label_names,
                                   is_regression=task.is_regression, device=target, dtype=torch.float32)
+    options = None
+    if config.peft is not None:
+        from lmcompress.training.peft import extra_positions, parse_options
+
+        options = parse_options(config.peft, config.peft_options)
+        check_sequence_length(model, config.max_length + extra_positions(config.peft, options),
+                              "max_length + num_virtual_tokens")
     check_sequence_length(model, config.max_length, "max_length")
     model.config.finetuning_task = task.name
     # the columns read, so that evaluating or calibrating on the same kind of data later needs no overrides
     model.config.lmcompress_columns = {"text_column": task.text_column, "text_pair_column": task.text_pair_column,
                                        "label_column": task.label_column}
     train = match_model_labels(model, train)
+    if config.peft is not None:
+        from lmcompress.training.peft import apply_peft
+
+        model = apply_peft(model, config.peft, options)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    counts = (sum(p.numel() for _, p in trainable), sum(p.numel() for p in model.parameters()))
+    if config.peft is not None:
+        log.info("--peft %s: %d of %d parameters train (%.2f%%)", config.peft, *counts, 100 * counts[0] / counts[1])
     model.train()
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total_steps = max(1, math.ceil(steps_per_epoch * config.epochs))
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    decay = [p for n, p in trainable if p.ndim >= 2]
+    no_decay = [p for n, p in trainable if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.learning_rate)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     generator = torch.Generator().manual_seed(config.seed)
     scaling = GradientScaling(target, autocast_dtype)
@@ -120,7 +163,7 @@ def finetune(model_spec, task: TaskSpec, train: Examples, config: FinetuneConfig
             loss = model(**{k: v.to(target) for k, v in batch.items()}).loss
         scaling.backward(loss)
         scaling.unscale(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for _, p in trainable], 1.0)
         scaling.step(optimizer)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -130,13 +173,22 @@ def finetune(model_spec, task: TaskSpec, train: Examples, config: FinetuneConfig
     log.info("fine-tuned %d steps on %d examples on %s%s, final loss %.4f", step, len(train), target,
              "" if autocast_dtype == torch.float32 else f" ({str(autocast_dtype).removeprefix('torch.')} autocast)",
              loss_ema)
+    if config.merge:
+        from lmcompress.training.peft import merged
+
+        model = merged(model)
     if out is not None:
         with atomic_output_dir(out, overwrite) as tmp:
-            if compressed_modules(model) or structural_changes(model):
+            if config.peft in ("lora", "ia3", "prompt") and not config.merge:
+                from lmcompress.io.models import resolve_model
+                from lmcompress.training.peft import save_adapter
+
+                save_adapter(model, tmp, str(Path(resolve_model(model_spec)[0]).resolve()), tokenizer)
+            elif compressed_modules(model) or structural_changes(model):
                 # a compressed model fine-tuned (compress first, then train): keep its layers and manifest, or
                 # Hugging Face would rebuild it dense around the wrong weights
                 write_model(model, tmp, tokenizer)
             else:
                 model.save_pretrained(tmp, safe_serialization=True)
                 tokenizer.save_pretrained(tmp)
-    return model, tokenizer, FinetuneResult(step, loss_ema, config.model_dump())
+    return model, tokenizer, FinetuneResult(step, loss_ema, config.model_dump(), *counts)
