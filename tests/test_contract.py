@@ -31,9 +31,11 @@ from lmcompress.errors import RecipeError
 from lmcompress.io.saving import load, save
 from lmcompress.kernels.quantgrid import GridSpec
 from lmcompress.layers import (
+    BottleneckAdapter,
     CompressedLayer,
     FourierMixing,
     LinearBlock,
+    LoRALinear,
     QuantizedEmbedding,
     layer_from_manifest,
     layer_types,
@@ -227,6 +229,20 @@ def _linear_block() -> LinearBlock:
     return LinearBlock.from_weights(dense.weight.detach(), dense.bias.detach())
 
 
+def _lora(rank: int = 4) -> LoRALinear:
+    layer = LoRALinear(_dense(), rank, scaling=2.0)
+    with torch.no_grad():
+        layer.lora_b.weight.normal_(0, 0.1)   # a trained path (a new one is zero)
+    return layer
+
+
+def _bottleneck() -> BottleneckAdapter:
+    layer = BottleneckAdapter(_dense(), 8)
+    with torch.no_grad():
+        layer.up.weight.normal_(0, 0.1)
+    return layer
+
+
 # {layer type: builders of small examples, each from a dense layer (through a method where one makes the type)}
 LAYER_BUILDERS: dict[str, list[Callable[[], nn.Module]]] = {
     "LowRankLinear": [_by_method("svd", rank=8, always_factorize=True)],
@@ -238,6 +254,8 @@ LAYER_BUILDERS: dict[str, list[Callable[[], nn.Module]]] = {
     "QuantizedEmbedding": [_embedding],
     "LinearBlock": [_linear_block],
     "FourierMixing": [lambda: FourierMixing(32)],
+    "LoRALinear": [_lora],
+    "BottleneckAdapter": [_bottleneck],
 }
 LAYER_TYPES = sorted(layer_types())
 

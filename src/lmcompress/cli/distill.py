@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, help="softmax temperature of the logits' KL (default 2)")
     p.add_argument("--batch-size", type=int, help="training batch size (default 16)")
     p.add_argument("--max-length", type=int, help="tokens per example (default 128)")
+    p.add_argument("--adapters", metavar="lora:R", help="train only rank-R LoRA paths beside the blocks' linear "
+                   "layers and the head (a frozen, e.g. int4, student); merged afterwards where the layer allows")
     add_runtime_args(p, training=True)
     add_key_values(p, "--option", "KEY=VALUE", "other distillation options, e.g. hidden_weight=0.5 "
                    "attention_weight=0.1 ce_weight=0.5 select=metric lr_global=2e-5 (docs/distillation.md)")
@@ -51,7 +53,7 @@ def distill_config(args: argparse.Namespace):
     from lmcompress.training.distillation import DistillConfig
 
     flags = {"phases": args.phases, "temperature": args.temperature, "batch_size": args.batch_size,
-             "max_length": args.max_length}
+             "max_length": args.max_length, "adapters": args.adapters}
     return DistillConfig(**{**key_values(args.option, "--option"), **{k: v for k, v in flags.items() if v is not None}})
 
 

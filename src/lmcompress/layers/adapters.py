@@ -104,7 +104,13 @@ class LoRALinear(_SidePath):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         side = self.lora_b(self.lora_a(self.dropout(x.to(self.lora_a.weight.dtype))))
-        out = self.base(x)
+        if torch.is_grad_enabled() and getattr(self.base, "scheme", None) == "dynamic":
+            # PyTorch's int8 dynamic kernel passes no gradient to its input, which paths in earlier layers need:
+            # while training, the same codes run as a dequantized float product (activations not rounded)
+            base = self.base
+            out = F.linear(x, base.dense_weight().to(x.dtype), None if base.bias is None else base.bias.to(x.dtype))
+        else:
+            out = self.base(x)
         return out + (self.scaling * side).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:

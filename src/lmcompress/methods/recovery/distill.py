@@ -70,6 +70,10 @@ class Distill(Method):
                               "lmcompress.compress)")
         train, heldout = split_heldout(data, config.heldout, config.seed)
         options = DistillConfig(**config.model_dump(include=set(DistillConfig.model_fields)))
+        if options.adapters:   # before the run's settings are taken, so that a workdir run resumes
+            from lmcompress.training.adapters import attach_lora, parse_adapters
+
+            attach_lora(model, parse_adapters(options.adapters))
         resume = config.workdir is not None and _resumes(Path(config.workdir), run_settings(
             options, context.original, model, train, heldout))
         with tempfile.TemporaryDirectory(prefix="lmcompress-distill-") as scratch:

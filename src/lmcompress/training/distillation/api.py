@@ -70,6 +70,30 @@ def _resumed_student(store: CheckpointStore, student: nn.Module | None, device: 
     return student
 
 
+def _attach_adapters(student: nn.Module, spec: str) -> None:
+    from lmcompress.training.adapters import attach_lora, parse_adapters
+
+    added = attach_lora(student, parse_adapters(spec))
+    if added:
+        log.info("distill: a rank-%d LoRA path beside %d linear layer(s); only they and the head train",
+                 parse_adapters(spec), added)
+
+
+def _merge_adapters(runner: Anytime, final: dict) -> None:
+    """Fold the trained paths into the best student where the layer allows, and save that as the best (the
+    same outputs, within float rounding, in the layers' own form); paths beside integer codes stay."""
+    from lmcompress.training.adapters import merge_lora
+
+    counts = merge_lora(runner.student)
+    if counts["merged"]:
+        runner.store.save_best(runner.student, runner.tokenizer, final)
+        runner.store.write_state(final)
+        runner.store.clean()
+    final["adapters"] = counts
+    log.info("distill: %d LoRA path(s) merged into their layers, %d kept beside quantized or sparse layers",
+             counts["merged"], counts["kept"])
+
+
 def distill(teacher: nn.Module, student: nn.Module | None, tokenizer: Any, train: Any, heldout: Any, task: Any,
             time_budget: str | float, out: str | Path, *, config: DistillConfig | None = None, resume: bool = False,
             overwrite: bool = False, student_tokenizer: Any = None, progress: bool = True,
@@ -102,6 +126,8 @@ def distill(teacher: nn.Module, student: nn.Module | None, tokenizer: Any, train
 
         raise DistillError("distill: give a student (or resume a run)")
     if student is not None:
+        if config.adapters:   # before a resume loads the saved best into it: that best carries the paths too
+            _attach_adapters(student, config.adapters)
         check_models(teacher, student)
     check_tokenizers(tokenizer, student_tokenizer)
     check_data(train, heldout, config.needs_labels)
@@ -134,6 +160,8 @@ def distill(teacher: nn.Module, student: nn.Module | None, tokenizer: Any, train
     finally:
         for p, flag in saved_flags.items():
             p.requires_grad_(flag)
+    if config.adapters and final.get("best"):
+        _merge_adapters(runner, final)
     best = final.get("best") or {}
     log.info("distill: done in %.1fs of %.1fs, %d steps; best at step %s (%s phase): held-out divergence %.4g%s",
              final["elapsed_s"], budget_s, final["step"], best.get("step"), best.get("phase"),

@@ -8,6 +8,7 @@ from torch import nn
 
 from lmcompress.core.families import blocks_of, shared_layers_refusal
 from lmcompress.errors import DataError, DistillError
+from lmcompress.layers.adapters import LoRALinear
 
 HIDDEN_ATTRS = ("hidden_size", "n_embd", "dim", "d_model")
 
@@ -56,8 +57,9 @@ def check_models(teacher: nn.Module, student: nn.Module) -> None:
         raise DistillError(f"mismatched label count: teacher has {t_count} outputs, student {s_count}")
     if t_labels is not None and s_labels is not None and [x.lower() for x in t_labels] != [x.lower() for x in s_labels]:
         raise DistillError(f"mismatched labels: teacher classes {', '.join(t_labels)}, student {', '.join(s_labels)}")
+    beside_paths = {id(m.base) for m in student.modules() if isinstance(m, LoRALinear)}   # trained in float
     for name, module in student.named_modules():
-        if getattr(module, "scheme", None) == "dynamic" and hasattr(module, "codes"):
+        if getattr(module, "scheme", None) == "dynamic" and hasattr(module, "codes") and id(module) not in beside_paths:
             raise DistillError(f"{name} is int8 dynamic (quantize scheme dynamic), whose kernel passes no gradient; "
                                "distill first, then quantize")
 

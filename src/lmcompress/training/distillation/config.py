@@ -63,6 +63,12 @@ class DistillConfig(BaseModel):
     heldout_logits_mb: float = Field(
         default=64, ge=0, description="host memory for the teacher's held-out per-token logits (a language "
                                       "model's); batches past it are recomputed by the teacher at each score")
+    adapters: str | None = Field(
+        default=None, description="lora:R: train only rank-R LoRA paths beside the blocks' linear layers (and the "
+                                  "task head), the layers frozen; merged afterwards where the layer allows "
+                                  "(docs/peft.md)")
+    lr_adapters: float = Field(default=1e-3, gt=0, allow_inf_nan=False, description="learning rate of every "
+                               "phase with adapters")
     max_grad_norm: float = Field(default=1.0, gt=0)
     seed: int = Field(default=0, ge=0)
 
@@ -73,6 +79,15 @@ class DistillConfig(BaseModel):
         if unknown or any(v < 0 for v in shares.values()):
             raise ValueError(f"shares maps {', '.join(PHASES)} to non-negative numbers")
         return shares
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapters(cls, adapters: str | None) -> str | None:
+        if adapters is not None:
+            from lmcompress.training.adapters import parse_adapters
+
+            parse_adapters(adapters)   # one line for anything but lora:R
+        return adapters
 
     @field_validator("phases")
     @classmethod

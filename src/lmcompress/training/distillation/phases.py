@@ -32,6 +32,7 @@ from lmcompress.core.seq2seq import with_decoder_inputs
 from lmcompress.core.units import role_location
 from lmcompress.layers import CompressedLayer
 from lmcompress.tasks.batching import encode_batches
+from lmcompress.training.adapters import adapter_parameters, side_paths
 from lmcompress.training.distillation.config import DistillConfig
 from lmcompress.training.distillation.losses import attention_loss, hidden_loss, logits_loss, relative_error
 
@@ -77,10 +78,11 @@ def compressed_units(student: nn.Module, teacher: nn.Module) -> list[str]:
     family = family_of(student)
     units = []
     for name, module in student.named_modules():
-        if isinstance(module, CompressedLayer):
+        resized = (is_dense_linear(module) or isinstance(module, CompressedLayer)) and name in t_modules \
+            and is_dense_linear(t_modules[name]) and in_out_features(module) != in_out_features(t_modules[name])
+        if isinstance(module, CompressedLayer) and not resized:
             units.append(name)
-        elif is_dense_linear(module) and name in t_modules and is_dense_linear(t_modules[name]) \
-                and in_out_features(module) != in_out_features(t_modules[name]):
+        elif resized:   # a pruned width (or a side path beside one: training/adapters.py)
             where = role_location(student, name)
             if family is None or where is None:
                 units.append(name)   # cannot be compared alone; the block phase still trains it
@@ -111,6 +113,8 @@ def trainable_parameters(student: nn.Module, which: str, units: list[str]) -> li
             if id(p) not in seen and id(p) not in frozen and p.dtype.is_floating_point:
                 seen.add(id(p))
                 params.append(p)
+    if side_paths(student):   # recovery with adapters: only they (and the task head) train
+        return adapter_parameters(student, params)
     return params
 
 
@@ -123,6 +127,8 @@ class Phase:
                  config: DistillConfig, regression: bool) -> None:
         self.student, self.teacher, self.params, self.config, self.regression = student, teacher, params, config, \
             regression
+        if config.adapters:
+            lr = config.lr_adapters
         for p in student.parameters():
             p.requires_grad_(False)
         for p in params:
