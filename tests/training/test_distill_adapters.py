@@ -9,12 +9,13 @@ import copy
 import pytest
 import torch
 from conftest import logits
-from test_distillation import FAST, TASK, compressed_student, data, sharp_teacher  # noqa: F401 (data: fixture)
+from test_distillation import FAST, TASK, TEXTS, compressed_student, sharp_teacher
 
 from lmcompress.engine.recipe import Recipe
 from lmcompress.errors import LMCompressError
 from lmcompress.io.saving import load, save
 from lmcompress.layers import LoRALinear, QuantizedLinear
+from lmcompress.tasks import Examples
 from lmcompress.training.adapters import adapter_parameters, attach_lora, merge_lora
 from lmcompress.training.distillation import DistillConfig, distill, split_heldout
 from lmcompress.training.distillation.phases import GlobalPhase, compressed_units, training_batches
@@ -23,6 +24,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PRUNED = Recipe.single("prune", keep=0.5, score="magnitude", compensate="none")
 INT4 = Recipe.single("quantize", scheme="weight_only", bits=4, group_size=16)
 INT8 = Recipe.single("quantize", scheme="dynamic")
+
+
+@pytest.fixture
+def data():
+    return Examples(TEXTS, None, [i % 2 for i in range(len(TEXTS))], ("neg", "pos"))
 
 
 @pytest.mark.parametrize("recipe, kept", [(PRUNED, False), (INT4, True), (INT8, True)], ids=["pruned", "int4", "int8"])
