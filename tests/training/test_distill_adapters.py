@@ -100,3 +100,33 @@ def test_a_bad_adapters_spec_is_one_line(spec):
     with pytest.raises(LMCompressError, match="lora:R") as err:
         DistillConfig(adapters=spec)
     assert "\n" not in str(err.value)
+
+
+def test_recipe_stage_trains_adapters_beside_int4_layers_and_the_result_reloads(tokenizer, data, tmp_path):
+    from lmcompress.engine.pipeline import compress
+
+    model = sharp_teacher(tokenizer)
+    recipe = Recipe.from_dict({"stages": [
+        {"method": "quantize", "options": {"scheme": "weight_only", "bits": 4, "group_size": 16}},
+        {"method": "distill", "options": {"time": 1.5, "heldout": 0.25, "adapters": "lora:2", "phases": ["global"],
+                                          **FAST}}]})
+    compress(model, recipe, tokenizer, data, progress=False, timing=False)
+    paths = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert paths and all(isinstance(p.base, QuantizedLinear) for p in paths)
+    save(model, tmp_path / "m", tokenizer)
+    torch.testing.assert_close(logits(load(tmp_path / "m"), tokenizer), logits(model, tokenizer), atol=0, rtol=0)
+
+
+def test_cli_adapter_errors_are_one_line(tmp_path, capsys):
+    from lmcompress.cli import main
+
+    for args, words in ((["distill", "--teacher", "t", "--student", "s", "--time", "5s", "--adapters", "lora:x",
+                          "--out", str(tmp_path / "o")], "lora:R"),
+                        (["finetune", "--peft", "bitfit", "--out", str(tmp_path / "f")], "unknown method"),
+                        (["finetune", "--peft", "prompt", "--merge", "--out", str(tmp_path / "f")], "cannot be folded"),
+                        (["finetune", "--peft", "lora", "--peft-option", "rank=4", "--out", str(tmp_path / "f")],
+                         "--peft-option for lora")):
+        assert main(["-q", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, err
+    assert not any(tmp_path.iterdir())
