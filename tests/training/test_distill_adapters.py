@@ -38,7 +38,7 @@ def test_only_adapters_and_head_train_and_the_result_reloads_exactly(recipe, kep
     frozen = {k: v.clone() for k, v in student.state_dict().items() if "classifier" not in k}
     train, heldout = split_heldout(data, 0.25)
     config = DistillConfig(**FAST, adapters="lora:4", phases=["global"])
-    result = distill(teacher, student, tokenizer, train, heldout, TASK, 3.0, tmp_path / "run", config=config,
+    result = distill(teacher, student, tokenizer, train, heldout, TASK, 2.0, tmp_path / "run", config=config,
                      progress=False)
     model = result.model
     paths = [m for m in model.modules() if isinstance(m, LoRALinear)]

@@ -29,7 +29,7 @@ def base_dir(tmp_path_factory, tokenizer):
 
 
 def _tuned(base_dir, method, out=None, merge=False, **options):
-    config = FinetuneConfig(epochs=2, batch_size=4, max_length=16, peft=method, peft_options=options, merge=merge)
+    config = FinetuneConfig(epochs=1, batch_size=4, max_length=16, peft=method, peft_options=options, merge=merge)
     return finetune(str(base_dir), TASK, TRAIN, config, out=out, progress=False)
 
 
