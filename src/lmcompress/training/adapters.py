@@ -63,6 +63,8 @@ def attach_lora(model: nn.Module, rank: int, alpha: float | None = None) -> int:
         layer = model.get_submodule(name)
         fan = (layer.in_features, layer.out_features) if hasattr(layer, "in_features") else None
         usable = min(rank, *fan) if fan else rank
+        if usable < 1:   # a layer pruned to nothing has no map to adapt
+            continue
         set_submodule(model, name, LoRALinear(layer, usable, scaling))
         added += 1
     return added
