@@ -5,6 +5,7 @@ result saves and reloads exactly."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -54,6 +55,7 @@ def test_only_adapters_and_head_train_and_the_result_reloads_exactly(recipe, kep
         assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in frozen.items()} | {
             k: v.shape for k, v in model.state_dict().items() if "classifier" in k}
     assert result.state["adapters"]["merged" if not kept else "kept"] > 0
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["adapters"] == result.state["adapters"]
     best = load(tmp_path / "run" / "best")
     torch.testing.assert_close(logits(best, tokenizer), logits(model, tokenizer), atol=0, rtol=0)
     save(model, tmp_path / "again", tokenizer)

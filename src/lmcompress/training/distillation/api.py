@@ -85,11 +85,11 @@ def _merge_adapters(runner: Anytime, final: dict) -> None:
     from lmcompress.training.adapters import merge_lora
 
     counts = merge_lora(runner.student)
+    final["adapters"] = counts
     if counts["merged"]:
         runner.store.save_best(runner.student, runner.tokenizer, final)
-        runner.store.write_state(final)
-        runner.store.clean()
-    final["adapters"] = counts
+    runner.store.write_state(final)
+    runner.store.clean()
     log.info("distill: %d LoRA path(s) merged into their layers, %d kept beside quantized or sparse layers",
              counts["merged"], counts["kept"])
 
