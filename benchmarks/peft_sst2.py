@@ -253,7 +253,9 @@ def main() -> None:
         "group_size=64 algorithm=gptq` (512 calibration sentences). Full = `distill --time T --max-length 64` "
         "(trains every float parameter of the blocks); LoRA = the same with `--adapters lora:R` (only the paths "
         "beside every linear layer of the blocks, and the classifier). dense / int8: the teacher and its int8 "
-        "dynamic form.\n\n"
+        "dynamic form. On the int4 student full distillation trains only the float parameters outside the "
+        "integer-coded "
+        "layers (the layer norms: 9,216), so there LoRA trains more parameters than full does, not fewer.\n\n"
         f"{table_b(rows)}\n\n## The issue's goal\n\n{goals(rows) or '(no pair measured yet)'}\n")
 
 
