@@ -29,19 +29,36 @@ def cubic_sparsity(fraction: float, initial: float, final: float, ramp: float) -
     return final + (initial - final) * left ** 3
 
 
-def scheduled_mask(scores: torch.Tensor, sparsity: float, pattern: tuple[int, int] | None) -> torch.Tensor:
+def scheduled_mask(scores: torch.Tensor, sparsity: float, pattern: tuple[int, int] | None,
+                   exact: bool = True) -> torch.Tensor:
     """Boolean mask keeping the highest scores: all but round(sparsity * size) of the matrix; with an N:M
     `pattern`, the N best of every group of M first, plus the best of the rest while the schedule is below the
-    pattern's own sparsity, so the mask grows into the pattern without a jump and is exactly N:M at its end."""
+    pattern's own sparsity, so the mask grows into the pattern without a jump and is exactly N:M at its end.
+    `exact=False` (training) cuts at the k-th score instead of a top-k, three times faster on a CPU; it keeps
+    fewer only where scores tie at the cut."""
     if pattern is None:
-        return keep_mask(scores, sparsity, None, per_row=False)
+        if exact:
+            return keep_mask(scores, sparsity, None, per_row=False)
+        return _above_kth(scores, scores.numel() - int(round(scores.numel() * sparsity)))
     base = keep_mask(scores, None, pattern)
     extra = scores.numel() - int(round(scores.numel() * sparsity)) - int(base.sum())
     if extra <= 0:
         return base
-    rest = scores.masked_fill(base, float("-inf")).reshape(-1)
-    chosen = torch.topk(rest, extra).indices
+    rest = scores.masked_fill(base, float("-inf"))
+    if not exact:
+        return base | _above_kth(rest, extra)
+    chosen = torch.topk(rest.reshape(-1), extra).indices
     return base.reshape(-1).index_fill(0, chosen, True).reshape(scores.shape)
+
+
+def _above_kth(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """The `keep` highest scores (fewer on ties at the cut), by a k-th value rather than a sort."""
+    if keep >= scores.numel():
+        return torch.ones_like(scores, dtype=torch.bool)
+    if keep <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    cut = torch.kthvalue(scores.reshape(-1), scores.numel() - keep).values
+    return scores > cut
 
 
 def pattern_sparsity(pattern: tuple[int, int]) -> float:
@@ -72,7 +89,7 @@ class MaskedLinear(nn.Module):
 
     def refresh(self) -> None:
         with torch.no_grad():
-            self._mask = scheduled_mask(self.scores.detach().float(), self.sparsity, self.pattern)
+            self._mask = scheduled_mask(self.scores.detach().float(), self.sparsity, self.pattern, exact=False)
 
     def mask(self) -> torch.Tensor:
         if self._mask is None:

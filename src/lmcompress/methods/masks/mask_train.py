@@ -51,7 +51,7 @@ class MaskTrainConfig(DistillConfig, MethodConfig):
                                                           "pruning), or the scores only")
     score_lr: float = Field(default=1e-2, gt=0, allow_inf_nan=False, description="learning rate of the scores "
                                                                                  "(normalised to mean 1 per matrix)")
-    mask_every: int = Field(default=8, ge=1, description="training steps between recomputations of the top-k masks")
+    mask_every: int = Field(default=10, ge=1, description="training steps between recomputations of the top-k masks")
     objective: Literal["distill", "lm"] = Field(
         default="distill", description="distill: towards the model before the recipe (KL, hidden, ce_weight for "
                                        "labels); lm: the causal LM's own next-token loss (task-agnostic)")

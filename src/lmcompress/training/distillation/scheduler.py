@@ -160,8 +160,10 @@ class Anytime:
         """Score the held-out split, record the point, save the student if it is the best so far."""
         begun = time.perf_counter()
         self.hooks.before_step(self.elapsed(), self.budget_s)
-        score = self.heldout.score(self.student)
         selectable = self.hooks.selectable()
+        if not selectable and phase != "start":   # a student that may not be kept is not worth a held-out pass
+            return True
+        score = self.heldout.score(self.student)
         improved = selectable and score.better_than(self.best, self.config.select)
         self.state["checkpoints"] = self.state.get("checkpoints", 0) + 1
         point = {"elapsed_s": round(self.elapsed(), 3), "step": self.state["step"], "phase": phase,
