@@ -60,7 +60,8 @@ def trained(tokenizer):
     """A tiny BERT trained to 80% sparsity in 3 s (the contract and the family tests run the mildest size)."""
     model = make_tiny_bert(tokenizer.vocab_size)
     dense = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    summary = run(model, tokenizer, [{"method": "mask_train", "options": {"sparsity": 0.8, "time": 3, "ramp": 0.3, **FAST}}])
+    options = {"sparsity": 0.8, "time": 3, "ramp": 0.3, **FAST}
+    summary = run(model, tokenizer, [{"method": "mask_train", "options": options}])
     return model, dense, summary
 
 
