@@ -80,6 +80,9 @@ SETUPS: dict[str, Setup] = {
     "vocab": Setup({}),            # keeps every token the texts use: the same outputs through the new tokenizer
     # a model distilled towards itself starts at zero divergence, which the best checkpoint keeps
     "distill": Setup({"time": 0.5, "checkpoints": 2, "batch_size": 8, "eval_batch_size": 16, "max_length": 16}),
+    # nothing masked: the start (the model itself, zero divergence) is the best, and every weight is kept
+    "mask_train": Setup({"sparsity": 0.0, "time": 0.5, "checkpoints": 2, "batch_size": 8, "eval_batch_size": 16,
+                         "max_length": 16}),
     # every feed-forward neuron kept, no training: the selection keeps the block as it is
     "learned": Setup({"structure": "ffn", "width": 64, "init": "select", "epochs": 0}),
     # a confidence threshold above 1 never fires: every row runs every block, as the dense model does

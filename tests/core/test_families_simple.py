@@ -34,7 +34,7 @@ METHODS = available_methods()
 ONE_SHOT = Calibration(samples=8, batch_size=4, max_length=16, mode="one_shot")
 ALBERT_REFUSAL = "shared ALBERT layers cannot be"
 # what cannot work, and the words of its one-line refusal
-REFUSED = {("albert", m): ALBERT_REFUSAL for m in ("prune", "drop_blocks", "distill", "learned")}
+REFUSED = {("albert", m): ALBERT_REFUSAL for m in ("prune", "drop_blocks", "distill", "learned", "mask_train")}
 REFUSED[("mpnet", "prune")] = "attention heads of model type 'mpnet' cannot be removed"
 REFUSED.update({(f, "fourier_mixing"): "fourier_mixing" for f in FAMILIES})   # BERT-like encoders only
 REFUSED.update({(f, "early_exit"): "early_exit" for f in ("opt", "qwen3", "gemma", "gemma2")})   # decoders

@@ -9,5 +9,6 @@ See docs/distillation.md: phases (local, block, global), losses, the anytime sch
 
 from lmcompress.training.distillation.api import DistillResult, distill, split_heldout
 from lmcompress.training.distillation.config import DistillConfig, parse_duration
+from lmcompress.training.distillation.hooks import TrainingHooks
 
-__all__ = ["DistillConfig", "DistillResult", "distill", "parse_duration", "split_heldout"]
+__all__ = ["DistillConfig", "DistillResult", "TrainingHooks", "distill", "parse_duration", "split_heldout"]

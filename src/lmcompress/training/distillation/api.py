@@ -15,6 +15,7 @@ from lmcompress.training.distillation.checkpoint import CheckpointStore, run_set
 from lmcompress.training.distillation.checks import check_data, check_models, check_tokenizers
 from lmcompress.training.distillation.config import DistillConfig, parse_duration
 from lmcompress.training.distillation.heldout import HeldOut
+from lmcompress.training.distillation.hooks import TrainingHooks
 from lmcompress.training.distillation.phases import compressed_units, training_batches
 from lmcompress.training.distillation.scheduler import Anytime
 
@@ -55,14 +56,15 @@ def _subset(examples: Any, keep: list[int]) -> Any:
                     examples.label_names)
 
 
-def _resumed_student(store: CheckpointStore, student: nn.Module | None, device: torch.device) -> nn.Module:
+def _resumed_student(store: CheckpointStore, student: nn.Module | None, device: torch.device,
+                     hooks: TrainingHooks) -> nn.Module:
     """The saved best; loaded into `student` where one is given (it keeps its device and is trained in place),
     else brought to `device` (the teacher's) in float32, the type training keeps its master weights in."""
     best = store.load_best()
     if student is None:
         return best.to(device=device, dtype=torch.float32)
     try:
-        student.load_state_dict(best.state_dict())
+        hooks.load_saved(student, best)
     except RuntimeError:
         from lmcompress.errors import DistillError
 
@@ -97,7 +99,7 @@ def _merge_adapters(runner: Anytime, final: dict) -> None:
 def distill(teacher: nn.Module, student: nn.Module | None, tokenizer: Any, train: Any, heldout: Any, task: Any,
             time_budget: str | float, out: str | Path, *, config: DistillConfig | None = None, resume: bool = False,
             overwrite: bool = False, student_tokenizer: Any = None, progress: bool = True,
-            dtype: str | torch.dtype | None = None) -> DistillResult:
+            dtype: str | torch.dtype | None = None, hooks: TrainingHooks | None = None) -> DistillResult:
     """Distil `teacher` into `student` for `time_budget` ('90s', '5m', '1h' or seconds) of wall-clock time.
 
     Every check (architecture, depth, width, vocabulary, classes, data, labels, budget, output directory) runs
@@ -105,7 +107,8 @@ def distill(teacher: nn.Module, student: nn.Module | None, tokenizer: Any, train
     `lmcompress.load`); `resume=True` continues a run in `out` from it, with the same budget counting the time
     already spent (`student` may then be None; if given, it takes the saved best's weights). The student is
     trained in place and returned with its best weights. `overwrite` replaces only an earlier distillation run
-    in `out` (its own files), never a directory that holds anything else.
+    in `out` (its own files), never a directory that holds anything else. `hooks` let a method that trains
+    through this loop (mask training) move a schedule with the clock and save its student (see `hooks.py`).
     """
     from lmcompress.core.placement import execution_device
     from lmcompress.core.runtime import training_dtype
@@ -134,7 +137,7 @@ def distill(teacher: nn.Module, student: nn.Module | None, tokenizer: Any, train
     state = store.prepare(resume, overwrite)
     curve = None
     if state is not None:
-        student = _resumed_student(store, student, device)
+        student = _resumed_student(store, student, device, hooks or TrainingHooks())
         check_models(teacher, student)
         curve = store.read_curve()
     teacher.eval()
@@ -151,7 +154,7 @@ def distill(teacher: nn.Module, student: nn.Module | None, tokenizer: Any, train
     batches = training_batches(tokenizer, train, config, labelled, config.seed + (state or {}).get("step", 0))
     settings = None if state is not None else run_settings(config, teacher, student, train, heldout)
     runner = Anytime(student, teacher, tokenizer, units, batches, heldout_scores, store, config, budget_s, started,
-                     state, curve, regression, progress, settings, precision)
+                     state, curve, regression, progress, settings, precision, hooks)
     try:
         final = runner.run()
     except KeyboardInterrupt:

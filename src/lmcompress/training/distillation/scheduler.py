@@ -25,6 +25,7 @@ from lmcompress.training.distillation.checkpoint import CURVE_PNG, RUN_FORMAT, C
 from lmcompress.training.distillation.config import DistillConfig
 from lmcompress.training.distillation.curve import plot_curve
 from lmcompress.training.distillation.heldout import HeldOut, Score
+from lmcompress.training.distillation.hooks import TrainingHooks
 from lmcompress.training.distillation.phases import make_phase
 
 log = logging.getLogger("lmcompress")
@@ -44,8 +45,9 @@ class Anytime:
                  batches: Iterator[dict[str, torch.Tensor]], heldout: HeldOut, store: CheckpointStore,
                  config: DistillConfig, budget_s: float, started: float, state: dict | None, curve: dict | None,
                  regression: bool, progress: bool = True, settings: dict | None = None,
-                 precision: torch.dtype = torch.float32) -> None:
+                 precision: torch.dtype = torch.float32, hooks: TrainingHooks | None = None) -> None:
         self.student, self.teacher, self.tokenizer, self.units = student, teacher, tokenizer, units
+        self.hooks = hooks or TrainingHooks()   # what a method training through the scheduler adds (mask training)
         self.precision = precision   # autocast type of the training steps (float32: none)
         self.batches, self.heldout, self.store, self.config = batches, heldout, store, config
         self.budget_s, self.started, self.regression, self.progress = budget_s, started, regression, progress
@@ -112,6 +114,7 @@ class Anytime:
         if phase is None:
             self.state["phase_deadline_s"] = None
             return
+        self.hooks.phase_started(phase)
         log.info("distill: %s phase until %.1fs of %.1fs (%d trainable tensors)", name, deadline, self.budget_s,
                  len(phase.params))
         loss, stale, since_checkpoint = float("nan"), 0, 0
@@ -122,6 +125,7 @@ class Anytime:
             for _ in steps:
                 if self.elapsed() >= min(deadline, self._limit()):
                     break
+                self.hooks.before_step(self.elapsed(), self.budget_s)
                 begun = time.perf_counter()
                 loss = phase.step(next(self.batches))
                 cost = time.perf_counter() - begun
@@ -155,8 +159,12 @@ class Anytime:
     def checkpoint(self, phase: str, loss: float | None) -> bool:
         """Score the held-out split, record the point, save the student if it is the best so far."""
         begun = time.perf_counter()
+        self.hooks.before_step(self.elapsed(), self.budget_s)
+        selectable = self.hooks.selectable()
+        if not selectable and phase != "start":   # a student that may not be kept is not worth a held-out pass
+            return True
         score = self.heldout.score(self.student)
-        improved = score.better_than(self.best, self.config.select)
+        improved = selectable and score.better_than(self.best, self.config.select)
         self.state["checkpoints"] = self.state.get("checkpoints", 0) + 1
         point = {"elapsed_s": round(self.elapsed(), 3), "step": self.state["step"], "phase": phase,
                  "divergence": score.divergence, "metric": score.metric, "train_loss": loss, "best": improved}
@@ -165,7 +173,8 @@ class Anytime:
             best = {"step": self.state["step"], "elapsed_s": point["elapsed_s"], "phase": phase,
                     "divergence": score.divergence, "metric": score.metric}
             saved = {**self.state, "best": best, "elapsed_s": point["elapsed_s"]}
-            self.store.save_best(self.student, self.tokenizer, saved)   # sets best["checkpoint"]
+            with self.hooks.saved_form(self.student) as student:
+                self.store.save_best(student, self.tokenizer, saved)   # sets best["checkpoint"]
             self.state["best"], self.best, self.best_weights = best, score, self._weights()
         self.state["elapsed_s"] = round(self.elapsed(), 3)
         self.store.write_state(self.state)
@@ -175,8 +184,9 @@ class Anytime:
         self.checkpoint_cost = max(self.checkpoint_cost * 0.5, time.perf_counter() - begun)
         log.info("checkpoint: %s phase, %.1fs of %.0fs, step %d, held-out %s%s", phase, point["elapsed_s"],
                  self.budget_s, self.state["step"], _format(score, self.heldout.metric_name),
-                 " (best, saved)" if improved else f" (best {self.best.divergence:.4g})")
-        return improved
+                 " (best, saved)" if improved else
+                 f" (best {self.best.divergence:.4g})" if self.best else " (not selectable yet)")
+        return improved or not selectable   # a stall counts only once the student may be chosen
 
     def _progress(self) -> None:
         """Every half second, the elapsed time on disk: a resume after kill -9 counts it against the budget."""

@@ -1,0 +1,132 @@
+"""What mask training shares: the training-only masked layer, the cubic sparsity schedule, the masks themselves,
+and the conversion to the layers that are saved (`SparseLinear`).
+
+`MaskedLinear` exists only while a stage trains: it holds the dense weight, learnable real-valued scores of the
+same shape and the current sparsity. Its forward multiplies the weight by the hard top-k mask of the scores; the
+backward passes the mask's gradient straight through to the scores (dL/dS = dL/dW' * W, as movement pruning),
+and pruned weights get no gradient. Nothing of it is ever saved: checkpoints and the stage's result hold
+`SparseLinear` layers built from the mask at the target sparsity.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmcompress.core.linear import dense_kind, weight_out_in
+from lmcompress.layers.sparse import SparseLinear
+from lmcompress.methods.sparsity.sparsify import keep_mask
+
+
+def cubic_sparsity(fraction: float, initial: float, final: float, ramp: float) -> float:
+    """Sparsity after `fraction` of the budget: from `initial` to `final` along a cubic over the first `ramp` of
+    it, then held (Zhu & Gupta's schedule, as movement pruning uses: fast while many weights are redundant, slow
+    near the target)."""
+    if ramp <= 0 or fraction >= ramp:
+        return final
+    left = 1.0 - max(fraction, 0.0) / ramp
+    return final + (initial - final) * left ** 3
+
+
+def scheduled_mask(scores: torch.Tensor, sparsity: float, pattern: tuple[int, int] | None,
+                   exact: bool = True) -> torch.Tensor:
+    """Boolean mask keeping the highest scores: all but round(sparsity * size) of the matrix; with an N:M
+    `pattern`, the N best of every group of M first, plus the best of the rest while the schedule is below the
+    pattern's own sparsity, so the mask grows into the pattern without a jump and is exactly N:M at its end.
+    `exact=False` (training) cuts at the k-th score instead of a top-k, three times faster on a CPU; it keeps
+    fewer only where scores tie at the cut."""
+    if pattern is None:
+        if exact:
+            return keep_mask(scores, sparsity, None, per_row=False)
+        return _above_kth(scores, scores.numel() - int(round(scores.numel() * sparsity)))
+    base = keep_mask(scores, None, pattern)
+    extra = scores.numel() - int(round(scores.numel() * sparsity)) - int(base.sum())
+    if extra <= 0:
+        return base
+    rest = scores.masked_fill(base, float("-inf"))
+    if not exact:
+        return base | _above_kth(rest, extra)
+    chosen = torch.topk(rest.reshape(-1), extra).indices
+    return base.reshape(-1).index_fill(0, chosen, True).reshape(scores.shape)
+
+
+def _above_kth(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """The `keep` highest scores (fewer on ties at the cut), by a k-th value rather than a sort."""
+    if keep >= scores.numel():
+        return torch.ones_like(scores, dtype=torch.bool)
+    if keep <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    cut = torch.kthvalue(scores.reshape(-1), scores.numel() - keep).values
+    return scores > cut
+
+
+def pattern_sparsity(pattern: tuple[int, int]) -> float:
+    return 1.0 - pattern[0] / pattern[1]
+
+
+class MaskedLinear(nn.Module):
+    """A dense (out, in) weight seen through the hard top-k mask of learnable scores (training only).
+
+    The mask is recomputed from the scores when `refresh()` was called (the stage does so every few steps and
+    before each checkpoint: a top-k over every weight of the model at every step would cost as much as the step
+    on a CPU); between refreshes the scores still receive their straight-through gradient.
+    """
+
+    def __init__(self, layer: nn.Module, scores: torch.Tensor, pattern: tuple[int, int] | None,
+                 sparsity: float) -> None:
+        super().__init__()
+        weight = weight_out_in(layer).detach()
+        self.weight = nn.Parameter(weight.clone())
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+        self.scores = nn.Parameter(scores.to(weight.dtype).clone())
+        self.pattern, self.sparsity, self.kind = pattern, sparsity, dense_kind(layer)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self._mask: torch.Tensor | None = None
+
+    def set_sparsity(self, sparsity: float) -> None:
+        self.sparsity = sparsity
+
+    def refresh(self) -> None:
+        with torch.no_grad():
+            self._mask = scheduled_mask(self.scores.detach().float(), self.sparsity, self.pattern, exact=False)
+
+    def mask(self) -> torch.Tensor:
+        if self._mask is None:
+            self.refresh()
+        return self._mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hard = self.mask().to(self.scores.dtype)
+        # straight-through: the value is the hard mask, the gradient reaches the scores as if it were the scores
+        gate = hard + self.scores - self.scores.detach() if self.scores.requires_grad else hard
+        return F.linear(x, self.weight * gate, self.bias)
+
+    def to_sparse(self, sparsity: float) -> SparseLinear:
+        """The saved form: the weights the top-k mask at `sparsity` (or the N:M pattern) keeps, exactly."""
+        with torch.no_grad():
+            mask = scheduled_mask(self.scores.detach().float(), sparsity, self.pattern).to(self.weight.device)
+            bias = None if self.bias is None else self.bias.detach()
+            return SparseLinear.from_weight(self.weight.detach() * mask, mask, bias, self.kind)
+
+    def load_sparse(self, saved: SparseLinear, original: torch.Tensor) -> None:
+        """Take a saved layer back (resume): its kept weights, and for the pruned ones the weights before the
+        stage (`original`); scores put every kept weight above every pruned one, by magnitude within each set."""
+        with torch.no_grad():
+            mask = saved.sparsity_mask().to(self.weight.device)
+            kept = saved.dense_weight().to(self.weight)
+            self.weight.copy_(torch.where(mask, kept, original.to(self.weight)))
+            if self.bias is not None and saved.bias is not None:
+                self.bias.copy_(saved.bias)
+            magnitude = normalised(self.weight.abs().float())
+            self.scores.copy_((magnitude + mask.float() * (float(magnitude.max()) + 1)).to(self.scores.dtype))
+        self._mask = None
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, sparsity={self.sparsity:.3f}"
+                + (f", pattern={self.pattern[0]}:{self.pattern[1]}" if self.pattern else ""))
+
+
+def normalised(scores: torch.Tensor) -> torch.Tensor:
+    """Scores divided by their mean magnitude, so one score learning rate means the same in every layer."""
+    return scores / scores.abs().mean().clamp_min(torch.finfo(scores.dtype).tiny)
