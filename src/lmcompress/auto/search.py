@@ -117,6 +117,7 @@ class Search:
         self.models: dict[str, nn.Module] = {}   # scored models kept for the side-by-side timing (the best few)
         self.dense_score: Score | None = None
         self.dense_cost = math.nan
+        self.dense_measured_ms = math.nan
         self.eval_s: list[float] = []
         self.build_s: list[float] = []
         self.stopped = ""                    # why the search ended
@@ -140,8 +141,13 @@ class Search:
         eval_s = time.perf_counter() - start
         self.dense_cost = ctx.cost(ctx.dense)
         dense_s = time.perf_counter() - start
-        self.reserve_s = reserve_seconds(self._dense_ms(), eval_s, len(ctx.guard.examples), self.dev_size,
+        self.dense_measured_ms = self._measured_dense_ms()
+        self.reserve_s = reserve_seconds(self.dense_measured_ms, eval_s, len(ctx.guard.examples), self.dev_size,
                                          self.repeats)
+        if ctx.target == "latency" and not 0.67 < self.dense_cost / self.dense_measured_ms < 1.5:
+            log.warning("auto: the latency table predicts dense at %s ms but it measured %s ms: the table (%s) may "
+                        "have been timed on a busy machine; delete it to measure it again", fmt(self.dense_cost),
+                        fmt(self.dense_measured_ms), ctx.cost.table.path)
         if self.elapsed() > self.budget_s:
             raise LMCompressError(f"--time {_clock(self.budget_s)} is too short: measuring the dense model alone "
                                   f"took {dense_s:.0f}s; give at least {_clock(3 * dense_s + 30)}")
@@ -151,12 +157,11 @@ class Search:
         if self.best is dense or self.ctx.store.current is None:
             self._save(self.best, ctx.dense)
 
-    def _dense_ms(self) -> float:
-        if self.ctx.target == "latency":
-            return self.dense_cost
+    def _measured_dense_ms(self) -> float:
+        """One short timing of dense: the reserve for the final timing, and a check of the table's prediction."""
         from lmcompress.evaluation.efficiency import measure_latency
 
-        return measure_latency(self.ctx.dense, self.ctx.batch_size, self.ctx.seq_len, warmup=1, repeats=2)["median_ms"]
+        return measure_latency(self.ctx.dense, self.ctx.batch_size, self.ctx.seq_len, warmup=1, repeats=3)["median_ms"]
 
     # --- scoring ----------------------------------------------------------------------------------------
     def quantized(self, chain: Chain, model: nn.Module) -> nn.Module:
