@@ -83,8 +83,6 @@ def structures(target: str) -> list[Structure]:
     """The structural stages tried for `target`, most promising first."""
     prune = [Structure("prune", f) for f in PRUNE_FRACTIONS[target]]
     svd = [Structure("whitened_svd", f) for f in SVD_FRACTIONS[target]]
-    if target == "latency":   # last: its allocator times every rank it builds (minutes on a first run), and
-        return [*prune, *svd]  # low-rank layers rarely beat pruning on speed (docs/factorization.md)
     return [*prune[:2], *svd, *prune[2:]]
 
 
