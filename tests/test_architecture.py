@@ -30,6 +30,7 @@ LAYERS = [
     "lmcompress.engine",
     "lmcompress.entrypoints",
     "lmcompress.sweep",
+    "lmcompress.auto",
     "lmcompress.cli",
 ]
 # the package root only maps public names to modules (lazily, by string); it is above every layer

@@ -38,6 +38,8 @@ _EXPORTS = {
     "load_examples": "lmcompress.tasks",
     "available_methods": "lmcompress.methods",
     "LMCompressError": "lmcompress.errors",
+    "AutoArgs": "lmcompress.auto.entry",
+    "run_auto": "lmcompress.auto.entry",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 
 # command -> module of this package; the order is the order of `lmcompress --help`
-COMMANDS = ("finetune", "compress", "evaluate", "export", "distill", "demo", "methods", "sweep", "anatomy")
+COMMANDS = ("finetune", "compress", "evaluate", "export", "distill", "demo", "methods", "sweep", "auto", "anatomy")
 
 
 def _command(name: str):

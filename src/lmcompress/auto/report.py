@@ -1,0 +1,132 @@
+"""report.md and front.json: what was explored, what was chosen and why, the final side-by-side timing, and
+whether dev kept the guard's promise."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lmcompress.auto.confirm import Final
+from lmcompress.auto.proxy import fmt
+from lmcompress.auto.search import Result, Search, _clock, _key
+from lmcompress.auto.store import write_atomic
+
+
+def front(results: list[Result]) -> set[int]:
+    """Indices of the results no other result beats on both cost (lower) and guard metric (higher)."""
+    keep = set()
+    for i, a in enumerate(results):
+        if not any((b.cost <= a.cost and b.score.metric >= a.score.metric)
+                   and (b.cost < a.cost or b.score.metric > a.score.metric) for b in results):
+            keep.add(i)
+    return keep
+
+
+def _target_text(search: Search) -> str:
+    ctx = search.ctx
+    return {"latency": f"latency at batch {ctx.batch_size} x {ctx.seq_len} tokens, predicted from this machine's "
+                       "latency table", "bytes": "bytes of the saved weights",
+            "flops": f"FLOPs at {ctx.seq_len} tokens"}[ctx.target]
+
+
+def _rows(search: Search) -> list[dict[str, Any]]:
+    on_front = front(search.results)
+    return [dict(r.row(search.dense_cost), front=i in on_front) for i, r in enumerate(search.results)]
+
+
+def write_report(out: Path, search: Search, final: Final | None, header: dict[str, Any]) -> Path:
+    """Write OUT/report.md and OUT/front.json (each to a temporary sibling, then renamed)."""
+    ctx = search.ctx
+    metric, unit = ctx.task.metric, ctx.cost.unit
+    rows = _rows(search)
+    lines = [f"# lmcompress auto: {header['model']} on {header['task']}", ""]
+    if header.get("command"):
+        lines += [f"Made by `{header['command']}` ({header['environment']}).", ""]
+    lines += [f"Target: the lowest {_target_text(search)}, with the {metric} on a held-out guard split of the "
+              f"training data ({len(ctx.guard.examples)} examples) at most {fmt(ctx.max_drop)} points below dense "
+              f"(counting {fmt(ctx.z)} standard error of the drop). Time: {_clock(search.budget_s)} given, "
+              f"{_clock(search.elapsed())} used; the search ended: {search.stopped or 'interrupted'}."
+              + (f" The table predicted dense at {fmt(search.dense_cost)} ms; one timing of it measured "
+                 f"{fmt(search.dense_measured_ms)} ms." if ctx.target == "latency" else ""), ""]
+    lines += ["## Choice", ""]
+    if final is None:
+        best = search.best
+        lines += [f"Interrupted before the final timing: the best valid model so far, {best.chain.name}, is in "
+                  "`model/` (not timed side by side, not scored on dev).", ""] if best else ["No model saved.", ""]
+    else:
+        lines += _choice(search, final) + [""]
+    lines += ["## Explored front", "",
+              f"Every candidate scored, in order. *drop*: dense minus the candidate on the guard, ± one standard "
+              f"error (paired bootstrap). *cost*: {unit} ({_target_text(search)}). *front*: no other candidate is both "
+              "cheaper and better. Rung 0 is the proxy (no distillation); later rungs distilled the survivors "
+              "further (successive halving).", "",
+              "| # | chain | distilled s | rung | guard " + metric + " | drop ± se | " + unit + " | x dense | valid | "
+              "front |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for i, row in enumerate(rows, 1):
+        lines.append(f"| {i} | {row['chain']} | {row['distill_s']} | {row['rung']} | {fmt(row['metric'])} | "
+                     f"{fmt(row['drop'])} ± {fmt(row['se'])} | {fmt(row['cost'])} | "
+                     f"{fmt(row['x_dense']) if row['x_dense'] else '-'} | {'yes' if row['valid'] else 'no'} | "
+                     f"{'yes' if row['front'] else ''} |")
+    text = "\n".join(lines) + "\n"
+    write_atomic(out / "report.md", text)
+    data = {**header, "target": ctx.target, "batch_size": ctx.batch_size, "seq_len": ctx.seq_len,
+            "max_drop": ctx.max_drop, "z": ctx.z, "unit": unit, "guard_examples": len(ctx.guard.examples),
+            "budget_s": search.budget_s,
+            "dense_measured_ms": round(search.dense_measured_ms, 3), "elapsed_s": round(search.elapsed(), 1),
+            "stopped": search.stopped,
+            "candidates": rows, "final": _final_dict(search, final)}
+    write_atomic(out / "front.json", json.dumps(data, indent=2))
+    return out / "report.md"
+
+
+def _choice(search: Search, final: Final) -> list[str]:
+    ctx = search.ctx
+    chosen, timing = final.chosen, final.timing
+    dense_ms = timing["dense|0"]["median_ms"]
+    int8 = next((r for r in final.finalists if _key(r) == "int8|0"), None)
+    why = []
+    if chosen.chain.name == "dense":
+        why.append("No compressed candidate kept the guard drop within the limit, so the answer is the dense model.")
+    elif ctx.target == "latency":
+        why.append(f"Of the valid finalists (the cheapest by prediction, with int8 and dense), it measured fastest "
+                   f"at batch {ctx.batch_size} x {ctx.seq_len} tokens.")
+    else:
+        why.append(f"It is the valid candidate of lowest {ctx.cost.unit}.")
+    if int8 is not None and not int8.valid:
+        why.append(f"int8 dropped {fmt(int8.score.drop)} ± {fmt(int8.score.se)} points on the guard: over the limit.")
+    lines = [f"**{chosen.chain.name}**" + (f", distilled {chosen.distill_s:.0f} s" if chosen.distill_s else "")
+             + f": guard drop {fmt(chosen.score.drop)} ± {fmt(chosen.score.se)} points (limit "
+             f"{fmt(ctx.max_drop)}), {fmt(chosen.cost)} {ctx.cost.unit}, measured "
+             f"{fmt(dense_ms / timing[_key(chosen)]['median_ms'])}x dense at batch {ctx.batch_size}. "
+             + " ".join(why), ""]
+    dev_dense, dev_chosen = final.dev["dense|0"], final.dev[_key(chosen)]
+    verdict = ("**dev broke the guard**: the drop on dev is over the limit" if final.broke(ctx.max_drop)
+               else "dev kept the guard's promise")
+    lines += [f"Scored once on dev ({final.dev_examples} examples): {ctx.task.metric} {fmt(dev_chosen)} against "
+              f"dense {fmt(dev_dense)}, a drop of {fmt(final.dev_drop)} points: {verdict}.", "",
+              f"### Side by side on this machine (batch {ctx.batch_size} x {ctx.seq_len} tokens, median of "
+              f"{final.repeats} paired rounds)", "",
+              f"| model | ms | x dense | x int8 | guard {ctx.task.metric} | dev {ctx.task.metric} | valid |",
+              "|---|---|---|---|---|---|---|"]
+    int8_ms = timing.get("int8|0", {}).get("median_ms")
+    for result in final.finalists:
+        key = _key(result)
+        ms = timing[key]["median_ms"]
+        name = result.chain.name + (f", distilled {result.distill_s:.0f} s" if result.distill_s else "")
+        name = f"**{name}** (chosen)" if key == _key(chosen) else name
+        lines.append(f"| {name} | {fmt(ms)} | {fmt(dense_ms / ms)} | {fmt(int8_ms / ms) if int8_ms else '-'} | "
+                     f"{fmt(result.score.metric)} | {fmt(final.dev[key]) if key in final.dev else '-'} | "
+                     f"{'yes' if result.valid else 'no'} |")
+    return lines
+
+
+def _final_dict(search: Search, final: Final | None) -> dict[str, Any] | None:
+    if final is None:
+        return None
+    return {"chosen": final.chosen.row(search.dense_cost), "dev": {k: round(v, 2) for k, v in final.dev.items()},
+            "dev_examples": final.dev_examples, "dev_drop": round(final.dev_drop, 2),
+            "dev_broke_guard": final.broke(search.ctx.max_drop),
+            "timing": {k: {"median_ms": round(v["median_ms"], 3)} for k, v in final.timing.items()},
+            "finalists": [r.row(search.dense_cost) for r in final.finalists], "repeats": final.repeats,
+            "seconds": round(final.seconds, 1)}

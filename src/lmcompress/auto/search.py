@@ -1,0 +1,374 @@
+"""The search: baselines first, a cheap proxy rung over the whole chain space, then successive halving of
+distillation time over the students that could still beat the best valid model; anytime (the best valid model
+so far is always on disk, see `store`).
+
+Why successive halving: distillation is what turns a candidate that drops too much into a valid one, and its
+return is unknown until it runs. Each rung gives the surviving students an equal share of the rung's time,
+re-scores them, and keeps the better half; a student is kept only while it is cheaper than the best valid
+model, so time goes where it could still change the answer. A candidate that is already valid needs no
+distillation (training changes values, not cost).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from lmcompress.auto.candidates import Chain, Structure, chains, refined, structures
+from lmcompress.auto.proxy import Cost, Guard, Score, fmt
+from lmcompress.auto.store import BestStore
+from lmcompress.errors import LMCompressError
+
+log = logging.getLogger("lmcompress.auto")
+
+SLACK = 4.0          # points of drop beyond --max-drop that distillation may still recover (docs/distillation.md)
+MIN_DISTILL_S = 15.0  # a distillation share shorter than this trains too few steps to be worth a rung
+RUNGS = 3
+SLOW_FACTOR = 10     # a slow structure is built only with ten prune-builds of time left
+BASELINE_KEYS = {"dense|0", "int8|0"}
+
+
+@dataclass
+class Result:
+    """One candidate as scored: the chain, the distillation it had, its guard score and cost."""
+
+    chain: Chain
+    distill_s: float
+    score: Score
+    cost: float
+    rung: int
+    valid: bool
+    elapsed_s: float            # since the search started, when it was scored
+
+    def row(self, dense_cost: float) -> dict[str, Any]:
+        return {"chain": self.chain.name, "distill_s": round(self.distill_s), "rung": self.rung,
+                "metric": round(self.score.metric, 2), "drop": round(self.score.drop, 2), "se": round(self.score.se, 2),
+                "cost": round(self.cost, 4), "x_dense": round(dense_cost / self.cost, 3) if self.cost > 0 else None,
+                "valid": self.valid, "elapsed_s": round(self.elapsed_s, 1)}
+
+
+@dataclass
+class Student:
+    """A structure's float model, distilled so far (quantization variants are made from it when scored)."""
+
+    structure: Structure
+    model: nn.Module
+    distill_s: float = 0.0
+    results: list[Result] = field(default_factory=list)
+
+
+@dataclass
+class Context:
+    """What every step of the search shares."""
+
+    dense: nn.Module
+    tokenizer: Any
+    task: Any
+    calibration: Any           # examples the recipes calibrate on (training split, guard excluded)
+    distill_train: Any
+    distill_heldout: Any
+    guard: Guard
+    cost: Cost
+    store: BestStore
+    target: str
+    batch_size: int
+    seq_len: int
+    max_drop: float
+    z: float
+    labels: bool
+    calibration_settings: dict[str, Any]
+    max_length: int
+
+
+@contextlib.contextmanager
+def quiet_library(enabled: bool = True) -> Iterator[None]:
+    """Silence the per-layer and per-checkpoint lines of the stages the search runs (hundreds per candidate);
+    the search's own lines (`lmcompress.auto`) still print."""
+    library = logging.getLogger("lmcompress")
+    previous, own = library.level, log.level
+    if enabled:
+        log.setLevel(logging.INFO if logging.getLogger().getEffectiveLevel() <= logging.INFO
+                     or library.getEffectiveLevel() <= logging.INFO else logging.WARNING)
+        library.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        library.setLevel(previous)
+        log.setLevel(own)
+
+
+class Search:
+    def __init__(self, ctx: Context, budget_s: float, dev_size: int = 0, repeats: int = 10) -> None:
+        self.ctx = ctx
+        self.started = time.perf_counter()
+        self.budget_s = budget_s
+        self.dev_size, self.repeats = dev_size, repeats
+        self.reserve_s = 0.0                 # kept for the final timing and the dev score (set once dense is measured)
+        self.results: list[Result] = []
+        self.best: Result | None = None
+        self.models: dict[str, nn.Module] = {}   # scored models kept for the side-by-side timing (the best few)
+        self.dense_score: Score | None = None
+        self.dense_cost = math.nan
+        self.dense_measured_ms = math.nan
+        self.eval_s: list[float] = []
+        self.build_s: list[float] = []
+        self.stopped = ""                    # why the search ended
+
+    # --- time -------------------------------------------------------------------------------------------
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def left(self) -> float:
+        return self.budget_s - self.reserve_s - self.elapsed()
+
+    def stamp(self) -> str:
+        return f"[{_clock(self.elapsed())}/{_clock(self.budget_s)}]"
+
+    # --- baselines --------------------------------------------------------------------------------------
+    def baselines(self) -> None:
+        """Dense and int8 on the guard and under the target; the better valid one is saved at once."""
+        ctx = self.ctx
+        start = time.perf_counter()
+        self.dense_score = ctx.guard.set_dense(ctx.dense)
+        eval_s = time.perf_counter() - start
+        self.dense_cost = ctx.cost(ctx.dense)
+        dense_s = time.perf_counter() - start
+        self.dense_measured_ms = self._measured_dense_ms()
+        self.reserve_s = reserve_seconds(self.dense_measured_ms, eval_s, len(ctx.guard.examples), self.dev_size,
+                                         self.repeats)
+        if ctx.target == "latency" and not 0.67 < self.dense_cost / self.dense_measured_ms < 1.5:
+            log.warning("auto: the latency table predicts dense at %s ms but it measured %s ms: the table (%s) may "
+                        "have been timed on a busy machine; delete it to measure it again", fmt(self.dense_cost),
+                        fmt(self.dense_measured_ms), ctx.cost.table.path)
+        if self.elapsed() > self.budget_s:
+            raise LMCompressError(f"--time {_clock(self.budget_s)} is too short: measuring the dense model alone "
+                                  f"took {dense_s:.0f}s; give at least {_clock(3 * dense_s + 30)}")
+        dense = Result(Chain(Structure()), 0.0, self.dense_score, self.dense_cost, 0, True, self.elapsed())
+        self._record(dense, ctx.dense)
+        self.evaluate(Chain(Structure(), "int8"), ctx.dense, 0.0, 0)
+        if self.best is dense or self.ctx.store.current is None:
+            self._save(self.best, ctx.dense)
+
+    def _measured_dense_ms(self) -> float:
+        """One short timing of dense: the reserve for the final timing, and a check of the table's prediction."""
+        from lmcompress.evaluation.efficiency import measure_latency
+
+        return measure_latency(self.ctx.dense, self.ctx.batch_size, self.ctx.seq_len, warmup=1, repeats=3)["median_ms"]
+
+    # --- scoring ----------------------------------------------------------------------------------------
+    def quantized(self, chain: Chain, model: nn.Module) -> nn.Module:
+        """A quantized copy of `model` (the float student stays as it is, to be distilled further)."""
+        from lmcompress.engine.pipeline import compress
+
+        copied = copy.deepcopy(model)
+        if chain.quant is None:
+            return copied
+        recipe = Chain(Structure(), chain.quant).recipe(self.ctx.target, self.ctx.batch_size, self.ctx.seq_len,
+                                                        self.ctx.labels, calibration=self.ctx.calibration_settings)
+        compress(copied, recipe, self.ctx.tokenizer, self.ctx.calibration, progress=False, timing=False)
+        return copied
+
+    def evaluate(self, chain: Chain, float_model: nn.Module, distill_s: float, rung: int) -> Result:
+        """Quantize (a copy), score on the guard, price under the target; a valid one cheaper than the best is
+        saved at once."""
+        start = time.perf_counter()
+        model = self.quantized(chain, float_model)
+        score = self.ctx.guard.score(model)
+        cost = self.ctx.cost(model)
+        result = Result(chain, distill_s, score, cost, rung, score.valid(self.ctx.max_drop, self.ctx.z),
+                        self.elapsed())
+        self.eval_s.append(time.perf_counter() - start)
+        self._record(result, model)
+        return result
+
+    def _record(self, result: Result, model: nn.Module) -> None:
+        self.results.append(result)
+        better = result.valid and (self.best is None or _better(result, self.best))
+        verdict = "valid" if result.valid else f"drop over {fmt(self.ctx.max_drop)}"
+        unit = self.ctx.cost.unit
+        speed = f" ({fmt(self.dense_cost / result.cost)}x dense)" if result.cost > 0 and self.results[1:] else ""
+        log.info("auto %s %s%s: guard %s %s (drop %s ± %s), %s %s%s: %s%s", self.stamp(), result.chain.name,
+                 f", distilled {result.distill_s:.0f}s" if result.distill_s else "", self.ctx.task.metric,
+                 fmt(result.score.metric), fmt(result.score.drop), fmt(result.score.se), fmt(result.cost), unit,
+                 speed, verdict, ", new best" if better and self.results[1:] else "")
+        if result.valid or _key(result) in BASELINE_KEYS:   # int8 is timed beside the answer even when invalid
+            self.models[_key(result)] = model
+        if better:
+            self.best = result
+            if self.ctx.store.current is not None or result.chain.structure.method or result.chain.quant:
+                self._save(result, model)
+        self._keep_few_models()
+
+    def _save(self, result: Result, model: nn.Module) -> None:
+        ctx = self.ctx
+        recipe = result.chain.recipe(ctx.target, ctx.batch_size, ctx.seq_len, ctx.labels, result.distill_s,
+                                     ctx.calibration_settings)
+        ctx.store.put(model, ctx.tokenizer, recipe, {**result.row(self.dense_cost), "unit": ctx.cost.unit,
+                                                     "target": ctx.target})
+
+    def _keep_few_models(self, keep: int = 3) -> None:
+        """Dense, int8 and the `keep` cheapest valid models stay in memory for the final timing."""
+        valid = sorted((r for r in self.results if r.valid and _key(r) in self.models
+                        and r.chain.name not in ("dense", "int8")), key=lambda r: r.cost)
+        wanted = {_key(r) for r in valid[:keep]} | BASELINE_KEYS
+        for name in [n for n in self.models if n not in wanted]:
+            del self.models[name]
+
+    # --- the proxy rung ---------------------------------------------------------------------------------
+    def build(self, structure: Structure) -> Student | None:
+        """The structure applied to a copy of dense (no distillation yet), and its chains scored."""
+        from lmcompress.engine.pipeline import compress
+
+        ctx = self.ctx
+        estimate = (SLOW_FACTOR if self.slow(structure) else 1) * max(self.build_s, default=0.0) \
+            + 2 * max(self.eval_s, default=0.0)
+        if self.left() < estimate:
+            return None
+        start = time.perf_counter()
+        model = copy.deepcopy(ctx.dense)
+        recipe = Chain(structure).recipe(ctx.target, ctx.batch_size, ctx.seq_len, ctx.labels,
+                                         calibration=ctx.calibration_settings)
+        try:
+            compress(model, recipe, ctx.tokenizer, ctx.calibration, progress=False, timing=False)
+        except LMCompressError as err:   # a structure this model cannot take: say so and go on with the others
+            log.warning("auto %s %s: skipped (%s)", self.stamp(), structure.name, err)
+            return None
+        self.build_s.append(time.perf_counter() - start)
+        student = Student(structure, model)
+        for chain in chains(ctx.target):
+            if chain.structure == structure:
+                student.results.append(self.evaluate(chain, model, 0.0, 0))
+        return student
+
+    def slow(self, structure: Structure) -> bool:
+        """Factorisation under a latency budget: its allocator times every rank it builds through the table, about
+        ten times a prune on MiniLM (3.5 min against 20 s on 2 cores)."""
+        return structure.method == "whitened_svd" and self.ctx.target == "latency"
+
+    def proxy_rung(self, todo: list[Structure]) -> list[Student]:
+        built = []
+        for structure in todo:
+            if self.left() <= 0:
+                break
+            student = self.build(structure)
+            if student is not None:
+                built.append(student)
+        return built
+
+    # --- successive halving -----------------------------------------------------------------------------
+    def promising(self, student: Student, slack: float) -> float | None:
+        """The cost of the student's cheapest chain that could still beat the best valid model after more
+        distillation (None: none could)."""
+        latest = {}
+        for result in student.results:
+            latest[result.chain] = result
+        costs = [r.cost for r in latest.values()
+                 if not r.valid and r.score.drop <= self.ctx.max_drop + slack
+                 and (self.best is None or r.cost < self.best.cost)]
+        return min(costs) if costs else None
+
+    def distill(self, student: Student, seconds: float, first: bool) -> None:
+        from lmcompress.training.distillation import DistillConfig, distill
+
+        ctx = self.ctx
+        config = DistillConfig(max_length=ctx.max_length, seed=0, **({} if first else {"phases": ["global"]}))
+        with tempfile.TemporaryDirectory(prefix="lmcompress-auto-") as scratch:
+            result = distill(ctx.dense, student.model, ctx.tokenizer, ctx.distill_train, ctx.distill_heldout,
+                             ctx.task, seconds, scratch, config=config, progress=False)
+        student.model = result.model
+        student.distill_s += result.state["elapsed_s"]
+
+    def halving(self, pool: list[Student], rung: int = 1) -> None:
+        slack = SLACK
+        rungs_left = RUNGS
+        while True:
+            ranked = sorted(((c, s) for s in pool if (c := self.promising(s, slack)) is not None),
+                            key=lambda pair: pair[0])
+            pool = [s for _, s in ranked]
+            if not pool:
+                return
+            overhead = max(self.eval_s, default=5.0) * 2 + 5.0
+            share = self.left() / rungs_left
+            fit = max(1, int(share // (MIN_DISTILL_S + overhead)))
+            pool = pool[:fit]
+            seconds = share / len(pool) - overhead
+            if seconds < MIN_DISTILL_S:
+                seconds = self.left() / len(pool) - overhead
+                if seconds < MIN_DISTILL_S:
+                    self.stopped = "time spent"
+                    return
+            log.info("auto %s rung %d: distilling %s for %.0fs each", self.stamp(), rung,
+                     ", ".join(s.structure.name for s in pool), seconds)
+            for student in pool:
+                if self.left() < MIN_DISTILL_S:
+                    break
+                try:
+                    self.distill(student, min(seconds, self.left() - overhead / 2), first=student.distill_s == 0)
+                except LMCompressError as err:   # a student distillation refuses: the others go on
+                    log.warning("auto %s %s: not distilled (%s)", self.stamp(), student.structure.name, err)
+                    student.results.clear()
+                    continue
+                for chain in chains(self.ctx.target):
+                    if chain.structure == student.structure:
+                        student.results.append(self.evaluate(chain, student.model, student.distill_s, rung))
+            pool = pool[:max(1, math.ceil(len(pool) / 2))]
+            rungs_left = max(1, rungs_left - 1)
+            slack = max(slack / 2, 1.0)
+            rung += 1
+
+    # --- the whole search -------------------------------------------------------------------------------
+    def run(self) -> None:
+        with quiet_library():
+            self.baselines()
+            tried: list[Structure] = []
+            everything = structures(self.ctx.target)
+            late = [s for s in everything if self.slow(s)]   # tried once the cheap ones had their distillation
+            todo = [s for s in everything if s not in late]
+            rung = 1
+            while todo and self.left() > 0:
+                tried += todo
+                pool = self.proxy_rung(todo)
+                self.halving(pool, rung)
+                rung = 1 + max((r.rung for r in self.results), default=0)
+                best_structure = self.best.chain.structure if self.best else None
+                nxt = refined(tried, best_structure)
+                todo = [nxt] if nxt is not None else []
+                if not todo and late:
+                    todo, late = late, []
+            self.stopped = self.stopped or ("time spent" if self.left() <= 0 else "space exhausted")
+            log.info("auto %s search ended (%s): best %s", self.stamp(), self.stopped,
+                     self.best.chain.name if self.best else "none")
+
+
+def reserve_seconds(dense_ms: float, dense_eval_s: float, guard_size: int, dev_size: int, repeats: int,
+                    finalists: int = 5) -> float:
+    """What the final confirmation will take, from the dense model's latency and guard scoring time: the time
+    the search leaves for it."""
+    timing = finalists * (repeats + 2) * dense_ms / 1000
+    dev = 3 * dense_eval_s * max(1.0, dev_size / max(1, guard_size))
+    return timing + dev + 5.0
+
+
+def _better(a: Result, b: Result) -> bool:
+    """Lower cost wins; equal cost (within 0.5%): the higher guard metric."""
+    if a.cost < b.cost * 0.995:
+        return True
+    return a.cost <= b.cost * 1.005 and a.score.metric > b.score.metric
+
+
+def _key(result: Result) -> str:
+    return f"{result.chain.name}|{round(result.distill_s)}"
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"

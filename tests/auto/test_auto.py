@@ -1,0 +1,157 @@
+"""`lmcompress auto` end to end on a tiny random model and a small CSV: an answer within the guard (or the
+dense model when nothing met it), the best valid model always on disk (also when interrupted), the report, and
+one-line refusals. Latency tables are priced by a formula (tests check the logic; benchmarks time)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import SENTENCES, save_classifier, write_sentiment_csv
+from transformers import BertConfig, BertForSequenceClassification
+
+import lmcompress
+from lmcompress.auto.proxy import Guard, Score
+from lmcompress.auto.search import Search
+from lmcompress.cli import main
+from lmcompress.engine.recipe import Recipe
+from lmcompress.evaluation import latency_table as lt
+from lmcompress.evaluation.latency_table import LatencyTable
+
+
+def formula(kind: str, fields: dict, module=None) -> float:
+    """Milliseconds proportional to the work, int8 at a third of dense (so quantization and pruning both pay)."""
+    if kind == "linear":
+        return 1e-4 * fields["inp"] * fields["out"] + 0.01
+    if kind == "int8":
+        return 3e-5 * fields["inp"] * fields["out"] + 0.01
+    if kind == "module":
+        scale = 3e-5 if "Quantized" in type(module).__name__ else 1e-4
+        return scale * module.flops_per_token() / 2 + 0.01
+    if kind == "attention":
+        return 0.05 * fields["heads"]
+    return 1e-4 * fields["width"]
+
+
+@pytest.fixture
+def fake_table(tmp_path, monkeypatch):
+    monkeypatch.setenv(lt.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(LatencyTable, "measure", lambda self, kind, fields, module=None: formula(kind, fields, module))
+
+    def fake_passes(model, batch_size, seq_len, repeats, warmup=2):
+        table = LatencyTable(batch_size=batch_size, seq_len=seq_len, path=None)
+        act = lt.activation_name(model)
+        blocks = [lt.block_components_ms(table, p, act) for p in lt.block_parts(model)]
+        return sum(blocks) + sum(table.module(m) for m in lt.outside_linears(model).values()) + 0.5, blocks
+
+    monkeypatch.setattr(lt, "timed_passes", fake_passes)
+
+
+@pytest.fixture
+def tiny(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=2)
+    model_dir = save_classifier(BertForSequenceClassification(config).eval(), tokenizer, tmp_path / "tiny")
+    texts = [f"{s} {w}" for w in ("indeed", "truly", "today", "again", "really", "honestly", "somehow", "still")
+             for s in SENTENCES]
+    return model_dir, write_sentiment_csv(tmp_path / "data.csv", texts)
+
+
+def run(tiny, out, *extra: str) -> int:
+    model_dir, data = tiny
+    return main(["-q", "auto", "--model", str(model_dir), "--task", "text-classification", "--data", str(data),
+                 "--text-column", "text", "--label-column", "label", "--seq-len", "32", "--calib-samples", "16",
+                 "--repeats", "2", "--out", str(out), *extra])
+
+
+def test_the_answer_is_within_the_guard_never_slower_than_int8_and_loads(fake_table, tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(tiny, out, "--time", "30s", "--max-drop", "5") == 0, capsys.readouterr().err
+    front = json.loads((out / "front.json").read_text())
+    chosen = front["final"]["chosen"]
+    assert chosen["valid"] and chosen["drop"] + front["z"] * chosen["se"] <= 5
+    assert chosen["chain"] != "dense"   # prune and int8 are cheaper under the formula, and drop nothing here
+    timing = front["final"]["timing"]
+    int8 = next(c for c in front["candidates"] if c["chain"] == "int8")
+    if int8["valid"]:
+        key = f"{chosen['chain']}|{chosen['distill_s']}"
+        assert timing[key]["median_ms"] <= timing["int8|0"]["median_ms"]
+    assert lmcompress.load(out / "model") is not None   # saved like any other model
+    assert json.loads((out / "best.json").read_text())["chain"] == chosen["chain"]
+    Recipe.from_yaml(out / "recipe.yaml")    # the chosen chain as a recipe
+    report = (out / "report.md").read_text()
+    assert "## Explored front" in report and "Scored once on dev" in report and "Side by side" in report
+    assert len(front["candidates"]) > 2      # the search went beyond the baselines
+    assert "chosen:" in capsys.readouterr().out
+
+
+def test_when_nothing_meets_the_guard_the_answer_is_dense_and_the_report_says_so(fake_table, tiny, tmp_path,
+                                                                                 monkeypatch):
+    real = Guard.score
+    monkeypatch.setattr(Guard, "score", lambda self, model: Score(real(self, model).metric - 3, 3.0, 0.0))
+    out = tmp_path / "out"
+    assert run(tiny, out, "--time", "6s", "--max-drop", "1") == 0
+    front = json.loads((out / "front.json").read_text())
+    assert front["final"]["chosen"]["chain"] == "dense"
+    assert not any(c["valid"] for c in front["candidates"] if c["chain"] != "dense")
+    assert "No compressed candidate kept the guard drop within the limit" in (out / "report.md").read_text()
+    assert (out / "recipe.yaml").read_text().startswith("# no compression met")
+    assert lmcompress.load(out / "model") is not None
+
+
+def test_an_interrupted_search_leaves_the_best_model_so_far(fake_table, tiny, tmp_path, monkeypatch):
+    def interrupted(self, structure):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Search, "build", interrupted)
+    out = tmp_path / "out"
+    assert run(tiny, out, "--time", "30s", "--max-drop", "5") == 130
+    best = json.loads((out / "best.json").read_text())
+    assert best["chain"] in ("int8", "dense") and best["valid"]
+    assert lmcompress.load(out / "model") is not None
+    assert "Interrupted before the final timing" in (out / "report.md").read_text()
+    assert not list(out.glob(".*tmp*")) and len(list((out / "models").iterdir())) == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--max-drop", "-1"], "impossible --max-drop"),
+    (["--max-drop", "100"], "impossible --max-drop"),
+    (["--max-drop", "nan"], "impossible --max-drop"),
+    (["--target", "speed"], "unknown --target 'speed'"),
+    (["--time", "soon"], "--time"),
+    (["--data", "/nonexistent/data.csv"], "data.csv"),
+    (["--time", "0.01s"], "too short"),
+])
+def test_bad_arguments_fail_in_one_line_and_write_nothing(fake_table, tiny, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    args = extra if "--time" in extra else ["--time", "20s", *extra]
+    assert run(tiny, out, *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not out.exists()
+
+
+def test_a_non_empty_out_is_refused_unless_it_holds_an_auto_run(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    assert run(tiny, out, "--overwrite") == 2
+    assert "holds no auto run" in capsys.readouterr().err and (out / "mine.txt").read_text() == "keep"
+
+
+def test_the_drop_standard_error_is_paired(tokenizer):
+    """Two models that disagree on no example have a drop of 0 with no spread; disagreement gives spread."""
+    from lmcompress.tasks import Examples, get_task
+
+    task = get_task("sst2")
+    examples = Examples(SENTENCES * 4, None, [i % 2 for i in range(48)], ("negative", "positive"))
+    guard = Guard(task, examples, tokenizer, 32)
+    guard.dense_predictions = guard.labels.copy()
+    assert guard.drop_se(guard.labels.copy()) == 0
+    flipped = guard.labels.copy()
+    flipped[:12] = 1 - flipped[:12]
+    se = guard.drop_se(flipped)
+    assert 0 < se < 25 and math.isfinite(se)
