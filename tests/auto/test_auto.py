@@ -17,6 +17,7 @@ from lmcompress.auto.proxy import Guard, Score
 from lmcompress.auto.search import Search
 from lmcompress.cli import main
 from lmcompress.engine.recipe import Recipe
+from lmcompress.evaluation import efficiency
 from lmcompress.evaluation import latency_table as lt
 from lmcompress.evaluation.latency_table import LatencyTable
 
@@ -47,6 +48,14 @@ def fake_table(tmp_path, monkeypatch):
         return sum(blocks) + sum(table.module(m) for m in lt.outside_linears(model).values()) + 0.5, blocks
 
     monkeypatch.setattr(lt, "timed_passes", fake_passes)
+
+    def fake_clock(models, batch_size=1, seq_len=128, warmup=2, repeats=20):
+        """The side-by-side timing priced by the same formula: a tiny model's real clock is noise."""
+        return {name: {"median_ms": fake_passes(model, batch_size, seq_len, repeats)[0], "p25_ms": 0.0,
+                       "p75_ms": 0.0, "batch_size": batch_size, "seq_len": seq_len, "repeats": repeats,
+                       "threads": 1, "device": "cpu"} for name, model in models.items()}
+
+    monkeypatch.setattr(efficiency, "paired_latency", fake_clock)
 
 
 @pytest.fixture
