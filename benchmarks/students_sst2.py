@@ -11,6 +11,9 @@ Presets (each sets every knob below; flags given explicitly override them):
          About 15-20 minutes on 2 cores (teacher outputs ~3 min, Fourier distillation ~5 min).
   full   seeds 0 1 2; 16,000 labelled + all other SST-2 training sentences (~51k) unlabelled; ngram {1,2,3},
          table {20k, 200k, 1M}, dim {64, 256, 1024}; Fourier k 1..6 with 5 and 10 minutes. Hours.
+  all-text  seed 0; DANs only, on all SST-2 training text: 16,000 labelled + the other ~51k unlabelled; ngram
+         {1,2}, table 200k, dim {64, 256}. Write it to its own --out (names do not carry the amount of text).
+  fourier-half  seed 0; Fourier only: the 3 least sensitive of 6 attention blocks, then 10 minutes of distill.
   smoke  a minute: checks that the script runs (tiny sizes; its numbers mean nothing).
 
 Teachers: benchmarks/common.py `finetuned_model` (MiniLM fine-tuned on 16,000 SST-2 sentences, one per seed, cached).
@@ -47,6 +50,10 @@ from lmcompress.training.dan import DANOptions, distill_dan, teacher_outputs
 PRESETS = {
     "first": {"seeds": [0], "labelled": 4000, "unlabelled": 8000, "ngram": [1, 2], "table": [20_000, 200_000],
               "dim": [64, 256], "ks": [1, 2, 3], "distill": ["90s"], "epochs": 5},
+    "all-text": {"seeds": [0], "labelled": 16_000, "unlabelled": None, "ngram": [1, 2], "table": [200_000],
+                 "dim": [64, 256], "ks": [], "distill": [], "epochs": 5},
+    "fourier-half": {"seeds": [0], "labelled": 4000, "unlabelled": 0, "ngram": [], "table": [], "dim": [],
+                     "ks": [3], "distill": ["10m"], "epochs": 5},
     "smoke": {"seeds": [0], "labelled": 200, "unlabelled": 200, "ngram": [1], "table": [1000], "dim": [16],
               "ks": [1], "distill": ["10s"], "epochs": 1},
     "full": {"seeds": [0, 1, 2], "labelled": 16_000, "unlabelled": None, "ngram": [1, 2, 3],
@@ -85,7 +92,9 @@ def end_to_end_seconds(models: dict[str, tuple], texts: list[str], rounds: int =
 
 
 def dan_points(settings: dict) -> list[tuple[str, DANOptions, bool]]:
-    points = []
+    points: list[tuple[str, DANOptions, bool]] = []
+    if not settings["ngram"]:
+        return points
     for ngram, table, dim in itertools.product(settings["ngram"], settings["table"], settings["dim"]):
         options = DANOptions(ngram=ngram, table=table, dim=dim, hidden=256, epochs=settings["epochs"])
         points.append((f"DAN n={ngram} table={table // 1000}k dim={dim} +unlabelled", options, True))
