@@ -183,3 +183,19 @@ def test_grid_and_interpolation():
     assert lt.grid(3) == [1, 2, 3] and lt.grid(100)[0] == 1 and lt.grid(100)[-1] == 100 and len(lt.grid(100)) == 6
     assert lt.interpolate([1, 3], [10, 30], 2) == 20 and lt.interpolate([1, 3], [10, 30], 5) == 50
     assert lt.line_fit([1, 2, 3], [3, 5, 7]) == pytest.approx((1.0, 2.0))
+
+
+def test_entries_are_the_fast_quarter_of_their_timings_so_a_busy_moment_does_not_stick(monkeypatch):
+    """A scripted clock: five of eight calls slowed tenfold by 'another process'. The table keeps the fast
+    calls' time, where the median (what side-by-side comparisons report) takes the slow one."""
+    from types import SimpleNamespace
+
+    from lmcompress.evaluation import efficiency
+
+    durations = [0.001, 0.010, 0.010, 0.001, 0.010, 0.010, 0.001, 0.010] * 2
+    ticks = iter(t for d in durations for t in (0.0, d))
+    monkeypatch.setattr(efficiency, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    table = LatencyTable(path=None, batch_size=1, seq_len=4, repeats=8)
+    assert table.linear(8, 8) == pytest.approx(1.0)
+    assert efficiency.call_milliseconds(lambda: None, torch.device("cpu"), 8) == pytest.approx(10.0)
+    assert efficiency.lower_quartile([5.0, 1.0, 9.0]) == 1.0

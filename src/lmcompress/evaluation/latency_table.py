@@ -43,7 +43,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import tempfile
 import time
 import warnings
@@ -61,12 +60,13 @@ from lmcompress.core.linear import in_out_features, is_dense_linear
 from lmcompress.core.placement import execution_device
 from lmcompress.core.runtime import synchronize
 from lmcompress.core.units import group_units
-from lmcompress.evaluation.efficiency import call_milliseconds, dummy_batch
+from lmcompress.evaluation.efficiency import call_milliseconds, dummy_batch, lower_quartile
 from lmcompress.layers.base import CompressedLayer
 
 log = logging.getLogger("lmcompress")
 
-FORMAT = 1                      # bump when what an entry measures changes: older files are then ignored
+FORMAT = 2                      # bump when what an entry measures changes: older files are then ignored
+# 2: entries are the lower quartile of their timings, not the median (efficiency.lower_quartile says why)
 CACHE_ENV = "LMCOMPRESS_CACHE"  # overrides the cache folder (tests point it at a temporary one)
 REPEATS = 15
 RESIDUALS = ("block_factor", "outside")
@@ -206,25 +206,25 @@ class LatencyTable:
                     layer = torch.ao.quantization.quantize_dynamic(nn.Sequential(layer.float().cpu()), {nn.Linear},
                                                                    dtype=torch.qint8)
                 x = torch.randn(*rows, fields["inp"])
-                return call_milliseconds(lambda: layer(x), torch.device("cpu"), self.repeats)
+                return call_milliseconds(lambda: layer(x), torch.device("cpu"), self.repeats, statistic=lower_quartile)
             x = torch.randn(*rows, fields["inp"], **options)
-            return call_milliseconds(lambda: layer(x), self.device, self.repeats)
+            return call_milliseconds(lambda: layer(x), self.device, self.repeats, statistic=lower_quartile)
         if kind == "module":
             x = torch.randn(*rows, module.in_features, **options)
-            return call_milliseconds(lambda: module(x), self.device, self.repeats)
+            return call_milliseconds(lambda: module(x), self.device, self.repeats, statistic=lower_quartile)
         if kind == "attention":
             heads, kv_heads, head_dim = fields["heads"], fields["kv_heads"], fields["head_dim"]
             q = torch.randn(self.batch_size, heads, self.seq_len, head_dim, **options)
             k, v = (torch.randn(self.batch_size, kv_heads, self.seq_len, head_dim, **options) for _ in range(2))
             gqa = {"enable_gqa": True} if kv_heads != heads else {}
             return call_milliseconds(lambda: F.scaled_dot_product_attention(q, k, v, **gqa), self.device,
-                                     self.repeats)
+                                     self.repeats, statistic=lower_quartile)
         if kind == "activation":
             from transformers.activations import ACT2FN
 
             act = ACT2FN[fields["name"]]
             x = torch.randn(*rows, fields["width"], **options)
-            return call_milliseconds(lambda: act(x), self.device, self.repeats)
+            return call_milliseconds(lambda: act(x), self.device, self.repeats, statistic=lower_quartile)
         raise ValueError(f"the latency table cannot measure {kind!r} entries")
 
     # --- entries ----------------------------------------------------------------------------------------
@@ -370,8 +370,9 @@ def residual_fields(model: nn.Module) -> dict[str, Any]:
 
 def timed_passes(model: nn.Module, batch_size: int, seq_len: int, repeats: int,
                  warmup: int = 2) -> tuple[float, list[float]]:
-    """Median milliseconds of whole forward passes, and of each block *inside* those same passes (clocked by
-    hooks at the block's entry and exit), so block and model times share the machine's state of the moment."""
+    """Milliseconds of whole forward passes, and of each block *inside* those same passes (clocked by hooks at
+    the block's entry and exit), so block and model times share the machine's state of the moment; the lower
+    quartile of each, as the table's entries."""
     names = block_names(model)
     blocks = [model.get_submodule(n) for n in names]
     device = execution_device(model)
@@ -410,7 +411,7 @@ def timed_passes(model: nn.Module, batch_size: int, seq_len: int, repeats: int,
     finally:
         for handle in handles:
             handle.remove()
-    return statistics.median(totals), [statistics.median(b) if b else 0.0 for b in per_block]
+    return lower_quartile(totals), [lower_quartile(b) if b else 0.0 for b in per_block]
 
 
 def measure_residuals(model: nn.Module, table: LatencyTable) -> dict[str, float]:
