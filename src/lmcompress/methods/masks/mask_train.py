@@ -7,6 +7,12 @@ from one-shot data-aware scores: `wanda` (|w| ||x||) or `fisher` (w^2 times the 
 Objective: distillation from the model as it was before the recipe (the distill stage's losses, with `ce_weight`
 for the task loss), or `objective: lm`, the causal language model's own next-token loss (task-agnostic). The
 result is `SparseLinear` layers, so it stacks with int8 and saves like `sparsify`'s.
+
+`structured: true` learns masks over attention heads (key/value groups) and feed-forward neurons instead, sized by
+the stage budget (`flops=F` or `params=F`, as `prune`): one score per piece gating its features into the output
+projection, the hard selection by cost under the scheduled budget, scores started from `prune`'s unit scores
+(magnitude, activation, kcm, fisher); at the end the gated-off pieces are removed with `prune`'s code, so the
+result is an ordinary pruned model (see `_units.py`).
 """
 
 from __future__ import annotations
