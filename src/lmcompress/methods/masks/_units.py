@@ -72,20 +72,20 @@ def select(scores: dict[str, torch.Tensor], costs: dict[str, float], allowed: fl
     """Hard top-k over every piece by cost: the lowest-scoring pieces go, across all units, until the kept cost
     fits `allowed`; each unit keeps at least one piece (as `prune` selects, with the scores per unit of cost)."""
     names = list(scores)
+    sizes = [len(scores[n]) for n in names]
     flat = torch.cat([scores[n].detach().float().cpu() for n in names])
-    owner = torch.cat([torch.full((len(scores[n]),), i) for i, n in enumerate(names)])
-    cost = torch.tensor([costs[n] for n in names], dtype=torch.float64)
-    kept = torch.ones(len(flat), dtype=torch.bool)
-    left = torch.tensor([len(scores[n]) for n in names])
-    used = float((cost * left).sum())
+    owner = [i for i, size in enumerate(sizes) for _ in range(size)]   # plain lists: a refresh loops over pieces
+    cost = [costs[n] for n in names]
+    kept, left = [True] * len(flat), list(sizes)
+    used = sum(c * size for c, size in zip(cost, sizes, strict=True))
     for index in torch.argsort(flat, stable=True).tolist():
         if used <= allowed:
             break
-        unit = int(owner[index])
+        unit = owner[index]
         if left[unit] > 1:
             kept[index], left[unit] = False, left[unit] - 1
-            used -= float(cost[unit])
-    return dict(zip(names, kept.split([len(scores[n]) for n in names]), strict=True))
+            used -= cost[unit]
+    return dict(zip(names, torch.tensor(kept).split(sizes), strict=True))
 
 
 def kept_cost(keep: dict[str, torch.Tensor], costs: dict[str, float]) -> float:
