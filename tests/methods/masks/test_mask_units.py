@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SENTENCES, make_tiny_bert
+from conftest import SENTENCES, make_tiny_bert, make_tiny_gpt2
 from torch.utils.flop_counter import FlopCounterMode
 
 from lmcompress.calibration.settings import Calibration
@@ -98,8 +98,10 @@ def test_flops_budget_is_met_within_one_piece_and_units_are_removed(trained):
         assert in_out_features(model.get_submodule(unit.layers["in"]))[1] == width
 
 
-def test_hand_over_from_gates_to_the_pruned_model_is_exact(tokenizer):
-    model = make_tiny_bert(tokenizer.vocab_size, seed=1)
+@pytest.mark.parametrize("family", ["bert", "gpt2"])   # nn.Linear, and Conv1D with a fused qkv
+def test_hand_over_from_gates_to_the_pruned_model_is_exact(tokenizer, family):
+    model = (make_tiny_bert(tokenizer.vocab_size, seed=1) if family == "bert"
+             else make_tiny_gpt2(tokenizer.vocab_size, tokenizer.pad_token_id, seed=1))
     units = group_units(model, "attention") + group_units(model, "feed_forward")
     pieces = {u.name: pieces_of(model, u) for u in units}
     generator = torch.Generator().manual_seed(0)
