@@ -10,6 +10,8 @@ and pruned weights get no gradient. Nothing of it is ever saved: checkpoints and
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -130,3 +132,38 @@ class MaskedLinear(nn.Module):
 def normalised(scores: torch.Tensor) -> torch.Tensor:
     """Scores divided by their mean magnitude, so one score learning rate means the same in every layer."""
     return scores / scores.abs().mean().clamp_min(torch.finfo(scores.dtype).tiny)
+
+
+def train_scores(phase: Any, layers: dict[str, nn.Module], config: Any) -> None:
+    """Set up a phase of the anytime loop for mask training: the scores (each layer's `scores`) in their own
+    AdamW group at `score_lr`, the other trainable parameters at the phase's rate (none with
+    `train_weights: false`), and with `objective: lm` the causal LM's own loss."""
+    scores = [layer.scores for layer in layers.values()]
+    ids = {id(p) for p in scores}
+    frozen = set() if config.train_weights else {id(layer.weight) for layer in layers.values()}
+    others = [p for p in phase.params if id(p) not in ids and id(p) not in frozen]
+    if not config.train_weights:
+        for layer in layers.values():
+            layer.weight.requires_grad_(False)
+        others = []   # the scores alone: the model's values stay those before the stage
+        for p in phase.params:
+            if id(p) not in ids:
+                p.requires_grad_(False)
+    for p in scores:
+        p.requires_grad_(True)
+    lr = phase.optimizer.param_groups[0]["lr"]
+    groups = [{"params": scores, "lr": config.score_lr}] + ([{"params": others, "lr": lr}] if others else [])
+    phase.params = scores + others
+    phase.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    if config.objective == "lm":
+        phase.loss = lambda inputs, labels: next_token_loss(phase.student, inputs)
+
+
+def next_token_loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The causal LM's own loss: cross-entropy of each next real token."""
+    logits = model(**inputs).logits[:, :-1].float()
+    ids = inputs["input_ids"][:, 1:]
+    mask = inputs.get("attention_mask")
+    weights = torch.ones_like(ids, dtype=torch.float32) if mask is None else mask[:, 1:].float()
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1), reduction="none")
+    return (losses * weights.reshape(-1)).sum() / weights.sum().clamp_min(1)

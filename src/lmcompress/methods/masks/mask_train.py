@@ -7,19 +7,25 @@ from one-shot data-aware scores: `wanda` (|w| ||x||) or `fisher` (w^2 times the 
 Objective: distillation from the model as it was before the recipe (the distill stage's losses, with `ce_weight`
 for the task loss), or `objective: lm`, the causal language model's own next-token loss (task-agnostic). The
 result is `SparseLinear` layers, so it stacks with int8 and saves like `sparsify`'s.
+
+`structured: true` learns masks over attention heads (key/value groups) and feed-forward neurons instead, sized by
+the stage budget (`flops=F` or `params=F`, as `prune`): one score per piece gating its features into the output
+projection, the hard selection by cost under the scheduled budget, scores started from `prune`'s unit scores
+(magnitude, activation, kcm, fisher); at the end the gated-off pieces are removed with `prune`'s code, so the
+result is an ordinary pruned model (see `_units.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, ValidationError, field_validator, model_validator
 from torch import nn
 
@@ -27,8 +33,17 @@ from lmcompress.calibration.collection import collect
 from lmcompress.core.families import shared_layers_refusal
 from lmcompress.core.linear import in_out_features, set_submodule, weight_out_in
 from lmcompress.errors import RecipeError
+from lmcompress.kernels.structured import pieces_of
 from lmcompress.methods.base import LayerResult, Method, MethodConfig, ModelResult, StageContext, register_method
-from lmcompress.methods.masks._masking import MaskedLinear, cubic_sparsity, normalised, pattern_sparsity
+from lmcompress.methods.masks._masking import (
+    MaskedLinear,
+    cubic_sparsity,
+    normalised,
+    pattern_sparsity,
+    train_scores,
+)
+from lmcompress.methods.masks._units import GatedLinear, UnitSchedule, kept_cost, output_name, piece_width, remove_units
+from lmcompress.methods.pruning.prune import Prune, PruneConfig, _budget_costs, check_anatomy, prunable_units
 from lmcompress.methods.recovery.distill import _resumes, _task_of
 from lmcompress.methods.sparsity.sparsify import SparsifyConfig
 from lmcompress.training.distillation import DistillConfig, TrainingHooks, parse_duration
@@ -41,9 +56,15 @@ class MaskTrainConfig(DistillConfig, MethodConfig):
     sparsity: float | None = Field(default=None, ge=0, lt=1, description="fraction of each matrix's weights zeroed "
                                    "(default 0.5 when neither it nor pattern is given)")
     pattern: str | None = Field(default=None, description="N:M, e.g. 2:4: N weights kept in every M inputs of a row")
-    init: Literal["magnitude", "wanda", "fisher"] = Field(
+    init: Literal["magnitude", "wanda", "fisher", "activation", "kcm"] = Field(
         default="magnitude", description="initial scores: |w|, wanda's |w| ||x|| (calibration data) or w^2 times "
-                                         "the diagonal Fisher (labelled calibration data)")
+                                         "the diagonal Fisher (labelled calibration data); structured: prune's "
+                                         "magnitude, activation, kcm or fisher unit scores")
+    structured: bool = Field(default=False, description="learn masks over attention heads (key/value groups) and "
+                                                        "feed-forward neurons under the stage budget (flops=F or "
+                                                        "params=F), removed at the end as prune removes them")
+    heads: bool = Field(default=True, description="structured: mask attention heads (key/value groups)")
+    neurons: bool = Field(default=True, description="structured: mask feed-forward neurons")
     initial_sparsity: float = Field(default=0.0, ge=0, lt=1, description="sparsity at the start of the schedule")
     ramp: float = Field(default=0.6, gt=0, le=1, description="share of the budget over which the sparsity rises "
                                                              "(cubic) to its target; held after")
@@ -79,6 +100,16 @@ class MaskTrainConfig(DistillConfig, MethodConfig):
     def _sizes(self) -> MaskTrainConfig:
         if self.sparsity is not None and self.pattern is not None:
             raise ValueError("give either sparsity or pattern, not both")
+        if self.structured:
+            if self.sparsity is not None or self.pattern is not None:
+                raise ValueError("structured masks are sized by the stage budget (flops=F or params=F); drop "
+                                 "sparsity and pattern")
+            if self.init == "wanda":
+                raise ValueError("init wanda scores weights, not units; structured takes magnitude, activation, "
+                                 "kcm or fisher")
+            return self
+        if self.init in ("activation", "kcm"):
+            raise ValueError(f"init {self.init} scores heads and neurons; it needs structured: true")
         if self.initial_sparsity > self.target:
             raise ValueError(f"initial_sparsity {self.initial_sparsity} is above the target {self.target:.4g}")
         return self
@@ -109,7 +140,7 @@ class MaskTrain(Method):
     name = "mask_train"
     config_class = MaskTrainConfig
     unit = "model"
-    budget_metrics = ()
+    budget_metrics = ("params", "flops")   # structured masks only (see `sized_by_budget`)
 
     def needs_for(self, config: MaskTrainConfig) -> frozenset[str]:
         return frozenset({"labels"}) if config.needs_labels or config.init == "fisher" else frozenset()
@@ -121,8 +152,9 @@ class MaskTrain(Method):
         return True
 
     def sized_by_budget(self, config: MaskTrainConfig) -> None:
-        raise RecipeError("method 'mask_train' trains unstructured or N:M masks (sparsity=F or pattern=N:M); "
-                          "structured units under a FLOPs budget are not supported yet (use prune)")
+        if not config.structured:
+            raise RecipeError("method 'mask_train': unstructured and N:M masks are sized by sparsity=F or "
+                              "pattern=N:M; a stage budget sizes structured masks (structured: true)")
 
     def check_targets(self, layers: dict[str, nn.Module], config: MaskTrainConfig,
                       model: nn.Module | None = None) -> None:
@@ -142,31 +174,17 @@ class MaskTrain(Method):
 
     def compress_model(self, model: nn.Module, tokenizer: Any, data: Any, config: MaskTrainConfig,
                        targets: dict[str, nn.Module], context: StageContext | None = None) -> ModelResult:
-        from lmcompress.training.distillation import distill, split_heldout
-
         context = context or StageContext()
         if context.original is None:
             raise RecipeError("method 'mask_train' needs the model as it was before the recipe (run it through "
                               "lmcompress.compress)")
+        if config.structured:
+            return self._structured(model, tokenizer, data, config, targets, context)
         scores = initial_scores(model, targets, config, context)
         masked = {name: MaskedLinear(layer, scores[name], config.nm, config.initial_sparsity)
                   for name, layer in targets.items()}
-        for name, layer in masked.items():
-            set_submodule(model, name, layer)
-        try:
-            train, heldout = split_heldout(data, config.heldout, config.seed)
-            options = DistillConfig(**config.model_dump(include=set(DistillConfig.model_fields)))
-            hooks = MaskSchedule(masked, config, context.original)
-            resume = config.workdir is not None and _resumes(Path(config.workdir), run_settings(
-                options, context.original, model, train, heldout))
-            with tempfile.TemporaryDirectory(prefix="lmcompress-mask-train-") as scratch:
-                result = distill(context.original, model, tokenizer, train, heldout, _task_of(model, data),
-                                 config.time, config.workdir or scratch, config=options, resume=resume,
-                                 progress=context.progress, hooks=hooks)
-        except BaseException:
-            for name, layer in targets.items():   # nothing half-changed: the dense layers go back
-                set_submodule(model, name, layer)
-            raise
+        hooks = MaskSchedule(masked, config, context.original)
+        result = _train(model, tokenizer, data, config, context, masked, targets, hooks)
         layers = []
         for name, layer in masked.items():
             sparse = layer.to_sparse(config.target)
@@ -174,6 +192,75 @@ class MaskTrain(Method):
             dense = layer.in_features * layer.out_features
             layers.append(LayerResult(sparse, dense, sparse.nnz, metrics={"density": sparse.nnz / dense}, name=name))
         return ModelResult(layers, None, _report(result, hooks, config))
+
+    def _structured(self, model: nn.Module, tokenizer: Any, data: Any, config: MaskTrainConfig,
+                    targets: dict[str, nn.Module], context: StageContext) -> ModelResult:
+        """Gates over heads and neurons, trained under the budget, then the gated-off pieces removed for real."""
+        if context.budget is None:
+            raise RecipeError("method 'mask_train': structured masks are sized by a stage budget; give one "
+                              "(--budget flops=F or params=F)")
+        if config.initial_sparsity > 1 - context.budget.fraction:
+            raise RecipeError(f"method 'mask_train': initial_sparsity {config.initial_sparsity} is above what the "
+                              f"budget removes ({1 - context.budget.fraction:.4g} of the targets' "
+                              f"{context.budget.metric})")
+        options = PruneConfig(score=config.init, heads=config.heads, neurons=config.neurons, compensate="none",
+                              seed=config.seed)
+        check_anatomy(model, options, self.name)
+        units = prunable_units(model, targets, options, self.name)
+        pieces = {u.name: pieces_of(model, u) for u in units}
+        unit_cost, total, allowed = _budget_costs(model, units, pieces, context.budget)
+        batches = None if config.init == "magnitude" else context.calibration_batches(config.init == "fisher")
+        with torch.enable_grad():
+            scores = Prune()._scores(model, units, pieces, batches, options, context.progress)
+        per_cost = {n: score.float().cpu() / unit_cost[n] for n, score in scores.items()}
+        mean = torch.cat(list(per_cost.values())).abs().mean().clamp_min(1e-30)
+        outputs = {u.name: output_name(u) for u in units}
+        dense = {outputs[n]: model.get_submodule(outputs[n]) for n in pieces}
+        gated = {n: GatedLinear(dense[outputs[n]], per_cost[n] / mean, piece_width(pieces[n])) for n in pieces}
+        before = {name: math.prod(weight_out_in(model.get_submodule(name)).shape)
+                  for u in units for name in u.layer_names}
+        hooks = UnitSchedule(gated, pieces, unit_cost, total, allowed, config)
+        result = _train(model, tokenizer, data, config, context, {outputs[n]: g for n, g in gated.items()}, dense,
+                        hooks)
+        if not result.state.get("best"):
+            hooks.finish()   # the budget ended before the schedule did: cut to the budget now
+        remove_units(model, gated, pieces)
+        layers = []
+        for unit in units:
+            kept = int(gated[unit.name].keep.sum())
+            note = (f"{kept * pieces[unit.name].group_size}/{pieces[unit.name].count * pieces[unit.name].group_size}"
+                    " heads" if pieces[unit.name].kind == "heads" else f"{kept}/{pieces[unit.name].count} neurons")
+            for name in unit.layer_names:
+                after = math.prod(weight_out_in(model.get_submodule(name)).shape)
+                layers.append(LayerResult(model.get_submodule(name) if after < before[name] else None, before[name],
+                                          after, note=note, name=name))
+        return ModelResult(layers, None, _unit_report(result, hooks, config, context.budget, pieces))
+
+
+def _train(model: nn.Module, tokenizer: Any, data: Any, config: MaskTrainConfig, context: StageContext,
+           training: dict[str, nn.Module], dense: dict[str, nn.Module], hooks: TrainingHooks) -> Any:
+    """Swap the training-only layers in, run the anytime loop with `hooks`; on any failure the dense layers go
+    back (nothing half-changed)."""
+    from lmcompress.training.distillation import distill, split_heldout
+
+    for name, layer in training.items():
+        set_submodule(model, name, layer)
+    try:
+        train, heldout = split_heldout(data, config.heldout, config.seed)
+        options = DistillConfig(**config.model_dump(include=set(DistillConfig.model_fields)))
+        resume = config.workdir is not None and _resumes(Path(config.workdir), run_settings(
+            options, context.original, model, train, heldout))
+        if resume and config.structured:
+            raise RecipeError(f"method 'mask_train': structured masks do not resume (their checkpoints no longer "
+                              f"hold the removed units); give a new workdir instead of {config.workdir}")
+        with tempfile.TemporaryDirectory(prefix="lmcompress-mask-train-") as scratch:
+            return distill(context.original, model, tokenizer, train, heldout, _task_of(model, data), config.time,
+                           config.workdir or scratch, config=options, resume=resume, progress=context.progress,
+                           hooks=hooks)
+    except BaseException:
+        for name, layer in dense.items():
+            set_submodule(model, name, layer)
+        raise
 
 
 def initial_scores(model: nn.Module, targets: dict[str, nn.Module], config: MaskTrainConfig,
@@ -221,25 +308,7 @@ class MaskSchedule(TrainingHooks):
         return self.mask_sparsity == self.config.target
 
     def phase_started(self, phase: Any) -> None:
-        scores = [layer.scores for layer in self.layers.values()]
-        ids = {id(p) for p in scores}
-        frozen = set() if self.config.train_weights else {id(layer.weight) for layer in self.layers.values()}
-        others = [p for p in phase.params if id(p) not in ids and id(p) not in frozen]
-        if not self.config.train_weights:
-            for layer in self.layers.values():
-                layer.weight.requires_grad_(False)
-            others = []   # the scores alone: the model's values stay those before the stage
-            for p in phase.params:
-                if id(p) not in ids:
-                    p.requires_grad_(False)
-        for p in scores:
-            p.requires_grad_(True)
-        lr = phase.optimizer.param_groups[0]["lr"]
-        groups = [{"params": scores, "lr": self.config.score_lr}] + ([{"params": others, "lr": lr}] if others else [])
-        phase.params = scores + others
-        phase.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-        if self.config.objective == "lm":
-            phase.loss = lambda inputs, labels: next_token_loss(phase.student, inputs)
+        train_scores(phase, self.layers, self.config)
 
     @contextlib.contextmanager
     def saved_form(self, student: nn.Module) -> Iterator[nn.Module]:
@@ -261,16 +330,6 @@ class MaskSchedule(TrainingHooks):
             layer.load_sparse(saved.get_submodule(name), weight_out_in(self.original.get_submodule(name)).detach())
 
 
-def next_token_loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The causal LM's own loss: cross-entropy of each next real token."""
-    logits = model(**inputs).logits[:, :-1].float()
-    ids = inputs["input_ids"][:, 1:]
-    mask = inputs.get("attention_mask")
-    weights = torch.ones_like(ids, dtype=torch.float32) if mask is None else mask[:, 1:].float()
-    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1), reduction="none")
-    return (losses * weights.reshape(-1)).sum() / weights.sum().clamp_min(1)
-
-
 def _causal_lm(model: nn.Module) -> bool:
     name = type(model).__name__
     return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
@@ -289,4 +348,26 @@ def _report(result: Any, hooks: MaskSchedule, config: MaskTrainConfig) -> dict[s
     after = "?" if best.get("divergence") is None else f"{best['divergence']:.4g}"
     report["summary"] = (f"trained masks to {target} ({config.init} start) in {report['steps']} steps, "
                          f"{report['elapsed_s']:.0f}s; held-out divergence at the target {after}")
+    return report
+
+
+def _unit_report(result: Any, hooks: UnitSchedule, config: MaskTrainConfig, budget: Any,
+                 pieces: dict[str, Any]) -> dict[str, Any]:
+    points, best = result.curve["points"], result.state.get("best") or {}
+    if not best:
+        log.warning("mask_train: the schedule did not reach the budget within the time; the units were cut to it "
+                    "at the end (give more time or a shorter ramp)")
+    keep = {n: int(layer.keep.sum()) for n, layer in hooks.layers.items()}
+    used = kept_cost({n: layer.keep for n, layer in hooks.layers.items()}, hooks.costs)
+    report = {"elapsed_s": result.state["elapsed_s"], "steps": result.state["step"], "structured": True,
+              "init": config.init, "budget": {budget.metric: budget.fraction}, "reached_target": bool(best),
+              "kept_fraction": used / hooks.total,
+              "heads_kept": {n: k * pieces[n].group_size for n, k in keep.items() if pieces[n].kind == "heads"},
+              "neurons_kept": {n: k for n, k in keep.items() if pieces[n].kind == "neurons"},
+              "divergence_start": points[0]["divergence"], "divergence_after": best.get("divergence"),
+              "metric": result.curve.get("metric"), "metric_after": best.get("metric")}
+    after = "?" if best.get("divergence") is None else f"{best['divergence']:.4g}"
+    report["summary"] = (f"trained head and neuron masks to {used / hooks.total:.1%} of the targets' "
+                         f"{budget.metric} ({config.init} start) in {report['steps']} steps, "
+                         f"{report['elapsed_s']:.0f}s; held-out divergence at the budget {after}")
     return report

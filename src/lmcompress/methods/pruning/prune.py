@@ -106,18 +106,8 @@ class Prune(Method):
     def compress_model(self, model: nn.Module, tokenizer: Any, data: Any, config: PruneConfig,
                        targets: dict[str, nn.Module], context: StageContext | None = None) -> ModelResult:
         context = context or StageContext()
-        if family_of(model) is None or blocks_of(model) is None:
-            raise RecipeError(shared_layers_refusal(model, "method 'prune'", "pruned")
-                              or f"method 'prune' needs an anatomy entry for model type "
-                              f"{getattr(model.config, 'model_type', None)!r}; supported: "
-                              f"{', '.join(supported_model_types())} (add one in lmcompress/core/families.py, see "
-                              f"docs/adding-a-method.md)")
-        if config.heads and family_of(model).head_pruning:
-            raise RecipeError(f"method 'prune': {family_of(model).head_pruning}; prune neurons only (heads: false)")
-        if not (config.heads or config.neurons):
-            raise RecipeError("method 'prune': heads and neurons are both off; nothing to prune")
-        _check_family(family_of(model), config, model.config)
-        units = self._units(model, targets, config)
+        check_anatomy(model, config)
+        units = prunable_units(model, targets, config)
         pieces = {u.name: pieces_of(model, u) for u in units}
         latency = None
         if context.budget is not None and context.budget.metric == "latency":
@@ -146,24 +136,6 @@ class Prune(Method):
             log.info("latency budget: predicted %.2f ms of the dense %.2f ms", dense_ms - saved, dense_ms)
         log.info("pruned to %s heads and %s neurons", sum(report["heads_kept"].values()), sum(kept_neurons.values()))
         return ModelResult(results, None, report)
-
-    # --- units -------------------------------------------------------------------------------------
-    def _units(self, model: nn.Module, targets: dict[str, nn.Module], config: PruneConfig) -> list[Unit]:
-        selected = set(targets)
-        units = []
-        for kind, wanted in (("attention", config.heads), ("feed_forward", config.neurons)):
-            if wanted:
-                units += [u for u in group_units(model, kind, selected) if set(u.layer_names) <= selected
-                          and (kind != "attention" or {"q", "qkv"} & set(u.layers))]   # no heads left: an
-                #                                         attention replaced by Fourier mixing has no projections
-        for unit in units:   # a group another method replaced is selected too (see `accepts`): say so
-            try:
-                check_prunable(model, unit)
-            except ValueError as err:
-                raise RecipeError(f"method 'prune': {err}") from None
-        if not units:
-            raise RecipeError("method 'prune': the targets contain no whole attention or feed-forward group")
-        return units
 
     # --- scores ------------------------------------------------------------------------------------
     def _scores(self, model, units, pieces, batches, config, progress) -> dict[str, torch.Tensor]:
@@ -290,6 +262,43 @@ class Prune(Method):
                                        after, note=kept_note, metrics=metrics if name == out_name else {},
                                        name=name))
         return results
+
+
+def check_anatomy(model: nn.Module, config: PruneConfig, name: str = "prune") -> None:
+    """One-line refusals, before any work, of a model whose anatomy cannot lose heads or neurons (shared with
+    `mask_train`'s structured masks, which remove units with this file's code)."""
+    what = f"method {name!r}"
+    if family_of(model) is None or blocks_of(model) is None:
+        raise RecipeError(shared_layers_refusal(model, what, "pruned")
+                          or f"{what} needs an anatomy entry for model type "
+                          f"{getattr(model.config, 'model_type', None)!r}; supported: "
+                          f"{', '.join(supported_model_types())} (add one in lmcompress/core/families.py, see "
+                          f"docs/adding-a-method.md)")
+    if config.heads and family_of(model).head_pruning:
+        raise RecipeError(f"{what}: {family_of(model).head_pruning}; prune neurons only (heads: false)")
+    if not (config.heads or config.neurons):
+        raise RecipeError(f"{what}: heads and neurons are both off; nothing to prune")
+    _check_family(family_of(model), config, model.config)
+
+
+def prunable_units(model: nn.Module, targets: dict[str, nn.Module], config: PruneConfig,
+                   name: str = "prune") -> list[Unit]:
+    """The whole attention and feed-forward groups among the targets whose heads or neurons may go."""
+    selected = set(targets)
+    units = []
+    for kind, wanted in (("attention", config.heads), ("feed_forward", config.neurons)):
+        if wanted:
+            units += [u for u in group_units(model, kind, selected) if set(u.layer_names) <= selected
+                      and (kind != "attention" or {"q", "qkv"} & set(u.layers))]   # no heads left: an
+            #                                         attention replaced by Fourier mixing has no projections
+    for unit in units:   # a group another method replaced is selected too (see `accepts`): say so
+        try:
+            check_prunable(model, unit)
+        except ValueError as err:
+            raise RecipeError(f"method {name!r}: {err}") from None
+    if not units:
+        raise RecipeError(f"method {name!r}: the targets contain no whole attention or feed-forward group")
+    return units
 
 
 def _check_family(family, config: PruneConfig, family_config=None) -> None:
