@@ -170,9 +170,10 @@ def test_magnitude_scores_stay_on_the_weights_device(tokenizer):
 
 def _pieces(method, model, config):
     from lmcompress.kernels.structured import pieces_of
+    from lmcompress.methods.pruning.prune import prunable_units
 
     targets = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layer." in n}
-    units = method._units(model, targets, config)
+    units = prunable_units(model, targets, config)
     return units, {u.name: pieces_of(model, u) for u in units}
 
 
