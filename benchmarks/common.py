@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import json
 import platform
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -97,3 +100,19 @@ def made_by(started: float) -> str:
     command = f"python benchmarks/{Path(sys.argv[0]).name} {shlex.join(sys.argv[1:])}".rstrip()
     return (f"Made by `{command}` ({environment()}; this call {time.perf_counter() - started:.0f} s; rows from "
             "earlier calls are kept).")
+
+
+def run_cli(*args: str) -> str:
+    """Run the command line as a user would; its stdout (one failure stops the benchmark with its message)."""
+    command = [sys.executable, "-m", "lmcompress.cli", "-q", *args]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"failed: {shlex.join(command)}\n{done.stderr.strip()[-2000:]}")
+    return done.stdout
+
+
+def sst2_dev_accuracy(model: Path) -> float:
+    """`lmcompress evaluate` on all SST-2 dev sentences, in points."""
+    line = run_cli("evaluate", "--model", str(model), "--task", "sst2", "--data", str(SHARED_GLUE / "SST-2"),
+                   "--repeats", "1")
+    return 100 * float(line.split("accuracy: ")[1].split()[0])

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from common import ROOT, SHARED_GLUE, finetuned_model, load_rows, made_by, save_rows
+from common import run_cli as lmcompress
+from common import sst2_dev_accuracy as dev_accuracy
 
 from lmcompress.tasks import get_task, load_examples
 
@@ -35,18 +34,6 @@ SETTINGS: dict[str, list[str]] = {
 }
 
 
-def lmcompress(*args: str) -> str:
-    """Run the command line as a user would; its stdout (one failure stops the benchmark with its message)."""
-    command = [sys.executable, "-m", "lmcompress.cli", "-q", *args]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"failed: {shlex.join(command)}\n{done.stderr.strip()}")
-    return done.stdout
-
-
-def dev_accuracy(model: Path) -> float:
-    line = lmcompress("evaluate", "--model", str(model), "--task", "sst2", "--data", DATA, "--repeats", "1")
-    return 100 * float(line.split("accuracy: ")[1].split()[0])
 
 
 def int8_accuracy(seed: int, cache: Path, work: Path) -> float:

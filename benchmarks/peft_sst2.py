@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 from common import ROOT, SHARED_GLUE, load_rows, made_by, save_rows
+from common import run_cli as lmcompress
+from common import sst2_dev_accuracy as dev_accuracy
 
 DATA = str(SHARED_GLUE / "SST-2")
 CALIBRATION = ["--calib-samples", "512", "--calib-max-length", "64"]
@@ -95,17 +97,6 @@ def measured_run(kind: str, *args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def lmcompress(*args: str) -> str:
-    command = [sys.executable, "-m", "lmcompress.cli", "-q", *args]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"failed: {shlex.join(command)}\n{done.stderr.strip()[-2000:]}")
-    return done.stdout
-
-
-def dev_accuracy(model: Path) -> float:
-    line = lmcompress("evaluate", "--model", str(model), "--task", "sst2", "--data", DATA, "--repeats", "1")
-    return 100 * float(line.split("accuracy: ")[1].split()[0])
 
 
 def finetune_row(variant: str, seed: int, samples: int, work: Path) -> dict:
