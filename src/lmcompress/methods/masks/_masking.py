@@ -31,6 +31,12 @@ def cubic_sparsity(fraction: float, initial: float, final: float, ramp: float) -
     return final + (initial - final) * left ** 3
 
 
+def refresh_due(calls: int, every: int, shown: float | None, sparsity: float, target: float) -> bool:
+    """Whether to recompute the mask now: every `every` steps, at the first step, and once more when the schedule
+    has just reached its target (so the final mask is exactly at the target)."""
+    return calls % every == 0 or shown is None or (sparsity == target and shown != target)
+
+
 def scheduled_mask(scores: torch.Tensor, sparsity: float, pattern: tuple[int, int] | None,
                    exact: bool = True) -> torch.Tensor:
     """Boolean mask keeping the highest scores: all but round(sparsity * size) of the matrix; with an N:M

@@ -25,7 +25,7 @@ from torch import nn
 from lmcompress.core.linear import dense_kind, make_dense, set_submodule, weight_out_in
 from lmcompress.core.units import Unit
 from lmcompress.kernels.structured import Pieces, slice_unit
-from lmcompress.methods.masks._masking import cubic_sparsity, train_scores
+from lmcompress.methods.masks._masking import cubic_sparsity, refresh_due, train_scores
 from lmcompress.training.distillation import TrainingHooks
 
 
@@ -118,8 +118,7 @@ class UnitSchedule(TrainingHooks):
     def before_step(self, elapsed_s: float, budget_s: float) -> None:
         config = self.config
         self.sparsity = cubic_sparsity(elapsed_s / budget_s, config.initial_sparsity, self.target, config.ramp)
-        if self.calls % config.mask_every == 0 or self.mask_sparsity is None or (
-                self.sparsity == self.target and self.mask_sparsity != self.target):
+        if refresh_due(self.calls, config.mask_every, self.mask_sparsity, self.sparsity, self.target):
             self.refresh(self.total * (1.0 - self.sparsity) if self.sparsity < self.target else self.allowed)
             self.mask_sparsity = self.sparsity
         self.calls += 1

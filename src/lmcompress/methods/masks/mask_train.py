@@ -40,6 +40,7 @@ from lmcompress.methods.masks._masking import (
     cubic_sparsity,
     normalised,
     pattern_sparsity,
+    refresh_due,
     train_scores,
 )
 from lmcompress.methods.masks._units import GatedLinear, UnitSchedule, kept_cost, output_name, piece_width, remove_units
@@ -296,8 +297,7 @@ class MaskSchedule(TrainingHooks):
     def before_step(self, elapsed_s: float, budget_s: float) -> None:
         config = self.config
         self.sparsity = cubic_sparsity(elapsed_s / budget_s, config.initial_sparsity, config.target, config.ramp)
-        if self.calls % config.mask_every == 0 or self.mask_sparsity is None or (
-                self.sparsity == config.target and self.mask_sparsity != config.target):
+        if refresh_due(self.calls, config.mask_every, self.mask_sparsity, self.sparsity, config.target):
             for layer in self.layers.values():
                 layer.set_sparsity(self.sparsity)
                 layer.refresh()
