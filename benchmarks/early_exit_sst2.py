@@ -47,6 +47,8 @@ def main() -> None:
                         help="task:seed pairs")
     parser.add_argument("--time", default="60s", help="early_exit training budget")
     parser.add_argument("--samples", type=int, default=2000, help="training examples early_exit sees")
+    parser.add_argument("--pooling", choices=["first", "mean"], default="first",
+                        help="what the exit heads read (mean: rows named '... mean-pooled exit ...')")
     parser.add_argument("--prune", type=float, default=0.6, help="FLOPs budget of the stacked pruning")
     parser.add_argument("--distill", default=None, help="distill budget in the stack (e.g. 3m; default: none)")
     parser.add_argument("--latency-examples", type=int, default=64, help="dev examples timed (in dev order)")
@@ -115,18 +117,20 @@ class Bench:
         candidates of its base's exits, or None). Each base is compressed once; the exits train once per base."""
         args = self.args
         exit_stage = {"method": "early_exit", "options": {"time": args.time, "samples": args.samples,
-                                                           "max_length": 64, "target_drop": 0.5, "seed": self.seed}}
+                                                           "max_length": 64, "target_drop": 0.5, "seed": self.seed,
+                                                           "pooling": args.pooling}}
+        ex = "exit" if args.pooling == "first" else f"{args.pooling}-pooled exit"
         prune = {"method": "prune", "budget": {"flops": args.prune, "seq_len": 128},
                  "options": {"score": "kcm", "compensate": "lstsq"}}
         stack = [prune] + ([{"method": "distill", "options": {"time": args.distill}}] if args.distill else [])
         label = f"prune{args.prune:g}" + (f" + distill {args.distill}" if args.distill else "")
         return [("dense", None, [], None), ("int8", None, [INT8], None),
-                ("exit (drop 0.5)", None, [exit_stage], None), ("exit (FLOPs 0.5)", "exit (drop 0.5)", [], 0.5),
-                ("int8 + exit (drop 0.5)", "int8", [exit_stage], None),
-                ("int8 + exit (FLOPs 0.5)", "int8 + exit (drop 0.5)", [], 0.5),
+                (f"{ex} (drop 0.5)", None, [exit_stage], None), (f"{ex} (FLOPs 0.5)", f"{ex} (drop 0.5)", [], 0.5),
+                (f"int8 + {ex} (drop 0.5)", "int8", [exit_stage], None),
+                (f"int8 + {ex} (FLOPs 0.5)", f"int8 + {ex} (drop 0.5)", [], 0.5),
                 (f"{label} + int8", None, [*stack, INT8], None),
-                (f"{label} + int8 + exit (drop 0.5)", f"{label} + int8", [exit_stage], None),
-                (f"{label} + int8 + exit (FLOPs 0.5)", f"{label} + int8 + exit (drop 0.5)", [], 0.5)]
+                (f"{label} + int8 + {ex} (drop 0.5)", f"{label} + int8", [exit_stage], None),
+                (f"{label} + int8 + {ex} (FLOPs 0.5)", f"{label} + int8 + {ex} (drop 0.5)", [], 0.5)]
 
     def build(self, base: str | None, stages: list[dict], flops_target: float | None) -> tuple:
         """(model, compress seconds including its base's, the early_exit report)."""

@@ -74,20 +74,37 @@ def fires(rule: ExitRule, logits: torch.Tensor, track: _Track, regression: bool)
     return entropy <= rule.threshold
 
 
-class ExitHead(nn.Module):
-    """The first token's vector -> dense -> tanh -> logits: the shape of BERT's own pooler and classifier."""
+POOLINGS = ("first", "mean")
 
-    def __init__(self, hidden: int, outputs: int) -> None:
+
+def pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
+    """(batch, hidden) from a block's output: the first token's vector, or the mean over the real tokens (a
+    sentence-embedding model such as all-MiniLM was pretrained to put its meaning there, and early blocks' first
+    tokens have seen little of the sentence)."""
+    if pooling == "first":
+        return hidden_states[:, 0]
+    if attention_mask is None:
+        return hidden_states.mean(1)
+    weights = attention_mask[:, :hidden_states.shape[1]].to(hidden_states.dtype).unsqueeze(-1)
+    return (hidden_states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+class ExitHead(nn.Module):
+    """A pooled vector (first token, or mean of the real tokens) -> dense -> tanh -> logits: the shape of BERT's
+    own pooler and classifier."""
+
+    def __init__(self, hidden: int, outputs: int, pooling: str = "first") -> None:
         super().__init__()
+        self.pooling = pooling
         self.dense = nn.Linear(hidden, hidden)
         self.out = nn.Linear(hidden, outputs)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.from_first(hidden_states[:, 0])
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.from_pooled(pool(hidden_states, attention_mask, self.pooling))
 
-    def from_first(self, first: torch.Tensor) -> torch.Tensor:
-        """From the first token's vectors alone (batch, hidden): training on cached vectors uses this."""
-        return self.out(torch.tanh(self.dense(first.to(self.dense.weight.dtype))))
+    def from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """From the pooled vectors alone (batch, hidden): training on cached vectors uses this."""
+        return self.out(torch.tanh(self.dense(pooled.to(self.dense.weight.dtype))))
 
     def flops(self) -> int:
         return 2 * (self.dense.in_features * self.dense.out_features + self.out.in_features * self.out.out_features)
@@ -97,10 +114,11 @@ class ExitHeads(nn.Module):
     """The heads (one per exit position, a block index), the rule, and what the last forward pass did."""
 
     def __init__(self, positions: list[int], blocks: int, hidden: int, outputs: int,
-                 rule: ExitRule | None = None) -> None:
+                 rule: ExitRule | None = None, pooling: str = "first") -> None:
         super().__init__()
         self.positions, self.blocks, self.hidden, self.outputs = list(positions), blocks, hidden, outputs
-        self.heads = nn.ModuleList(ExitHead(hidden, outputs) for _ in positions)
+        self.pooling = pooling
+        self.heads = nn.ModuleList(ExitHead(hidden, outputs, pooling) for _ in positions)
         self.rule = rule or ExitRule()
         self.enabled = True
         self.last_exit: torch.Tensor | None = None   # block index per row of the last forward (blocks-1: none)
@@ -111,7 +129,7 @@ class ExitHeads(nn.Module):
 
     def manifest_entry(self) -> dict[str, Any]:
         return {"positions": self.positions, "blocks": self.blocks, "hidden": self.hidden, "outputs": self.outputs,
-                "rule": self.rule.to_dict()}
+                "rule": self.rule.to_dict(), "pooling": self.pooling}
 
     @classmethod
     def from_manifest(cls, entry: dict[str, Any]) -> ExitHeads:
@@ -120,11 +138,13 @@ class ExitHeads(nn.Module):
             positions = [int(p) for p in entry["positions"]]
             blocks, hidden, outputs = int(entry["blocks"]), int(entry["hidden"]), int(entry["outputs"])
             rule = ExitRule(**entry["rule"])
+            pooling = str(entry.get("pooling", "first"))   # models saved before the option pooled the first token
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"bad early_exit entry in the manifest ({err})") from None
-        if rule.kind not in RULES or not all(0 <= p < blocks - 1 for p in positions) or min(hidden, outputs) < 1:
-            raise ValueError("bad early_exit entry in the manifest (rule, positions or sizes)")
-        return cls(positions, blocks, hidden, outputs, rule)
+        shapes_ok = all(0 <= p < blocks - 1 for p in positions) and min(hidden, outputs) >= 1
+        if rule.kind not in RULES or pooling not in POOLINGS or not shapes_ok:
+            raise ValueError("bad early_exit entry in the manifest (rule, pooling, positions or sizes)")
+        return cls(positions, blocks, hidden, outputs, rule, pooling)
 
 
 def exits_of(model: nn.Module) -> ExitHeads | None:
@@ -170,6 +190,7 @@ def exit_forward(model: nn.Module, **inputs: Any) -> Any:
     if reference is None:
         reference = inputs["inputs_embeds"]
     rows, device = reference.shape[0], reference.device
+    mask = inputs.get("attention_mask")
     blocks = exit_blocks(model)
     active = torch.arange(rows, device=device)
     exit_at = torch.full((rows,), heads.blocks - 1, dtype=torch.long, device=device)
@@ -189,7 +210,7 @@ def exit_forward(model: nn.Module, **inputs: Any) -> Any:
         def hook(_module, _args, _kwargs, output):
             nonlocal active, logits
             hidden = output[0] if isinstance(output, tuple) else output
-            scores = heads.heads[where[block_index]](hidden)
+            scores = heads.heads[where[block_index]](hidden, None if mask is None else mask.index_select(0, active))
             if logits is None:
                 logits = scores.new_zeros(rows, scores.shape[-1])
             leave = fires(heads.rule, scores, track, heads.regression)
@@ -239,7 +260,8 @@ def all_exit_logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[
     heads = exits_of(model)
     output = full_forward(model, **inputs, output_hidden_states=True)
     states = output.hidden_states   # [embeddings, block 0, block 1, ...]
-    return [head(states[p + 1]) for head, p in zip(heads.heads, heads.positions, strict=True)], output.logits
+    mask = inputs.get("attention_mask")
+    return [head(states[p + 1], mask) for head, p in zip(heads.heads, heads.positions, strict=True)], output.logits
 
 
 def simulate(rule: ExitRule, head_logits: list[torch.Tensor], final: torch.Tensor,

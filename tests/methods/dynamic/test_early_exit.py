@@ -65,8 +65,10 @@ def test_training_lowers_the_held_out_exit_loss(tokenizer):
     assert report["heldout_exit_loss_after"] < report["heldout_exit_loss_before"]
 
 
-def test_rows_that_exit_leave_the_batch_and_give_batch_of_one_outputs(tokenizer):
-    model, _ = with_exits(tokenizer, positions=[0])
+@pytest.mark.parametrize("pooling", ["first", "mean"])
+def test_rows_that_exit_leave_the_batch_and_give_batch_of_one_outputs(tokenizer, pooling):
+    # mean pooling must leave the padding out: a padded row in a batch and the same text alone agree
+    model, _ = with_exits(tokenizer, positions=[0], pooling=pooling)
     heads = exits_of(model)
     heads.rule = median_rule(model, tokenizer)
     seen = []
@@ -120,8 +122,9 @@ def test_targets_pick_the_cheapest_rule_within_the_drop_and_the_best_within_the_
     assert float(costs[chosen].mean()) == pytest.approx(best["flops"])
 
 
-def test_save_and_load_reproduce_exits_and_outputs(tokenizer, tmp_path):
-    model, _ = with_exits(tokenizer, target_flops=0.6, positions=[0])
+@pytest.mark.parametrize("pooling", ["first", "mean"])
+def test_save_and_load_reproduce_exits_and_outputs(tokenizer, tmp_path, pooling):
+    model, _ = with_exits(tokenizer, target_flops=0.6, positions=[0], pooling=pooling)
     model.lmcompress_exits.rule = median_rule(model, tokenizer)
     save(model, tmp_path / "m", tokenizer)
     assert "early_exit" in json.loads((tmp_path / "m" / MANIFEST_NAME).read_text())
@@ -131,6 +134,7 @@ def test_save_and_load_reproduce_exits_and_outputs(tokenizer, tmp_path):
         expected, exits = model(**batch).logits, exits_of(model).last_exit.clone()
         got = loaded(**batch).logits
     assert exits_of(loaded).rule == exits_of(model).rule
+    assert exits_of(loaded).pooling == pooling
     assert torch.equal(exits_of(loaded).last_exit, exits)
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
 

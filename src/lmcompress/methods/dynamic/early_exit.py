@@ -25,6 +25,7 @@ from lmcompress.layers.early_exit import (
     exit_costs,
     exits_of,
     full_forward,
+    pool,
     simulate,
 )
 from lmcompress.methods.base import Method, MethodConfig, ModelResult, StageContext, register_method
@@ -58,6 +59,8 @@ class EarlyExitConfig(MethodConfig):
     samples: int = Field(default=4000, ge=2, description="at most this many examples are used")
     batch_size: int = Field(default=32, ge=1)
     max_length: int = Field(default=128, ge=8)
+    pooling: Literal["first", "mean"] = Field(default="first", description="what a head reads: the first token's "
+                                                                          "vector or the mean of the real tokens'")
     lr: float = Field(default=1e-3, gt=0, description="learning rate of the heads")
     temperature: float = Field(default=2.0, gt=0)
     labels: bool = Field(default=True, description="train on the labels too and score the held-out split by them")
@@ -171,7 +174,7 @@ def _new_heads(model: nn.Module, config: EarlyExitConfig) -> tuple[ExitHeads, st
         raise RecipeError(f"early_exit: positions must be block indices 0..{blocks - 2} (the last block is "
                           f"followed by the model's own head); got {config.positions}")
     hidden = int(model.config.hidden_size)
-    heads = ExitHeads(positions, blocks, hidden, outputs)
+    heads = ExitHeads(positions, blocks, hidden, outputs, pooling=config.pooling)
     _warm_start(model, heads)
     return heads, rule
 
@@ -208,7 +211,7 @@ def _device(model: nn.Module) -> torch.device:
 
 def _features(model: nn.Module, tokenizer: Any, examples: Any, config: EarlyExitConfig, labelled: bool,
               deadline: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(first-token vector after each exit block (rows, exits, hidden), final logits, labels), float32: with the
+    """(pooled vector after each exit block (rows, exits, hidden), final logits, labels), float32: with the
     backbone frozen, one pass over the data is all the training needs. The pass stops at `deadline`
     (perf_counter; after at least one batch), so a slow machine trains on fewer examples rather than not at all."""
     heads, device = exits_of(model), _device(model)
@@ -221,7 +224,10 @@ def _features(model: nn.Module, tokenizer: Any, examples: Any, config: EarlyExit
                 break
             label = batch.pop("labels", None)
             output = full_forward(model, **{k: v.to(device) for k, v in batch.items()}, output_hidden_states=True)
-            firsts.append(torch.stack([output.hidden_states[p + 1][:, 0].float() for p in heads.positions], 1).cpu())
+            mask = batch.get("attention_mask")
+            mask = None if mask is None else mask.to(device)
+            firsts.append(torch.stack([pool(output.hidden_states[p + 1], mask, heads.pooling).float()
+                                       for p in heads.positions], 1).cpu())
             finals.append(output.logits.float().cpu())
             if label is not None:
                 labels.append(label)
@@ -240,7 +246,7 @@ def _head_loss(logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor
 
 def _train_heads(model: nn.Module, tokenizer: Any, train: Any, held: Any, config: EarlyExitConfig,
                  labelled: bool) -> dict[str, Any]:
-    """Heads alone on cached first-token vectors, within `time`; the best held-out heads are kept."""
+    """Heads alone on cached pooled vectors, within `time`; the best held-out heads are kept."""
     heads = exits_of(model)
     budget = parse_duration(config.time)
     started = time.perf_counter()
@@ -253,7 +259,7 @@ def _train_heads(model: nn.Module, tokenizer: Any, train: Any, held: Any, config
 
     def held_loss() -> float:
         with torch.no_grad():
-            return float(torch.stack([divergence(head.from_first(hx[:, k]), hteacher, heads.regression).mean()
+            return float(torch.stack([divergence(head.from_pooled(hx[:, k]), hteacher, heads.regression).mean()
                                       for k, head in enumerate(heads.heads)]).mean())
 
     optimizer = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=0.0)
@@ -267,7 +273,7 @@ def _train_heads(model: nn.Module, tokenizer: Any, train: Any, held: Any, config
     while time.perf_counter() - started < budget and stale < STALE_CHECKS and steps < (config.max_steps or steps + 1):
         rows = torch.randint(0, len(x), (min(config.batch_size, len(x)),), generator=generator).to(device)
         target, label = teacher[rows], None if labels is None else labels[rows]
-        loss = torch.stack([_head_loss(head.from_first(x[rows, k]), target, label, config, heads.regression)
+        loss = torch.stack([_head_loss(head.from_pooled(x[rows, k]), target, label, config, heads.regression)
                             for k, head in enumerate(heads.heads)]).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
