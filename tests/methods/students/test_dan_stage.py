@@ -29,7 +29,8 @@ def predictions(model, tokenizer) -> torch.Tensor:
         return model(**tokenizer(SENTENCES + ["an unseen wonderfulness"], padding=True, return_tensors="pt")).logits
 
 
-@pytest.mark.parametrize("later", [[], [{"method": "quantize", "options": {"scheme": "weight_only"}}]])
+@pytest.mark.parametrize("later", [[], [{"method": "quantize", "options": {"scheme": "weight_only"}}],
+                                   [{"method": "quantize", "targets": ["hidden"], "options": {"scheme": "dynamic"}}]])
 def test_the_student_replaces_the_model_later_stages_act_on_it_and_it_reloads_exactly(later, tokenizer, tmp_path):
     teacher = make_tiny_bert(tokenizer.vocab_size)
     recipe = Recipe.from_dict({"stages": [{"method": "dan", "options": SMALL}, *later]})
@@ -39,7 +40,8 @@ def test_the_student_replaces_the_model_later_stages_act_on_it_and_it_reloads_ex
     assert type(teacher).__name__ == "BertForSequenceClassification"     # the caller's model is left as it was
     assert "replaced the BertForSequenceClassification" in summary.describe()
     if later:
-        assert isinstance(student.embedding, QuantizedEmbedding) and isinstance(student.hidden[0], QuantizedLinear)
+        assert isinstance(student.hidden[0], QuantizedLinear)
+        assert isinstance(student.embedding, QuantizedEmbedding) == (later[0]["options"]["scheme"] == "weight_only")
     lmcompress.save(student, tmp_path / "dan", featurizer, recipe, extra={"summary": summary.to_dict()})
     loaded = lmcompress.load(tmp_path / "dan")
     assert isinstance(loaded, DAN) and loaded.featurizer.subword == 4
@@ -83,3 +85,7 @@ def test_cli_compress_with_method_dan_saves_the_student(tokenizer, tmp_path, cap
     assert main([*common, "--out", str(tmp_path / "bad"), "--dense-out", str(tmp_path / "dense")]) == 2
     err = capsys.readouterr().err.strip()
     assert "--dense-out" in err and "\n" not in err and not (tmp_path / "bad").exists()
+    no_data = [a for a in common if a not in ("--task", "sst2", "--data", str(data))]
+    assert main([*no_data, "--out", str(tmp_path / "bad")]) == 2      # not the embedded demo texts
+    err = capsys.readouterr().err.strip()
+    assert "give --data" in err and "\n" not in err and not (tmp_path / "bad").exists()

@@ -58,4 +58,5 @@ class Dan(Method):
         report["summary"] = (f"replaced the {type(teacher).__name__} ({before:,} parameters) by a DAN student "
                              f"({report['params']:,} parameters, {report['vocabulary']:,} n-grams) trained on "
                              f"{report['texts']} texts in {report['seconds']}s")
-        return ModelResult([], result.model.featurizer, report, model=result.model)
+        student = result.model.to(next(teacher.parameters()).device)   # trained on the CPU; kept where the model was
+        return ModelResult([], student.featurizer, report, model=student)
