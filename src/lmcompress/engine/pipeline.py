@@ -191,7 +191,7 @@ def compress(model: nn.Module, recipe: Recipe, tokenizer=None, calibration_data=
     sensitivity allocator. A stage that replaces the tokenizer (vocabulary pruning) leaves the new one in
     `summary.tokenizer`; save that one with the model. A stage that replaces the whole model (`dan`) leaves the
     new one in `summary.model` (later stages act on it; `model` itself is then left as it was): save that one
-    (`summary.model or model`, as `compressed_model` does). With `timing`, every compressed layer is then timed
+    (`compressed_model(summary, model)` picks it). With `timing`, every compressed layer is then timed
     against the dense layer it replaced (`summary.speed`), and layers that turned out slower are flagged.
     `reuse` shares the first stage's sensitivity scores with other compressions of the same model on the
     same data (see `lmcompress.engine.reuse`).

@@ -60,6 +60,8 @@ def test_it_must_be_the_first_stage_and_refuses_in_one_line(tokenizer):
     teacher = make_tiny_bert(tokenizer.vocab_size)
     cases = [(teacher, Recipe.single("dan", min_count=99), examples(), DataError, "vocabulary is empty"),
              (teacher, Recipe.single("dan"), examples(pairs=True), DataError, "text pairs"),
+             (teacher, Recipe.single("dan"), Examples([*SENTENCES, " "], None, [None] * 13, None),
+              DataError, "text 12 has no features"),
              (teacher.bert, Recipe.single("dan"), examples(), LMCompressError, "sequence classifier")]
     for model, recipe, data, kind, words in cases:
         with pytest.raises(kind, match=words) as err:
