@@ -17,7 +17,7 @@ import torch
 from conftest import SENTENCES, make_tiny_bert, save_classifier, write_sentiment_csv
 from test_contract import CALIBRATION, SETUPS, Setup, calibration_examples
 
-from lmcompress.engine.pipeline import compress
+from lmcompress.engine.pipeline import compress, compressed_model
 from lmcompress.engine.recipe import Recipe
 from lmcompress.io.saving import load, save
 from lmcompress.methods import available_methods
@@ -58,7 +58,13 @@ def test_every_method_compresses_on_the_device(name, tokenizer, dense_outputs):
     model = make_tiny_bert(tokenizer.vocab_size).to(DEVICE)
     recipe = Recipe.single(name, targets=setup.targets, calibration=CALIBRATION, **setup.options)
     summary = compress(model, recipe, tokenizer, calibration_examples(), progress=False, timing=False)
+    model = compressed_model(summary, model)   # a student replaces the whole model
     assert on_device(model) == {torch.device(DEVICE).type}, f"{name} left tensors off {DEVICE}"
+    if setup.student:
+        batch = {k: v.to(DEVICE) for k, v in summary.tokenizer(SENTENCES, return_tensors="pt").items()}
+        with torch.inference_mode():
+            assert torch.isfinite(model(**batch).logits).all()
+        return
     got = hidden(model, summary.tokenizer or tokenizer)
     assert torch.isfinite(got).all()
     if setup.lossless:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import SENTENCES, make_tiny_bert
+from pydantic import ValidationError
 
-from lmcompress.errors import DataError, LMCompressError
+from lmcompress.errors import DataError, LMCompressError, validation_message
 from lmcompress.evaluation.efficiency import count_flops, measure_latency, parameter_counts
 from lmcompress.io.saving import load, save
 from lmcompress.kernels.ngrams import NgramFeaturizer, ngrams, words
@@ -33,6 +36,39 @@ def test_hashing_is_stable_and_inside_the_table():
     ids = a.ids("one two three four")
     assert len(ids) == 4 + 3 + 2 and all(1 <= i <= 17 for i in ids)
     assert NgramFeaturizer.from_json(a.to_json()).ids("one two three four") == ids
+
+
+def test_subwords_give_an_unseen_word_the_features_of_the_characters_it_shares():
+    seen = ["the cats sat", "a hat"]
+    with_subwords = NgramFeaturizer.build(seen, order=2, subword=4)
+    assert with_subwords.ids("cat") and not NgramFeaturizer.build(seen, order=2).ids("cat")
+    assert "#<ca" in with_subwords.vocab and "#ats>" in with_subwords.vocab and "#<c" not in with_subwords.vocab
+    assert {"#<cat", "#cat>"} <= set(with_subwords.grams("cat")) and "cat" in with_subwords.grams("cat")
+    # a pair's second text gets its subwords too, marked apart from the first text's
+    pair = NgramFeaturizer.build(["the", "x"], order=1, subword=3).grams("x", prefix="2|")
+    assert pair == ["2|x", "2|#<x>"]
+    hashed = NgramFeaturizer.build([], order=1, hash_size=50, subword=5)
+    assert len(hashed.ids("cat")) == 1 + 3 + 2 + 1     # "cat", then 3-, 4- and 5-grams of "<cat>"
+
+
+def test_subwords_round_trip_and_an_older_file_loads_without_them():
+    featurizer = NgramFeaturizer.build(["the cats sat"], order=1, subword=4)
+    again = NgramFeaturizer.from_json(featurizer.to_json())
+    assert again.subword == 4 and again.vocab == featurizer.vocab and again.ids("cat") == featurizer.ids("cat")
+    plain = NgramFeaturizer.build(["the cats sat"], order=1)
+    text = plain.to_json()
+    assert json.loads(text) == {"format": "lmcompress-ngrams/1", "order": 1, "lowercase": True, "hash_size": None,
+                                "vocab": ["cats", "sat", "the"]}      # as before subwords: older readers read it
+    assert NgramFeaturizer.from_json(text).subword == 0
+    assert json.loads(featurizer.to_json())["format"] == "lmcompress-ngrams/2"
+
+
+def test_subword_below_three_is_refused_in_one_line():
+    with pytest.raises(ValidationError) as err:
+        DANOptions(subword=2)
+    assert "shortest is 3" in validation_message(err.value) and "\n" not in validation_message(err.value)
+    with pytest.raises(DataError, match="shortest is 3"):
+        NgramFeaturizer.build(["a"], subword=1)
 
 
 def test_empty_vocabulary_and_text_without_features_are_one_line_errors():
@@ -79,6 +115,20 @@ def test_save_and_load_give_the_same_outputs_and_it_is_timed_like_any_model(toke
     assert parameter_counts(loaded)["total"] == sum(p.numel() for p in model.parameters())
     assert 0 < count_flops(loaded) < 10_000
     assert measure_latency(loaded, batch_size=8, repeats=2)["median_ms"] > 0
+
+
+def test_a_subword_student_saves_and_loads_through_lmcompress_load(tokenizer, tmp_path):
+    import lmcompress
+
+    teacher, texts = teacher_and_texts(tokenizer)
+    model = distill_dan(teacher, tokenizer, texts, options=DANOptions(dim=8, hidden=8, epochs=1, subword=5)).model
+    lmcompress.save(model, tmp_path / "dan")
+    loaded = lmcompress.load(tmp_path / "dan")
+    assert loaded.featurizer.subword == 5 and loaded.featurizer.vocab == model.featurizer.vocab
+    batch = model.featurizer([*SENTENCES, "wonderfulness unseen"])
+    assert batch["attention_mask"][-1].sum() > 0      # the unseen words still have character n-grams
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=0, rtol=0)
 
 
 def test_a_regressor_teacher_gives_a_regressor_and_a_non_classifier_is_refused(tokenizer):
@@ -129,7 +179,8 @@ def test_cli_trains_saves_and_refuses_in_one_line(tokenizer, tmp_path, capsys):
                  "ngram=1", "dim=8", "hidden=8", "epochs=1"]) == 0
     assert "12 texts + 2 unlabelled" in capsys.readouterr().out
     assert isinstance(load(tmp_path / "dan"), DAN)
-    for option, word in (("no_such=1", "no_such"), ("min_count=99", "vocabulary is empty")):
+    for option, word in (("no_such=1", "no_such"), ("min_count=99", "vocabulary is empty"),
+                         ("subword=2", "shortest is 3")):
         assert main([*common, "--out", str(tmp_path / "bad"), "--option", option]) == 2
         err = capsys.readouterr().err.strip()
         assert word in err and "\n" not in err and not (tmp_path / "bad").exists()

@@ -83,6 +83,7 @@ class CompressionSummary:
     layers: list[LayerRecord]
     stages: list[StageRecord] = field(default_factory=list)
     tokenizer: Any = None    # a stage replaced the tokenizer (vocabulary pruning): save this one with the model
+    model: nn.Module | None = None   # a stage replaced the whole model (a DAN student): save this one instead
     speed: list[LayerSpeed] = field(default_factory=list)  # timed against dense (engine.layer_timing)
 
     @property
@@ -188,7 +189,9 @@ def compress(model: nn.Module, recipe: Recipe, tokenizer=None, calibration_data=
 
     `calibration_data` (task `Examples`) is required by methods that need statistics and by the
     sensitivity allocator. A stage that replaces the tokenizer (vocabulary pruning) leaves the new one in
-    `summary.tokenizer`; save that one with the model. With `timing`, every compressed layer is then timed
+    `summary.tokenizer`; save that one with the model. A stage that replaces the whole model (`dan`) leaves the
+    new one in `summary.model` (later stages act on it; `model` itself is then left as it was): save that one
+    (`compressed_model(summary, model)` picks it). With `timing`, every compressed layer is then timed
     against the dense layer it replaced (`summary.speed`), and layers that turned out slower are flagged.
     `reuse` shares the first stage's sensitivity scores with other compressions of the same model on the
     same data (see `lmcompress.engine.reuse`).
@@ -202,8 +205,9 @@ def compress(model: nn.Module, recipe: Recipe, tokenizer=None, calibration_data=
     model.eval()
     original = copy.deepcopy(model).eval() if any(s.wants_original for s in stages) else None
     for stage in stages:
-        _StageRun(model, stage, recipe.calibration, summary.tokenizer or tokenizer, calibration_data,
-                  progress, summary, reuse if stage.index == 0 else None, original).run()
+        _StageRun(compressed_model(summary, model), stage, recipe.calibration, summary.tokenizer or tokenizer,
+                  calibration_data, progress, summary, reuse if stage.index == 0 else None, original).run()
+    model = compressed_model(summary, model)
     check_forward(model)
     if timing and offloaded:
         log.info("layer timing skipped: the model's blocks are offloaded (time the saved model with `evaluate`)")
@@ -211,6 +215,11 @@ def compress(model: nn.Module, recipe: Recipe, tokenizer=None, calibration_data=
         _record_speed(model, summary, progress)
     log.info("%s", summary.describe())
     return summary
+
+
+def compressed_model(summary: CompressionSummary, model: nn.Module) -> nn.Module:
+    """The model a recipe left: the replacement a stage made (a DAN student), else `model`, changed in place."""
+    return model if summary.model is None else summary.model
 
 
 def _check_offloadable(stages: list[ResolvedStage]) -> None:
@@ -315,6 +324,8 @@ class _StageRun:
             result = self.method.compress_model(self.model, self.tokenizer, self.data, self.config, layers, context)
         if result.tokenizer is not None:
             self.summary.tokenizer = result.tokenizer
+        if result.model is not None:
+            self.summary.model = result.model
         for layer in result.layers:
             record = LayerRecord(self.index + 1, self.stage.method, layer.name, _shape(layers.get(layer.name)),
                                  layer.params_before, layer.params_after, layer.module is not None, 0.0,

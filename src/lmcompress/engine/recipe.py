@@ -234,7 +234,12 @@ class Recipe(BaseModel):
         """Fail early, before any model is loaded, on unknown methods or bad options (stages may have been
         edited since they were validated), and on an unknown calibration mode."""
         from lmcompress.engine.modes import get_mode
+        from lmcompress.methods import get_method
 
         get_mode(self.calibration.mode)
-        for stage in self.stages:
+        for index, stage in enumerate(self.stages):
             stage.check_method()
+            if index and get_method(stage.method).replaces_model:
+                raise RecipeError(f"stage {index + 1} ({stage.method}) replaces the whole model by one trained from "
+                                  "the model as the recipe found it: make it the first stage (the stages before it "
+                                  "would be thrown away)")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmcompress.engine.pipeline import CompressionSummary
+from lmcompress.engine.pipeline import CompressionSummary, compressed_model
 from lmcompress.engine.recipe import Recipe
 from lmcompress.entrypoints.arguments import DataArgs, OutputArgs, RuntimeArgs
 from lmcompress.entrypoints.data import calibration_examples
@@ -113,13 +113,18 @@ def run_compress(args: CompressArgs) -> CompressOutcome:
             check_output_dir(path, args.out.overwrite)
     if args.offload != "none" and (args.dense_out or args.export_hf):
         raise LMCompressError("--dense-out and --export-hf need the whole model in memory; drop them with --offload")
+    replacing = [s.stage.method for s in args.recipe.resolved() if s.method.replaces_model]
+    if replacing and (args.dense_out or args.export_hf):
+        raise LMCompressError(f"--dense-out and --export-hf write a Hugging Face model, and {replacing[0]} replaces "
+                              "it by a student of its own architecture; drop them")
     plan_or_refuse(args, device)
     model, tokenizer = load_model(args.model, language_model=args.data.language_modeling, offload=args.offload,
                                   device=device, dtype=args.placement.dtype)
     try:
         summary = compress_loaded(model, tokenizer, args.recipe, args.data, progress=args.progress,
                                   timing=args.timing)
-        tokenizer = summary.tokenizer or tokenizer  # vocabulary pruning replaces it
+        model = compressed_model(summary, model)    # a student replaces the whole model
+        tokenizer = summary.tokenizer or tokenizer  # vocabulary pruning (or a student's n-grams) replaces it
         if args.export_hf:
             check_exportable(model)  # before anything is written
         save(model, args.out.path, tokenizer, args.recipe, overwrite=args.out.overwrite,

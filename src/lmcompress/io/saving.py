@@ -141,9 +141,11 @@ def write_model(model: nn.Module, directory: Path, tokenizer=None, recipe=None,
                 extra: dict[str, Any] | None = None) -> None:
     """Write model, manifest, recipe and tokenizer into an existing directory (see `save`). A model whose blocks
     wait off the device (`io.offload`), or one larger than `shards.SHARD_BYTES`, is written one block per shard.
-    A DAN student is written by `io.students`."""
+    A DAN student is written by `io.students` (its n-grams are its tokenizer; a recipe stage may have made it)."""
     if isinstance(model, DAN):
         write_student(model, directory, {"format": "lmcompress", "format_version": FORMAT_VERSION}, extra)
+        if recipe is not None:
+            recipe.save(directory / RECIPE_NAME)
         return
     model.config.save_pretrained(directory)
     offloader = offloader_of(model)

@@ -2,6 +2,9 @@
 tokenizer-like call (`featurizer(texts, pairs, padding=True, return_tensors="pt")`) so that every place that
 batches text for a transformer (evaluation, timing, the sweep) batches it for the DAN the same way.
 
+With `subword`, each word also gives fastText-style character n-grams of "<word>" (3..subword characters), marked
+"#" so they never meet a word n-gram in the table: an unseen word still shares features with seen ones.
+
 Id 0 is padding; features are 1..vocab_size-1. Hashing uses CRC-32 (stable across processes, unlike `hash`).
 """
 
@@ -20,6 +23,10 @@ from lmcompress.errors import DataError
 
 _WORDS = re.compile(r"\w+|[^\w\s]")
 FORMAT = "lmcompress-ngrams/1"
+# written only with subword n-grams, so that an older reader refuses them instead of silently leaving them out
+SUBWORD_FORMAT = "lmcompress-ngrams/2"
+MIN_SUBWORD, MAX_SUBWORD = 3, 6
+SUBWORD_MARK = "#"
 
 
 def words(text: str, lowercase: bool = True) -> list[str]:
@@ -31,42 +38,75 @@ def ngrams(tokens: Sequence[str], order: int, prefix: str = "") -> list[str]:
     return [prefix + " ".join(tokens[i:i + n]) for n in range(1, order + 1) for i in range(len(tokens) - n + 1)]
 
 
+def subwords(tokens: Sequence[str], longest: int, prefix: str = "") -> list[str]:
+    """fastText-style character n-grams of each word wrapped as "<word>", of 3..`longest` characters, marked
+    with SUBWORD_MARK (after `prefix`) so that none equals a word n-gram; none when `longest` is 0."""
+    grams = []
+    for token in tokens:
+        wrapped = f"<{token}>"
+        grams.extend(prefix + SUBWORD_MARK + wrapped[i:i + n] for n in range(MIN_SUBWORD, longest + 1)
+                     for i in range(len(wrapped) - n + 1))
+    return grams
+
+
+def check_subword(subword: int) -> int:
+    if subword != 0 and not MIN_SUBWORD <= subword <= MAX_SUBWORD:
+        raise DataError(f"subword is the longest character n-gram: 0 (off) or {MIN_SUBWORD}..{MAX_SUBWORD} "
+                        f"(got {subword}; the shortest is {MIN_SUBWORD})")
+    return subword
+
+
 class NgramFeaturizer:
     """Maps text to n-gram ids: either a kept vocabulary (`vocab`) or a hashed table of `hash_size` buckets."""
 
     def __init__(self, order: int, vocab: dict[str, int] | None = None, hash_size: int | None = None,
-                 lowercase: bool = True) -> None:
+                 lowercase: bool = True, subword: int = 0) -> None:
         if (vocab is None) == (hash_size is None):
             raise ValueError("give a vocabulary or a hash size")
         if vocab is not None and not vocab:
             raise DataError("the n-gram vocabulary is empty: the texts have no words (or min_count is too high)")
         self.order, self.vocab, self.hash_size, self.lowercase = order, vocab, hash_size, lowercase
+        self.subword = check_subword(subword)
         self.padding_side = "right"   # read by tasks.batching
 
     @classmethod
     def build(cls, texts: Iterable[str], order: int = 2, table: int = 100_000, hash_size: int | None = None,
-              min_count: int = 1, lowercase: bool = True) -> NgramFeaturizer:
-        """Count n-grams over `texts` and keep the `table` most frequent (ties: alphabetical), each seen at least
-        `min_count` times; with `hash_size` no vocabulary is kept (every n-gram has a bucket)."""
+              min_count: int = 1, lowercase: bool = True, subword: int = 0) -> NgramFeaturizer:
+        """Count n-grams (and, with `subword`, character n-grams) over `texts` and keep the `table` most frequent
+        (ties: alphabetical), each seen at least `min_count` times; with `hash_size` no vocabulary is kept (every
+        n-gram has a bucket)."""
         if order < 1:
             raise DataError(f"n-gram order must be at least 1 (got {order})")
+        check_subword(subword)
         if hash_size is not None:
-            return cls(order, hash_size=hash_size, lowercase=lowercase)
+            return cls(order, hash_size=hash_size, lowercase=lowercase, subword=subword)
         counts: Counter[str] = Counter()
         for text in texts:
-            counts.update(ngrams(words(text, lowercase), order))
+            tokens = words(text, lowercase)
+            counts.update(ngrams(tokens, order))
+            counts.update(subwords(tokens, subword))
         kept = sorted((g for g, c in counts.items() if c >= min_count), key=lambda g: (-counts[g], g))[:table]
-        return cls(order, vocab={g: i + 1 for i, g in enumerate(kept)}, lowercase=lowercase)
+        return cls(order, vocab={g: i + 1 for i, g in enumerate(kept)}, lowercase=lowercase, subword=subword)
 
     @property
     def vocab_size(self) -> int:
         """Rows of the embedding table (padding row included)."""
         return (self.hash_size if self.vocab is None else len(self.vocab)) + 1
 
+    @property
+    def features_per_word(self) -> int:
+        """About how many ids a word gives (timing feeds this many per token): its n-grams, and the character
+        n-grams of a five-letter word when `subword` is on."""
+        return self.order + sum(7 - n + 1 for n in range(MIN_SUBWORD, self.subword + 1))
+
+    def grams(self, text: str, prefix: str = "") -> list[str]:
+        tokens = words(text, self.lowercase)
+        return ngrams(tokens, self.order, prefix) + subwords(tokens, self.subword, prefix)
+
     def ids(self, text: str, pair: str | None = None) -> list[int]:
-        grams = ngrams(words(text, self.lowercase), self.order)
+        grams = self.grams(text)
         if pair is not None:
-            grams += ngrams(words(pair, self.lowercase), self.order, prefix="2|")
+            grams += self.grams(pair, prefix="2|")
         if self.vocab is None:
             return [1 + zlib.crc32(g.encode()) % self.hash_size for g in grams]
         return [i for i in (self.vocab.get(g) for g in grams) if i is not None]
@@ -75,15 +115,15 @@ class NgramFeaturizer:
                  truncation: bool = True, max_length: int | None = None, return_tensors: str = "pt",
                  **_: Any) -> dict[str, torch.Tensor]:
         """{"input_ids", "attention_mask"}, padded with 0 on the right. `max_length` counts words (as a
-        tokenizer counts tokens): a row keeps at most `order * max_length` features. A text without a single
-        word is refused in one line; known-nothing rows (every n-gram unseen) average to zeros."""
+        tokenizer counts tokens): a row keeps at most `features_per_word * max_length` features. A text
+        without a single word is refused in one line; known-nothing rows (every n-gram unseen) average to zeros."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         rows = []
         for index, text in enumerate(texts):
             if not words(text, self.lowercase) and not (pairs and words(pairs[index], self.lowercase)):
                 raise DataError(f"text {index} has no features (no words): {text!r:.60}")
             row = self.ids(text, pairs[index] if pairs is not None else None)
-            rows.append(row[:self.order * max_length] if truncation and max_length else row)
+            rows.append(row[:self.features_per_word * max_length] if truncation and max_length else row)
         width = max(1, *(len(r) for r in rows))
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         for i, row in enumerate(rows):
@@ -91,17 +131,24 @@ class NgramFeaturizer:
         return {"input_ids": ids, "attention_mask": (ids != 0).long()}
 
     def to_json(self) -> str:
+        """Without subwords, exactly the first format (older versions read it); with them, the second."""
+        subword = {"format": SUBWORD_FORMAT, "subword": self.subword} if self.subword else {}
         return json.dumps({"format": FORMAT, "order": self.order, "lowercase": self.lowercase,
-                           "hash_size": self.hash_size, "vocab": None if self.vocab is None else list(self.vocab)})
+                           "hash_size": self.hash_size, "vocab": None if self.vocab is None else list(self.vocab),
+                           **subword})
 
     @classmethod
     def from_json(cls, text: str) -> NgramFeaturizer:
+        """Either format; a file of the first has no subwords."""
         data = json.loads(text)
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
+        if not isinstance(data, dict) or data.get("format") not in (FORMAT, SUBWORD_FORMAT):
             raise ValueError("not an lmcompress n-gram vocabulary")
         vocab = data["vocab"]
-        return cls(int(data["order"]), None if vocab is None else {g: i + 1 for i, g in enumerate(vocab)},
-                   data["hash_size"], bool(data["lowercase"]))
+        try:
+            return cls(int(data["order"]), None if vocab is None else {g: i + 1 for i, g in enumerate(vocab)},
+                       data["hash_size"], bool(data["lowercase"]), int(data.get("subword", 0)))
+        except DataError as err:   # a subword length no version writes
+            raise ValueError(str(err)) from None
 
     def save_pretrained(self, directory: Any) -> None:
         """Tokenizer-like: write the vocabulary next to the weights."""

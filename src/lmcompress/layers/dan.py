@@ -73,7 +73,7 @@ class DAN(nn.Module):
     @property
     def features_per_token(self) -> int:
         """n-gram ids per word (timing feeds this many ids per token of its dummy batch)."""
-        return getattr(self.featurizer, "order", 1)
+        return getattr(self.featurizer, "features_per_word", 1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **_: Any) -> SequenceClassifierOutput:

@@ -45,12 +45,14 @@ class LayerResult:
 
 @dataclass
 class ModelResult:
-    """What a model-level method did: per-layer records, a replacement tokenizer (None = unchanged) and a
-    report saved in the manifest summary."""
+    """What a model-level method did: per-layer records, a replacement tokenizer (None = unchanged), a report
+    saved in the manifest summary, and a replacement for the whole model (None = changed in place, if at all):
+    a student of another architecture cannot be swapped in place, so later stages and the saving get this one."""
 
     layers: list[LayerResult] = field(default_factory=list)
     tokenizer: Any = None
     report: dict[str, Any] = field(default_factory=dict)
+    model: nn.Module | None = None
 
 
 @dataclass
@@ -137,6 +139,9 @@ class Method:
     # a model-level method that walks the blocks itself, pinning each (`calibration.walk`), can run on a model
     # whose blocks wait off the device (`--offload`); others need the whole model in memory
     walks_blocks: ClassVar[bool] = False
+    # a model-level method whose result is a new model (`ModelResult.model`, a student) trained from the model as
+    # the recipe found it: it must be the recipe's first stage, or the stages before it would be thrown away
+    replaces_model: ClassVar[bool] = False
 
     def accepts(self, module: nn.Module) -> bool:
         """Which modules a stage may target with this method (default: dense linear layers, including the

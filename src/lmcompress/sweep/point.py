@@ -199,7 +199,7 @@ def _build(settings: SweepSettings, job: Job, directory: Path):
         from lmcompress.evaluation import int8_dynamic
 
         return int8_dynamic(model, inplace=True), tokenizer, None
-    from lmcompress.engine.pipeline import compress
+    from lmcompress.engine.pipeline import compress, compressed_model
     from lmcompress.engine.reuse import ScoreCache
 
     recipe = Recipe.from_dict(job.recipe, source=job.name)
@@ -208,7 +208,7 @@ def _build(settings: SweepSettings, job: Job, directory: Path):
     reuse = ScoreCache(Path(settings.out) / "cache", settings.fingerprint) if settings.fingerprint else None
     summary = compress(model, recipe, tokenizer, data, progress=False, timing=False, reuse=reuse)
     seconds = time.perf_counter() - started
-    tokenizer = summary.tokenizer or tokenizer
+    model, tokenizer = compressed_model(summary, model), summary.tokenizer or tokenizer
     save(model, saved, tokenizer, recipe, overwrite=True, extra={"summary": summary.to_dict()})
     return model, tokenizer, seconds
 

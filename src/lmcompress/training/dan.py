@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from lmcompress.core.progress import track
 from lmcompress.errors import DataError, LMCompressError
-from lmcompress.kernels.ngrams import NgramFeaturizer
+from lmcompress.kernels.ngrams import MAX_SUBWORD, NgramFeaturizer, check_subword
 from lmcompress.layers.dan import DAN, DANConfig
 
 log = logging.getLogger("lmcompress")
@@ -33,6 +33,8 @@ class DANOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     ngram: int = Field(default=2, ge=1, le=5, description="n-grams of n = 1..ngram words")
+    subword: int = Field(default=0, ge=0, le=MAX_SUBWORD, description="also character n-grams of each word, "
+                         "3..subword characters (fastText-style, of \"<word>\"); 0: off")
     table: int = Field(default=200_000, ge=1, description="n-grams kept, most frequent first")
     hash: int | None = Field(default=None, ge=1, description="hash every n-gram into this many rows instead")
     min_count: int = Field(default=1, ge=1, description="drop n-grams seen fewer times")
@@ -49,6 +51,14 @@ class DANOptions(BaseModel):
     teacher_batch_size: int = Field(default=64, ge=1)
     max_length: int = Field(default=128, ge=1, description="teacher tokens per text")
     seed: int = 0
+
+    @field_validator("subword")
+    @classmethod
+    def _subword(cls, value: int) -> int:
+        try:   # 1 and 2 are refused: the shortest character n-gram is 3
+            return check_subword(value)
+        except DataError as err:
+            raise ValueError(str(err)) from None
 
 
 @dataclass
@@ -132,7 +142,8 @@ def distill_dan(teacher: nn.Module, tokenizer: Any, texts: Sequence[str], labels
     torch.manual_seed(options.seed)
     rng = random.Random(options.seed)
     started = time.perf_counter()
-    featurizer = NgramFeaturizer.build(everything, options.ngram, options.table, options.hash, options.min_count)
+    featurizer = NgramFeaturizer.build(everything, options.ngram, options.table, options.hash, options.min_count,
+                                       subword=options.subword)
     for index, text in enumerate(everything):
         if not text.strip():
             raise DataError(f"text {index} has no features (it is empty)")
