@@ -13,6 +13,8 @@ Presets (each sets every knob below; flags given explicitly override them):
          table {20k, 200k, 1M}, dim {64, 256, 1024}; Fourier k 1..6 with 5 and 10 minutes. Hours.
   all-text  seed 0; DANs only, on all SST-2 training text: 16,000 labelled + the other ~51k unlabelled; ngram
          {1,2}, table 200k, dim {64, 256}. Write it to its own --out (names do not carry the amount of text).
+  subword  seed 0; all SST-2 training text as all-text; n=2, table 200k, dim 256, without and with character
+         3-5-grams inside words (`subword=5`), side by side. Write it to its own --out.
   fourier-half  seed 0; Fourier only: the 3 least sensitive of 6 attention blocks, then 10 minutes of distill.
   smoke  a minute: checks that the script runs (tiny sizes; its numbers mean nothing).
 
@@ -52,6 +54,8 @@ PRESETS = {
               "dim": [64, 256], "ks": [1, 2, 3], "distill": ["90s"], "epochs": 5},
     "all-text": {"seeds": [0], "labelled": 16_000, "unlabelled": None, "ngram": [1, 2], "table": [200_000],
                  "dim": [64, 256], "ks": [], "distill": [], "epochs": 5},
+    "subword": {"seeds": [0], "labelled": 16_000, "unlabelled": None, "ngram": [2], "table": [200_000],
+                "dim": [256], "subword": [0, 5], "labelled_only": False, "ks": [], "distill": [], "epochs": 5},
     "fourier-half": {"seeds": [0], "labelled": 4000, "unlabelled": 0, "ngram": [], "table": [], "dim": [],
                      "ks": [3], "distill": ["10m"], "epochs": 5},
     "smoke": {"seeds": [0], "labelled": 200, "unlabelled": 200, "ngram": [1], "table": [1000], "dim": [16],
@@ -95,9 +99,14 @@ def dan_points(settings: dict) -> list[tuple[str, DANOptions, bool]]:
     points: list[tuple[str, DANOptions, bool]] = []
     if not settings["ngram"]:
         return points
-    for ngram, table, dim in itertools.product(settings["ngram"], settings["table"], settings["dim"]):
-        options = DANOptions(ngram=ngram, table=table, dim=dim, hidden=256, epochs=settings["epochs"])
-        points.append((f"DAN n={ngram} table={table // 1000}k dim={dim} +unlabelled", options, True))
+    for ngram, table, dim, subword in itertools.product(settings["ngram"], settings["table"], settings["dim"],
+                                                        settings.get("subword", [0])):
+        options = DANOptions(ngram=ngram, table=table, dim=dim, hidden=256, epochs=settings["epochs"],
+                             subword=subword)
+        chars = f" subword 3-{subword}" if subword else ""
+        points.append((f"DAN n={ngram} table={table // 1000}k dim={dim}{chars} +unlabelled", options, True))
+    if not settings.get("labelled_only", True):
+        return points
     best = DANOptions(ngram=max(settings["ngram"]), table=max(settings["table"]), dim=max(settings["dim"]),
                       hidden=256, epochs=settings["epochs"])
     points.append((f"DAN n={best.ngram} table={best.table // 1000}k dim={best.dim} labelled only", best, False))
