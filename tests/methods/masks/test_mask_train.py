@@ -142,7 +142,7 @@ def test_schedule_is_cubic_monotone_and_holds_after_the_ramp():
 
 
 def test_best_is_chosen_only_at_the_target_and_a_rerun_resumes_it(tokenizer, tmp_path):
-    options = {"sparsity": 0.75, "time": 1.5, "workdir": str(tmp_path / "run"), "train_weights": False, **FAST}
+    options = {"sparsity": 0.75, "time": 3, "workdir": str(tmp_path / "run"), "train_weights": False, **FAST}
     model = make_tiny_bert(tokenizer.vocab_size)
     run(model, tokenizer, [{"method": "mask_train", "options": options}])
     points = json.loads((tmp_path / "run" / "curve.json").read_text())["points"]

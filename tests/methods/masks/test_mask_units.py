@@ -76,7 +76,7 @@ def trained(tokenizer):
     """A tiny BERT's heads and neurons masked to 40% of the blocks' FLOPs in 3 s (magnitude start)."""
     model = make_tiny_bert(tokenizer.vocab_size)
     dense_flops = block_flops(model)
-    options = {"structured": True, "time": 3, "ramp": 0.3, **FAST}
+    options = {"structured": True, "time": 6, "ramp": 0.3, **FAST}
     summary = run(model, tokenizer, [{"method": "mask_train", "options": options,
                                       "budget": {"flops": 0.4, "seq_len": SEQ_LEN}}])
     return model, dense_flops, summary
