@@ -20,11 +20,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_GLUE = ROOT.parent / "shared" / "data" / "glue"
 
 
+def finetuned_path(task, train_samples: int, seed: int, cache: Path, epochs: float = 1.0) -> Path:
+    """Where `finetuned_model` caches the model of this task, sample count, seed and epochs."""
+    suffix = "" if epochs == 1 else f"-ep{epochs:g}"
+    return cache / f"minilm-{task.name}-{train_samples}-seed{seed}{suffix}"
+
+
 def finetuned_model(task, train, train_samples: int, seed: int, cache: Path, epochs: float = 1.0,
                     max_length: int = 64):
     """Fine-tune the bundled MiniLM once per (task, seed); later runs reuse the cached checkpoint."""
-    suffix = "" if epochs == 1 else f"-ep{epochs:g}"
-    cached = cache / f"minilm-{task.name}-{train_samples}-seed{seed}{suffix}"
+    cached = finetuned_path(task, train_samples, seed, cache, epochs)
     if cached.is_dir():
         print(f"using cached fine-tuned model {cached}", flush=True)
         return load_model(cached)

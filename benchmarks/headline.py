@@ -22,7 +22,17 @@ from pathlib import Path
 
 import numpy as np
 import transformers
-from common import ROOT, SHARED_GLUE, file_bytes, finetuned_model, load_rows, made_by, run_cli, save_rows
+from common import (
+    ROOT,
+    SHARED_GLUE,
+    file_bytes,
+    finetuned_model,
+    finetuned_path,
+    load_rows,
+    made_by,
+    run_cli,
+    save_rows,
+)
 
 from lmcompress.evaluation import predict
 from lmcompress.evaluation.efficiency import paired_latency
@@ -67,8 +77,7 @@ def measure_seed(args, task_spec, dev, seed: int, cache: Path) -> list[dict]:
     data = str(SHARED_GLUE / folder)
     train = load_examples(task_spec, data, "train")
     finetuned_model(task_spec, train, train_samples, seed, cache, epochs)
-    suffix = "" if epochs == 1 else f"-ep{epochs:g}"
-    teacher = cache / f"minilm-{task_spec.name}-{train_samples}-seed{seed}{suffix}"
+    teacher = finetuned_path(task_spec, train_samples, seed, cache, epochs)
     paths = make_models(args.task, data, teacher, cache / f"headline-{args.task}-seed{seed}", args.minutes)
     loaded = {name: load_model(path) for name, path in paths.items()}
     latency = paired_latency({name: model for name, (model, _) in loaded.items()}, repeats=args.repeats, **LATENCY)
