@@ -38,14 +38,14 @@ class Dan(Method):
         return True
 
     def wants_original(self, config: DANStageConfig) -> bool:  # type: ignore[override]
-        return True
+        return False   # it is always the first stage, so the model it gets is the original: no copy needed
 
     def compress_model(self, model: nn.Module, tokenizer: Any, data: Any, config: DANStageConfig,  # type: ignore[override]
                        targets: dict[str, nn.Module], context: StageContext | None = None) -> ModelResult:
         from lmcompress.training.dan import distill_dan
 
         context = context or StageContext()
-        teacher = context.original if context.original is not None else model   # the same, as the first stage
+        teacher = model   # the recipe's first stage (Recipe.check refuses it later): the model as the recipe found it
         if getattr(data, "text_pairs", None) is not None:
             raise DataError("a DAN student takes single-text tasks; this task's examples are text pairs")
         options = DANOptions(**config.model_dump(include=set(DANOptions.model_fields)))
