@@ -1,8 +1,14 @@
 """Train large, then compress? (Li et al. 2020) at small scale: masked LMs of three sizes pretrained on WikiText-2
-for the same wall-clock minutes, fine-tuned on the same SST-2 sample, then compressed by the same recipes.
+for the same wall-clock minutes, fine-tuned on the same task sample (SST-2 or STS-B), then compressed by the
+same recipes.
 
     flock /tmp/lmc-bench.lock env PYTHONPATH=src python benchmarks/train_large.py \\
         --cache /work/main/.cache/benchmarks            # -> docs/benchmarks/train_large.md (+ .json, *.png)
+    flock /tmp/lmc-bench.lock env PYTHONPATH=src python benchmarks/train_large.py --task stsb \\
+        --cache /work/main/.cache/benchmarks            # -> docs/benchmarks/train_large_stsb.md (...)
+
+The second task reuses the pretrained models of the first (cached with their pretraining row in
+pretraining.json), so both tasks start from the very same checkpoints.
 
 Steps, each saved as rows in OUT.json as soon as it is done (a stopped run resumes; cached models are reused):
 1. A lower-cased WordPiece tokenizer (`tokenizers`) trained on the pretraining text, 8,192 pieces. MiniLM's
@@ -16,10 +22,10 @@ Steps, each saved as rows in OUT.json as soon as it is done (a stopped run resum
    The text: WikiText-2's train split is not in ../shared/data, so the validation split (wiki.valid.raw,
    ~240k pieces) stands in for it, as docs/perplexity.md does; wiki.test is only scored.
 3. Each pretrained model, and the bundled MiniLM (all-MiniLM-L6-v2, the pretrained reference), is fine-tuned by
-   lmcompress.training.finetune with one config for all (`--train-samples` SST-2 sentences, seed 0), and
-   scored on the SST-2 dev sentences.
+   lmcompress.training.finetune with one config for all (`--train-samples` training examples of the task, seed 0),
+   and scored on the task's dev set (SST-2: accuracy; STS-B: Pearson x 100).
 4. Each fine-tuned model is compressed by every recipe in `METHODS` (engine.pipeline.compress; data-aware
-   methods calibrated on `--calib-samples` SST-2 training sentences with their labels). Per row: dev accuracy,
+   methods calibrated on `--calib-samples` training examples with their labels). Per row: the dev metric,
    the saved weights file (benchmarks/common.py file_bytes), weight parameters (dense total minus what the
    compressed layers gave up, as the pipeline counts them), and latency at batch 8 x 128 tokens as a ratio to
    the same size's dense model timed side by side (evaluation.efficiency.paired_latency, interleaved).
@@ -28,15 +34,16 @@ Steps, each saved as rows in OUT.json as soon as it is done (a stopped run resum
 5. Plots: accuracy against bytes and against relative latency, one marker per size (OUT_bytes.png,
    OUT_latency.png).
 
-Presets: `default` (three sizes ~2M / ~8M / ~30M, 8 minutes of pretraining each, 4,000 SST-2 sentences x 2 epochs;
-about 45 minutes on 2 cores) and `smoke` (tiny sizes, seconds of pretraining, 200 sentences: checks that the
-script runs; its numbers mean nothing). Flags given explicitly override the preset. One pretraining seed (0).
+Presets: `default` (three sizes ~2M / ~8M / ~30M, 8 minutes of pretraining each, 4,000 training examples x 2
+epochs; about 75 minutes on 2 cores with the pretraining, 45 without) and `smoke` (tiny sizes, seconds of
+pretraining, 200 examples: checks that the script runs; its numbers mean nothing). Flags given explicitly override the preset. One pretraining seed (0).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import math
 import time
@@ -60,6 +67,7 @@ from lmcompress.training.finetune import FinetuneConfig, finetune
 
 WIKITEXT = ROOT.parent / "shared" / "data" / "lm" / "wikitext-2-raw"
 SEQ = 128            # pretraining block and latency length
+GLUE_FOLDERS = {"sst2": "SST-2", "stsb": "STS-B"}
 LATENCY_BATCH = 8
 # name -> (hidden, layers, heads, intermediate, peak learning rate). Learning rates follow the usual "smaller
 # model, larger rate" convention for small BERTs; they were not tuned here.
@@ -92,6 +100,7 @@ METHODS: dict[str, dict] = {
     "prune fisher flops 0.5": {"method": "prune", "budget": {"flops": 0.5}, "options": {"score": "fisher"}},
     "whitened_svd params 0.5": {"method": "whitened_svd", "budget": {"params": 0.5}},
 }
+PRETRAINING_ROW = "pretraining.json"
 RUN: dict = {}   # arguments and start time of this call, for the table written after every row
 
 
@@ -187,17 +196,26 @@ def pretrain(size: str, tokenizer, blocks: torch.Tensor, args, folder: Path) -> 
     score = pseudo_perplexity(model, tokenizer, text, max_length=SEQ, max_tokens=args.pppl_tokens)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    return {"params": sum(p.numel() for p in model.parameters()),
+    stats = {"text rows": len(blocks), "params": sum(p.numel() for p in model.parameters()),
             "non-embedding params": sum(p.numel() for n, p in model.named_parameters()
                                         if ".embeddings." not in n and "cls.predictions" not in n),
             "steps": step, "epochs": epochs, "tokens seen": step * args.batch_size * SEQ,
             "pretrain seconds": round(seconds, 1), "final loss (ema)": round(loss_ema, 3),
             "pseudo-perplexity": round(score.perplexity, 2), "pppl tokens": score.tokens}
+    (folder / PRETRAINING_ROW).write_text(json.dumps(stats, indent=2))
+    return stats
+
+
+def cached_pretraining(folder: Path) -> dict | None:
+    """The pretraining row saved beside a cached model, so that another task's run reuses model and numbers."""
+    saved = folder / PRETRAINING_ROW
+    return json.loads(saved.read_text()) if saved.is_file() else None
 
 
 # --- 3. fine-tuning, 4. compression ---------------------------------------------------------------------------
 
-def accuracy(model, tokenizer, task, dev: Examples) -> float:
+def score(model, tokenizer, task, dev: Examples) -> float:
+    """The task's dev metric in points (accuracy, or Pearson x 100)."""
     predictions = predict(model, tokenizer, dev, batch_size=64, max_length=64, progress=False)
     return round(100 * float(compute_metrics(task, predictions, np.asarray(dev.labels))[task.metric]), 2)
 
@@ -214,11 +232,12 @@ def recipe_for(name: str, args) -> Recipe:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=list(PRESETS), default="default")
+    parser.add_argument("--task", choices=list(GLUE_FOLDERS), default="sst2", help="the fine-tuning task")
     parser.add_argument("--cache", default=str(ROOT / ".cache" / "benchmarks"))
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES))
     parser.add_argument("--pretrain-minutes", type=float, help="wall-clock minutes of pretraining per size")
     parser.add_argument("--vocab", type=int, help="WordPiece vocabulary size")
-    parser.add_argument("--train-samples", type=int, help="SST-2 sentences for fine-tuning (the same for all)")
+    parser.add_argument("--train-samples", type=int, help="training examples for fine-tuning (the same for all)")
     parser.add_argument("--epochs", type=float)
     parser.add_argument("--calib-samples", type=int)
     parser.add_argument("--pppl-tokens", type=int, help="wiki.test tokens scored by pseudo-perplexity")
@@ -234,8 +253,9 @@ def main() -> None:
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    out = Path(args.out or ROOT / "docs" / "benchmarks" / ("train_large" if args.preset == "default"
-                                                           else f"train_large_{args.preset}"))
+    name = "train_large" + ("" if args.preset == "default" else f"_{args.preset}") + \
+        ("" if args.task == "sst2" else f"_{args.task}")
+    out = Path(args.out or ROOT / "docs" / "benchmarks" / name)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     transformers.logging.set_verbosity_error()
     RUN.update(args=args, started=time.perf_counter())
@@ -251,11 +271,12 @@ def main() -> None:
         shown = {k: v for k, v in row.items() if k not in ("kind",)}
         print(f"[{time.perf_counter() - RUN['started']:.0f}s] {row['kind']}: {shown}", flush=True)
 
-    task = get_task("sst2")
-    train = load_examples(task, str(SHARED_GLUE / "SST-2"), "train")
-    dev = load_examples(task, str(SHARED_GLUE / "SST-2"), "dev")
+    task = get_task(args.task)
+    train = load_examples(task, str(SHARED_GLUE / GLUE_FOLDERS[args.task]), "train")
+    dev = load_examples(task, str(SHARED_GLUE / GLUE_FOLDERS[args.task]), "dev")
     if args.max_dev:
-        dev = Examples(dev.texts[:args.max_dev], None, dev.labels[:args.max_dev], dev.label_names)
+        n = args.max_dev
+        dev = Examples(dev.texts[:n], dev.text_pairs[:n] if dev.text_pairs else None, dev.labels[:n], dev.label_names)
 
     tokenizer = wordpiece_tokenizer(args, cache)
     blocks = None
@@ -264,9 +285,12 @@ def main() -> None:
         if row_of("pretrain", size) is not None and folder.is_dir():
             continue
         rows[:] = [r for r in rows if (r["kind"], r["model"]) != ("pretrain", size)]   # its model is gone: redo
+        if folder.is_dir() and (saved := cached_pretraining(folder)) is not None:     # pretrained for another task
+            record({"kind": "pretrain", "model": size, "method": "-", **saved})
+            continue
         blocks = pretraining_blocks(tokenizer) if blocks is None else blocks
         print(f"pretraining {size} for {args.pretrain_minutes:g} min on {len(blocks)} rows of {SEQ}", flush=True)
-        record({"kind": "pretrain", "model": size, "method": "-", "text rows": len(blocks),
+        record({"kind": "pretrain", "model": size, "method": "-",
                 **pretrain(size, tokenizer, blocks, args, folder)})
 
     config = FinetuneConfig(epochs=args.epochs, lr=1e-4, batch_size=32, max_length=64,
@@ -274,8 +298,8 @@ def main() -> None:
     names = [*args.sizes, *([MINILM] if args.minilm else [])]
     finetuned: dict[str, tuple] = {}
     for name in names:
-        folder = cache / (f"{tag(args)}-{name}-sst2-{args.train_samples}-ep{args.epochs:g}" if name != MINILM
-                          else f"minilm-sst2-{args.train_samples}-seed{args.seed}-ep{args.epochs:g}-lr1e-4")
+        folder = cache / (f"{tag(args)}-{name}-{args.task}-{args.train_samples}-ep{args.epochs:g}" if name != MINILM
+                          else f"minilm-{args.task}-{args.train_samples}-seed{args.seed}-ep{args.epochs:g}-lr1e-4")
         if folder.is_dir():
             finetuned[name] = load_model(folder)
         else:
@@ -286,7 +310,7 @@ def main() -> None:
             print(f"fine-tuned {name} in {time.perf_counter() - start:.0f}s", flush=True)
         if row_of("dense", name) is None:
             model, tok = finetuned[name]
-            record({"kind": "dense", "model": name, "method": "-", "accuracy": accuracy(model, tok, task, dev),
+            record({"kind": "dense", "model": name, "method": "-", task.metric: score(model, tok, task, dev),
                     "bytes": file_bytes(model, tok), "params": weight_params(model), "latency vs own dense": 1.0})
 
     if row_of("dense latency", "all") is None:   # the dense models side by side, to chain the ratios across sizes
@@ -307,7 +331,7 @@ def main() -> None:
             timing = paired_latency({"dense": model, "compressed": compressed}, LATENCY_BATCH, SEQ, warmup=1,
                                     repeats=args.repeats)
             record({"kind": "compressed", "model": name, "method": method,
-                    "accuracy": accuracy(compressed, tok, task, dev), "bytes": file_bytes(compressed, tok),
+                    task.metric: score(compressed, tok, task, dev), "bytes": file_bytes(compressed, tok),
                     "params": weight_params(model) - summary.params_before + summary.params_after,
                     "latency vs own dense": round(timing["compressed"]["median_ms"] / timing["dense"]["median_ms"], 3),
                     "compress seconds": round(seconds, 1)})
@@ -329,6 +353,7 @@ def relative_latency(rows: list[dict]) -> dict[str, float]:
 
 def write_report(out: Path, rows: list[dict]) -> str:
     args = RUN["args"]
+    folder, metric = GLUE_FOLDERS[args.task], get_task(args.task).metric
     pre = [r for r in rows if r["kind"] == "pretrain"]
     relative = relative_latency(rows)
     dense = {r["model"]: r for r in rows if r["kind"] == "dense"}
@@ -338,25 +363,26 @@ def write_report(out: Path, rows: list[dict]) -> str:
             continue
         own = dense.get(r["model"])
         rel = relative.get(r["model"])
-        table.append({**r, "vs dense": round(r["accuracy"] - own["accuracy"], 2) if own else None,
+        table.append({**r, "vs dense": round(r[metric] - own[metric], 2) if own else None,
                       "MB": round(r["bytes"] / 1e6, 3),
                       "latency vs largest dense": round(rel * r["latency vs own dense"], 3) if rel else None})
     largest = max(dense, key=lambda n: dense[n]["params"]) if dense else "-"
     pre_columns = [(k, k) for k in ("model", "params", "non-embedding params", "steps", "epochs", "tokens seen",
                                     "pretrain seconds", "final loss (ema)", "pseudo-perplexity", "pppl tokens")]
-    columns = [("model", "model"), ("method", "method"), ("accuracy", "dev accuracy"), ("vs dense", "vs dense"),
+    columns = [("model", "model"), ("method", "method"), (metric, f"dev {metric}"), ("vs dense", "vs dense"),
                ("MB", "MB (saved)"), ("params", "weight params"), ("latency vs own dense", "latency / own dense"),
                ("latency vs largest dense", f"latency / dense {largest}"), ("compress seconds", "compress s")]
-    text = (f"# Train large, then compress: masked LMs of three sizes on WikiText-2, fine-tuned on SST-2, "
+    text = (f"# Train large, then compress: masked LMs of three sizes on WikiText-2, fine-tuned on {folder}, "
             f"compressed\n\n{made_by(RUN['started'])}\n\n"
             f"Preset `{args.preset}`: sizes {', '.join(args.sizes)}; {args.pretrain_minutes:g} wall-clock minutes "
             f"of masked-LM pretraining each on wiki.valid (WikiText-2's train split is not in ../shared/data), "
             f"batch {args.batch_size} x {SEQ} tokens, WordPiece vocabulary {args.vocab}, seed {args.seed} (one "
-            f"pretraining run per size). Fine-tuning: {args.train_samples} SST-2 sentences, {args.epochs:g} "
+            f"pretraining run per size). Fine-tuning: {args.train_samples} {folder} training examples, {args.epochs:g} "
             f"epoch(s), lr 1e-4, batch 32, max length 64, the same for every model"
             f"{', MiniLM included' if args.minilm else ''}. Dev: "
-            f"{'the first ' + str(args.max_dev) if args.max_dev else 'all 872'} SST-2 dev sentences. Calibration: "
-            f"{args.calib_samples} SST-2 training sentences. Latency: batch {LATENCY_BATCH} x {SEQ} tokens, median "
+            f"{'the first ' + str(args.max_dev) if args.max_dev else 'all'} {folder} dev examples ({metric}, in "
+            f"points). Calibration: {args.calib_samples} {folder} training examples. Latency: batch "
+            f"{LATENCY_BATCH} x {SEQ} tokens, median "
             f"of {args.repeats} interleaved rounds, as a ratio to the same model's dense version timed beside it; "
             f"the last column chains that with the dense models' side-by-side ratio to the largest one. See the "
             f"script's docstring for the details.\n\n## Pretraining (equal wall clock)\n\n"
@@ -365,11 +391,11 @@ def write_report(out: Path, rows: list[dict]) -> str:
               "and another tokenizer, so it has none here.\n\n## Fine-tuned and compressed\n\n"
             + markdown_table(table, columns) + "\n")
     out.with_suffix(".md").write_text(text)
-    plot(out, table)
+    plot(out, table, metric, f"{folder} dev {metric}")
     return text
 
 
-def plot(out: Path, table: list[dict]) -> None:
+def plot(out: Path, table: list[dict], metric: str, ylabel: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -381,7 +407,7 @@ def plot(out: Path, table: list[dict]) -> None:
                                ("latency vs largest dense", "latency relative to the largest dense model", "latency")):
         figure, axes = plt.subplots(figsize=(7, 5))
         for name, marker in styles.items():
-            points = [(r[key] / 1e6 if key == "bytes" else r[key], r["accuracy"], r["method"]) for r in table
+            points = [(r[key] / 1e6 if key == "bytes" else r[key], r[metric], r["method"]) for r in table
                       if r["model"] == name and r.get(key) is not None]
             if not points:
                 continue
@@ -391,7 +417,7 @@ def plot(out: Path, table: list[dict]) -> None:
                     axes.annotate("dense", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         axes.set_xscale("log")
         axes.set_xlabel(label)
-        axes.set_ylabel("SST-2 dev accuracy (%)")
+        axes.set_ylabel(ylabel)
         axes.set_title(f"Train large, then compress ({suffix})")
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
