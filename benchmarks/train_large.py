@@ -36,7 +36,8 @@ Steps, each saved as rows in OUT.json as soon as it is done (a stopped run resum
 
 Presets: `default` (three sizes ~2M / ~8M / ~30M, 8 minutes of pretraining each, 4,000 training examples x 2
 epochs; about 75 minutes on 2 cores with the pretraining, 45 without) and `smoke` (tiny sizes, seconds of
-pretraining, 200 examples: checks that the script runs; its numbers mean nothing). Flags given explicitly override the preset. One pretraining seed (0).
+pretraining, 200 examples: checks that the script runs; its numbers mean nothing). Flags given explicitly override
+the preset. One pretraining seed (0).
 """
 
 from __future__ import annotations
@@ -82,23 +83,28 @@ SIZES = {
 PRESETS = {
     "default": {"sizes": ["2M", "8M", "30M"], "pretrain_minutes": 8.0, "vocab": 8192, "train_samples": 4000,
                 "epochs": 2.0, "calib_samples": 128, "pppl_tokens": 512, "repeats": 10, "max_dev": None,
-                "minilm": True},
+                "minilm": True, "distill_time": "2m"},
     "smoke": {"sizes": ["smoke-a", "smoke-b", "smoke-c"], "pretrain_minutes": 0.1, "vocab": 2000,
               "train_samples": 200, "epochs": 1.0, "calib_samples": 16, "pppl_tokens": 64, "repeats": 2,
-              "max_dev": 200, "minilm": False},   # MiniLM's compressions alone take minutes
+              "max_dev": 200, "minilm": False, "distill_time": "5s"},   # MiniLM's compressions alone take minutes
 }
 MINILM = "MiniLM (pretrained)"
-CALIBRATED = {"int4 gptq", "sparsegpt 50%", "sparsegpt 75%", "sparsegpt 90%", "prune fisher flops 0.5",
-              "whitened_svd params 0.5"}
-METHODS: dict[str, dict] = {
-    "int8 dynamic": {"method": "quantize", "options": {"scheme": "dynamic"}},
-    "int4 gptq": {"method": "quantize", "options": {"scheme": "weight_only", "bits": 4, "algorithm": "gptq"}},
-    **{f"magnitude {p}%": {"method": "sparsify", "options": {"score": "magnitude", "sparsity": p / 100}}
+PRUNE = {"method": "prune", "budget": {"flops": 0.5}, "options": {"score": "fisher"}}
+INT8 = {"method": "quantize", "options": {"scheme": "dynamic"}}
+DISTIL = {"method": "distill", "options": {"max_length": 64}}   # its time: --distill-time
+# name -> the recipe's stages; the last two are the project's headline chains (docs/findings.md), distillation
+# shorter than there (default 2 minutes) because it runs for every size and task
+METHODS: dict[str, list[dict]] = {
+    "int8 dynamic": [INT8],
+    "int4 gptq": [{"method": "quantize", "options": {"scheme": "weight_only", "bits": 4, "algorithm": "gptq"}}],
+    **{f"magnitude {p}%": [{"method": "sparsify", "options": {"score": "magnitude", "sparsity": p / 100}}]
        for p in (50, 75, 90)},
-    **{f"sparsegpt {p}%": {"method": "sparsify", "options": {"score": "sparsegpt", "sparsity": p / 100}}
+    **{f"sparsegpt {p}%": [{"method": "sparsify", "options": {"score": "sparsegpt", "sparsity": p / 100}}]
        for p in (50, 75, 90)},
-    "prune fisher flops 0.5": {"method": "prune", "budget": {"flops": 0.5}, "options": {"score": "fisher"}},
-    "whitened_svd params 0.5": {"method": "whitened_svd", "budget": {"params": 0.5}},
+    "prune fisher flops 0.5": [PRUNE],
+    "whitened_svd params 0.5": [{"method": "whitened_svd", "budget": {"params": 0.5}}],
+    "prune fisher flops 0.5 + int8": [PRUNE, INT8],
+    "prune fisher flops 0.5 + distil + int8": [PRUNE, DISTIL, INT8],
 }
 PRETRAINING_ROW = "pretraining.json"
 RUN: dict = {}   # arguments and start time of this call, for the table written after every row
@@ -226,7 +232,9 @@ def weight_params(model) -> int:
 
 def recipe_for(name: str, args) -> Recipe:
     calibration = Calibration(samples=args.calib_samples, batch_size=32, max_length=64, seed=args.seed)
-    return Recipe.from_dict({"calibration": calibration.model_dump(), "stages": [METHODS[name]]})
+    stages = [{**stage, "options": {**stage["options"], "time": args.distill_time}} if stage is DISTIL else stage
+              for stage in METHODS[name]]
+    return Recipe.from_dict({"calibration": calibration.model_dump(), "stages": stages})
 
 
 def main() -> None:
@@ -240,6 +248,7 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, help="training examples for fine-tuning (the same for all)")
     parser.add_argument("--epochs", type=float)
     parser.add_argument("--calib-samples", type=int)
+    parser.add_argument("--distill-time", help="budget of the distil stage in the headline chain (2m, 90s)")
     parser.add_argument("--pppl-tokens", type=int, help="wiki.test tokens scored by pseudo-perplexity")
     parser.add_argument("--repeats", type=int, help="paired latency rounds")
     parser.add_argument("--max-dev", type=int, help="first N dev sentences (smoke runs)")
@@ -381,8 +390,9 @@ def write_report(out: Path, rows: list[dict]) -> str:
             f"epoch(s), lr 1e-4, batch 32, max length 64, the same for every model"
             f"{', MiniLM included' if args.minilm else ''}. Dev: "
             f"{'the first ' + str(args.max_dev) if args.max_dev else 'all'} {folder} dev examples ({metric}, in "
-            f"points). Calibration: {args.calib_samples} {folder} training examples. Latency: batch "
-            f"{LATENCY_BATCH} x {SEQ} tokens, median "
+            f"points). Calibration: {args.calib_samples} {folder} training examples; the distil stage: "
+            f"{args.distill_time}, max length 64, the dense model as teacher. Latency: batch {LATENCY_BATCH} x {SEQ} "
+            f"tokens, median "
             f"of {args.repeats} interleaved rounds, as a ratio to the same model's dense version timed beside it; "
             f"the last column chains that with the dense models' side-by-side ratio to the largest one. See the "
             f"script's docstring for the details.\n\n## Pretraining (equal wall clock)\n\n"
