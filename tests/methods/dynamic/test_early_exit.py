@@ -203,3 +203,21 @@ def test_hugging_face_export_refuses_in_one_line(tokenizer):
     with pytest.raises(ExportError, match="early exits") as err:
         check_exportable(model)
     assert "\n" not in str(err.value)
+
+
+def test_a_flops_target_that_costs_many_points_says_so(caplog):
+    # heads that are always wrong: any rule under the FLOPs cap loses most of the held-out accuracy
+    labels = torch.arange(200) % 2
+    final = torch.nn.functional.one_hot(labels, 2).float() * 3
+    wrong = [torch.nn.functional.one_hot(1 - labels, 2).float() * 3 for _ in range(3)]
+    costs = torch.tensor([0.25, 0.5, 0.75, 1.0])
+    from lmcompress.methods.dynamic.early_exit import EarlyExitConfig
+
+    with caplog.at_level("WARNING", logger="lmcompress"):
+        best, _ = _choose(EarlyExitConfig(target_flops=0.5), "confidence", wrong, final, labels, costs, False)
+    assert best["flops"] <= 0.5 and best["metric"] < best["full"] - 5
+    assert any("loses" in r.getMessage() and "target_flops" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lmcompress"):
+        _choose(EarlyExitConfig(target_flops=0.5), "confidence", [final] * 3, final, labels, costs, False)
+    assert not any("loses" in r.getMessage() for r in caplog.records)

@@ -410,6 +410,10 @@ def _candidates(kind: str, config: EarlyExitConfig, head_logits: list[torch.Tens
     return [ExitRule(kind, threshold=float(t)) for t in grid] + [ExitRule(kind, threshold=t) for t in extra]
 
 
+# a FLOPs target that costs more held-out points than this is worth a warning (the early heads are weak)
+FLOPS_TARGET_WARN_POINTS = 5.0
+
+
 def _choose(config: EarlyExitConfig, kind: str, head_logits: list[torch.Tensor], final: torch.Tensor,
             labels: torch.Tensor | None, costs: torch.Tensor, regression: bool) -> tuple[dict, list[dict]]:
     """Every candidate rule simulated on the held-out logits; the one the target asks for."""
@@ -430,6 +434,10 @@ def _choose(config: EarlyExitConfig, kind: str, head_logits: list[torch.Tensor],
                         config.target_flops)
         best = max(fitting, key=lambda t: (t["metric"], -t["flops"])) if fitting else min(table,
                                                                                             key=lambda t: t["flops"])
+        if full - best["metric"] > FLOPS_TARGET_WARN_POINTS:  # a FLOPs cap takes the best rule however bad it is
+            log.warning("early_exit: at %.3g of the FLOPs the best rule loses %.1f points on the held-out data "
+                        "(%.1f against %.1f); a larger target_flops, pooling=mean or a target_drop keeps accuracy",
+                        config.target_flops, full - best["metric"], best["metric"], full)
     else:
         drop = 0.5 if config.target_drop is None else config.target_drop
         fitting = [t for t in table if t["metric"] >= full - drop - 1e-9]
