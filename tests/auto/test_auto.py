@@ -106,9 +106,31 @@ def test_when_nothing_meets_the_guard_the_answer_is_dense_and_the_report_says_so
     front = json.loads((out / "front.json").read_text())
     assert front["final"]["chosen"]["chain"] == "dense"
     assert not any(c["valid"] for c in front["candidates"] if c["chain"] != "dense")
-    assert "No compressed candidate kept the guard drop within the limit" in (out / "report.md").read_text()
+    assert "No compressed candidate kept the drop within the limit" in (out / "report.md").read_text()
     assert (out / "recipe.yaml").read_text().startswith("# no compression met")
     assert lmcompress.load(out / "model") is not None
+
+
+@pytest.mark.parametrize("confirm_size", ["1000", "0"])
+def test_finalists_that_fail_the_confirmation_split_are_not_the_answer(fake_table, tiny, tmp_path, monkeypatch,
+                                                                       confirm_size):
+    # every compressed model keeps the guard but loses 3 points on the confirmation split (a lucky guard)
+    real = Guard.score
+    monkeypatch.setattr(Guard, "score", lambda self, model: (Score(real(self, model).metric - 3, 3.0, 0.0)
+                                                               if self.name == "confirmation"
+                                                               else Score(real(self, model).metric, 0.0, 0.0)))
+    out = tmp_path / "out"
+    assert run(tiny, out, "--time", "30s", "--max-drop", "1", "--confirm-size", confirm_size) == 0
+    final = json.loads((out / "front.json").read_text())["final"]
+    if confirm_size == "0":   # no confirmation: the guard alone decides
+        assert final["chosen"]["chain"] != "dense" and final["confirmation"] == {}
+        return
+    assert final["chosen"]["chain"] == "dense"
+    failed = [k for k, v in final["confirmation"].items() if k != "dense|0"]
+    assert failed and all(final["confirmation"][k]["drop"] == 3.0 for k in failed)
+    assert lmcompress.load(out / "model") is not None   # the dense model replaced the guard's best on disk
+    report = (out / "report.md").read_text()
+    assert "lost more than the limit on the confirmation split" in report
 
 
 def test_an_interrupted_search_leaves_the_best_model_so_far(fake_table, tiny, tmp_path, monkeypatch):
@@ -133,6 +155,7 @@ def test_an_interrupted_search_leaves_the_best_model_so_far(fake_table, tiny, tm
     (["--time", "soon"], "--time"),
     (["--data", "/nonexistent/data.csv"], "data.csv"),
     (["--time", "0.01s"], "too short"),
+    (["--confirm-size", "5"], "--confirm-size must be 0"),
 ])
 def test_bad_arguments_fail_in_one_line_and_write_nothing(fake_table, tiny, tmp_path, capsys, extra, message):
     out = tmp_path / "out"

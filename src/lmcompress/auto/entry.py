@@ -44,6 +44,7 @@ class AutoArgs:
     seed: int = 0
     command: str | None = None               # how the run was started, for the report
     progress: bool = True
+    confirm_size: int = 1000                 # a second held-out split the finalists must pass (0: none)
 
 
 @dataclass
@@ -73,6 +74,8 @@ def check_args(args: AutoArgs) -> float:
             raise LMCompressError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
     if args.guard_size < 10:
         raise LMCompressError(f"--guard-size must be at least 10 (got {args.guard_size})")
+    if args.confirm_size != 0 and args.confirm_size < 10:
+        raise LMCompressError(f"--confirm-size must be 0 (no confirmation) or at least 10 (got {args.confirm_size})")
     if args.z < 0:
         raise LMCompressError(f"--z must be at least 0 (got {args.z})")
     if args.max_train_samples is not None and args.max_train_samples < MIN_TRAIN:
@@ -103,9 +106,9 @@ def _clear(out: Path) -> None:
 
 
 def _splits(args: AutoArgs, model):
-    """(task, guard, calibration, distillation train, distillation held-out, dev): the guard and the
-    distillation held-out are drawn from the training split (the guard first); dev is the data's dev split, or
-    a share of a single file that nothing else sees."""
+    """(task, guard, confirmation, calibration, distillation train, distillation held-out, dev): the guard, the
+    confirmation split (None when --confirm-size is 0) and the distillation held-out are drawn from the training
+    split, in that order; dev is the data's dev split, or a share of a single file that nothing else sees."""
     from lmcompress.entrypoints.data import task_and_examples
     from lmcompress.sweep.point import one_source
     from lmcompress.training.distillation import split_heldout
@@ -121,11 +124,14 @@ def _splits(args: AutoArgs, model):
         raise DataError(f"--data has {len(train)} training examples; auto needs at least {MIN_TRAIN} (a guard split "
                         "and distillation data)")
     rest, guard = split_heldout(train, 0.2, args.seed, at_most=args.guard_size)
+    confirmation = None
+    if args.confirm_size:
+        rest, confirmation = split_heldout(rest, 0.2, args.seed + 2, at_most=args.confirm_size)
     if args.max_train_samples is not None:
         rest = rest.take(args.max_train_samples, seed=args.seed)
     distill_train, distill_heldout = split_heldout(rest, 0.1, args.seed, at_most=256)
     calibration = rest.take(args.calib_samples, seed=args.seed)
-    return task, guard, calibration, distill_train, distill_heldout, dev
+    return task, guard, confirmation, calibration, distill_train, distill_heldout, dev
 
 
 def environment() -> str:
@@ -149,16 +155,17 @@ def run_auto(args: AutoArgs) -> AutoOutcome:
     model, tokenizer = load_model(args.model, device="cpu", dtype="float32")  # int8 kernels and timing: this CPU
     model.eval()
     check_sequence_length(model, args.seq_len, "--seq-len")
-    task, guard_examples, calibration, distill_train, distill_heldout, dev = _splits(args, model)
+    task, guard_examples, confirmation, calibration, distill_train, distill_heldout, dev = _splits(args, model)
     out = Path(args.out.path)
     if out.exists() and args.out.overwrite:
         _clear(out)
     out.mkdir(parents=True, exist_ok=True)
     max_length = min(args.seq_len, 128)
     with quiet_library():
-        log.info("auto: %s on %s: guard %d, calibration %d, distillation %d (+%d held out), dev %d examples; "
-                 "measuring dense and int8 on this machine", args.model or "bundled model", task.name,
-                 len(guard_examples), len(calibration), len(distill_train), len(distill_heldout), len(dev))
+        log.info("auto: %s on %s: guard %d, confirmation %d, calibration %d, distillation %d (+%d held out), "
+                 "dev %d examples; measuring dense and int8 on this machine", args.model or "bundled model",
+                 task.name, len(guard_examples), len(confirmation or ()), len(calibration), len(distill_train),
+                 len(distill_heldout), len(dev))
         ctx = Context(model, tokenizer, task, calibration, distill_train, distill_heldout,
                       Guard(task, guard_examples, tokenizer, max_length), Cost(args.target, model, args.batch_size,
                                                                               args.seq_len),
@@ -166,7 +173,9 @@ def run_auto(args: AutoArgs) -> AutoOutcome:
                       True, {"samples": args.calib_samples, "batch_size": 32,
                                                         "max_length": min(64, max_length), "seed": args.seed},
                       max_length)
-    search = Search(ctx, budget - (time.perf_counter() - started), dev_size=len(dev), repeats=args.repeats)
+    # the time left for the end: dev (3 models) and the confirmation split (dense and up to a few finalists)
+    search = Search(ctx, budget - (time.perf_counter() - started), dev_size=len(dev) + 2 * len(confirmation or ()),
+                    repeats=args.repeats)
     header = {"model": str(args.model or "bundled"), "task": task.name, "command": args.command,
               "environment": environment()}
     try:
@@ -180,7 +189,7 @@ def run_auto(args: AutoArgs) -> AutoOutcome:
             raise
         final = None
         with quiet_library():
-            final = confirm(search, dev, args.repeats)
+            final = confirm(search, dev, args.repeats, confirmation)
     except KeyboardInterrupt:
         if search.results:
             write_report(out, search, None, header)

@@ -35,8 +35,9 @@ class Guard:
     """The held-out split that guards accuracy: dense predictions are made once, and every candidate is compared
     with them example by example."""
 
-    def __init__(self, task, examples, tokenizer, max_length: int, batch_size: int = 64, seed: int = 0) -> None:
-        self.task, self.examples, self.tokenizer = task, examples, tokenizer
+    def __init__(self, task, examples, tokenizer, max_length: int, batch_size: int = 64, seed: int = 0,
+                 name: str = "guard") -> None:
+        self.task, self.examples, self.tokenizer, self.name = task, examples, tokenizer, name
         self.max_length, self.batch_size = max_length, batch_size
         self.labels = np.asarray(examples.labels)
         self.resamples = np.random.default_rng(seed).integers(0, len(examples), size=(BOOTSTRAP, len(examples)))

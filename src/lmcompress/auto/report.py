@@ -86,8 +86,16 @@ def _choice(search: Search, final: Final) -> list[str]:
     dense_ms = timing["dense|0"]["median_ms"]
     int8 = next((r for r in final.finalists if _key(r) == "int8|0"), None)
     why = []
+    failed = [r.chain.name for r in final.finalists
+              if _key(r) in final.confirmation and final.confirmation[_key(r)].drop > ctx.max_drop + 1e-9]
+    if failed:
+        why.append(f"Faster finalists that passed the guard lost more than the limit on the confirmation split "
+                   f"({final.confirmation_examples} held-out examples the search never scored): "
+                   f"{', '.join(failed)}.")
     if chosen.chain.name == "dense":
-        why.append("No compressed candidate kept the guard drop within the limit, so the answer is the dense model.")
+        why.append("No compressed candidate kept the drop within the limit, so the answer is the dense model.")
+    elif failed:
+        why.append("It is the fastest finalist that passed both.")
     elif ctx.target == "latency":
         why.append(f"Of the valid finalists (the cheapest by prediction, with int8 and dense), it measured fastest "
                    f"at batch {ctx.batch_size} x {ctx.seq_len} tokens.")
@@ -107,8 +115,8 @@ def _choice(search: Search, final: Final) -> list[str]:
               f"dense {fmt(dev_dense)}, a drop of {fmt(final.dev_drop)} points: {verdict}.", "",
               f"### Side by side on this machine (batch {ctx.batch_size} x {ctx.seq_len} tokens, median of "
               f"{final.repeats} paired rounds)", "",
-              f"| model | ms | x dense | x int8 | guard {ctx.task.metric} | dev {ctx.task.metric} | valid |",
-              "|---|---|---|---|---|---|---|"]
+              f"| model | ms | x dense | x int8 | guard {ctx.task.metric} | confirmation drop | dev {ctx.task.metric} "
+              "| valid |", "|---|---|---|---|---|---|---|---|"]
     int8_ms = timing.get("int8|0", {}).get("median_ms")
     for result in final.finalists:
         key = _key(result)
@@ -116,7 +124,9 @@ def _choice(search: Search, final: Final) -> list[str]:
         name = result.chain.name + (f", distilled {result.distill_s:.0f} s" if result.distill_s else "")
         name = f"**{name}** (chosen)" if key == _key(chosen) else name
         lines.append(f"| {name} | {fmt(ms)} | {fmt(dense_ms / ms)} | {fmt(int8_ms / ms) if int8_ms else '-'} | "
-                     f"{fmt(result.score.metric)} | {fmt(final.dev[key]) if key in final.dev else '-'} | "
+                     f"{fmt(result.score.metric)} | "
+                     f"{fmt(final.confirmation[key].drop) if key in final.confirmation else '-'} | "
+                     f"{fmt(final.dev[key]) if key in final.dev else '-'} | "
                      f"{'yes' if result.valid else 'no'} |")
     return lines
 
@@ -126,6 +136,9 @@ def _final_dict(search: Search, final: Final | None) -> dict[str, Any] | None:
         return None
     return {"chosen": final.chosen.row(search.dense_cost), "dev": {k: round(v, 2) for k, v in final.dev.items()},
             "dev_examples": final.dev_examples, "dev_drop": round(final.dev_drop, 2),
+            "confirmation_examples": final.confirmation_examples,
+            "confirmation": {k: {"drop": round(v.drop, 2), "se": round(v.se, 2)}
+                             for k, v in final.confirmation.items()},
             "dev_broke_guard": final.broke(search.ctx.max_drop),
             "timing": {k: {"median_ms": round(v["median_ms"], 3)} for k, v in final.timing.items()},
             "finalists": [r.row(search.dense_cost) for r in final.finalists], "repeats": final.repeats,

@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier auto run in --out (never other files)")
     p.add_argument("--guard-size", type=int, default=1000,
                    help="training examples held out to guard accuracy (default 1000, at most a fifth of them)")
+    p.add_argument("--confirm-size", type=int, default=1000,
+                   help="a second held-out split of the training data, scored only for the finalists: the answer "
+                        "must keep its drop there within --max-drop too (default 1000; 0: no confirmation)")
     p.add_argument("--z", type=float, default=1.0,
                    help="standard errors of the guard drop counted against --max-drop (default 1; 0: the raw drop)")
     p.add_argument("--calib-samples", type=int, default=256, help="calibration examples per recipe (default 256)")
@@ -41,7 +44,7 @@ def run(args: argparse.Namespace) -> None:
     outcome = run_auto(AutoArgs(
         output_args(args), args.model, data_args(args), args.max_drop, args.target, args.batch_size, args.seq_len,
         args.time, args.guard_size, args.z, args.calib_samples, args.max_train_samples, args.repeats, args.seed,
-        "lmcompress " + shlex.join(args.argv), not args.quiet))
+        "lmcompress " + shlex.join(args.argv), not args.quiet, args.confirm_size))
     chosen = outcome.chosen
     warning = "; dev BROKE the guard" if outcome.dev_broke_guard else ""
     print(f"chosen: {chosen.chain.name}" + (f", distilled {chosen.distill_s:.0f}s" if chosen.distill_s else "")
