@@ -64,13 +64,16 @@ def confirm(search: Search, dev_examples: Any, repeats: int, confirmation: Any =
     else:
         ranked = [search.best] + sorted((r for r in valid if _key(r) != _key(search.best)), key=lambda r: r.cost)
     checked = _confirmed(search, ranked, confirmation) if confirmation is not None else {}
-    chosen = next((r for r in ranked if _key(r) not in checked or checked[_key(r)].drop <= ctx.max_drop + 1e-9),
-                  next(r for r in finalists if _key(r) == "dense|0"))
+
+    def passes(result: Result) -> bool:
+        key = _key(result)
+        return key not in checked or checked[key].drop <= ctx.max_drop + 1e-9
+
+    chosen = next(r for r in ranked if passes(r))   # dense is valid, so among them, and always passes
     if _key(chosen) != _key(search.best):
-        log.info("auto: %s is the answer (%s)", chosen.chain.name,
-                 "the faster ones failed the confirmation split" if any(
-                     checked[k].drop > ctx.max_drop for k in checked) else f"it measured faster than "
-                 f"{search.best.chain.name}")
+        reason = ("faster finalists failed the confirmation split" if not all(map(passes, ranked))
+                  else f"it measured faster than {search.best.chain.name}")
+        log.info("auto: %s is the answer (%s)", chosen.chain.name, reason)
         search._save(chosen, search.models[_key(chosen)])
     final = Final(chosen, finalists, timing, repeats, dev_examples=len(dev_examples), confirmation=checked,
                   confirmation_examples=len(confirmation) if confirmation is not None else 0)
@@ -89,6 +92,8 @@ def _confirmed(search: Search, ranked: list[Result], confirmation: Any) -> dict[
     """Scores on the confirmation split, in choice order, up to the first finalist that passes (dense is the
     reference and always passes)."""
     ctx = search.ctx
+    if not ranked or _key(ranked[0]) == "dense|0":   # nothing compressed to check
+        return {}
     scorer = Guard(ctx.task, confirmation, ctx.tokenizer, ctx.max_length, name="confirmation")
     checked = {"dense|0": scorer.set_dense(search.models["dense|0"])}
     for result in ranked:
