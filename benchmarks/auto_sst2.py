@@ -1,17 +1,19 @@
-"""`lmcompress auto --max-drop 1 --time N` on SST-2 against the best hand recipe of docs/ given the same wall time,
-with dense and int8 measured in the same run.
+"""`lmcompress auto --max-drop 1 --time N` on SST-2 (or STS-B) against the best hand recipe of docs/ given the same
+wall time, with dense and int8 measured in the same run.
 
-    python benchmarks/auto_sst2.py --minutes 5 --seeds 0      # -> docs/benchmarks/auto_sst2.{md,json}
+    python benchmarks/auto_sst2.py --minutes 5 --seeds 0                # -> docs/benchmarks/auto_sst2.{md,json}
+    python benchmarks/auto_sst2.py --task stsb --minutes 20 --seeds 0   # -> docs/benchmarks/auto_stsb.{md,json}
 
-Teacher: the cached fine-tuned MiniLM (SST-2, 16000 sentences; `common.finetuned_model`). For each seed:
+Teacher: the cached fine-tuned MiniLM (`common.finetuned_model`; SST-2: 16000 sentences, 1 epoch; STS-B: all 5749
+pairs, 2 epochs, as headline.py caches them). For each seed:
 
 1. `run_auto` (the command's entry point) with `--max-drop 1 --target latency --batch-size 8 --seq-len 128
    --time N`; its wall time W is the whole call (model load, searches, final timing, dev score).
 2. The best hand recipe of docs/ (docs/distillation.md: prune to 40% of FLOPs, Fisher scores and least-squares
    refit -> distil -> int8 dynamic) in the same wall time W: the prune, then distillation for what is left of W
    (less a margin for the quantization), then int8.
-3. Dense, int8 (no data), auto's answer (loaded from OUT/model) and the hand recipe: accuracy on all 872 dev
-   sentences; latency at batch 8 x 128 tokens timed side by side (`paired_latency`, alternating).
+3. Dense, int8 (no data), auto's answer (loaded from OUT/model) and the hand recipe: the task's metric (x100) on
+   all dev examples; latency at batch 8 x 128 tokens timed side by side (`paired_latency`, alternating).
 
 Rows are saved per seed as they come; a second call skips the seeds already there.
 """
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import transformers
-from common import ROOT, SHARED_GLUE, finetuned_model, load_rows, made_by, save_rows
+from common import ROOT, SHARED_GLUE, finetuned_model, finetuned_path, load_rows, made_by, save_rows
 
 import lmcompress
 from lmcompress.auto.entry import AutoArgs, run_auto
@@ -43,38 +45,46 @@ from lmcompress.training.distillation import DistillConfig, distill, split_heldo
 
 BATCH, SEQ = 8, 128
 CALIBRATION = {"samples": 512, "batch_size": 32, "max_length": 64}
+# task -> (GLUE folder, teacher's training examples, fine-tuning epochs), as headline.py caches the teachers
+TASKS = {"sst2": ("SST-2", 16_000, 1.0), "stsb": ("STS-B", 5_749, 2.0)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=list(TASKS), default="sst2")
     parser.add_argument("--cache", default=str(ROOT / ".cache" / "benchmarks"), help="fine-tuned teachers")
     parser.add_argument("--minutes", type=float, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="auto's data-split seeds (teacher: seed 0)")
     parser.add_argument("--max-drop", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--no-hand", action="store_true",
+                        help="skip the hand recipe (its rows depend only on the wall time, not on auto's code)")
     parser.add_argument("--work", default=None, help="where auto's output folders go (default: a temporary folder)")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "auto_sst2"))
+    parser.add_argument("--out", default=None, help="default: docs/benchmarks/auto_<task>")
     args = parser.parse_args()
+    args.out = args.out or str(ROOT / "docs" / "benchmarks" / f"auto_{args.task}")
+    folder, train_samples, epochs = TASKS[args.task]
     started = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     transformers.logging.set_verbosity_error()
-    task = get_task("sst2")
-    glue = str(SHARED_GLUE / "SST-2")
+    task = get_task(args.task)
+    glue = str(SHARED_GLUE / folder)
     train = load_examples(task, glue, "train")
     dev = load_examples(task, glue, "dev")
-    dense, tokenizer = finetuned_model(task, train, 16_000, 0, Path(args.cache))
+    dense, tokenizer = finetuned_model(task, train, train_samples, 0, Path(args.cache), epochs)
     dense.eval()
-    teacher_dir = Path(args.cache) / "minilm-sst2-16000-seed0"
+    teacher_dir = finetuned_path(task, train_samples, 0, Path(args.cache), epochs)
     out = Path(args.out)
     rows = load_rows(out)
     work = Path(args.work or tempfile.mkdtemp(prefix="lmc-auto-bench-"))
     for seed in args.seeds:
-        if any(r["seed"] == seed and r["minutes"] == args.minutes for r in rows):
+        if any(r["seed"] == seed and r["minutes"] == args.minutes and r.get("confirm_size") == AutoArgs.confirm_size
+               for r in rows):   # rows from before the confirmation split stay beside the new ones
             continue
         rows.append(one_seed(seed, args, dense, tokenizer, teacher_dir, glue, train, dev, task, work))
         save_rows(out, rows)
-        write_report(out, rows, started, args.max_drop)
-    print(write_report(out, rows, started, args.max_drop))
+        write_report(out, rows, started, args, len(dev))
+    print(write_report(out, rows, started, args, len(dev)))
 
 
 def accuracy(model, tokenizer, dev, task) -> float:
@@ -107,52 +117,69 @@ def one_seed(seed, args, dense, tokenizer, teacher_dir, glue, train, dev, task, 
     auto_out = work / f"auto-{args.minutes:g}m-seed{seed}"
     start = time.perf_counter()
     outcome = run_auto(AutoArgs(OutputArgs(str(auto_out), overwrite=True), str(teacher_dir),
-                                DataArgs(task="sst2", data=glue), args.max_drop, "latency", BATCH, SEQ,
+                                DataArgs(task=args.task, data=glue), args.max_drop, "latency", BATCH, SEQ,
                                 f"{args.minutes:g}m", seed=seed, command=f"(benchmark) auto --time {args.minutes:g}m"))
     auto_s = time.perf_counter() - start
     chosen = lmcompress.load(auto_out / "model")
     chosen.eval()
     report = json.loads((auto_out / "front.json").read_text())
-    hand, hand_s = hand_recipe(dense, tokenizer, train, task, auto_s, seed)
     int8 = copy.deepcopy(dense)
     compress(int8, Recipe.from_dict({"stages": [{"method": "quantize", "options": {"scheme": "dynamic"}}]}),
              tokenizer, None, progress=False, timing=False)
-    models = {"dense": dense, "int8": int8, "auto": chosen, "hand": hand}
+    models = {"dense": dense, "int8": int8, "auto": chosen}
+    hand_s = None
+    if not args.no_hand:
+        models["hand"], hand_s = hand_recipe(dense, tokenizer, train, task, auto_s, seed)
     dev_acc = {name: accuracy(m, tokenizer, dev, task) for name, m in models.items()}
     timing = paired_latency(models, BATCH, SEQ, repeats=args.repeats)
     ms = {name: timing[name]["median_ms"] for name in models}
-    row = {"seed": seed, "minutes": args.minutes, "auto_s": round(auto_s, 1), "hand_s": round(hand_s, 1),
+    row = {"seed": seed, "minutes": args.minutes, "auto_s": round(auto_s, 1),
+           "hand_s": None if hand_s is None else round(hand_s, 1),
            "auto_chain": outcome.chosen.chain.name, "auto_distill_s": round(outcome.chosen.distill_s),
            "candidates": len(report["candidates"]), "auto_guard_drop": report["final"]["chosen"]["drop"],
-           "auto_guard_se": report["final"]["chosen"]["se"]}
+           "auto_guard_se": report["final"]["chosen"]["se"], "confirm_size": AutoArgs.confirm_size,
+           "auto_confirm_drop": confirmation_drop(report, outcome.chosen)}
     for name in models:
         row[f"{name}_acc"] = round(dev_acc[name], 2)
         row[f"{name}_ms"] = round(ms[name], 2)
         row[f"{name}_x"] = round(ms["dense"] / ms[name], 3)
     row["auto_drop"] = round(dev_acc["dense"] - dev_acc["auto"], 2)
-    row["hand_drop"] = round(dev_acc["dense"] - dev_acc["hand"], 2)
+    if "hand" in dev_acc:
+        row["hand_drop"] = round(dev_acc["dense"] - dev_acc["hand"], 2)
     row["auto_within"] = row["auto_drop"] <= args.max_drop
     (work / f"report-seed{seed}-{args.minutes:g}m.md").write_text((auto_out / "report.md").read_text())
     print(json.dumps(row), flush=True)
     return row
 
 
-def write_report(out: Path, rows: list[dict], started: float, max_drop: float) -> str:
-    columns = [("minutes", "--time min"), ("seed", "seed"), ("auto_chain", "auto's answer"),
+def confirmation_drop(report: dict, chosen) -> float | None:
+    """The chosen model's drop on auto's confirmation split, as front.json keys it (chain name | distill s)."""
+    key = f"{chosen.chain.name}|{round(chosen.distill_s)}"
+    return report["final"]["confirmation"].get(key, {}).get("drop")
+
+
+def write_report(out: Path, rows: list[dict], started: float, args, dev_size: int) -> str:
+    folder, train_samples, epochs = TASKS[args.task]
+    columns = [("minutes", "--time min"), ("seed", "seed"), ("confirm_size", "confirmation split"),
+               ("auto_chain", "auto's answer"),
                ("auto_distill_s", "distilled s"), ("candidates", "candidates scored"), ("auto_s", "auto wall s"),
-               ("dense_acc", "dense acc"), ("int8_acc", "int8 acc"), ("int8_x", "int8 x dense"),
-               ("auto_acc", "auto acc"), ("auto_drop", "auto drop"), ("auto_guard_drop", "auto guard drop"),
-               ("auto_x", "auto x dense"), ("hand_acc", "hand acc"), ("hand_drop", "hand drop"),
+               ("dense_acc", "dense score"), ("int8_acc", "int8 score"), ("int8_x", "int8 x dense"),
+               ("auto_acc", "auto score"), ("auto_drop", "auto drop"), ("auto_guard_drop", "auto guard drop"),
+               ("auto_confirm_drop", "auto confirmation drop"),
+               ("auto_x", "auto x dense"), ("hand_acc", "hand score"), ("hand_drop", "hand drop"),
                ("hand_x", "hand x dense"), ("dense_ms", "dense ms")]
     table = markdown_table(rows, columns)
-    text = (f"# `lmcompress auto` on SST-2 against the best hand recipe at the same wall time\n\n{made_by(started)}\n\n"
-            f"Teacher: all-MiniLM-L6-v2 fine-tuned on 16000 SST-2 sentences (seed 0, cached). *auto*: "
-            f"`run_auto` with `--max-drop {max_drop:g} --target latency --batch-size {BATCH} --seq-len {SEQ} --time "
-            "N`; *seed* is auto's data-split seed (guard, calibration and distillation samples). *hand*: prune to "
-            "40% of FLOPs (Fisher, least-squares refit; 512 calibration sentences) -> distil for the rest of auto's "
-            "wall time -> int8 dynamic (docs/distillation.md's best fast chain). Accuracy on all 872 dev sentences; "
-            f"*drop*: dense minus the model, points. Latency: batch {BATCH} x {SEQ} tokens, median of paired "
-            "rounds of all four models in alternation, speed-ups against dense in the same rounds.\n\n"
+    text = (f"# `lmcompress auto` on {folder} against the best hand recipe at the same wall time\n\n"
+            f"{made_by(started)}\n\n"
+            f"Teacher: all-MiniLM-L6-v2 fine-tuned on {train_samples} {folder} training examples for {epochs:g} "
+            f"epochs (seed 0, cached). *auto*: `run_auto` with `--max-drop {args.max_drop:g} --target latency "
+            f"--batch-size {BATCH} --seq-len {SEQ} --time N`; *seed* is auto's data-split seed (guard, calibration "
+            "and distillation samples). *hand*: prune to 40% of FLOPs (Fisher, least-squares refit; 512 calibration "
+            "examples) -> distil for the rest of auto's wall time -> int8 dynamic (docs/distillation.md's best fast "
+            f"chain). Scores: the task's metric x100 on all {dev_size} dev examples; *drop*: dense minus the model, "
+            "points; *confirmation drop*: on auto's confirmation split (empty for rows run before it existed). "
+            f"Latency: batch {BATCH} x {SEQ} tokens, median of paired rounds of all four models in alternation, "
+            "speed-ups against dense in the same rounds.\n\n"
             f"{table}\n")
     out.with_suffix(".md").write_text(text)
     return table

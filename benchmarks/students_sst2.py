@@ -15,6 +15,9 @@ Presets (each sets every knob below; flags given explicitly override them):
          {1,2}, table 200k, dim {64, 256}. Write it to its own --out (names do not carry the amount of text).
   subword  seed 0; all SST-2 training text as all-text; n=2, table 200k, dim 256, without and with character
          3-5-grams inside words (`subword=5`), side by side. Write it to its own --out.
+  augment  seed 0; all SST-2 training text as all-text; n {1,2}, table 200k, dim 256, without and with 3
+         augmented copies of every text labelled by the teacher (`augment=3`: masked, swapped and cut words, Tang et
+         al. 2019), side by side. Write it to its own --out.
   fourier-half  seed 0; Fourier only: the 3 least sensitive of 6 attention blocks, then 10 minutes of distill.
   smoke  a minute: checks that the script runs (tiny sizes; its numbers mean nothing).
 
@@ -47,7 +50,7 @@ from lmcompress.evaluation import predict
 from lmcompress.evaluation.efficiency import paired_latency
 from lmcompress.evaluation.results_table import markdown_table
 from lmcompress.tasks import Examples, compute_metrics, get_task, load_examples
-from lmcompress.training.dan import DANOptions, distill_dan, teacher_outputs
+from lmcompress.training.dan import DANOptions, distill_dan, label_augmented, teacher_outputs
 
 PRESETS = {
     "first": {"seeds": [0], "labelled": 4000, "unlabelled": 8000, "ngram": [1, 2], "table": [20_000, 200_000],
@@ -56,6 +59,8 @@ PRESETS = {
                  "dim": [64, 256], "ks": [], "distill": [], "epochs": 5},
     "subword": {"seeds": [0], "labelled": 16_000, "unlabelled": None, "ngram": [2], "table": [200_000],
                 "dim": [256], "subword": [0, 5], "labelled_only": False, "ks": [], "distill": [], "epochs": 5},
+    "augment": {"seeds": [0], "labelled": 16_000, "unlabelled": None, "ngram": [1, 2], "table": [200_000],
+                "dim": [256], "augment": [0, 3], "labelled_only": False, "ks": [], "distill": [], "epochs": 5},
     "fourier-half": {"seeds": [0], "labelled": 4000, "unlabelled": 0, "ngram": [], "table": [], "dim": [],
                      "ks": [3], "distill": ["10m"], "epochs": 5},
     "smoke": {"seeds": [0], "labelled": 200, "unlabelled": 200, "ngram": [1], "table": [1000], "dim": [16],
@@ -99,11 +104,12 @@ def dan_points(settings: dict) -> list[tuple[str, DANOptions, bool]]:
     points: list[tuple[str, DANOptions, bool]] = []
     if not settings["ngram"]:
         return points
-    for ngram, table, dim, subword in itertools.product(settings["ngram"], settings["table"], settings["dim"],
-                                                        settings.get("subword", [0])):
+    for ngram, table, dim, subword, augment in itertools.product(settings["ngram"], settings["table"],
+                                                                 settings["dim"], settings.get("subword", [0]),
+                                                                 settings.get("augment", [0])):
         options = DANOptions(ngram=ngram, table=table, dim=dim, hidden=256, epochs=settings["epochs"],
-                             subword=subword)
-        chars = f" subword 3-{subword}" if subword else ""
+                             subword=subword, augment=augment, max_length=64)
+        chars = (f" subword 3-{subword}" if subword else "") + (f" +{augment} augmented" if augment else "")
         points.append((f"DAN n={ngram} table={table // 1000}k dim={dim}{chars} +unlabelled", options, True))
     if not settings.get("labelled_only", True):
         return points
@@ -143,15 +149,24 @@ def run_seed(seed: int, settings: dict, args, task, train: Examples, dev: Exampl
     for name, (model, tok) in baselines.items():
         if (seed, name) not in done:
             record(name, model, tok, {"kind": "baseline"})
+    augmented: dict[tuple, tuple] = {}    # (copies per text, with unlabelled) -> (copies, teacher logits)
     for name, options, with_unlabelled in dan_points(settings):
         if (seed, name) in done:
             continue
+        options = options.model_copy(update={"seed": seed})
         extra_texts = unlabelled if with_unlabelled else []
         soft = logits if with_unlabelled else logits[:len(labelled.texts)]
-        result = distill_dan(teacher, tokenizer, labelled.texts, None, extra_texts,
-                             options.model_copy(update={"seed": seed}), teacher_logits=soft)
+        key = (options.augment, with_unlabelled)
+        if options.augment and key not in augmented:
+            started = time.perf_counter()
+            augmented[key] = label_augmented(teacher, tokenizer, [*labelled.texts, *extra_texts], options)
+            print(f"seed {seed}: {len(augmented[key][0])} augmented copies labelled in "
+                  f"{time.perf_counter() - started:.0f}s", flush=True)
+        result = distill_dan(teacher, tokenizer, labelled.texts, None, extra_texts, options, teacher_logits=soft,
+                             augmented=augmented.get(key))
         record(name, result.model, result.model.featurizer,
-               {"kind": "dan", "params": result.report["params"], "train_s": result.report["seconds"]})
+               {"kind": "dan", "params": result.report["params"], "train_s": result.report["seconds"],
+                "augmented": result.report["augmented"]})
     fourier(seed, settings, teacher, tokenizer, task, labelled, dev, rows, out, teacher_acc)
 
 

@@ -22,6 +22,7 @@ _EXPORTS = {
     "finetune": "lmcompress.training.finetune",
     "FinetuneConfig": "lmcompress.training.finetune",
     "distill_dan": "lmcompress.training.dan",
+    "label_augmented": "lmcompress.training.dan",
     "DANOptions": "lmcompress.training.dan",
     "compress": "lmcompress.engine.pipeline",
     "CompressionSummary": "lmcompress.engine.pipeline",

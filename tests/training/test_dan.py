@@ -14,7 +14,7 @@ from lmcompress.evaluation.efficiency import count_flops, measure_latency, param
 from lmcompress.io.saving import load, save
 from lmcompress.kernels.ngrams import NgramFeaturizer, ngrams, words
 from lmcompress.layers.dan import DAN
-from lmcompress.training.dan import DANOptions, distill_dan
+from lmcompress.training.dan import DANOptions, distill_dan, label_augmented
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -186,3 +186,48 @@ def test_cli_trains_saves_and_refuses_in_one_line(tokenizer, tmp_path, capsys):
         assert word in err and "\n" not in err and not (tmp_path / "bad").exists()
     assert main([*common, "--out", str(tmp_path / "bad"), "--unlabeled", str(tmp_path / "none.txt")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_augmented_copies_mask_swap_and_cut_words_the_same_way_for_teacher_and_student():
+    from lmcompress.training.augment import MAX_NGRAM_WINDOW, augment_texts
+
+    texts = [s.replace(",", " ,") for s in SENTENCES]
+    masked = augment_texts(texts, copies=5, seed=1, p_mask=0.4, p_replace=0.0, p_ngram=0.0, mask_token="[MASK]")
+    assert masked == augment_texts(texts, copies=5, seed=1, p_mask=0.4, p_replace=0.0, p_ngram=0.0,
+                                   mask_token="[MASK]")
+    assert 0 < len(masked) <= 5 * len(texts)
+    for copy in masked:
+        teacher_words = copy.teacher_text.split()
+        # the student reads the runs of unmasked words, cut where the teacher sees the mask token
+        runs = " ".join(teacher_words).split("[MASK]")
+        assert list(copy.student_pieces) == [r.strip() for r in runs if r.strip()]
+        assert "[MASK]" not in " ".join(copy.student_pieces)
+    assert any("[MASK]" in c.teacher_text for c in masked)
+    cut = augment_texts(texts, copies=4, seed=2, p_mask=0.0, p_replace=0.0, p_ngram=1.0)
+    for copy in cut:
+        assert copy.student_pieces == (copy.teacher_text,)
+        assert 1 <= len(copy.teacher_text.split()) <= MAX_NGRAM_WINDOW
+        assert any(copy.teacher_text in text for text in texts)
+    swapped = augment_texts(texts, copies=3, seed=3, p_mask=0.0, p_replace=0.5, p_ngram=0.0)
+    corpus = {w for t in texts for w in t.split()}
+    assert swapped and all(set(c.teacher_text.split()) <= corpus for c in swapped)
+    # every word masked leaves the student nothing to read: no copy
+    assert augment_texts(texts, copies=2, p_mask=1.0, mask_token="[MASK]") == []
+
+
+def test_augmentation_adds_teacher_labelled_copies_without_growing_the_vocabulary(tokenizer):
+    teacher, texts = teacher_and_texts(tokenizer)
+    plain = distill_dan(teacher, tokenizer, texts, options=DANOptions(dim=8, hidden=8, epochs=1))
+    more = distill_dan(teacher, tokenizer, texts, options=DANOptions(dim=8, hidden=8, epochs=1, augment=3))
+    assert plain.report["augmented"] == 0
+    assert len(texts) < more.report["augmented"] <= 3 * len(texts)
+    assert more.model.featurizer.vocab == plain.model.featurizer.vocab
+    # copies labelled once serve several students
+    options = DANOptions(dim=8, hidden=8, epochs=1, augment=3)
+    labelled = label_augmented(teacher, tokenizer, texts, options)
+    again = distill_dan(teacher, tokenizer, texts, options=options, augmented=labelled)
+    assert again.report["augmented"] == more.report["augmented"]
+    with pytest.raises(DataError, match="teacher outputs for"):
+        distill_dan(teacher, tokenizer, texts, options=options, augmented=(labelled[0], labelled[1][:2]))
+    with pytest.raises(ValidationError):
+        DANOptions(augment_mask=1.5)

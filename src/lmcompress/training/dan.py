@@ -24,6 +24,7 @@ from lmcompress.core.progress import track
 from lmcompress.errors import DataError, LMCompressError
 from lmcompress.kernels.ngrams import MAX_SUBWORD, NgramFeaturizer, check_subword
 from lmcompress.layers.dan import DAN, DANConfig
+from lmcompress.training.augment import Augmented, augment_texts
 
 log = logging.getLogger("lmcompress")
 
@@ -48,6 +49,11 @@ class DANOptions(BaseModel):
     lr: float = Field(default=1e-3, gt=0)
     embedding_lr: float = Field(default=1e-2, gt=0, description="SparseAdam rate of the table")
     temperature: float = Field(default=1.0, gt=0, description="softmax temperature of the soft targets")
+    augment: int = Field(default=0, ge=0, description="augmented copies of each text, labelled by the teacher "
+                         "(masked, swapped and cut words; Tang et al. 2019); 0: off")
+    augment_mask: float = Field(default=0.1, ge=0, le=1, description="chance a word is masked in a copy")
+    augment_replace: float = Field(default=0.1, ge=0, le=1, description="chance a word is swapped for a corpus word")
+    augment_ngram: float = Field(default=0.25, ge=0, le=1, description="chance a copy is cut to 1-5 words")
     teacher_batch_size: int = Field(default=64, ge=1)
     max_length: int = Field(default=128, ge=1, description="teacher tokens per text")
     seed: int = 0
@@ -74,6 +80,39 @@ def check_teacher(teacher: nn.Module) -> bool:
     if not name.endswith("ForSequenceClassification") or config is None:
         raise LMCompressError(f"a DAN student distils a sequence classifier or regressor; the teacher is a {name}")
     return getattr(config, "problem_type", None) == "regression" or config.num_labels == 1
+
+
+def label_augmented(teacher: nn.Module, tokenizer: Any, texts: Sequence[str], options: DANOptions,
+                    progress: bool = False) -> tuple[list[Augmented], torch.Tensor]:
+    """`options.augment` augmented copies of each text and the teacher's logits for them: computed once, they can be
+    passed to several `distill_dan` calls (`augmented=`) whose options differ only in the student."""
+    copies = augment_texts(texts, options.augment, options.seed, options.augment_mask, options.augment_replace,
+                           options.augment_ngram, mask_token=getattr(tokenizer, "mask_token", None))
+    logits = teacher_outputs(teacher, tokenizer, [c.teacher_text for c in copies], options.teacher_batch_size,
+                             options.max_length, progress)
+    return copies, logits
+
+
+def _with_augmented(teacher: nn.Module, tokenizer: Any, texts: list[str], featurizer: NgramFeaturizer,
+                    features: list[list[int]], logits: torch.Tensor, options: DANOptions,
+                    augmented: tuple[list[Augmented], torch.Tensor] | None,
+                    progress: bool) -> tuple[list[list[int]], torch.Tensor, int]:
+    """Features and soft targets of `texts` followed by those of their augmented copies (copies without a feature
+    of the vocabulary are left out), and how many were added. The vocabulary stays the one counted on the real
+    text: augmentation adds examples, not n-grams."""
+    if augmented is None:
+        if not options.augment:
+            return features, logits, 0
+        augmented = label_augmented(teacher, tokenizer, texts, options, progress)
+    copies, copy_logits = augmented
+    if len(copies) != len(copy_logits):
+        raise DataError(f"{len(copy_logits)} teacher outputs for {len(copies)} augmented copies")
+    extra = [[i for piece in item.student_pieces for i in featurizer.ids(piece)] for item in copies]
+    kept = [k for k, row in enumerate(extra) if row]
+    if not kept:
+        return features, logits, 0
+    log.info("DAN: %d augmented copies of %d texts, labelled by the teacher", len(kept), len(texts))
+    return [*features, *(extra[k] for k in kept)], torch.cat([logits, copy_logits[kept]]), len(kept)
 
 
 @torch.inference_mode()
@@ -130,10 +169,12 @@ def _epoch(model: DAN, features: list[list[int]], targets: torch.Tensor, loss_of
 
 def distill_dan(teacher: nn.Module, tokenizer: Any, texts: Sequence[str], labels: Sequence[Any] | None = None,
                 unlabeled: Sequence[str] = (), options: DANOptions | None = None,
-                teacher_logits: torch.Tensor | None = None, progress: bool = False) -> DANResult:
+                teacher_logits: torch.Tensor | None = None, progress: bool = False,
+                augmented: tuple[list[Augmented], torch.Tensor] | None = None) -> DANResult:
     """Build the n-gram vocabulary on `texts` + `unlabeled`, train a DAN on the teacher's outputs over all of them
     (`teacher_logits`, one row per text of texts + unlabeled, when already computed), then `label_epochs` on
-    `labels` (which belong to `texts`)."""
+    `labels` (which belong to `texts`). With `options.augment`, augmented copies of all the text join the soft
+    targets (`augmented`: copies and their teacher logits from `label_augmented`, when already computed)."""
     options = options or DANOptions()
     regression = check_teacher(teacher)
     everything = [*texts, *unlabeled]
@@ -156,6 +197,8 @@ def distill_dan(teacher: nn.Module, tokenizer: Any, texts: Sequence[str], labels
                                          options.max_length, progress)
     elif len(teacher_logits) != len(everything):
         raise DataError(f"{len(teacher_logits)} teacher outputs for {len(everything)} texts")
+    features, teacher_logits, added = _with_augmented(teacher, tokenizer, everything, featurizer, features,
+                                                      teacher_logits, options, augmented, progress)
     config = DANConfig(vocab_size=featurizer.vocab_size, dim=options.dim, hidden=options.hidden,
                        layers=options.layers, num_labels=teacher.config.num_labels,
                        id2label={int(k): str(v) for k, v in teacher.config.id2label.items()} if not regression else {},
@@ -182,7 +225,8 @@ def distill_dan(teacher: nn.Module, tokenizer: Any, texts: Sequence[str], labels
         label_losses = [_epoch(model, features[:len(texts)], target, hard, options, optimisers, rng)
                         for _ in range(options.label_epochs)]
     model.eval()
-    report = {"texts": len(texts), "unlabeled": len(unlabeled), "vocabulary": featurizer.vocab_size - 1,
+    report = {"texts": len(texts), "unlabeled": len(unlabeled), "augmented": added,
+              "vocabulary": featurizer.vocab_size - 1,
               "texts_without_features": empty, "soft_losses": [round(v, 5) for v in losses],
               "label_losses": [round(v, 5) for v in label_losses], "seconds": round(time.perf_counter() - started, 1),
               "params": sum(p.numel() for p in model.parameters()), "options": options.model_dump()}
