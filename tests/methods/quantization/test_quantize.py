@@ -200,6 +200,40 @@ def test_dynamic_forward_runs_the_int8_kernel_and_matches_dequantized_weights():
     assert float((shifted - out - 1.0).abs().max()) < 1e-3
 
 
+def test_smoothing_moves_an_outlier_feature_into_the_weights_and_cuts_the_int8_error():
+    from lmcompress.calibration.stats import ActivationSummary, LayerStats
+    from lmcompress.methods.quantization.quantize import smoothing_factors
+
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 48)
+    x = torch.randn(4, 16, 64)
+    x[..., 5] *= 60       # one outlier feature, as BERT-class encoders have in every block
+    rows = x.reshape(-1, 64).double()
+    stats = LayerStats(summary=ActivationSummary(rows.sum(0), rows.abs().sum(0), (rows ** 2).sum(0), rows.shape[0],
+                                                 max_abs=rows.abs().amax(0)))
+    factors = smoothing_factors("layer", dense.weight.detach(), stats, 0.5)
+    assert factors[5] == factors.max() and factors[5] > 5 * factors.median()
+    weight = dense.weight.detach()
+    plain = QuantizedLinear.from_weight(weight, dense.bias.detach(), GridSpec(8), "dynamic")
+    smooth = QuantizedLinear.from_weight(weight * factors, dense.bias.detach(), GridSpec(8), "dynamic",
+                                         input_scale=1 / factors)
+    with torch.no_grad():
+        reference = dense(x)
+        errors = {name: float((layer(x) - reference).norm() / reference.norm())
+                  for name, layer in (("plain", plain), ("smooth", smooth))}
+        assert smooth.ran_packed_kernel
+        # the weight it applies to the raw input is still W (smoothing folded back), up to the grid
+        assert float((smooth.dense_weight() - weight).norm() / weight.norm()) < 0.05
+    assert errors["smooth"] < errors["plain"] / 2, errors
+    again = QuantizedLinear.from_manifest(smooth.manifest_entry())
+    again.load_state_dict(smooth.state_dict())
+    with torch.no_grad():
+        assert torch.equal(again(x), smooth(x))
+    no_stats = LayerStats()
+    with pytest.raises(CalibrationError, match="smooth needs calibration statistics"):
+        smoothing_factors("layer", weight, no_stats, 0.5)
+
+
 @pytest.mark.parametrize("spec", [GridSpec(8, None, True), GridSpec(4, 16, False)], ids=str)
 def test_weight_only_forward_is_exactly_the_dequantized_linear(spec):
     torch.manual_seed(1)
@@ -242,6 +276,8 @@ STACKS = {
     "sparsegpt24_then_int4": [{"method": "sparsify", "options": {"pattern": "2:4", "score": "sparsegpt"}},
                               {"method": "quantize", "options": {"scheme": "weight_only", "bits": 4}}],
     "quantize_then_prune": [{"method": "quantize"}, {"method": "sparsify", "options": {"sparsity": 0.5}}],
+    "smoothquant": [{"method": "quantize", "options": {"smooth": 0.5}}],
+    "smoothquant_gptq": [{"method": "quantize", "options": {"smooth": 0.8, "algorithm": "gptq"}}],
 }
 
 
@@ -288,6 +324,10 @@ def test_compressed_model_saves_and_loads_exactly(family, stack, tokenizer, exam
             assert not layer.dense_weight()[~mask].any()
     if stack == "quantize_then_prune":
         assert all(q.nnz is not None and q.scheme == "dynamic" for q in quantized.values())
+    if stack.startswith("smoothquant"):
+        assert all(q.smoothed and q.input_scale is not None and not torch.equal(q.input_scale,
+                                                                                   torch.ones_like(q.input_scale))
+                   for q in quantized.values())
 
     expected = logits(model, tokenizer)
     lmcompress.save(model, tmp_path / "out", tokenizer, recipe)
@@ -398,6 +438,8 @@ def assert_one_line(err: pytest.ExceptionInfo) -> None:
     ({"scheme": "int2"}, "scheme"),
     ({"algorithm": "awq"}, "algorithm"),
     ({"bits": 8, "keep": 0.5}, "keep"),
+    ({"scheme": "weight_only", "smooth": 0.5}, "smooth evens out"),
+    ({"smooth": 1.5}, "less than or equal to 1"),
 ])
 def test_bad_quantize_options_are_one_line(options, message):
     with pytest.raises(RecipeError, match=message) as err:
