@@ -1,5 +1,6 @@
 """The end of a search: finalists timed side by side with dense and int8 on this machine (the prediction picks
-them, the clock decides among them), and the chosen model scored once on dev.
+them, the clock decides among them), exits tried on the choice when asked (`exits`), and the answer scored once
+on dev.
 
 Why time them: the latency table predicted int8 within about 20% and pruned models within 4-10%
 (docs/benchmarks/latency_budget.md); a finalist predicted a little faster than int8 may measure slower, and
