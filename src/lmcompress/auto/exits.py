@@ -103,13 +103,14 @@ def add_exits(search: Search, base: Result, train_s: float, confirmation: Any = 
     result = Result(replace(base.chain, exits=True), base.distill_s, trial.guard, cost, base.rung, True,
                     search.elapsed())
     search.models[_key(result)] = model
+    trial.kept = True
+    _done(trial, start, f"{fmt(trial.timing['base'] / trial.timing['exits'])}x faster than {base.chain.name} on "
+                        "real text")
     recipe = result.chain.recipe(ctx.target, ctx.batch_size, ctx.seq_len, ctx.labels, result.distill_s,
                                  ctx.calibration_settings, exit_options=trial.options)
     ctx.store.put(model, ctx.tokenizer, recipe, {**result.row(search.dense_cost), "unit": ctx.cost.unit,
                                                  "target": ctx.target, "exits": trial.to_dict()})
-    trial.kept = True
-    return result, _done(trial, start, f"{fmt(trial.timing['base'] / trial.timing['exits'])}x faster than "
-                                       f"{base.chain.name} on real text")
+    return result, trial
 
 
 def _with_exits(search: Search, base: Result, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -121,7 +122,7 @@ def _with_exits(search: Search, base: Result, options: dict[str, Any]) -> tuple[
     try:
         summary = compress(model, Recipe.from_dict({"stages": [{"method": "early_exit", "options": options}]}),
                            ctx.tokenizer, ctx.distill_train, progress=False, timing=False)
-    except LMCompressError as err:   # a model the stage cannot take (no block anatomy): the static answer stands
+    except (LMCompressError, ValueError) as err:   # a model the stage cannot take: the static answer stands
         return None, {"error": f"early_exit refused: {err}"}
     return model, summary.stages[0].report or {}
 
