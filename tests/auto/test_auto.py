@@ -160,6 +160,8 @@ def test_early_exit_is_kept_only_when_it_is_faster_on_real_text(fake_table, tiny
         assert exits["kept"] and chosen == exits["base"].split("|")[0] + " + exits"
         assert final["static"]["chain"] == exits["base"].split("|")[0]
         assert exits_of(loaded) is not None       # the answer on disk carries its exits and rule
+        best = json.loads((out / "best.json").read_text())
+        assert best["chain"] == chosen and best["exits"]["kept"]
         stages = Recipe.from_yaml(out / "recipe.yaml").stages
         assert stages[-1].method == "early_exit" and stages[-1].options["target_drop"] == exits["options"][
             "target_drop"]
