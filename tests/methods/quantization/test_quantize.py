@@ -278,6 +278,8 @@ STACKS = {
     "quantize_then_prune": [{"method": "quantize"}, {"method": "sparsify", "options": {"sparsity": 0.5}}],
     "smoothquant": [{"method": "quantize", "options": {"smooth": 0.5}}],
     "smoothquant_gptq": [{"method": "quantize", "options": {"smooth": 0.8, "algorithm": "gptq"}}],
+    "smoothquant_then_prune": [{"method": "quantize", "options": {"smooth": 0.5}},
+                               {"method": "sparsify", "options": {"sparsity": 0.5}}],
 }
 
 
@@ -322,7 +324,7 @@ def test_compressed_model_saves_and_loads_exactly(family, stack, tokenizer, exam
             assert layer.bits == 4 and layer.nnz == mask.numel() // 2
             assert (mask.reshape(mask.shape[0], -1, 4).sum(dim=2) == 2).all()
             assert not layer.dense_weight()[~mask].any()
-    if stack == "quantize_then_prune":
+    if stack in ("quantize_then_prune", "smoothquant_then_prune"):
         assert all(q.nnz is not None and q.scheme == "dynamic" for q in quantized.values())
     if stack.startswith("smoothquant"):
         assert all(q.smoothed and q.input_scale is not None and not torch.equal(q.input_scale,
@@ -364,20 +366,22 @@ def test_sparse_mask_survives_quantization_exactly(tiny_bert, tokenizer, example
         assert layer.codes.numel() == math.ceil(int(mask.sum()) / 2)   # only the kept codes are stored
 
 
-def test_pruning_a_quantized_layer_keeps_its_grid(tiny_bert, tokenizer, examples):
-    recipe = Recipe.from_dict({"stages": [{"method": "quantize", "options": {"scheme": "weight_only", "bits": 4,
-                                                                             "group_size": 16}}],
-                               "calibration": CALIBRATION})
+@pytest.mark.parametrize("options", [{"scheme": "weight_only", "bits": 4, "group_size": 16},
+                                     {"scheme": "dynamic", "smooth": 0.5}], ids=["int4-g16", "int8-smoothed"])
+def test_pruning_a_quantized_layer_keeps_its_grid(tiny_bert, tokenizer, examples, options):
+    recipe = Recipe.from_dict({"stages": [{"method": "quantize", "options": options}], "calibration": CALIBRATION})
     lmcompress.compress(tiny_bert, recipe, tokenizer, examples, progress=False)
-    before = {n: (m.dense_weight(), m.scales.clone(), m.zeros.clone())
+    before = {n: (m.dense_weight(), m.scales.clone(), m.zeros, m.input_scale)
               for n, m in tiny_bert.named_modules() if isinstance(m, QuantizedLinear)}
     prune = Recipe.from_dict({"stages": [{"method": "sparsify", "options": {"sparsity": 0.5, "score": "wanda"}}],
                               "calibration": CALIBRATION})
     lmcompress.compress(tiny_bert, prune, tokenizer, examples, progress=False)
-    for name, (weight, scales, zeros) in before.items():
+    for name, (weight, scales, zeros, input_scale) in before.items():
         layer = tiny_bert.get_submodule(name)
-        assert isinstance(layer, QuantizedLinear) and layer.bits == 4 and layer.group_size == 16
-        assert torch.equal(layer.scales, scales) and torch.equal(layer.zeros, zeros)
+        assert isinstance(layer, QuantizedLinear) and layer.bits == options.get("bits", 8)
+        assert layer.group_size == options.get("group_size") and torch.equal(layer.scales, scales)
+        assert (zeros is None and layer.zeros is None) or torch.equal(layer.zeros, zeros)
+        assert (input_scale is None and layer.input_scale is None) or torch.equal(layer.input_scale, input_scale)
         mask = layer.sparsity_mask()
         assert abs(float(mask.float().mean()) - 0.5) <= 1 / layer.in_features
         new = layer.dense_weight()
