@@ -163,7 +163,11 @@ def one_seed(seed, args, dense, tokenizer, teacher_dir, glue, train, dev, task, 
 
 
 def confirmation_drop(report: dict, chosen) -> float | None:
-    """The chosen model's drop on auto's confirmation split, as front.json keys it (chain name | distill s)."""
+    """The chosen model's drop on auto's confirmation split, as front.json keys it (chain name | distill s); for
+    an answer with exits, the exit step's own confirmation score."""
+    exits = report["final"].get("exits") or {}
+    if exits.get("kept"):
+        return exits.get("confirmation", {}).get("drop")
     key = f"{chosen.chain.name}|{round(chosen.distill_s)}"
     return report["final"]["confirmation"].get(key, {}).get("drop")
 

@@ -82,6 +82,7 @@ def confirm(search: Search, dev_examples: Any, repeats: int, confirmation: Any =
                   else f"it measured faster than {search.best.chain.name}")
         log.info("auto: %s is the answer (%s)", chosen.chain.name, reason)
         search._save(chosen, search.models[_key(chosen)])
+        search.best = chosen          # what OUT/model holds from here on (an interrupted report names it)
     final = Final(chosen, finalists, timing, repeats, dev_examples=len(dev_examples), confirmation=checked,
                   confirmation_examples=len(confirmation) if confirmation is not None else 0)
     if exit_train_s is not None:

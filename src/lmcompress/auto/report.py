@@ -125,7 +125,8 @@ def _choice(search: Search, final: Final) -> list[str]:
         key = _key(result)
         ms = timing[key]["median_ms"]
         name = result.chain.name + (f", distilled {result.distill_s:.0f} s" if result.distill_s else "")
-        name = f"**{name}** (chosen)" if key == _key(chosen) else name
+        chosen_mark = " (chosen; with exits below)" if final.static is not None else " (chosen)"
+        name = f"**{name}**{chosen_mark}" if key == _key(chosen) else name
         lines.append(f"| {name} | {fmt(ms)} | {fmt(dense_ms / ms)} | {fmt(int8_ms / ms) if int8_ms else '-'} | "
                      f"{fmt(result.score.metric)} | "
                      f"{fmt(final.confirmation[key].drop) if key in final.confirmation else '-'} | "

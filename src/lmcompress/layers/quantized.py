@@ -67,6 +67,8 @@ class QuantizedLinear(CompressedLayer):
         self.spec.check(in_features)
         if scheme == "dynamic" and (bits != 8 or group_size is not None or not symmetric):
             raise ValueError("scheme 'dynamic' runs int8 kernels: it needs bits=8, one group per row, symmetric")
+        if smoothed and scheme != "dynamic":
+            raise ValueError("smoothed layers are scheme 'dynamic' only (weight_only keeps activations in float)")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric, self.scheme = bits, group_size, symmetric, scheme
         self.has_bias, self.nnz, self.dense_kind, self.smoothed = bias, nnz, dense_kind, smoothed
@@ -125,6 +127,14 @@ class QuantizedLinear(CompressedLayer):
         if self.zeros is not None or zeros is not None:
             self.zeros = zeros.detach().to(torch.int8).clone()
 
+    def manifest_entry(self) -> dict[str, Any]:
+        """`smoothed` is written only when set: entries of plain layers stay as they were (older readers load them,
+        and the latency table's cached timings, keyed by the entry, still match)."""
+        entry = super().manifest_entry()
+        if not self.smoothed:
+            del entry["smoothed"]
+        return entry
+
     @classmethod
     def from_manifest(cls, entry: dict[str, Any]) -> QuantizedLinear:
         return cls(entry["in_features"], entry["out_features"], entry["bits"], entry.get("group_size"),
@@ -169,11 +179,12 @@ class QuantizedLinear(CompressedLayer):
         kernel = self._packed_kernel() if self.scheme == "dynamic" and x.device.type == "cpu" else None
         self.ran_packed_kernel = kernel is not None
         if kernel is not None:
-            x = x if x.dtype == torch.float32 else x.float()
+            dtype = x.dtype
+            x = x if dtype == torch.float32 else x.float()
             if self.input_scale is not None:
                 x = x * self.input_scale
             out = torch.ops.quantized.linear_dynamic(x, kernel, True)
-            return out if out.dtype == x.dtype else out.to(x.dtype)
+            return out if out.dtype == dtype else out.to(dtype)
         return F.linear(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def _packed_kernel(self) -> Any:

@@ -229,9 +229,41 @@ def test_smoothing_moves_an_outlier_feature_into_the_weights_and_cuts_the_int8_e
     again.load_state_dict(smooth.state_dict())
     with torch.no_grad():
         assert torch.equal(again(x), smooth(x))
+    plain_entry = plain.manifest_entry()
+    assert "smoothed" not in plain_entry and smooth.manifest_entry()["smoothed"] is True   # plain entries as before
+    with pytest.raises(ValueError, match="scheme 'dynamic' only"):
+        QuantizedLinear(64, 48, scheme="weight_only", smoothed=True)
+    with torch.no_grad():   # a half-precision input comes back in its own dtype
+        assert smooth(x.bfloat16()).dtype == torch.bfloat16 and smooth.ran_packed_kernel
     no_stats = LayerStats()
     with pytest.raises(CalibrationError, match="smooth needs calibration statistics"):
         smoothing_factors("layer", weight, no_stats, 0.5)
+
+
+def test_gptq_on_a_smoothed_layer_uses_the_smoothed_inputs_second_moment():
+    """GPTQ compensates rounding through the second moment of what the layer multiplies: for a smoothed layer,
+    the inputs divided by s. With the moment of the raw inputs instead, it would compensate the wrong errors."""
+    from lmcompress.calibration.stats import ActivationSummary, LayerStats
+    from lmcompress.methods.quantization.quantize import Quantize, QuantizeConfig
+
+    torch.manual_seed(1)
+    dense = nn.Linear(64, 32)
+    mix = torch.randn(64, 64) / 8 + torch.eye(64)        # correlated inputs, where GPTQ has something to do
+    x = torch.randn(2048, 64) @ mix
+    x[:, 3] *= 40
+    rows = x.double()
+    stats = LayerStats(gram=rows.T @ rows, count=rows.shape[0],
+                       summary=ActivationSummary(rows.sum(0), rows.abs().sum(0), (rows ** 2).sum(0), rows.shape[0],
+                                                 max_abs=rows.abs().amax(0)))
+    with torch.no_grad():
+        reference = dense(x)
+        errors = {}
+        for algorithm in ("rtn", "gptq"):
+            config = QuantizeConfig(smooth=0.5, algorithm=algorithm)
+            layer = Quantize().compress_layer("layer", dense, stats, config).module
+            assert layer.smoothed
+            errors[algorithm] = float((layer(x) - reference).norm() / reference.norm())
+    assert errors["gptq"] < errors["rtn"], errors
 
 
 @pytest.mark.parametrize("spec", [GridSpec(8, None, True), GridSpec(4, 16, False)], ids=str)

@@ -138,7 +138,8 @@ class Quantize(Method):
         original = weight_out_in(layer).detach()
         bias = layer.bias.detach() if layer.bias is not None else None
         factors = smoothing_factors(name, original, stats, config.smooth) if config.smooth is not None else None
-        weight = original if factors is None else original * factors.to(original)
+        # smoothed: W diag(s) in float32 (s rounded to a half-precision model's dtype would skew every column)
+        weight = original if factors is None else original.float() * factors.to(original.device)
         input_scale = None if factors is None else 1 / factors
         if config.algorithm == "gptq":
             if stats is None or stats.gram is None:
