@@ -6,9 +6,9 @@ MiniLMs: accuracy (or Pearson) on all dev examples and latency at batch 8 x 128 
 
 A run is TASK:TEACHER_SEED[:CALIBRATION_SEED] (the calibration seed defaults to the teacher's): the teacher is the
 one `common.finetuned_model` caches for that seed (SST-2: 16,000 sentences, 1 epoch; STS-B: all 5,749 pairs, 2
-epochs); calibration is 512 training examples of at most 64 tokens drawn with the calibration seed. Each model is
-made with `lmcompress.compress` from the teacher; rows are saved as they come, and a second call skips the runs
-already there.
+epochs; CoLA: all 8,551 sentences, 2 epochs, as headline.py fine-tunes them); calibration is 512 training
+examples of at most 64 tokens drawn with the calibration seed. Each model is made with `lmcompress.compress` from
+the teacher; rows are saved as they come, and a second call skips the runs already there.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from lmcompress.evaluation.efficiency import paired_latency
 from lmcompress.evaluation.results_table import markdown_table
 from lmcompress.tasks import compute_metrics, get_task, load_examples
 
-TASKS = {"sst2": ("SST-2", 16_000, 1.0), "stsb": ("STS-B", 5_749, 2.0)}
+TASKS = {"sst2": ("SST-2", 16_000, 1.0), "stsb": ("STS-B", 5_749, 2.0), "cola": ("CoLA", 8_551, 2.0)}
 SETTINGS = {"int8": {}, "int8 smooth 0.5": {"smooth": 0.5}, "int8 smooth 0.8": {"smooth": 0.8}}
 CALIBRATION = {"samples": 512, "batch_size": 32, "max_length": 64}
 
@@ -91,8 +91,8 @@ def write_table(out: Path, rows: list[dict], started: float) -> None:
               ("ms_b8", "ms, batch 8 x 128"), ("x_dense", "x dense")]
     text = ["# int8 dynamic with SmoothQuant factors", "", made_by(started), "",
             __doc__.split("\n\n")[2].replace("\n", " "), "",
-            "Drop: dense minus the model on all dev examples, points (accuracy or Pearson x 100). Speed: median of "
-            "paired rounds of all of a run's models in alternation, ratio to dense in the same rounds.", "",
+            "Drop: dense minus the model on all dev examples, points (accuracy, Pearson or Matthews x 100). Speed: "
+            "median of paired rounds of all of a run's models in alternation, ratio to dense in the same rounds.", "",
             markdown_table(summary(rows), columns), "", "## Every run", "", markdown_table(rows, detail), ""]
     out.with_suffix(".md").write_text("\n".join(text))
 
