@@ -95,10 +95,16 @@ def structures(target: str) -> list[Structure]:
 
 def chains(target: str) -> list[Chain]:
     """Every chain of the space for `target` (the baselines, dense and int8, are measured apart)."""
-    found = [Chain(s, q) for s in structures(target) for q in QUANTS[target]]
+    found = [c for s in structures(target) for c in chains_of(s, target)]
     if target == "bytes":
         found.append(Chain(Structure(), "int4"))
     return found
+
+
+def chains_of(structure: Structure, target: str) -> list[Chain]:
+    """The chains a built structure is scored as: each quantization variant of the target. A refined structure
+    (`refined`) is not in `chains(target)`, so the search asks this, not that list."""
+    return [Chain(structure, q) for q in QUANTS[target]]
 
 
 def refined(tried: list[Structure], best_valid: Structure | None) -> Structure | None:
