@@ -13,7 +13,9 @@ pairs, 2 epochs, as headline.py caches them). For each seed:
    refit -> distil -> int8 dynamic) in the same wall time W: the prune, then distillation for what is left of W
    (less a margin for the quantization), then int8.
 3. Dense, int8 (no data), auto's answer (loaded from OUT/model) and the hand recipe: the task's metric (x100) on
-   all dev examples; latency at batch 8 x 128 tokens timed side by side (`paired_latency`, alternating).
+   all dev examples; latency at batch 8 x 128 tokens timed side by side (`paired_latency`, alternating), and on
+   the dev examples themselves (batches of 8 in file order, padded per batch: the clock an early-exit answer,
+   `--early-exit`, needs).
 
 Rows are saved per seed as they come; a second call skips the seeds already there.
 """
@@ -38,6 +40,7 @@ from lmcompress.engine.pipeline import compress
 from lmcompress.engine.recipe import Recipe
 from lmcompress.entrypoints.arguments import DataArgs, OutputArgs
 from lmcompress.evaluation import predict
+from lmcompress.evaluation.dynamic import paired_data_latency
 from lmcompress.evaluation.efficiency import paired_latency
 from lmcompress.evaluation.results_table import markdown_table
 from lmcompress.tasks import compute_metrics, get_task, load_examples
@@ -57,6 +60,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="auto's data-split seeds (teacher: seed 0)")
     parser.add_argument("--max-drop", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--early-exit", action="store_true", help="auto --early-exit")
     parser.add_argument("--no-hand", action="store_true",
                         help="skip the hand recipe (its rows depend only on the wall time, not on auto's code)")
     parser.add_argument("--work", default=None, help="where auto's output folders go (default: a temporary folder)")
@@ -79,6 +83,7 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="lmc-auto-bench-"))
     for seed in args.seeds:
         if any(r["seed"] == seed and r["minutes"] == args.minutes and r.get("confirm_size") == AutoArgs.confirm_size
+               and r.get("early_exit", False) == args.early_exit
                for r in rows):   # rows from before the confirmation split stay beside the new ones
             continue
         rows.append(one_seed(seed, args, dense, tokenizer, teacher_dir, glue, train, dev, task, work))
@@ -118,7 +123,8 @@ def one_seed(seed, args, dense, tokenizer, teacher_dir, glue, train, dev, task, 
     start = time.perf_counter()
     outcome = run_auto(AutoArgs(OutputArgs(str(auto_out), overwrite=True), str(teacher_dir),
                                 DataArgs(task=args.task, data=glue), args.max_drop, "latency", BATCH, SEQ,
-                                f"{args.minutes:g}m", seed=seed, command=f"(benchmark) auto --time {args.minutes:g}m"))
+                                f"{args.minutes:g}m", seed=seed, command=f"(benchmark) auto --time {args.minutes:g}m",
+                                early_exit=args.early_exit))
     auto_s = time.perf_counter() - start
     chosen = lmcompress.load(auto_out / "model")
     chosen.eval()
@@ -133,16 +139,20 @@ def one_seed(seed, args, dense, tokenizer, teacher_dir, glue, train, dev, task, 
     dev_acc = {name: accuracy(m, tokenizer, dev, task) for name, m in models.items()}
     timing = paired_latency(models, BATCH, SEQ, repeats=args.repeats)
     ms = {name: timing[name]["median_ms"] for name in models}
+    on_dev = paired_data_latency(models, tokenizer, dev, BATCH, SEQ, repeats=3)
+    dev_ms = {name: on_dev[name]["median_ms"] for name in models}
     row = {"seed": seed, "minutes": args.minutes, "auto_s": round(auto_s, 1),
            "hand_s": None if hand_s is None else round(hand_s, 1),
            "auto_chain": outcome.chosen.chain.name, "auto_distill_s": round(outcome.chosen.distill_s),
            "candidates": len(report["candidates"]), "auto_guard_drop": report["final"]["chosen"]["drop"],
            "auto_guard_se": report["final"]["chosen"]["se"], "confirm_size": AutoArgs.confirm_size,
-           "auto_confirm_drop": confirmation_drop(report, outcome.chosen)}
+           "auto_confirm_drop": confirmation_drop(report, outcome.chosen),
+           "early_exit": args.early_exit, "exits": (report["final"].get("exits") or {}).get("reason")}
     for name in models:
         row[f"{name}_acc"] = round(dev_acc[name], 2)
         row[f"{name}_ms"] = round(ms[name], 2)
         row[f"{name}_x"] = round(ms["dense"] / ms[name], 3)
+        row[f"{name}_dev_x"] = round(dev_ms["dense"] / dev_ms[name], 3)
     row["auto_drop"] = round(dev_acc["dense"] - dev_acc["auto"], 2)
     if "hand" in dev_acc:
         row["hand_drop"] = round(dev_acc["dense"] - dev_acc["hand"], 2)
@@ -153,7 +163,11 @@ def one_seed(seed, args, dense, tokenizer, teacher_dir, glue, train, dev, task, 
 
 
 def confirmation_drop(report: dict, chosen) -> float | None:
-    """The chosen model's drop on auto's confirmation split, as front.json keys it (chain name | distill s)."""
+    """The chosen model's drop on auto's confirmation split, as front.json keys it (chain name | distill s); for
+    an answer with exits, the exit step's own confirmation score."""
+    exits = report["final"].get("exits") or {}
+    if exits.get("kept"):
+        return exits.get("confirmation", {}).get("drop")
     key = f"{chosen.chain.name}|{round(chosen.distill_s)}"
     return report["final"]["confirmation"].get(key, {}).get("drop")
 
@@ -161,13 +175,15 @@ def confirmation_drop(report: dict, chosen) -> float | None:
 def write_report(out: Path, rows: list[dict], started: float, args, dev_size: int) -> str:
     folder, train_samples, epochs = TASKS[args.task]
     columns = [("minutes", "--time min"), ("seed", "seed"), ("confirm_size", "confirmation split"),
+               ("early_exit", "--early-exit"),
                ("auto_chain", "auto's answer"),
                ("auto_distill_s", "distilled s"), ("candidates", "candidates scored"), ("auto_s", "auto wall s"),
                ("dense_acc", "dense score"), ("int8_acc", "int8 score"), ("int8_x", "int8 x dense"),
                ("auto_acc", "auto score"), ("auto_drop", "auto drop"), ("auto_guard_drop", "auto guard drop"),
-               ("auto_confirm_drop", "auto confirmation drop"),
+               ("auto_confirm_drop", "auto confirmation drop"), ("exits", "exits"),
                ("auto_x", "auto x dense"), ("hand_acc", "hand score"), ("hand_drop", "hand drop"),
-               ("hand_x", "hand x dense"), ("dense_ms", "dense ms")]
+               ("hand_x", "hand x dense"), ("dense_ms", "dense ms"), ("int8_dev_x", "int8 x dense, dev batches"),
+               ("auto_dev_x", "auto x dense, dev batches"), ("hand_dev_x", "hand x dense, dev batches")]
     table = markdown_table(rows, columns)
     text = (f"# `lmcompress auto` on {folder} against the best hand recipe at the same wall time\n\n"
             f"{made_by(started)}\n\n"
@@ -179,7 +195,9 @@ def write_report(out: Path, rows: list[dict], started: float, args, dev_size: in
             f"chain). Scores: the task's metric x100 on all {dev_size} dev examples; *drop*: dense minus the model, "
             "points; *confirmation drop*: on auto's confirmation split (empty for rows run before it existed). "
             f"Latency: batch {BATCH} x {SEQ} tokens, median of paired rounds of all four models in alternation, "
-            "speed-ups against dense in the same rounds.\n\n"
+            "speed-ups against dense in the same rounds; *dev batches*: the same models over the dev examples in "
+            "batches of 8 (real lengths, padded per batch; 3 paired rounds; empty for rows run before it "
+            "existed), the only fair clock for an early-exit answer. *exits*: what `--early-exit` decided.\n\n"
             f"{table}\n")
     out.with_suffix(".md").write_text(text)
     return table

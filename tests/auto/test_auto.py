@@ -133,6 +133,52 @@ def test_finalists_that_fail_the_confirmation_split_are_not_the_answer(fake_tabl
     assert "lost more than the limit on the confirmation split" in report
 
 
+@pytest.mark.parametrize("exits_speed", [0.5, 1.0])
+def test_early_exit_is_kept_only_when_it_is_faster_on_real_text(fake_table, tiny, tmp_path, monkeypatch,
+                                                                exits_speed):
+    from lmcompress.evaluation import dynamic
+    from lmcompress.layers.early_exit import exits_of
+
+    real = Guard.score
+    monkeypatch.setattr(Guard, "score", lambda self, model: Score(real(self, model).metric, 0.0, 0.0))
+    timed = []
+
+    def fake_data_clock(models, tokenizer, examples, batch_size, max_length=128, repeats=3):
+        timed.append((sorted(models), len(examples), batch_size))
+        return {"dense": {"median_ms": 10.0}, "base": {"median_ms": 5.0}, "exits": {"median_ms": 5.0 * exits_speed}}
+
+    monkeypatch.setattr(dynamic, "paired_data_latency", fake_data_clock)
+    out = tmp_path / "out"
+    assert run(tiny, out, "--time", "35s", "--max-drop", "5", "--early-exit") == 0
+    final = json.loads((out / "front.json").read_text())["final"]
+    exits, chosen = final["exits"], final["chosen"]["chain"]
+    assert timed == [(["base", "dense", "exits"], timed[0][1], 8)] and 0 < timed[0][1] <= 256
+    assert exits["base"].split("|")[0] != "dense" and exits["options"]["target_drop"] > 0
+    report = (out / "report.md").read_text()
+    loaded = lmcompress.load(out / "model")
+    if exits_speed < 1:
+        assert exits["kept"] and chosen == exits["base"].split("|")[0] + " + exits"
+        assert final["static"]["chain"] == exits["base"].split("|")[0]
+        assert exits_of(loaded) is not None       # the answer on disk carries its exits and rule
+        best = json.loads((out / "best.json").read_text())
+        assert best["chain"] == chosen and best["exits"]["kept"]
+        stages = Recipe.from_yaml(out / "recipe.yaml").stages
+        assert stages[-1].method == "early_exit" and stages[-1].options["target_drop"] == exits["options"][
+            "target_drop"]
+        assert "**kept**" in report and f"dev ({final['dev_examples']} examples): {chosen}" in report
+    else:
+        assert not exits["kept"] and "not faster on real text" in exits["reason"] and "exits" not in chosen
+        assert exits_of(loaded) is None and "not kept" in report
+
+
+def test_early_exit_needs_the_latency_target(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(tiny, out, "--time", "5m", "--target", "bytes", "--early-exit") == 2
+    assert "--early-exit needs --target latency" in capsys.readouterr().err and not out.exists()
+    assert run(tiny, out, "--time", "20s", "--early-exit") == 2
+    assert "too short for --early-exit" in capsys.readouterr().err and not out.exists()
+
+
 def test_an_interrupted_search_leaves_the_best_model_so_far(fake_table, tiny, tmp_path, monkeypatch):
     def interrupted(self, structure):
         raise KeyboardInterrupt

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import lmcompress
-from lmcompress.auto.candidates import Chain, Structure, chains, refined, structures
+from lmcompress.auto.candidates import Chain, Structure, chains, chains_of, refined, structures
 from lmcompress.auto.store import BestStore
 
 
@@ -42,3 +42,36 @@ def test_the_store_switches_the_link_and_removes_the_previous_model(tmp_path, ti
     assert json.loads((tmp_path / "best.json").read_text())["chain"] == "int8"
     assert lmcompress.load(tmp_path / "model") is not None
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_refined_structure_is_scored_as_every_quantization_variant():
+    """The search scores a built structure through `chains_of`: a refined fraction, which `chains(target)` does
+    not list, still gets its float and int8 chains (before this, a refined structure was built and never scored,
+    and the search ended with minutes left)."""
+    finer = refined(structures("latency"), Structure("prune", 0.3))
+    assert finer == Structure("prune", 0.26) and all(c.structure != finer for c in chains("latency"))
+    assert chains_of(finer, "latency") == [Chain(finer, "int8"), Chain(finer)]
+    assert [c for c in chains("latency") if c.structure == Structure("prune", 0.4)] == chains_of(
+        Structure("prune", 0.4), "latency")
+
+
+def test_the_search_scores_a_refined_structure_it_builds(monkeypatch):
+    import time
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from lmcompress.auto.search import Search
+    from lmcompress.engine import pipeline
+
+    monkeypatch.setattr(pipeline, "compress", lambda *args, **kwargs: None)
+    search = Search.__new__(Search)
+    search.ctx = SimpleNamespace(dense=nn.Linear(2, 2), target="latency", batch_size=8, seq_len=128, labels=True,
+                                 calibration_settings=None, tokenizer=None, calibration=None)
+    search.started, search.budget_s, search.reserve_s = time.perf_counter(), 1000.0, 0.0
+    search.build_s, search.eval_s = [], []
+    scored = []
+    monkeypatch.setattr(Search, "evaluate", lambda self, chain, model, distill_s, rung: scored.append(chain) or chain)
+    finer = Structure("prune", 0.26)
+    student = search.build(finer)
+    assert scored == chains_of(finer, "latency") and student.results == scored

@@ -66,7 +66,7 @@ def test_pruned_and_low_rank_bert_round_trip(tokenizer, examples, tmp_path):
 
 def test_quantized_bert_round_trip(tokenizer, examples, tmp_path):
     model = compressed(make_tiny_bert(tokenizer.vocab_size), tokenizer, examples, [
-        {"method": "quantize", "targets": ["intermediate.dense$"], "options": {"scheme": "dynamic"}},
+        {"method": "quantize", "targets": ["intermediate.dense$"], "options": {"scheme": "dynamic", "smooth": 0.5}},
         {"method": "quantize", "targets": ["output.dense$"],
          "options": {"scheme": "weight_only", "bits": 4, "group_size": 16, "symmetric": False}},
         {"method": "quantize", "targets": ["attention.self"], "options": {"scheme": "weight_only", "bits": 8}}])

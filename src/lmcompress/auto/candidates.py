@@ -55,25 +55,32 @@ class Structure:
 
 @dataclass(frozen=True)
 class Chain:
-    """One point of the space: a structure and a quantization scheme (`quant` None: float)."""
+    """One point of the space: a structure and a quantization scheme (`quant` None: float); `exits`: early-exit
+    heads on top (added after the search, `auto/exits.py`)."""
 
     structure: Structure
     quant: str | None = None
+    exits: bool = False
 
     @property
     def name(self) -> str:
         if self.structure.method is None:
-            return self.quant or "dense"
-        return self.structure.name + (f" + {self.quant}" if self.quant else "")
+            name = self.quant or "dense"
+        else:
+            name = self.structure.name + (f" + {self.quant}" if self.quant else "")
+        return name + (" + exits" if self.exits else "")
 
     def recipe(self, target: str, batch_size: int, seq_len: int, labels: bool, distill_s: float = 0.0,
-               calibration: dict[str, Any] | None = None) -> Recipe | None:
+               calibration: dict[str, Any] | None = None,
+               exit_options: dict[str, Any] | None = None) -> Recipe | None:
         """The whole chain as one recipe (what the chosen model's recipe.yaml says made it); None for dense."""
         stages = [s for s in (self.structure.stage(target, batch_size, seq_len, labels),) if s]
         if distill_s > 0:
             stages.append({"method": "distill", "options": {"time": f"{round(distill_s)}s"}})
         if self.quant:
             stages.append({"method": "quantize", "options": dict(QUANT_OPTIONS[self.quant])})
+        if self.exits:
+            stages.append({"method": "early_exit", "options": dict(exit_options or {})})
         if not stages:
             return None
         return Recipe.from_dict({"stages": stages, **({"calibration": calibration} if calibration else {})})
@@ -88,10 +95,16 @@ def structures(target: str) -> list[Structure]:
 
 def chains(target: str) -> list[Chain]:
     """Every chain of the space for `target` (the baselines, dense and int8, are measured apart)."""
-    found = [Chain(s, q) for s in structures(target) for q in QUANTS[target]]
+    found = [c for s in structures(target) for c in chains_of(s, target)]
     if target == "bytes":
         found.append(Chain(Structure(), "int4"))
     return found
+
+
+def chains_of(structure: Structure, target: str) -> list[Chain]:
+    """The chains a built structure is scored as: each quantization variant of the target. A refined structure
+    (`refined`) is not in `chains(target)`, so the search asks this, not that list."""
+    return [Chain(structure, q) for q in QUANTS[target]]
 
 
 def refined(tried: list[Structure], best_valid: Structure | None) -> Structure | None:

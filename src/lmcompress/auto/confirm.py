@@ -1,5 +1,6 @@
 """The end of a search: finalists timed side by side with dense and int8 on this machine (the prediction picks
-them, the clock decides among them), and the chosen model scored once on dev.
+them, the clock decides among them), exits tried on the choice when asked (`exits`), and the answer scored once
+on dev.
 
 Why time them: the latency table predicted int8 within about 20% and pruned models within 4-10%
 (docs/benchmarks/latency_budget.md); a finalist predicted a little faster than int8 may measure slower, and
@@ -19,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmcompress.auto.exits import ExitTrial, add_exits
 from lmcompress.auto.proxy import Guard, Score, fmt
 from lmcompress.auto.search import Result, Search, _key
 
@@ -36,6 +38,8 @@ class Final:
     confirmation_examples: int = 0
     dev_examples: int = 0
     seconds: float = 0.0
+    exits: ExitTrial | None = None     # the early-exit step (--early-exit), whether kept or not
+    static: Result | None = None       # the answer before exits were added (None: no exits kept)
 
     @property
     def dev_drop(self) -> float:
@@ -45,7 +49,10 @@ class Final:
         return self.dev_drop > max_drop + 1e-9
 
 
-def confirm(search: Search, dev_examples: Any, repeats: int, confirmation: Any = None) -> Final:
+def confirm(search: Search, dev_examples: Any, repeats: int, confirmation: Any = None,
+            exit_train_s: float | None = None, seed: int = 0) -> Final:
+    """Time the finalists, choose (confirmation split), then try exits on the choice (`exit_train_s` seconds of
+    training; None: not tried), and score dense, int8 and the answer on dev."""
     from lmcompress.evaluation.efficiency import paired_latency
 
     start = time.perf_counter()
@@ -63,7 +70,7 @@ def confirm(search: Search, dev_examples: Any, repeats: int, confirmation: Any =
         ranked = sorted(valid, key=lambda r: timing[_key(r)]["median_ms"])
     else:
         ranked = [search.best] + sorted((r for r in valid if _key(r) != _key(search.best)), key=lambda r: r.cost)
-    checked = _confirmed(search, ranked, confirmation) if confirmation is not None else {}
+    checked, scorer = _confirmed(search, ranked, confirmation) if confirmation is not None else ({}, None)
 
     def passes(result: Result) -> bool:
         key = _key(result)
@@ -75,25 +82,30 @@ def confirm(search: Search, dev_examples: Any, repeats: int, confirmation: Any =
                   else f"it measured faster than {search.best.chain.name}")
         log.info("auto: %s is the answer (%s)", chosen.chain.name, reason)
         search._save(chosen, search.models[_key(chosen)])
+        search.best = chosen          # what OUT/model holds from here on (an interrupted report names it)
     final = Final(chosen, finalists, timing, repeats, dev_examples=len(dev_examples), confirmation=checked,
                   confirmation_examples=len(confirmation) if confirmation is not None else 0)
-    scorer = Guard(ctx.task, dev_examples, ctx.tokenizer, ctx.max_length)
-    for key in dict.fromkeys(["dense|0", "int8|0", _key(chosen)]):
+    if exit_train_s is not None:
+        with_exits, final.exits = add_exits(search, chosen, exit_train_s, confirmation, scorer, seed)
+        if with_exits is not None:
+            final.static, final.chosen = chosen, with_exits
+    dev = Guard(ctx.task, dev_examples, ctx.tokenizer, ctx.max_length)
+    for key in dict.fromkeys(["dense|0", "int8|0", _key(chosen), _key(final.chosen)]):
         if key in search.models:
-            final.dev[key] = scorer.metric(scorer.predictions(search.models[key]))
+            final.dev[key] = dev.metric(dev.predictions(search.models[key]))
     final.seconds = time.perf_counter() - start
-    log.info("auto: chosen %s: dev %s %s against dense %s (drop %s; limit %s)", chosen.chain.name,
-             ctx.task.metric, fmt(final.dev[_key(chosen)]), fmt(final.dev["dense|0"]), fmt(final.dev_drop),
+    log.info("auto: chosen %s: dev %s %s against dense %s (drop %s; limit %s)", final.chosen.chain.name,
+             ctx.task.metric, fmt(final.dev[_key(final.chosen)]), fmt(final.dev["dense|0"]), fmt(final.dev_drop),
              fmt(ctx.max_drop))
     return final
 
 
-def _confirmed(search: Search, ranked: list[Result], confirmation: Any) -> dict[str, Score]:
+def _confirmed(search: Search, ranked: list[Result], confirmation: Any) -> tuple[dict[str, Score], Guard | None]:
     """Scores on the confirmation split, in choice order, up to the first finalist that passes (dense is the
-    reference and always passes)."""
+    reference and always passes), and the scorer (None when nothing was scored)."""
     ctx = search.ctx
     if not ranked or _key(ranked[0]) == "dense|0":   # nothing compressed to check
-        return {}
+        return {}, None
     scorer = Guard(ctx.task, confirmation, ctx.tokenizer, ctx.max_length, name="confirmation")
     checked = {"dense|0": scorer.set_dense(search.models["dense|0"])}
     for result in ranked:
@@ -107,4 +119,4 @@ def _confirmed(search: Search, ranked: list[Result], confirmation: Any) -> dict[
                  "over the limit")
         if passed:
             break
-    return checked
+    return checked, scorer

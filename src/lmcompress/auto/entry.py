@@ -45,6 +45,7 @@ class AutoArgs:
     command: str | None = None               # how the run was started, for the report
     progress: bool = True
     confirm_size: int = 1000                 # a second held-out split the finalists must pass (0: none)
+    early_exit: bool = False                 # try exit heads on the answer, timed on real text (auto/exits.py)
 
 
 @dataclass
@@ -80,6 +81,16 @@ def check_args(args: AutoArgs) -> float:
         raise LMCompressError(f"--z must be at least 0 (got {args.z})")
     if args.max_train_samples is not None and args.max_train_samples < MIN_TRAIN:
         raise DataError(f"--max-train-samples must be at least {MIN_TRAIN} (got {args.max_train_samples})")
+    if args.early_exit:
+        if args.target != "latency":
+            raise LMCompressError(f"--early-exit needs --target latency (exits change neither the bytes nor the "
+                                  f"shapes FLOPs are counted at; got --target {args.target})")
+        from lmcompress.auto.exits import exit_seconds
+
+        reserve = exit_seconds(budget)[1]
+        if budget < reserve + 10:
+            raise LMCompressError(f"--time {args.time} is too short for --early-exit, which keeps {reserve:.0f}s "
+                                  f"of it for the exits; give at least {reserve + 10:.0f}s")
     _check_out(Path(args.out.path), args.out.overwrite)
     return budget
 
@@ -144,6 +155,7 @@ def run_auto(args: AutoArgs) -> AutoOutcome:
     """Search, confirm, report. KeyboardInterrupt leaves the best valid model so far in OUT/model and a report
     that says the run was interrupted."""
     from lmcompress.auto.confirm import confirm
+    from lmcompress.auto.exits import exit_seconds
     from lmcompress.auto.proxy import Cost, Guard
     from lmcompress.auto.report import write_report
     from lmcompress.auto.search import Context, Search, quiet_library
@@ -173,9 +185,11 @@ def run_auto(args: AutoArgs) -> AutoOutcome:
                       True, {"samples": args.calib_samples, "batch_size": 32,
                                                         "max_length": min(64, max_length), "seed": args.seed},
                       max_length)
-    # the time left for the end: dev (3 models) and the confirmation split (dense and up to a few finalists)
-    search = Search(ctx, budget - (time.perf_counter() - started), dev_size=len(dev) + 2 * len(confirmation or ()),
-                    repeats=args.repeats)
+    # the time left for the end: dev (3 models) and the confirmation split (dense and up to a few finalists),
+    # and the early-exit step when asked
+    exit_train_s, exit_reserve_s = exit_seconds(budget) if args.early_exit else (None, 0.0)
+    search = Search(ctx, budget - exit_reserve_s - (time.perf_counter() - started),
+                    dev_size=len(dev) + 2 * len(confirmation or ()), repeats=args.repeats)
     header = {"model": str(args.model or "bundled"), "task": task.name, "command": args.command,
               "environment": environment()}
     try:
@@ -189,14 +203,14 @@ def run_auto(args: AutoArgs) -> AutoOutcome:
             raise
         final = None
         with quiet_library():
-            final = confirm(search, dev, args.repeats, confirmation)
+            final = confirm(search, dev, args.repeats, confirmation, exit_train_s, args.seed)
     except KeyboardInterrupt:
         if search.results:
             write_report(out, search, None, header)
         raise
     report = write_report(out, search, final, header)
     recipe = final.chosen.chain.recipe(ctx.target, ctx.batch_size, ctx.seq_len, ctx.labels, final.chosen.distill_s,
-                                       ctx.calibration_settings)
+                                       ctx.calibration_settings, final.exits.options if final.exits else None)
     (out / "recipe.yaml").write_text(recipe.to_yaml() if recipe else "# no compression met --max-drop: the dense "
                                      "model\n")
     return AutoOutcome(final.chosen, report, out / "model", final.dev_drop, final.broke(ctx.max_drop))

@@ -82,7 +82,7 @@ def write_report(out: Path, search: Search, final: Final | None, header: dict[st
 
 def _choice(search: Search, final: Final) -> list[str]:
     ctx = search.ctx
-    chosen, timing = final.chosen, final.timing
+    chosen, timing = final.static or final.chosen, final.timing   # the static answer (exits are below)
     dense_ms = timing["dense|0"]["median_ms"]
     int8 = next((r for r in final.finalists if _key(r) == "int8|0"), None)
     why = []
@@ -108,11 +108,14 @@ def _choice(search: Search, final: Final) -> list[str]:
              f"{fmt(ctx.max_drop)}), {fmt(chosen.cost)} {ctx.cost.unit}, measured "
              f"{fmt(dense_ms / timing[_key(chosen)]['median_ms'])}x dense at batch {ctx.batch_size}. "
              + " ".join(why), ""]
-    dev_dense, dev_chosen = final.dev["dense|0"], final.dev[_key(chosen)]
+    if final.exits is not None:
+        lines += _exit_lines(final, ctx.task.metric) + [""]
+    dev_dense, dev_chosen = final.dev["dense|0"], final.dev[_key(final.chosen)]
     verdict = ("**dev broke the guard**: the drop on dev is over the limit" if final.broke(ctx.max_drop)
                else "dev kept the guard's promise")
-    lines += [f"Scored once on dev ({final.dev_examples} examples): {ctx.task.metric} {fmt(dev_chosen)} against "
-              f"dense {fmt(dev_dense)}, a drop of {fmt(final.dev_drop)} points: {verdict}.", "",
+    lines += [f"Scored once on dev ({final.dev_examples} examples): {final.chosen.chain.name}: {ctx.task.metric} "
+              f"{fmt(dev_chosen)} against dense {fmt(dev_dense)}, a drop of {fmt(final.dev_drop)} points: "
+              f"{verdict}.", "",
               f"### Side by side on this machine (batch {ctx.batch_size} x {ctx.seq_len} tokens, median of "
               f"{final.repeats} paired rounds)", "",
               f"| model | ms | x dense | x int8 | guard {ctx.task.metric} | confirmation drop | dev {ctx.task.metric} "
@@ -122,13 +125,35 @@ def _choice(search: Search, final: Final) -> list[str]:
         key = _key(result)
         ms = timing[key]["median_ms"]
         name = result.chain.name + (f", distilled {result.distill_s:.0f} s" if result.distill_s else "")
-        name = f"**{name}** (chosen)" if key == _key(chosen) else name
+        chosen_mark = " (chosen; with exits below)" if final.static is not None else " (chosen)"
+        name = f"**{name}**{chosen_mark}" if key == _key(chosen) else name
         lines.append(f"| {name} | {fmt(ms)} | {fmt(dense_ms / ms)} | {fmt(int8_ms / ms) if int8_ms else '-'} | "
                      f"{fmt(result.score.metric)} | "
                      f"{fmt(final.confirmation[key].drop) if key in final.confirmation else '-'} | "
                      f"{fmt(final.dev[key]) if key in final.dev else '-'} | "
                      f"{'yes' if result.valid else 'no'} |")
     return lines
+
+
+def _exit_lines(final: Final, metric: str) -> list[str]:
+    """The early-exit step: what was trained, how it scored, how it timed on real text, and whether it was kept."""
+    trial = final.exits
+    lines = [f"**Early exit** on {trial.base.split('|')[0]}: "
+             + ("**kept**: the answer is " + final.chosen.chain.name if trial.kept else "not kept")
+             + f" ({trial.reason}; {trial.seconds:.0f} s)."]
+    if trial.summary:
+        lines.append(f"The stage: {trial.summary}.")
+    checks = [f"{name} drop {fmt(score.drop)} ± {fmt(score.se)}" for name, score in
+              (("guard", trial.guard), ("confirmation", trial.confirmation)) if score is not None]
+    if checks:
+        lines.append(f"With exits: {', '.join(checks)} points of {metric} against dense.")
+    if trial.timing:
+        t = trial.timing
+        lines.append(f"On {trial.examples} guard texts in batches as they come (real lengths, not the fixed shape "
+                     f"above), median ms per batch: dense {fmt(t['dense'])}, without exits {fmt(t['base'])} "
+                     f"({fmt(t['dense'] / t['base'])}x dense), with exits {fmt(t['exits'])} "
+                     f"({fmt(t['dense'] / t['exits'])}x dense).")
+    return [" ".join(lines)]
 
 
 def _final_dict(search: Search, final: Final | None) -> dict[str, Any] | None:
@@ -142,4 +167,6 @@ def _final_dict(search: Search, final: Final | None) -> dict[str, Any] | None:
             "dev_broke_guard": final.broke(search.ctx.max_drop),
             "timing": {k: {"median_ms": round(v["median_ms"], 3)} for k, v in final.timing.items()},
             "finalists": [r.row(search.dense_cost) for r in final.finalists], "repeats": final.repeats,
+            "exits": final.exits.to_dict() if final.exits is not None else None,
+            "static": final.static.row(search.dense_cost) if final.static is not None else None,
             "seconds": round(final.seconds, 1)}

@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from lmcompress.auto.candidates import Chain, Structure, chains, refined, structures
+from lmcompress.auto.candidates import Chain, Structure, chains_of, refined, structures
 from lmcompress.auto.proxy import Cost, Guard, Score, fmt
 from lmcompress.auto.store import BestStore
 from lmcompress.errors import LMCompressError
@@ -244,9 +244,8 @@ class Search:
             return None
         self.build_s.append(time.perf_counter() - start)
         student = Student(structure, model)
-        for chain in chains(ctx.target):
-            if chain.structure == structure:
-                student.results.append(self.evaluate(chain, model, 0.0, 0))
+        for chain in chains_of(structure, ctx.target):
+            student.results.append(self.evaluate(chain, model, 0.0, 0))
         return student
 
     def slow(self, structure: Structure) -> bool:
@@ -317,9 +316,8 @@ class Search:
                     log.warning("auto %s %s: not distilled (%s)", self.stamp(), student.structure.name, err)
                     student.results.clear()
                     continue
-                for chain in chains(self.ctx.target):
-                    if chain.structure == student.structure:
-                        student.results.append(self.evaluate(chain, student.model, student.distill_s, rung))
+                for chain in chains_of(student.structure, self.ctx.target):
+                    student.results.append(self.evaluate(chain, student.model, student.distill_s, rung))
             pool = pool[:max(1, math.ceil(len(pool) / 2))]
             rungs_left = max(1, rungs_left - 1)
             slack = max(slack / 2, 1.0)

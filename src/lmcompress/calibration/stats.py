@@ -10,7 +10,7 @@ A method names what it needs (`Method.needs`); the calibrator gathers only that:
 | `fisher`      | squared gradients of the task loss w.r.t. the weight (labels) | out x in                    |
 | `pairs`       | (x, y) token rows, reservoir-sampled under a MB cap (x may   | the cap                      |
 |               | be an earlier layer's input: `pair_spans`)                   |                              |
-| `summary`     | per input feature: mean, mean abs, sum of squares            | 3 x in                       |
+| `summary`     | per input feature: mean, mean abs, sum of squares, max abs   | 4 x in                       |
 
 Everything but `pairs` is a running sum, so memory never grows with the number of samples. Gram-type sums
 are float64 because sums over tens of thousands of tokens lose precision in float32. Statistics live on the
@@ -42,6 +42,7 @@ class ActivationSummary:
     total_abs: torch.Tensor
     total_sq: torch.Tensor
     count: int = 0
+    max_abs: torch.Tensor | None = None   # largest |x| of each feature (SmoothQuant's activation range)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -127,7 +128,7 @@ class LayerStats:
         if self.pairs is not None:
             tensors += [self.pairs.x, self.pairs.y]
         if self.summary is not None:
-            tensors += [self.summary.total, self.summary.total_abs, self.summary.total_sq]
+            tensors += [self.summary.total, self.summary.total_abs, self.summary.total_sq, self.summary.max_abs]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
@@ -138,7 +139,7 @@ def estimate_bytes(layers: dict[str, nn.Module], needs: set[str], pairs_mb: floa
         fan_in, fan_out = in_out_features(module)
         total += 8 * (fan_in * fan_in * (("gram" in needs) + ("cross_gram" in needs))
                       + fan_out * fan_out * ("output_gram" in needs) + fan_in * fan_out * ("fisher" in needs)
-                      + 3 * fan_in * ("summary" in needs))
+                      + 4 * fan_in * ("summary" in needs))
     return total + int(pairs_mb * 2**20 * ("pairs" in needs))
 
 
@@ -190,7 +191,7 @@ class StatsCollector:
             if "cross_gram" in needs and teacher_layers is not None:
                 entry.cross_gram = zeros(fan_in, fan_in)
             if "summary" in needs:
-                entry.summary = ActivationSummary(zeros(fan_in), zeros(fan_in), zeros(fan_in))
+                entry.summary = ActivationSummary(zeros(fan_in), zeros(fan_in), zeros(fan_in), max_abs=zeros(fan_in))
             if "pairs" in needs and name in capacity:
                 entry.pairs = PairSample(capacity[name], generator=torch.Generator().manual_seed(seed + index))
             self.stats[name] = entry
@@ -235,6 +236,8 @@ class StatsCollector:
                 entry.summary.total_abs += x64.abs().sum(0)
                 entry.summary.total_sq += (x64 * x64).sum(0)
                 entry.summary.count += x.shape[0]
+                if x.shape[0]:
+                    torch.maximum(entry.summary.max_abs, x64.abs().amax(0), out=entry.summary.max_abs)
             if entry.output_gram is not None or entry.pairs is not None:
                 y = self._rows(output if torch.is_tensor(output) else output[0])
                 if entry.output_gram is not None:

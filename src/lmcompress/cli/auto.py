@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="distillation trains on at most this many examples (default 20000)")
     p.add_argument("--repeats", type=int, default=10, help="paired timing rounds of the finalists (default 10)")
     p.add_argument("--seed", type=int, default=0, help="of the data splits and calibration samples")
+    p.add_argument("--early-exit", action="store_true",
+                   help="after the search, train exit heads on the answer and keep them if they are faster on the "
+                        "guard's real text and still within --max-drop (latency target; docs/auto.md)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> None:
     outcome = run_auto(AutoArgs(
         output_args(args), args.model, data_args(args), args.max_drop, args.target, args.batch_size, args.seq_len,
         args.time, args.guard_size, args.z, args.calib_samples, args.max_train_samples, args.repeats, args.seed,
-        "lmcompress " + shlex.join(args.argv), not args.quiet, args.confirm_size))
+        "lmcompress " + shlex.join(args.argv), not args.quiet, args.confirm_size, args.early_exit))
     chosen = outcome.chosen
     warning = "; dev BROKE the guard" if outcome.dev_broke_guard else ""
     print(f"chosen: {chosen.chain.name}" + (f", distilled {chosen.distill_s:.0f}s" if chosen.distill_s else "")

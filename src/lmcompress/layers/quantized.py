@@ -11,6 +11,9 @@ Compute is chosen per scheme:
   faster than torchao's int8 configurations and than `torch._int_mm` there. The packed kernel weight is
   built from the stored codes on first use and never saved. Off CPU, or where the kernel is missing, the
   layer falls back to the dequantized float weight.
+  With `smoothed` (SmoothQuant, Xiao et al. 2022), the stored weight is W diag(s) and the input is multiplied by
+  `input_scale` = 1/s before the kernel: the per-feature factors s move activation outliers into the weights,
+  whose per-row grid absorbs them better than the activations' one per-tensor scale does.
 - `weight_only` (int8 or int4, any group size): the weight is dequantized for each call and multiplied in
   float. It saves bytes on disk and in memory, not time: the CPU int4/int8 weight-only kernels in PyTorch
   were slower than dequantize-then-matmul here.
@@ -43,10 +46,12 @@ SCHEMES = ("dynamic", "weight_only")
 
 @register_layer
 class QuantizedLinear(CompressedLayer):
-    """y = x W'^T + b with W' = (codes - zero) * scale, optionally with a sparsity mask."""
+    """y = x W'^T + b with W' = (codes - zero) * scale, optionally with a sparsity mask; smoothed: y = (x *
+    input_scale) W'^T + b."""
 
     manifest_fields: ClassVar[tuple[str, ...]] = ("in_features", "out_features", "bits", "group_size", "symmetric",
-                                                  "scheme", "has_bias", "nnz")
+                                                  "scheme", "has_bias", "nnz", "smoothed")
+    field_checks: ClassVar[dict[str, tuple[Any, str]]] = {"smoothed": (lambda v: isinstance(v, bool), "a boolean")}
     # fbgemm packed weight (built lazily from the codes, never saved; False if unavailable) and the tensor
     # versions it was built from
     transient: ClassVar[dict[str, Any]] = {"_kernel": None, "_kernel_version": ()}
@@ -54,7 +59,7 @@ class QuantizedLinear(CompressedLayer):
 
     def __init__(self, in_features: int, out_features: int, bits: int = 8, group_size: int | None = None,
                  symmetric: bool = True, scheme: str = "weight_only", bias: bool = True, nnz: int | None = None,
-                 dense_kind: str = "Linear") -> None:
+                 dense_kind: str = "Linear", smoothed: bool = False) -> None:
         super().__init__()
         if scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
@@ -62,9 +67,11 @@ class QuantizedLinear(CompressedLayer):
         self.spec.check(in_features)
         if scheme == "dynamic" and (bits != 8 or group_size is not None or not symmetric):
             raise ValueError("scheme 'dynamic' runs int8 kernels: it needs bits=8, one group per row, symmetric")
+        if smoothed and scheme != "dynamic":
+            raise ValueError("smoothed layers are scheme 'dynamic' only (weight_only keeps activations in float)")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric, self.scheme = bits, group_size, symmetric, scheme
-        self.has_bias, self.nnz, self.dense_kind = bias, nnz, dense_kind
+        self.has_bias, self.nnz, self.dense_kind, self.smoothed = bias, nnz, dense_kind, smoothed
         stored = in_features * out_features if nnz is None else nnz
         if bits == 8:
             codes = torch.zeros(stored, dtype=torch.int8) if nnz is not None else torch.zeros(
@@ -77,6 +84,7 @@ class QuantizedLinear(CompressedLayer):
         self.register_buffer("zeros", None if symmetric else torch.zeros(out_features, groups, dtype=torch.int8))
         self.register_buffer("mask", None if nnz is None else torch.zeros(packed_mask_size(in_features * out_features),
                                                                           dtype=torch.uint8))
+        self.register_buffer("input_scale", torch.ones(in_features) if smoothed else None)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.reset_transient()
         self.ran_packed_kernel = False   # the last forward ran below PyTorch's FLOP counter
@@ -85,17 +93,21 @@ class QuantizedLinear(CompressedLayer):
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, spec: GridSpec, scheme: str,
                     dense_kind: str = "Linear", mask: torch.Tensor | None = None,
-                    scales: torch.Tensor | None = None, zeros: torch.Tensor | None = None) -> QuantizedLinear:
+                    scales: torch.Tensor | None = None, zeros: torch.Tensor | None = None,
+                    input_scale: torch.Tensor | None = None) -> QuantizedLinear:
         """Round `weight` (out, in) to the grid (its own, or the `scales`/`zeros` given, e.g. from GPTQ).
-        With a boolean `mask`, entries outside it become exactly zero and are not stored."""
+        With a boolean `mask`, entries outside it become exactly zero and are not stored. With `input_scale`
+        (in,), `weight` is the smoothed weight W diag(1 / input_scale), and inputs are multiplied by it."""
         out_features, in_features = weight.shape
         if scales is None:
             scales, zeros = grid_params(weight, spec)
         nnz = None if mask is None else int(mask.sum())
         layer = cls(in_features, out_features, spec.bits, spec.group_size, spec.symmetric, scheme,
-                    bias is not None, nnz, dense_kind)
+                    bias is not None, nnz, dense_kind, smoothed=input_scale is not None)
         codes = quantize_codes(weight, scales, zeros, spec)
         layer.store(codes, scales, zeros, mask)
+        if input_scale is not None:
+            layer.input_scale = input_scale.detach().to(torch.float32).cpu().clone()
         if bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(bias.detach().to(torch.float32))
@@ -115,11 +127,19 @@ class QuantizedLinear(CompressedLayer):
         if self.zeros is not None or zeros is not None:
             self.zeros = zeros.detach().to(torch.int8).clone()
 
+    def manifest_entry(self) -> dict[str, Any]:
+        """`smoothed` is written only when set: entries of plain layers stay as they were (older readers load them,
+        and the latency table's cached timings, keyed by the entry, still match)."""
+        entry = super().manifest_entry()
+        if not self.smoothed:
+            del entry["smoothed"]
+        return entry
+
     @classmethod
     def from_manifest(cls, entry: dict[str, Any]) -> QuantizedLinear:
         return cls(entry["in_features"], entry["out_features"], entry["bits"], entry.get("group_size"),
                    entry.get("symmetric", True), entry.get("scheme", "weight_only"), entry["has_bias"],
-                   entry.get("nnz"), entry.get("dense_kind", "Linear"))
+                   entry.get("nnz"), entry.get("dense_kind", "Linear"), entry.get("smoothed", False))
 
     # --- what it represents -------------------------------------------------------------------------
     def sparsity_mask(self) -> torch.Tensor | None:
@@ -141,7 +161,9 @@ class QuantizedLinear(CompressedLayer):
         return full
 
     def dense_weight(self) -> torch.Tensor:
-        return dequantize(self.full_codes(), self.scales, self.zeros).to(self.scales.dtype)
+        """The float weight this layer applies to its input (smoothing folded back in)."""
+        weight = dequantize(self.full_codes(), self.scales, self.zeros).to(self.scales.dtype)
+        return weight if self.input_scale is None else weight * self.input_scale.to(weight)
 
     def buffer_weights(self) -> int:
         return self.in_features * self.out_features if self.nnz is None else self.nnz
@@ -157,8 +179,12 @@ class QuantizedLinear(CompressedLayer):
         kernel = self._packed_kernel() if self.scheme == "dynamic" and x.device.type == "cpu" else None
         self.ran_packed_kernel = kernel is not None
         if kernel is not None:
-            out = torch.ops.quantized.linear_dynamic(x if x.dtype == torch.float32 else x.float(), kernel, True)
-            return out if out.dtype == x.dtype else out.to(x.dtype)
+            dtype = x.dtype
+            x = x if dtype == torch.float32 else x.float()
+            if self.input_scale is not None:
+                x = x * self.input_scale
+            out = torch.ops.quantized.linear_dynamic(x, kernel, True)
+            return out if out.dtype == dtype else out.to(dtype)
         return F.linear(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def _packed_kernel(self) -> Any:

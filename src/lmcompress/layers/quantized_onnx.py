@@ -88,8 +88,12 @@ class Int8DynamicForOnnx(nn.Module):
         self.register_buffer("weight", layer.full_codes().T.to(torch.int8).contiguous())
         self.register_buffer("scales", layer.scales[:, 0].detach().float().clone())
         self.register_buffer("bias", _float_bias(layer))
+        scale = getattr(layer, "input_scale", None)   # smoothed: a Mul before the integer MatMul
+        self.register_buffer("input_scale", None if scale is None else scale.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x * self.input_scale
         return int8_dynamic_linear(x, self.weight, self.scales, self.bias)
 
 

@@ -200,6 +200,72 @@ def test_dynamic_forward_runs_the_int8_kernel_and_matches_dequantized_weights():
     assert float((shifted - out - 1.0).abs().max()) < 1e-3
 
 
+def test_smoothing_moves_an_outlier_feature_into_the_weights_and_cuts_the_int8_error():
+    from lmcompress.calibration.stats import ActivationSummary, LayerStats
+    from lmcompress.methods.quantization.quantize import smoothing_factors
+
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 48)
+    x = torch.randn(4, 16, 64)
+    x[..., 5] *= 60       # one outlier feature, as BERT-class encoders have in every block
+    rows = x.reshape(-1, 64).double()
+    stats = LayerStats(summary=ActivationSummary(rows.sum(0), rows.abs().sum(0), (rows ** 2).sum(0), rows.shape[0],
+                                                 max_abs=rows.abs().amax(0)))
+    factors = smoothing_factors("layer", dense.weight.detach(), stats, 0.5)
+    assert factors[5] == factors.max() and factors[5] > 5 * factors.median()
+    weight = dense.weight.detach()
+    plain = QuantizedLinear.from_weight(weight, dense.bias.detach(), GridSpec(8), "dynamic")
+    smooth = QuantizedLinear.from_weight(weight * factors, dense.bias.detach(), GridSpec(8), "dynamic",
+                                         input_scale=1 / factors)
+    with torch.no_grad():
+        reference = dense(x)
+        errors = {name: float((layer(x) - reference).norm() / reference.norm())
+                  for name, layer in (("plain", plain), ("smooth", smooth))}
+        assert smooth.ran_packed_kernel
+        # the weight it applies to the raw input is still W (smoothing folded back), up to the grid
+        assert float((smooth.dense_weight() - weight).norm() / weight.norm()) < 0.05
+    assert errors["smooth"] < errors["plain"] / 2, errors
+    again = QuantizedLinear.from_manifest(smooth.manifest_entry())
+    again.load_state_dict(smooth.state_dict())
+    with torch.no_grad():
+        assert torch.equal(again(x), smooth(x))
+    plain_entry = plain.manifest_entry()
+    assert "smoothed" not in plain_entry and smooth.manifest_entry()["smoothed"] is True   # plain entries as before
+    with pytest.raises(ValueError, match="scheme 'dynamic' only"):
+        QuantizedLinear(64, 48, scheme="weight_only", smoothed=True)
+    with torch.no_grad():   # a half-precision input comes back in its own dtype
+        assert smooth(x.bfloat16()).dtype == torch.bfloat16 and smooth.ran_packed_kernel
+    no_stats = LayerStats()
+    with pytest.raises(CalibrationError, match="smooth needs calibration statistics"):
+        smoothing_factors("layer", weight, no_stats, 0.5)
+
+
+def test_gptq_on_a_smoothed_layer_uses_the_smoothed_inputs_second_moment():
+    """GPTQ compensates rounding through the second moment of what the layer multiplies: for a smoothed layer,
+    the inputs divided by s. With the moment of the raw inputs instead, it would compensate the wrong errors."""
+    from lmcompress.calibration.stats import ActivationSummary, LayerStats
+    from lmcompress.methods.quantization.quantize import Quantize, QuantizeConfig
+
+    torch.manual_seed(1)
+    dense = nn.Linear(64, 32)
+    mix = torch.randn(64, 64) / 8 + torch.eye(64)        # correlated inputs, where GPTQ has something to do
+    x = torch.randn(2048, 64) @ mix
+    x[:, 3] *= 40
+    rows = x.double()
+    stats = LayerStats(gram=rows.T @ rows, count=rows.shape[0],
+                       summary=ActivationSummary(rows.sum(0), rows.abs().sum(0), (rows ** 2).sum(0), rows.shape[0],
+                                                 max_abs=rows.abs().amax(0)))
+    with torch.no_grad():
+        reference = dense(x)
+        errors = {}
+        for algorithm in ("rtn", "gptq"):
+            config = QuantizeConfig(smooth=0.5, algorithm=algorithm)
+            layer = Quantize().compress_layer("layer", dense, stats, config).module
+            assert layer.smoothed
+            errors[algorithm] = float((layer(x) - reference).norm() / reference.norm())
+    assert errors["gptq"] < errors["rtn"], errors
+
+
 @pytest.mark.parametrize("spec", [GridSpec(8, None, True), GridSpec(4, 16, False)], ids=str)
 def test_weight_only_forward_is_exactly_the_dequantized_linear(spec):
     torch.manual_seed(1)
@@ -242,6 +308,10 @@ STACKS = {
     "sparsegpt24_then_int4": [{"method": "sparsify", "options": {"pattern": "2:4", "score": "sparsegpt"}},
                               {"method": "quantize", "options": {"scheme": "weight_only", "bits": 4}}],
     "quantize_then_prune": [{"method": "quantize"}, {"method": "sparsify", "options": {"sparsity": 0.5}}],
+    "smoothquant": [{"method": "quantize", "options": {"smooth": 0.5}}],
+    "smoothquant_gptq": [{"method": "quantize", "options": {"smooth": 0.8, "algorithm": "gptq"}}],
+    "smoothquant_then_prune": [{"method": "quantize", "options": {"smooth": 0.5}},
+                               {"method": "sparsify", "options": {"sparsity": 0.5}}],
 }
 
 
@@ -286,8 +356,12 @@ def test_compressed_model_saves_and_loads_exactly(family, stack, tokenizer, exam
             assert layer.bits == 4 and layer.nnz == mask.numel() // 2
             assert (mask.reshape(mask.shape[0], -1, 4).sum(dim=2) == 2).all()
             assert not layer.dense_weight()[~mask].any()
-    if stack == "quantize_then_prune":
+    if stack in ("quantize_then_prune", "smoothquant_then_prune"):
         assert all(q.nnz is not None and q.scheme == "dynamic" for q in quantized.values())
+    if stack.startswith("smoothquant"):
+        assert all(q.smoothed and q.input_scale is not None and not torch.equal(q.input_scale,
+                                                                                   torch.ones_like(q.input_scale))
+                   for q in quantized.values())
 
     expected = logits(model, tokenizer)
     lmcompress.save(model, tmp_path / "out", tokenizer, recipe)
@@ -324,20 +398,22 @@ def test_sparse_mask_survives_quantization_exactly(tiny_bert, tokenizer, example
         assert layer.codes.numel() == math.ceil(int(mask.sum()) / 2)   # only the kept codes are stored
 
 
-def test_pruning_a_quantized_layer_keeps_its_grid(tiny_bert, tokenizer, examples):
-    recipe = Recipe.from_dict({"stages": [{"method": "quantize", "options": {"scheme": "weight_only", "bits": 4,
-                                                                             "group_size": 16}}],
-                               "calibration": CALIBRATION})
+@pytest.mark.parametrize("options", [{"scheme": "weight_only", "bits": 4, "group_size": 16},
+                                     {"scheme": "dynamic", "smooth": 0.5}], ids=["int4-g16", "int8-smoothed"])
+def test_pruning_a_quantized_layer_keeps_its_grid(tiny_bert, tokenizer, examples, options):
+    recipe = Recipe.from_dict({"stages": [{"method": "quantize", "options": options}], "calibration": CALIBRATION})
     lmcompress.compress(tiny_bert, recipe, tokenizer, examples, progress=False)
-    before = {n: (m.dense_weight(), m.scales.clone(), m.zeros.clone())
+    before = {n: (m.dense_weight(), m.scales.clone(), m.zeros, m.input_scale)
               for n, m in tiny_bert.named_modules() if isinstance(m, QuantizedLinear)}
     prune = Recipe.from_dict({"stages": [{"method": "sparsify", "options": {"sparsity": 0.5, "score": "wanda"}}],
                               "calibration": CALIBRATION})
     lmcompress.compress(tiny_bert, prune, tokenizer, examples, progress=False)
-    for name, (weight, scales, zeros) in before.items():
+    for name, (weight, scales, zeros, input_scale) in before.items():
         layer = tiny_bert.get_submodule(name)
-        assert isinstance(layer, QuantizedLinear) and layer.bits == 4 and layer.group_size == 16
-        assert torch.equal(layer.scales, scales) and torch.equal(layer.zeros, zeros)
+        assert isinstance(layer, QuantizedLinear) and layer.bits == options.get("bits", 8)
+        assert layer.group_size == options.get("group_size") and torch.equal(layer.scales, scales)
+        assert (zeros is None and layer.zeros is None) or torch.equal(layer.zeros, zeros)
+        assert (input_scale is None and layer.input_scale is None) or torch.equal(layer.input_scale, input_scale)
         mask = layer.sparsity_mask()
         assert abs(float(mask.float().mean()) - 0.5) <= 1 / layer.in_features
         new = layer.dense_weight()
@@ -398,6 +474,8 @@ def assert_one_line(err: pytest.ExceptionInfo) -> None:
     ({"scheme": "int2"}, "scheme"),
     ({"algorithm": "awq"}, "algorithm"),
     ({"bits": 8, "keep": 0.5}, "keep"),
+    ({"scheme": "weight_only", "smooth": 0.5}, "smooth evens out"),
+    ({"smooth": 1.5}, "less than or equal to 1"),
 ])
 def test_bad_quantize_options_are_one_line(options, message):
     with pytest.raises(RecipeError, match=message) as err:

@@ -3,6 +3,13 @@
 - `scheme: dynamic` (default): int8 weights per output row, activations quantized on the fly by PyTorch's
   fbgemm kernel; the CPU speed path.
 - `scheme: weight_only`: int8 or int4 codes, per row or per `group_size` inputs; bytes, not speed.
+- `smooth: A` (scheme dynamic; SmoothQuant, Xiao et al. 2022): per input feature j, s_j = max|x_j|^A /
+  max|W_:j|^(1-A) from the calibration activations; the layer stores W diag(s) and multiplies its input by 1/s.
+  The dynamic kernel quantizes each activation tensor with one scale, so a few outlier features (BERT-class
+  encoders have some in every block) coarsen the grid for all the others; dividing them down and folding the
+  factor into the per-row weight grid evens that out. The 1/s multiply is done by the layer (an element-wise
+  pass over the input), not folded into the previous LayerNorm: in post-LN encoders that LayerNorm also feeds
+  the residual, which the fold would change.
 - `algorithm: gptq` compensates each column's rounding error on the columns not yet rounded, through the
   inverse of the layer's input second moment X^T X (what calibration already collects), so it runs with
   the engine's sequential calibration like any data-aware method.
@@ -42,6 +49,9 @@ class QuantizeConfig(MethodConfig):
     damp: float = Field(default=0.01, gt=0, description="GPTQ: ridge on X^T X relative to its mean diagonal")
     block_size: int = Field(default=128, ge=1, description="GPTQ: columns per lazy-update block")
     act_order: bool = Field(default=False, description="GPTQ: round columns by decreasing input energy")
+    smooth: float | None = Field(default=None, ge=0, le=1, description="SmoothQuant migration strength (0..1; "
+                                                                        "0.5 is the paper's default) for scheme="
+                                                                        "dynamic; default: off")
 
     @model_validator(mode="after")
     def _consistent(self) -> QuantizeConfig:
@@ -50,11 +60,29 @@ class QuantizeConfig(MethodConfig):
         if self.scheme == "dynamic" and (self.bits != 8 or self.group_size is not None or self.symmetric is False):
             raise ValueError("scheme=dynamic runs PyTorch's int8 kernels: bits=8, no group_size, symmetric; "
                              "use scheme=weight_only for 4 bits or groups")
+        if self.smooth is not None and self.scheme != "dynamic":
+            raise ValueError("smooth evens out the activations that scheme=dynamic quantizes; weight_only keeps "
+                             "activations in float")
         return self
 
     def grid(self) -> GridSpec:
         symmetric = self.symmetric if self.symmetric is not None else self.bits == 8
         return GridSpec(self.bits, self.group_size, symmetric)
+
+
+def smoothing_factors(name: str, weight: torch.Tensor, stats: LayerStats | None, strength: float) -> torch.Tensor:
+    """SmoothQuant's s_j = max|x_j|^a / max|W_:j|^(1-a) per input feature j (float32, on the weight's device);
+    features never active on the calibration data, or with an all-zero column, keep s = 1."""
+    if stats is None or stats.summary is None or stats.summary.max_abs is None:
+        raise CalibrationError(f"{name}: smooth needs calibration statistics (the activations' range)")
+    activation = stats.summary.max_abs.to(device=weight.device, dtype=torch.float32)
+    if not torch.isfinite(activation).all():
+        raise CalibrationError(f"{name}: the calibration activations hold NaN or inf; smooth cannot size its factors")
+    column = weight.detach().abs().amax(0).float()
+    usable = (activation > 0) & (column > 0)
+    factors = torch.ones_like(column)
+    factors[usable] = activation[usable] ** strength / column[usable] ** (1 - strength)
+    return factors.clamp(min=1e-5, max=1e5)
 
 
 # tables that become a QuantizedEmbedding (an EmbeddingBag is a DAN student's table: its owner averages the rows)
@@ -70,7 +98,8 @@ class Quantize(Method):
         return is_dense_linear(module) or isinstance(module, (SparseLinear, *EMBEDDINGS))
 
     def needs_for(self, config: QuantizeConfig) -> frozenset[str]:
-        return frozenset({"gram"}) if config.algorithm == "gptq" else frozenset()
+        needs = {"gram"} if config.algorithm == "gptq" else set()
+        return frozenset(needs | ({"summary"} if config.smooth is not None else set()))
 
     def sized_by_budget(self, config: QuantizeConfig) -> None:
         raise RecipeError("method 'quantize' is sized by bits and group_size, not by a stage budget")
@@ -106,17 +135,27 @@ class Quantize(Method):
                                **approximation_errors(layer.weight.detach(), new.dense_weight(), None)})
         mask = layer.sparsity_mask() if isinstance(layer, SparseLinear) else None
         kind = layer.dense_kind if isinstance(layer, SparseLinear) else dense_kind(layer)
-        weight = weight_out_in(layer).detach()
+        original = weight_out_in(layer).detach()
         bias = layer.bias.detach() if layer.bias is not None else None
+        factors = smoothing_factors(name, original, stats, config.smooth) if config.smooth is not None else None
+        # smoothed: W diag(s) in float32 (s rounded to a half-precision model's dtype would skew every column)
+        weight = original if factors is None else original.float() * factors.to(original.device)
+        input_scale = None if factors is None else 1 / factors
         if config.algorithm == "gptq":
             if stats is None or stats.gram is None:
                 raise CalibrationError(f"{name}: gptq needs calibration statistics (X^T X)")
-            result = obs_pass(weight.to(torch.float64), stats.second_moment, spec=spec, mask=mask, damp=config.damp,
-                           block_size=config.block_size, act_order=config.act_order)
+            moment = stats.second_moment
+            if factors is not None:   # the smoothed layer sees x / s: its second moment is diag(1/s) M diag(1/s)
+                inverse = input_scale.to(moment)
+                moment = moment * inverse[:, None] * inverse[None, :]
+            result = obs_pass(weight.to(torch.float64), moment, spec=spec, mask=mask, damp=config.damp,
+                              block_size=config.block_size, act_order=config.act_order)
             new = QuantizedLinear.from_weight(result.weight.to(weight.dtype), bias, spec, config.scheme, kind, mask,
-                                              result.scales, result.zeros)
+                                              result.scales, result.zeros, input_scale=input_scale)
         else:
-            new = QuantizedLinear.from_weight(weight, bias, spec, config.scheme, kind, mask)
+            new = QuantizedLinear.from_weight(weight, bias, spec, config.scheme, kind, mask, input_scale=input_scale)
         count = weight.numel() if mask is None else int(mask.sum())
-        metrics = {"bits": spec.bits, **approximation_errors(weight, new.dense_weight().to(weight.dtype), stats)}
+        metrics = {"bits": spec.bits, **approximation_errors(original, new.dense_weight().to(original.dtype), stats)}
+        if factors is not None:
+            metrics["smooth_max_factor"] = float(factors.max())
         return LayerResult(new, count, count, metrics=metrics)

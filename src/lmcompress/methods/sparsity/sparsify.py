@@ -118,8 +118,10 @@ class Sparsify(Method):
         new_weight = new_weight.to(weight.dtype)
         bias = layer.bias.detach() if layer.bias is not None else None
         if isinstance(layer, QuantizedLinear):  # stay on the layer's own grid; 0 is on every grid
-            new = QuantizedLinear.from_weight(new_weight, bias, layer.spec, layer.scheme, layer.dense_kind,
-                                              mask, layer.scales, layer.zeros)
+            scale = layer.input_scale           # smoothed: the grid is the stored weight's, W diag(1 / scale)
+            stored = new_weight if scale is None else new_weight / scale.to(new_weight)
+            new = QuantizedLinear.from_weight(stored, bias, layer.spec, layer.scheme, layer.dense_kind,
+                                              mask, layer.scales, layer.zeros, input_scale=scale)
         else:
             new = SparseLinear.from_weight(new_weight, mask, bias, dense_kind(layer))
         kept = int(mask.sum())
