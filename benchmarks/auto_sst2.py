@@ -36,6 +36,7 @@ from common import ROOT, SHARED_GLUE, finetuned_model, finetuned_path, load_rows
 
 import lmcompress
 from lmcompress.auto.entry import AutoArgs, run_auto
+from lmcompress.auto.search import _key as result_key
 from lmcompress.engine.pipeline import compress
 from lmcompress.engine.recipe import Recipe
 from lmcompress.entrypoints.arguments import DataArgs, OutputArgs
@@ -163,13 +164,12 @@ def one_seed(seed, args, dense, tokenizer, teacher_dir, glue, train, dev, task, 
 
 
 def confirmation_drop(report: dict, chosen) -> float | None:
-    """The chosen model's drop on auto's confirmation split, as front.json keys it (chain name | distill s); for
+    """The chosen model's drop on auto's confirmation split, keyed as front.json keys it; for
     an answer with exits, the exit step's own confirmation score."""
     exits = report["final"].get("exits") or {}
     if exits.get("kept"):
         return exits.get("confirmation", {}).get("drop")
-    key = f"{chosen.chain.name}|{round(chosen.distill_s)}"
-    return report["final"]["confirmation"].get(key, {}).get("drop")
+    return report["final"]["confirmation"].get(result_key(chosen), {}).get("drop")
 
 
 def write_report(out: Path, rows: list[dict], started: float, args, dev_size: int) -> str:
