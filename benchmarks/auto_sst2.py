@@ -26,6 +26,7 @@ import argparse
 import copy
 import json
 import logging
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -62,6 +63,9 @@ def main() -> None:
     parser.add_argument("--max-drop", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--early-exit", action="store_true", help="auto --early-exit")
+    parser.add_argument("--holdout", type=int, default=0,
+                        help="auto --holdout: N training examples the teacher never saw (its fine-tuning sample "
+                             "shrinks to leave N where the split is too small for both), as a GLUE folder in --cache")
     parser.add_argument("--no-hand", action="store_true",
                         help="skip the hand recipe (its rows depend only on the wall time, not on auto's code)")
     parser.add_argument("--work", default=None, help="where auto's output folders go (default: a temporary folder)")
@@ -76,21 +80,44 @@ def main() -> None:
     glue = str(SHARED_GLUE / folder)
     train = load_examples(task, glue, "train")
     dev = load_examples(task, glue, "dev")
+    train_samples = min(train_samples, len(train) - args.holdout)
     dense, tokenizer = finetuned_model(task, train, train_samples, 0, Path(args.cache), epochs)
     dense.eval()
     teacher_dir = finetuned_path(task, train_samples, 0, Path(args.cache), epochs)
+    args.teacher_samples = train_samples
+    args.holdout_dir = (unseen_folder(glue, train, train_samples, args.holdout, Path(args.cache), task)
+                        if args.holdout else None)
     out = Path(args.out)
     rows = load_rows(out)
     work = Path(args.work or tempfile.mkdtemp(prefix="lmc-auto-bench-"))
     for seed in args.seeds:
         if any(r["seed"] == seed and r["minutes"] == args.minutes and r.get("confirm_size") == AutoArgs.confirm_size
-               and r.get("early_exit", False) == args.early_exit
+               and r.get("early_exit", False) == args.early_exit and r.get("holdout", 0) == args.holdout
                for r in rows):   # rows from before the confirmation split stay beside the new ones
             continue
         rows.append(one_seed(seed, args, dense, tokenizer, teacher_dir, glue, train, dev, task, work))
         save_rows(out, rows)
         write_report(out, rows, started, args, len(dev))
     print(write_report(out, rows, started, args, len(dev)))
+
+
+def unseen_folder(glue: str, train, teacher_samples: int, count: int, cache: Path, task) -> str:
+    """A GLUE folder whose train.tsv holds `count` training rows the teacher was not fine-tuned on: the rows
+    `finetune` did not draw (`Examples.take(teacher_samples, seed=0)`, as `common.finetuned_model` calls it),
+    copied line for line from the original file so every column reads the same."""
+    drawn = set(random.Random(0).sample(range(len(train)), teacher_samples)) if teacher_samples < len(train) else set()
+    unseen = [i for i in range(len(train)) if i not in drawn]
+    if len(unseen) < count:
+        raise SystemExit(f"--holdout {count}: only {len(unseen)} training examples are unseen by the teacher")
+    keep = sorted(random.Random(0).sample(unseen, count))
+    lines = (Path(glue) / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    folder = cache / f"holdout-{task.name}-{teacher_samples}-{count}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.tsv").write_text(lines[0] + "".join(lines[i + 1] for i in keep), encoding="utf-8")
+    held = load_examples(task, str(folder), "train")
+    if held.texts != [train.texts[i] for i in keep]:   # a row that spans lines would shift every index after it
+        raise SystemExit(f"{folder}: the copied rows do not read back as the examples they were drawn as")
+    return str(folder)
 
 
 def accuracy(model, tokenizer, dev, task) -> float:
@@ -125,7 +152,7 @@ def one_seed(seed, args, dense, tokenizer, teacher_dir, glue, train, dev, task, 
     outcome = run_auto(AutoArgs(OutputArgs(str(auto_out), overwrite=True), str(teacher_dir),
                                 DataArgs(task=args.task, data=glue), args.max_drop, "latency", BATCH, SEQ,
                                 f"{args.minutes:g}m", seed=seed, command=f"(benchmark) auto --time {args.minutes:g}m",
-                                early_exit=args.early_exit))
+                                early_exit=args.early_exit, holdout=args.holdout_dir))
     auto_s = time.perf_counter() - start
     chosen = lmcompress.load(auto_out / "model")
     chosen.eval()
@@ -148,7 +175,8 @@ def one_seed(seed, args, dense, tokenizer, teacher_dir, glue, train, dev, task, 
            "candidates": len(report["candidates"]), "auto_guard_drop": report["final"]["chosen"]["drop"],
            "auto_guard_se": report["final"]["chosen"]["se"], "confirm_size": AutoArgs.confirm_size,
            "auto_confirm_drop": confirmation_drop(report, outcome.chosen),
-           "early_exit": args.early_exit, "exits": (report["final"].get("exits") or {}).get("reason")}
+           "early_exit": args.early_exit, "holdout": args.holdout, "teacher_samples": args.teacher_samples,
+           "exits": (report["final"].get("exits") or {}).get("reason")}
     for name in models:
         row[f"{name}_acc"] = round(dev_acc[name], 2)
         row[f"{name}_ms"] = round(ms[name], 2)
@@ -174,7 +202,8 @@ def confirmation_drop(report: dict, chosen) -> float | None:
 
 def write_report(out: Path, rows: list[dict], started: float, args, dev_size: int) -> str:
     folder, train_samples, epochs = TASKS[args.task]
-    columns = [("minutes", "--time min"), ("seed", "seed"), ("confirm_size", "confirmation split"),
+    columns = [("minutes", "--time min"), ("seed", "seed"), ("teacher_samples", "teacher's examples"),
+               ("holdout", "--holdout"), ("confirm_size", "confirmation split"),
                ("early_exit", "--early-exit"),
                ("auto_chain", "auto's answer"),
                ("auto_distill_s", "distilled s"), ("candidates", "candidates scored"), ("auto_s", "auto wall s"),
@@ -187,8 +216,10 @@ def write_report(out: Path, rows: list[dict], started: float, args, dev_size: in
     table = markdown_table(rows, columns)
     text = (f"# `lmcompress auto` on {folder} against the best hand recipe at the same wall time\n\n"
             f"{made_by(started)}\n\n"
-            f"Teacher: all-MiniLM-L6-v2 fine-tuned on {train_samples} {folder} training examples for {epochs:g} "
-            f"epochs (seed 0, cached). *auto*: `run_auto` with `--max-drop {args.max_drop:g} --target latency "
+            f"Teacher: all-MiniLM-L6-v2 fine-tuned on {train_samples} {folder} training examples (a seeded draw; "
+            f"fewer where a row says so) for {epochs:g} epochs (seed 0, cached). *--holdout*: auto's guard and "
+            "confirmation splits come from that many training examples the teacher never saw (empty or 0: from "
+            "the training split, in-sample). *auto*: `run_auto` with `--max-drop {args.max_drop:g} --target latency "
             f"--batch-size {BATCH} --seq-len {SEQ} --time N`; *seed* is auto's data-split seed (guard, calibration "
             "and distillation samples). *hand*: prune to 40% of FLOPs (Fisher, least-squares refit; 512 calibration "
             "examples) -> distil for the rest of auto's wall time -> int8 dynamic (docs/distillation.md's best fast "

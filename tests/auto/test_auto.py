@@ -133,6 +133,47 @@ def test_finalists_that_fail_the_confirmation_split_are_not_the_answer(fake_tabl
     assert "lost more than the limit on the confirmation split" in report
 
 
+def test_the_guard_and_confirmation_come_from_the_holdout(fake_table, tiny, tmp_path, monkeypatch):
+    """With --holdout, every example the search and the confirmation score is one the model never trained on."""
+    holdout_texts = [f"{s} {w}" for w in ("unseen", "elsewhere", "later", "anew") for s in SENTENCES]
+    holdout = write_sentiment_csv(tmp_path / "holdout.csv", holdout_texts)
+    scored: dict[str, set] = {}
+    real_init = Guard.__init__
+
+    def spy(self, task, examples, *args, **kwargs):
+        real_init(self, task, examples, *args, **kwargs)
+        scored.setdefault(self.name, set()).update(examples.texts)
+
+    monkeypatch.setattr(Guard, "__init__", spy)
+    out = tmp_path / "out"
+    assert run(tiny, out, "--time", "30s", "--max-drop", "5", "--holdout", str(holdout),
+               "--guard-size", "30", "--confirm-size", "20") == 0
+    assert set(scored) == {"guard", "confirmation", "dev"}
+    assert scored["guard"] <= set(holdout_texts) and scored["confirmation"] <= set(holdout_texts)
+    assert not scored["guard"] & scored["confirmation"]
+    # 4 x len(SENTENCES) examples, fewer than 30 + 20: shared in proportion 3:2
+    total = len(holdout_texts)
+    assert len(scored["confirmation"]) == round(total * 20 / 50) and len(scored["guard"]) == total - round(total * 0.4)
+    assert "--holdout" in (out / "report.md").read_text()
+
+
+def test_a_holdout_that_overlaps_the_training_split_is_named(tiny, tmp_path, caplog):
+    from lmcompress.auto.entry import AutoArgs, _holdout_splits
+    from lmcompress.entrypoints.arguments import DataArgs, OutputArgs
+    from lmcompress.io.models import load_model
+    from lmcompress.tasks import get_task, load_examples
+
+    model_dir, data = tiny
+    args = AutoArgs(OutputArgs(str(tmp_path / "out")), str(model_dir),
+                    DataArgs(task="text-classification", data=str(data), text_column="text", label_column="label"),
+                    guard_size=40, confirm_size=10, holdout=str(data))
+    train = load_examples(get_task("text-classification", text_column="text", label_column="label"), data, "train")
+    with caplog.at_level("WARNING", logger="lmcompress.auto"):
+        guard, confirmation = _holdout_splits(args, load_model(str(model_dir))[0], train)
+    assert (len(guard), len(confirmation)) == (40, 10)   # enough examples: the sizes asked for
+    assert f"{len(train)} of the {len(train)} --holdout examples are also in the training split" in caplog.text
+
+
 @pytest.mark.parametrize("exits_speed", [0.5, 1.0])
 def test_early_exit_is_kept_only_when_it_is_faster_on_real_text(fake_table, tiny, tmp_path, monkeypatch,
                                                                 exits_speed):
@@ -202,10 +243,14 @@ def test_an_interrupted_search_leaves_the_best_model_so_far(fake_table, tiny, tm
     (["--data", "/nonexistent/data.csv"], "data.csv"),
     (["--time", "0.01s"], "too short"),
     (["--confirm-size", "5"], "--confirm-size must be 0"),
+    (["--holdout", "/nonexistent/holdout.csv"], "--holdout /nonexistent/holdout.csv does not exist"),
+    (["--holdout", "SMALL"], "--holdout has 6 examples; it needs at least 20"),
 ])
 def test_bad_arguments_fail_in_one_line_and_write_nothing(fake_table, tiny, tmp_path, capsys, extra, message):
     out = tmp_path / "out"
     args = extra if "--time" in extra else ["--time", "20s", *extra]
+    if "SMALL" in args:
+        args[args.index("SMALL")] = str(write_sentiment_csv(tmp_path / "small.csv", SENTENCES[:6]))
     assert run(tiny, out, *args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err

@@ -89,7 +89,7 @@ def confirm(search: Search, dev_examples: Any, repeats: int, confirmation: Any =
         with_exits, final.exits = add_exits(search, chosen, exit_train_s, confirmation, scorer, seed)
         if with_exits is not None:
             final.static, final.chosen = chosen, with_exits
-    dev = Guard(ctx.task, dev_examples, ctx.tokenizer, ctx.max_length)
+    dev = Guard(ctx.task, dev_examples, ctx.tokenizer, ctx.max_length, name="dev")
     for key in dict.fromkeys(["dense|0", "int8|0", _key(chosen), _key(final.chosen)]):
         if key in search.models:
             final.dev[key] = dev.metric(dev.predictions(search.models[key]))

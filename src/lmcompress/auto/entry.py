@@ -46,6 +46,8 @@ class AutoArgs:
     progress: bool = True
     confirm_size: int = 1000                 # a second held-out split the finalists must pass (0: none)
     early_exit: bool = False                 # try exit heads on the answer, timed on real text (auto/exits.py)
+    holdout: str | None = None               # labelled examples the model never trained on: the guard and
+                                             # confirmation splits come from them, not from the training split
 
 
 @dataclass
@@ -91,6 +93,9 @@ def check_args(args: AutoArgs) -> float:
         if budget < reserve + 10:
             raise LMCompressError(f"--time {args.time} is too short for --early-exit, which keeps {reserve:.0f}s "
                                   f"of it for the exits; give at least {reserve + 10:.0f}s")
+    if args.holdout is not None and not str(args.holdout).startswith("hf:") \
+            and not Path(args.holdout).expanduser().exists():
+        raise DataError(f"--holdout {args.holdout} does not exist")
     _check_out(Path(args.out.path), args.out.overwrite)
     return budget
 
@@ -119,7 +124,8 @@ def _clear(out: Path) -> None:
 def _splits(args: AutoArgs, model):
     """(task, guard, confirmation, calibration, distillation train, distillation held-out, dev): the guard, the
     confirmation split (None when --confirm-size is 0) and the distillation held-out are drawn from the training
-    split, in that order; dev is the data's dev split, or a share of a single file that nothing else sees."""
+    split, in that order (the first two from --holdout when given); dev is the data's dev split, or a share of a
+    single file that nothing else sees."""
     from lmcompress.entrypoints.data import task_and_examples
     from lmcompress.sweep.point import one_source
     from lmcompress.training.distillation import split_heldout
@@ -134,15 +140,46 @@ def _splits(args: AutoArgs, model):
     if len(train) < MIN_TRAIN:
         raise DataError(f"--data has {len(train)} training examples; auto needs at least {MIN_TRAIN} (a guard split "
                         "and distillation data)")
-    rest, guard = split_heldout(train, 0.2, args.seed, at_most=args.guard_size)
-    confirmation = None
-    if args.confirm_size:
-        rest, confirmation = split_heldout(rest, 0.2, args.seed + 2, at_most=args.confirm_size)
+    if args.holdout is not None:
+        rest = train
+        guard, confirmation = _holdout_splits(args, model, train)
+    else:
+        rest, guard = split_heldout(train, 0.2, args.seed, at_most=args.guard_size)
+        confirmation = None
+        if args.confirm_size:
+            rest, confirmation = split_heldout(rest, 0.2, args.seed + 2, at_most=args.confirm_size)
     if args.max_train_samples is not None:
         rest = rest.take(args.max_train_samples, seed=args.seed)
     distill_train, distill_heldout = split_heldout(rest, 0.1, args.seed, at_most=256)
     calibration = rest.take(args.calib_samples, seed=args.seed)
     return task, guard, confirmation, calibration, distill_train, distill_heldout, dev
+
+
+def _holdout_splits(args: AutoArgs, model, train):
+    """(guard, confirmation) from --holdout: the guard takes up to --guard-size examples and the confirmation up
+    to --confirm-size; a smaller holdout is shared in proportion to the two sizes. Why a holdout at all: a model
+    fine-tuned on the whole training split scores higher on any part of it than on new text, and its compressed
+    versions lose that advantage, so a guard drawn from it overstates every drop (docs/auto.md)."""
+    from lmcompress.entrypoints.data import task_and_examples
+    from lmcompress.training.distillation import split_heldout
+
+    _, held = task_and_examples(args.data, "train", model, source=args.holdout)
+    count, wanted = len(held), args.guard_size + args.confirm_size
+    confirm_n = args.confirm_size if count >= wanted else round(count * args.confirm_size / wanted)
+    if count - confirm_n < 10 or (args.confirm_size and confirm_n < 10):
+        need = 10 + (10 if args.confirm_size else 0)
+        raise DataError(f"--holdout has {count} examples; it needs at least {need} (10 for the guard"
+                        + (", 10 for the confirmation split; or pass --confirm-size 0)" if args.confirm_size else ")"))
+    seen = set(zip(train.texts, train.text_pairs or [None] * len(train), strict=True))
+    shared = sum(pair in seen for pair in zip(held.texts, held.text_pairs or [None] * count, strict=True))
+    if shared:
+        log.warning("auto: %d of the %d --holdout examples are also in the training split; a guard the model was "
+                    "trained on overstates drops", shared, count)
+    confirmation = None
+    if confirm_n:
+        held, confirmation = split_heldout(held, confirm_n / count, args.seed + 2, at_most=confirm_n)
+    guard = held.take(args.guard_size, seed=args.seed)
+    return guard, confirmation
 
 
 def environment() -> str:
@@ -185,6 +222,8 @@ def run_auto(args: AutoArgs) -> AutoOutcome:
                       True, {"samples": args.calib_samples, "batch_size": 32,
                                                         "max_length": min(64, max_length), "seed": args.seed},
                       max_length)
+        if args.holdout is not None:
+            ctx.guard_source = "a guard split of --holdout (examples the model never trained on)"
     # the time left for the end: dev (3 models) and the confirmation split (dense and up to a few finalists),
     # and the early-exit step when asked
     exit_train_s, exit_reserve_s = exit_seconds(budget) if args.early_exit else (None, 0.0)

@@ -43,8 +43,8 @@ def write_report(out: Path, search: Search, final: Final | None, header: dict[st
     lines = [f"# lmcompress auto: {header['model']} on {header['task']}", ""]
     if header.get("command"):
         lines += [f"Made by `{header['command']}` ({header['environment']}).", ""]
-    lines += [f"Target: the lowest {_target_text(search)}, with the {metric} on a held-out guard split of the "
-              f"training data ({len(ctx.guard.examples)} examples) at most {fmt(ctx.max_drop)} points below dense "
+    lines += [f"Target: the lowest {_target_text(search)}, with the {metric} on {ctx.guard_source} "
+              f"({len(ctx.guard.examples)} examples) at most {fmt(ctx.max_drop)} points below dense "
               f"(counting {fmt(ctx.z)} standard error of the drop). Time: {_clock(search.budget_s)} given, "
               f"{_clock(search.elapsed())} used; the search ended: {search.stopped or 'interrupted'}."
               + (f" The table predicted dense at {fmt(search.dense_cost)} ms; one timing of it measured "

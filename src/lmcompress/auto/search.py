@@ -87,6 +87,7 @@ class Context:
     labels: bool
     calibration_settings: dict[str, Any]
     max_length: int
+    guard_source: str = "a held-out guard split of the training data"   # for the report
 
 
 @contextlib.contextmanager

@@ -29,6 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--confirm-size", type=int, default=1000,
                    help="a second held-out split of the training data, scored only for the finalists: the answer "
                         "must keep its drop there within --max-drop too (default 1000; 0: no confirmation)")
+    p.add_argument("--holdout", default=None,
+                   help="labelled examples the model was never trained on (a file, or a source whose training "
+                        "split they are): the guard and confirmation splits come from them instead of the training "
+                        "split, which a model fine-tuned on it scores too well (docs/auto.md)")
     p.add_argument("--z", type=float, default=1.0,
                    help="standard errors of the guard drop counted against --max-drop (default 1; 0: the raw drop)")
     p.add_argument("--calib-samples", type=int, default=256, help="calibration examples per recipe (default 256)")
@@ -47,7 +51,8 @@ def run(args: argparse.Namespace) -> None:
     outcome = run_auto(AutoArgs(
         output_args(args), args.model, data_args(args), args.max_drop, args.target, args.batch_size, args.seq_len,
         args.time, args.guard_size, args.z, args.calib_samples, args.max_train_samples, args.repeats, args.seed,
-        "lmcompress " + shlex.join(args.argv), not args.quiet, args.confirm_size, args.early_exit))
+        "lmcompress " + shlex.join(args.argv), not args.quiet, args.confirm_size, args.early_exit,
+        args.holdout))
     chosen = outcome.chosen
     warning = "; dev BROKE the guard" if outcome.dev_broke_guard else ""
     print(f"chosen: {chosen.chain.name}" + (f", distilled {chosen.distill_s:.0f}s" if chosen.distill_s else "")
