@@ -125,6 +125,36 @@ def test_scores_receive_the_straight_through_gradient():
     assert bool((layer.scores.grad[mask == 0] != 0).any())   # pruned weights' scores still learn
 
 
+def test_a_layer_an_earlier_stage_pruned_starts_from_its_mask_and_computes_the_same():
+    torch.manual_seed(0)
+    original = nn.Linear(16, 8)
+    kept = torch.rand(8, 16) > 0.7
+    pruned = SparseLinear.from_weight(original.weight.detach() * 1.5, kept, original.bias.detach())  # "updated"
+    layer = MaskedLinear.from_sparse(pruned, original.weight.detach(), None, 1 - float(kept.float().mean()))
+    assert torch.equal(layer.mask(), kept)   # the scores reproduce the mask at its own sparsity
+    torch.testing.assert_close(layer.weight.detach()[~kept], original.weight.detach()[~kept])   # weights before
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(layer(x), pruned(x))
+    gap = layer.scores.detach()[kept].min() - layer.scores.detach()[~kept].max()
+    assert 0.8 < float(gap) < 1.0   # small enough for the straight-through gradient to swap weights
+
+
+def test_mask_training_after_sparsegpt_starts_from_its_masks_and_weights(tokenizer):
+    model = make_tiny_bert(tokenizer.vocab_size)
+    sparsegpt = {"method": "sparsify", "options": {"score": "sparsegpt", "sparsity": 0.8}}
+    start = make_tiny_bert(tokenizer.vocab_size)
+    run(start, tokenizer, [sparsegpt])
+    # rates too small to swap a weight or move one: the result is SparseGPT's model, masks and updated weights
+    options = {"sparsity": 0.8, "time": 2, "score_lr": 1e-9, "lr_global": 1e-12, **FAST}
+    summary = run(model, tokenizer, [sparsegpt, {"method": "mask_train", "options": options}])
+    assert summary.stages[1].report["reached_target"]   # the start is at the target, so it counts before any step
+    before, after = sparse_layers(start), sparse_layers(model)
+    assert set(after) == set(before) and len(after) == 12
+    for name, layer in after.items():
+        assert torch.equal(layer.sparsity_mask(), before[name].sparsity_mask())
+        torch.testing.assert_close(layer.values, before[name].values, atol=1e-6, rtol=0)
+
+
 def test_schedule_is_cubic_monotone_and_holds_after_the_ramp():
     fractions = [i / 100 for i in range(101)]
     values = [cubic_sparsity(f, 0.1, 0.9, 0.6) for f in fractions]
@@ -172,7 +202,8 @@ def test_language_model_objective_trains_a_causal_lm(tokenizer):
     ({"options": {"pattern": "4:2"}}, "N:M with 0 < N < M"),
     ({"options": {"sparsity": 0.5, "initial_sparsity": 0.7}}, "above the target"),
     ({"options": {"time": "soon"}}, "expected a duration"),
-    ({"options": {"init": "sparsegpt"}}, "init"),
+    ({"options": {"init": "sparsegpt"}}, "put a sparsify stage (score: sparsegpt) before mask_train"),
+    ({"options": {"init": "obs"}}, "init"),
     ({"budget": {"flops": 0.5}}, "a stage budget sizes structured masks"),
 ])
 def test_bad_options_are_one_line(stage, words):
@@ -189,3 +220,13 @@ def test_lm_objective_on_a_classifier_and_a_width_outside_the_pattern_are_refuse
             run(model, tokenizer, [{"method": "mask_train", "options": {"time": 0.5, **options}}])
         assert "\n" not in str(err.value) and words in str(err.value)
         assert not sparse_layers(model)
+
+
+def test_structured_masks_after_a_sparsify_stage_are_refused_in_one_line(tokenizer):
+    model = make_tiny_bert(tokenizer.vocab_size)
+    stages = [{"method": "sparsify", "options": {"score": "magnitude", "sparsity": 0.5}},
+              {"method": "mask_train", "options": {"structured": True, "time": 0.5, **FAST},
+               "budget": {"flops": 0.5}}]
+    with pytest.raises(LMCompressError) as err:
+        run(model, tokenizer, stages)
+    assert "\n" not in str(err.value) and "structured masks need dense layers" in str(err.value)

@@ -88,9 +88,23 @@ class MaskedLinear(nn.Module):
         self.weight = nn.Parameter(weight.clone())
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
         self.scores = nn.Parameter(scores.to(weight.dtype).clone())
-        self.pattern, self.sparsity, self.kind = pattern, sparsity, dense_kind(layer)
+        kind = getattr(layer, "dense_kind", None)   # a compressed layer records the kind it replaced
+        self.pattern, self.sparsity, self.kind = pattern, sparsity, kind if isinstance(kind, str) else dense_kind(layer)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self._mask: torch.Tensor | None = None
+
+    @classmethod
+    def from_sparse(cls, layer: SparseLinear, original: torch.Tensor | None, pattern: tuple[int, int] | None,
+                    sparsity: float) -> MaskedLinear:
+        """Start from a layer an earlier stage pruned (SparseGPT, Wanda): its mask and kept weights, the weights
+        before the recipe (`original`; zero without it) where it pruned, scores from the mask (`scores_from_mask`)."""
+        mask = layer.sparsity_mask()
+        masked = cls(layer, torch.zeros(mask.shape), pattern, sparsity)
+        with torch.no_grad():
+            if original is not None:
+                masked.weight.copy_(torch.where(mask, masked.weight, original.to(masked.weight)))
+            masked.scores.copy_(scores_from_mask(masked.weight, mask).to(masked.scores.dtype))
+        return masked
 
     def set_sparsity(self, sparsity: float) -> None:
         self.sparsity = sparsity
@@ -126,13 +140,20 @@ class MaskedLinear(nn.Module):
             self.weight.copy_(torch.where(mask, kept, original.to(self.weight)))
             if self.bias is not None and saved.bias is not None:
                 self.bias.copy_(saved.bias)
-            magnitude = normalised(self.weight.abs().float())
-            self.scores.copy_((magnitude + mask.float() * (float(magnitude.max()) + 1)).to(self.scores.dtype))
+            self.scores.copy_(scores_from_mask(self.weight, mask).to(self.scores.dtype))
         self._mask = None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, sparsity={self.sparsity:.3f}"
                 + (f", pattern={self.pattern[0]}:{self.pattern[1]}" if self.pattern else ""))
+
+
+def scores_from_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scores whose top-k at the mask's own sparsity is the mask: 1 plus a tenth of |w| / max |w| where it keeps,
+    that tenth alone where it prunes. The gap (at least 0.9) holds the mask at first, yet is small enough that
+    the straight-through gradient can swap a weight the loss keeps pushing (about 45 steps at `score_lr` 1e-2)."""
+    magnitude = weight.detach().abs().float()
+    return 0.1 * magnitude / magnitude.max().clamp_min(torch.finfo(torch.float32).tiny) + mask.float()
 
 
 def normalised(scores: torch.Tensor) -> torch.Tensor:

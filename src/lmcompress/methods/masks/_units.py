@@ -113,11 +113,11 @@ class UnitSchedule(TrainingHooks):
         self.total, self.allowed = total, allowed
         self.target = 1.0 - allowed / total   # the share of the targets' cost removed at the end
         self.calls, self.mask_sparsity = 0, None
-        self.sparsity = config.initial_sparsity
+        self.sparsity = config.initial_sparsity or 0.0
 
     def before_step(self, elapsed_s: float, budget_s: float) -> None:
         config = self.config
-        self.sparsity = cubic_sparsity(elapsed_s / budget_s, config.initial_sparsity, self.target, config.ramp)
+        self.sparsity = cubic_sparsity(elapsed_s / budget_s, config.initial_sparsity or 0.0, self.target, config.ramp)
         if refresh_due(self.calls, config.mask_every, self.mask_sparsity, self.sparsity, self.target):
             self.refresh(self.total * (1.0 - self.sparsity) if self.sparsity < self.target else self.allowed)
             self.mask_sparsity = self.sparsity

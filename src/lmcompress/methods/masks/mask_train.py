@@ -31,9 +31,10 @@ from torch import nn
 
 from lmcompress.calibration.collection import collect
 from lmcompress.core.families import shared_layers_refusal
-from lmcompress.core.linear import in_out_features, set_submodule, weight_out_in
+from lmcompress.core.linear import in_out_features, is_dense_linear, set_submodule, weight_out_in
 from lmcompress.errors import RecipeError
 from lmcompress.kernels.structured import pieces_of
+from lmcompress.layers.sparse import SparseLinear
 from lmcompress.methods.base import LayerResult, Method, MethodConfig, ModelResult, StageContext, register_method
 from lmcompress.methods.masks._masking import (
     MaskedLinear,
@@ -66,7 +67,9 @@ class MaskTrainConfig(DistillConfig, MethodConfig):
                                                         "params=F), removed at the end as prune removes them")
     heads: bool = Field(default=True, description="structured: mask attention heads (key/value groups)")
     neurons: bool = Field(default=True, description="structured: mask feed-forward neurons")
-    initial_sparsity: float = Field(default=0.0, ge=0, lt=1, description="sparsity at the start of the schedule")
+    initial_sparsity: float | None = Field(default=None, ge=0, lt=1, description="sparsity at the start of the "
+                                           "schedule (default: 0, or the targets' own when an earlier stage "
+                                           "pruned them)")
     ramp: float = Field(default=0.6, gt=0, le=1, description="share of the budget over which the sparsity rises "
                                                              "(cubic) to its target; held after")
     train_weights: bool = Field(default=True, description="train the kept weights with the scores (movement "
@@ -97,6 +100,14 @@ class MaskTrainConfig(DistillConfig, MethodConfig):
         except ValidationError as err:
             raise ValueError(err.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
+    @field_validator("init", mode="before")
+    @classmethod
+    def _init(cls, value: object) -> object:
+        if value == "sparsegpt":   # its weight update is part of the start, which a score cannot carry
+            raise ValueError("init sparsegpt: put a sparsify stage (score: sparsegpt) before mask_train; its masks "
+                             "and updated weights are then the start")
+        return value
+
     @model_validator(mode="after")
     def _sizes(self) -> MaskTrainConfig:
         if self.sparsity is not None and self.pattern is not None:
@@ -111,7 +122,7 @@ class MaskTrainConfig(DistillConfig, MethodConfig):
             return self
         if self.init in ("activation", "kcm"):
             raise ValueError(f"init {self.init} scores heads and neurons; it needs structured: true")
-        if self.initial_sparsity > self.target:
+        if self.initial_sparsity is not None and self.initial_sparsity > self.target:
             raise ValueError(f"initial_sparsity {self.initial_sparsity} is above the target {self.target:.4g}")
         return self
 
@@ -142,6 +153,10 @@ class MaskTrain(Method):
     config_class = MaskTrainConfig
     unit = "model"
     budget_metrics = ("params", "flops")   # structured masks only (see `sized_by_budget`)
+
+    def accepts(self, module: nn.Module) -> bool:
+        """Dense layers, and layers an earlier stage pruned (`sparsify`): their masks are the start."""
+        return is_dense_linear(module) or isinstance(module, SparseLinear)
 
     def needs_for(self, config: MaskTrainConfig) -> frozenset[str]:
         return frozenset({"labels"}) if config.needs_labels or config.init == "fisher" else frozenset()
@@ -181,10 +196,17 @@ class MaskTrain(Method):
                               "lmcompress.compress)")
         if config.structured:
             return self._structured(model, tokenizer, data, config, targets, context)
-        scores = initial_scores(model, targets, config, context)
-        masked = {name: MaskedLinear(layer, scores[name], config.nm, config.initial_sparsity)
+        pruned = {name for name, layer in targets.items() if isinstance(layer, SparseLinear)}
+        start = starting_sparsity(config, [targets[name] for name in pruned], len(targets))
+        scores = initial_scores(model, {n: t for n, t in targets.items() if n not in pruned}, config, context)
+        masked = {name: (MaskedLinear.from_sparse(layer, _original_weight(context.original, name, layer), config.nm,
+                                                  start)
+                         if name in pruned else MaskedLinear(layer, scores[name], config.nm, start))
                   for name, layer in targets.items()}
-        hooks = MaskSchedule(masked, config, context.original)
+        if pruned:
+            log.info("mask_train: %d of %d layers start from the masks an earlier stage chose (sparsity %.3g at the "
+                     "start)", len(pruned), len(targets), start)
+        hooks = MaskSchedule(masked, config, context.original, start)
         result = _train(model, tokenizer, data, config, context, masked, targets, hooks)
         layers = []
         for name, layer in masked.items():
@@ -200,7 +222,11 @@ class MaskTrain(Method):
         if context.budget is None:
             raise RecipeError("method 'mask_train': structured masks are sized by a stage budget; give one "
                               "(--budget flops=F or params=F)")
-        if config.initial_sparsity > 1 - context.budget.fraction:
+        sparse = [name for name, layer in targets.items() if isinstance(layer, SparseLinear)]
+        if sparse:
+            raise RecipeError(f"method 'mask_train': structured masks need dense layers, but {sparse[0]} was pruned "
+                              "by an earlier stage (put the structured stage first)")
+        if (config.initial_sparsity or 0.0) > 1 - context.budget.fraction:
             raise RecipeError(f"method 'mask_train': initial_sparsity {config.initial_sparsity} is above what the "
                               f"budget removes ({1 - context.budget.fraction:.4g} of the targets' "
                               f"{context.budget.metric})")
@@ -264,6 +290,33 @@ def _train(model: nn.Module, tokenizer: Any, data: Any, config: MaskTrainConfig,
         raise
 
 
+def starting_sparsity(config: MaskTrainConfig, pruned: list[SparseLinear], targets: int) -> float:
+    """Where the schedule starts: `initial_sparsity` when given; else the least sparse of the targets an earlier
+    stage pruned when every target was (rising from 0 would first let back weights that stage chose to drop, with
+    their old values, only to prune them again), capped at the target; else 0."""
+    if config.initial_sparsity is not None:
+        return config.initial_sparsity
+    if not pruned or len(pruned) < targets:
+        return 0.0
+    sizes = [layer.in_features * layer.out_features for layer in pruned]
+    sparsities = [1 - layer.nnz / size for layer, size in zip(pruned, sizes, strict=True)]
+    if all(abs(s - config.target) <= 1 / size for s, size in zip(sparsities, sizes, strict=True)):
+        return config.target   # pruned to the target, up to rounding to whole weights
+    return min(min(sparsities), config.target)
+
+
+def _original_weight(original: nn.Module, name: str, layer: nn.Module) -> torch.Tensor | None:
+    """The weight this layer had before the recipe, where the model then had a dense layer of its shape."""
+    try:
+        before = original.get_submodule(name)
+    except AttributeError:
+        return None
+    if not is_dense_linear(before):
+        return None
+    weight = weight_out_in(before).detach()
+    return weight if tuple(weight.shape) == (layer.out_features, layer.in_features) else None
+
+
 def initial_scores(model: nn.Module, targets: dict[str, nn.Module], config: MaskTrainConfig,
                    context: StageContext) -> dict[str, torch.Tensor]:
     """Per layer, the starting scores (float32, mean 1): |w|, |w| ||x_j|| or w^2 F, from the engine's one-shot
@@ -289,14 +342,15 @@ class MaskSchedule(TrainingHooks):
     """The anytime loop's hooks for mask training: the cubic schedule on the clock, mask refreshes, scores in their
     own optimizer group, the best chosen only at the target, checkpoints saved as `SparseLinear`."""
 
-    def __init__(self, layers: dict[str, MaskedLinear], config: MaskTrainConfig, original: nn.Module) -> None:
-        self.layers, self.config, self.original = layers, config, original
+    def __init__(self, layers: dict[str, MaskedLinear], config: MaskTrainConfig, original: nn.Module,
+                 start: float) -> None:
+        self.layers, self.config, self.original, self.start = layers, config, original, start
         self.calls, self.mask_sparsity = 0, None
-        self.sparsity = config.initial_sparsity
+        self.sparsity = start
 
     def before_step(self, elapsed_s: float, budget_s: float) -> None:
         config = self.config
-        self.sparsity = cubic_sparsity(elapsed_s / budget_s, config.initial_sparsity, config.target, config.ramp)
+        self.sparsity = cubic_sparsity(elapsed_s / budget_s, self.start, config.target, config.ramp)
         if refresh_due(self.calls, config.mask_every, self.mask_sparsity, self.sparsity, config.target):
             for layer in self.layers.values():
                 layer.set_sparsity(self.sparsity)
@@ -305,7 +359,9 @@ class MaskSchedule(TrainingHooks):
         self.calls += 1
 
     def selectable(self) -> bool:
-        return self.mask_sparsity == self.config.target
+        """At the target only; a start already there (an earlier stage's masks) is a candidate itself."""
+        shown = self.start if self.mask_sparsity is None else self.mask_sparsity
+        return shown == self.config.target
 
     def phase_started(self, phase: Any) -> None:
         train_scores(phase, self.layers, self.config)

@@ -1,0 +1,107 @@
+"""Which layers int8 dynamic hurts: int8 everywhere against int8 with one group of layers left in float, beside
+dense, on the cached fine-tuned MiniLMs (as smoothquant.py loads them): the task's metric on all dev examples and
+latency at batch 8 x 128 tokens, timed side by side.
+
+    flock /tmp/lmc-bench.lock python benchmarks/int8_mixed.py --runs stsb:0 sst2:0 cola:0
+        # -> docs/benchmarks/int8_mixed.{md,json}
+
+Why: PyTorch's dynamic int8 kernel quantizes each activation tensor with one scale, and BERT-class encoders carry
+a few outlier features, largest at the feed-forward output and the residual sum of the later blocks (Bondarenko et
+al. 2021). Left in float, those layers may keep most of the accuracy for a little of the speed. Settings are the
+`ignore` patterns of the quantize stage; each of the per-block rows leaves one block's feed-forward output in float.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import time
+from pathlib import Path
+
+import transformers
+from common import ROOT, SHARED_GLUE, finetuned_model, load_rows, made_by, save_rows
+from smoothquant import TASKS, score
+
+from lmcompress.engine.pipeline import compress
+from lmcompress.engine.recipe import Recipe
+from lmcompress.evaluation.efficiency import paired_latency
+from lmcompress.evaluation.results_table import markdown_table
+from lmcompress.tasks import get_task, load_examples
+
+BLOCKS = 6
+SETTINGS = {"int8": [], "FFN out float": [r"layer\.\d+\.output\.dense"],
+            "FFN in float": [r"intermediate\.dense"], "attention out float": [r"attention\.output\.dense"],
+            "q, k, v float": [r"attention\.self\."],
+            **{f"FFN out {k} float": [rf"layer\.{k}\.output\.dense"] for k in range(BLOCKS)}}
+TIMED = ("int8", "FFN out float", "FFN in float", "attention out float", "q, k, v float", f"FFN out {BLOCKS - 1} float")
+
+
+def one_run(run: str, cache: Path, repeats: int) -> list[dict]:
+    name, teacher_seed = run.split(":")
+    folder, samples, epochs = TASKS[name]
+    task = get_task(name)
+    train = load_examples(task, str(SHARED_GLUE / folder), "train")
+    dev = load_examples(task, str(SHARED_GLUE / folder), "dev")
+    dense, tokenizer = finetuned_model(task, train, samples, int(teacher_seed), cache, epochs)
+    dense.eval()
+    models = {"dense": dense}
+    for setting, ignore in SETTINGS.items():
+        model = copy.deepcopy(dense)
+        recipe = Recipe.from_dict({"stages": [{"method": "quantize", "options": {"scheme": "dynamic"},
+                                               "ignore": ignore}]})
+        compress(model, recipe, tokenizer, None, progress=False, timing=False)
+        models[setting] = model
+    scores = {setting: score(model, tokenizer, dev, task) for setting, model in models.items()}
+    timed = {s: models[s] for s in ("dense", *TIMED)}
+    timing = paired_latency(timed, batch_size=8, seq_len=128, repeats=repeats)
+    rows = []
+    for setting in models:
+        # the per-block rows share one shape, so the last block's timing stands for all of them
+        clock = timing.get(setting) or timing[f"FFN out {BLOCKS - 1} float"]
+        rows.append({"run": run, "task": name, "setting": setting, "metric": task.metric,
+                     "score": round(scores[setting], 2), "drop": round(scores["dense"] - scores[setting], 2),
+                     "ms_b8": round(clock["median_ms"], 2),
+                     "x_dense": round(timing["dense"]["median_ms"] / clock["median_ms"], 3)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def write_table(out: Path, rows: list[dict], started: float) -> None:
+    columns = [("run", "run"), ("setting", "setting"), ("metric", "metric"), ("score", "score"), ("drop", "drop"),
+               ("ms_b8", "ms, batch 8 x 128"), ("x_dense", "x dense")]
+    text = ["# int8 dynamic with one group of layers left in float", "", made_by(started), "",
+            " ".join(__doc__.split("\n\n")[2].split()), "",
+            "Runs are TASK:TEACHER_SEED (teachers as smoothquant.py caches them). Drop: dense minus the model on all "
+            "dev examples, points (accuracy, Pearson or Matthews x 100). Speed: median of paired rounds in "
+            "alternation, ratio to dense in the same rounds; the per-block rows are not timed one by one (one "
+            "layer of the same shape each), the last block's row stands for them.", "",
+            markdown_table(rows, columns), ""]
+    out.with_suffix(".md").write_text("\n".join(text))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", nargs="+", default=["stsb:0"])
+    parser.add_argument("--cache", default=str(ROOT / ".cache" / "benchmarks"))
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "int8_mixed"))
+    args = parser.parse_args()
+    started = time.perf_counter()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    transformers.logging.set_verbosity_error()
+    out = Path(args.out)
+    rows = load_rows(out)
+    for run in args.runs:
+        if run.split(":")[0] not in TASKS:
+            raise SystemExit(f"unknown task in run {run!r}: expected one of {', '.join(TASKS)}")
+        if any(r["run"] == run for r in rows):
+            continue
+        rows += one_run(run, Path(args.cache), args.repeats)
+        save_rows(out, rows)
+        write_table(out, rows, started)
+    write_table(out, rows, started)
+
+
+if __name__ == "__main__":
+    main()
