@@ -105,7 +105,8 @@ def unseen_folder(glue: str, train, teacher_samples: int, count: int, cache: Pat
     """A GLUE folder whose train.tsv holds `count` training rows the teacher was not fine-tuned on: the rows
     `finetune` did not draw (`Examples.take(teacher_samples, seed=0)`, as `common.finetuned_model` calls it),
     copied line for line from the original file so every column reads the same."""
-    drawn = set(random.Random(0).sample(range(len(train)), teacher_samples)) if teacher_samples < len(train) else set()
+    drawn = (set(random.Random(0).sample(range(len(train)), teacher_samples)) if teacher_samples < len(train)
+             else set(range(len(train))))
     unseen = [i for i in range(len(train)) if i not in drawn]
     if len(unseen) < count:
         raise SystemExit(f"--holdout {count}: only {len(unseen)} training examples are unseen by the teacher")

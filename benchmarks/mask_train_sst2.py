@@ -144,7 +144,7 @@ def main() -> None:
         teacher = cache / f"minilm-sst2-16000-seed{seed}"
         work = Path(args.work) / f"seed{seed}"
         work.mkdir(parents=True, exist_ok=True)
-        if ("-", "dense", seed) not in done:
+        if ("-", "dense", seed, None) not in done:
             rows.append({"sparsity": "-", "method": "dense", "seed": seed, "accuracy": dev_accuracy(teacher)})
             rows.append({"sparsity": "-", "method": "int8", "seed": seed,
                          "accuracy": int8_accuracy(seed, cache, work)})

@@ -157,21 +157,34 @@ def test_the_guard_and_confirmation_come_from_the_holdout(fake_table, tiny, tmp_
     assert "--holdout" in (out / "report.md").read_text()
 
 
-def test_a_holdout_that_overlaps_the_training_split_is_named(tiny, tmp_path, caplog):
+def test_training_examples_in_the_holdout_are_left_out_of_calibration_and_distillation(tiny, tmp_path):
     from lmcompress.auto.entry import AutoArgs, _holdout_splits
     from lmcompress.entrypoints.arguments import DataArgs, OutputArgs
+    from lmcompress.errors import DataError
     from lmcompress.io.models import load_model
     from lmcompress.tasks import get_task, load_examples
 
     model_dir, data = tiny
-    args = AutoArgs(OutputArgs(str(tmp_path / "out")), str(model_dir),
-                    DataArgs(task="text-classification", data=str(data), text_column="text", label_column="label"),
-                    guard_size=40, confirm_size=10, holdout=str(data))
-    train = load_examples(get_task("text-classification", text_column="text", label_column="label"), data, "train")
-    with caplog.at_level("WARNING", logger="lmcompress.auto"):
-        guard, confirmation = _holdout_splits(args, load_model(str(model_dir))[0], train)
+    model = load_model(str(model_dir))[0]
+    task = get_task("text-classification", text_column="text", label_column="label")
+    train = load_examples(task, data, "train")
+    unseen = [f"{s} unseen" for s in SENTENCES] * 5
+    holdout = write_sentiment_csv(tmp_path / "holdout.csv", train.texts[:30] + unseen)
+
+    def args(path, guard, confirm):
+        return AutoArgs(OutputArgs(str(tmp_path / "out")), str(model_dir),
+                        DataArgs(task="text-classification", data=str(data), text_column="text",
+                                 label_column="label"), guard_size=guard, confirm_size=confirm, holdout=str(path))
+
+    rest, guard, confirmation = _holdout_splits(args(holdout, 40, 10), model, train)
     assert (len(guard), len(confirmation)) == (40, 10)   # enough examples: the sizes asked for
-    assert f"{len(train)} of the {len(train)} --holdout examples are also in the training split" in caplog.text
+    assert len(rest) == len(train) - 30 and not set(rest.texts) & set(train.texts[:30])
+    # uneven sizes on a small holdout: the smaller split still gets its 10
+    rest, guard, confirmation = _holdout_splits(args(holdout, 1000, 50), model, train)
+    total = 30 + len(unseen)
+    assert (len(guard), len(confirmation)) == (total - 10, 10)
+    with pytest.raises(DataError, match="training examples outside --holdout"):
+        _holdout_splits(args(data, 40, 10), model, train)   # every training example is in it
 
 
 @pytest.mark.parametrize("exits_speed", [0.5, 1.0])

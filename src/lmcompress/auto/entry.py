@@ -141,8 +141,7 @@ def _splits(args: AutoArgs, model):
         raise DataError(f"--data has {len(train)} training examples; auto needs at least {MIN_TRAIN} (a guard split "
                         "and distillation data)")
     if args.holdout is not None:
-        rest = train
-        guard, confirmation = _holdout_splits(args, model, train)
+        rest, guard, confirmation = _holdout_splits(args, model, train)
     else:
         rest, guard = split_heldout(train, 0.2, args.seed, at_most=args.guard_size)
         confirmation = None
@@ -156,30 +155,38 @@ def _splits(args: AutoArgs, model):
 
 
 def _holdout_splits(args: AutoArgs, model, train):
-    """(guard, confirmation) from --holdout: the guard takes up to --guard-size examples and the confirmation up
-    to --confirm-size; a smaller holdout is shared in proportion to the two sizes. Why a holdout at all: a model
-    fine-tuned on the whole training split scores higher on any part of it than on new text, and its compressed
-    versions lose that advantage, so a guard drawn from it overstates every drop (docs/auto.md)."""
+    """(training examples left, guard, confirmation) with --holdout: the guard takes up to --guard-size of its
+    examples and the confirmation up to --confirm-size (a smaller holdout is shared in proportion to the two
+    sizes, at least 10 each); examples that are also in the training split are left out of it, so that no
+    student calibrates or distils on what guards it. Why a holdout at all: a model fine-tuned on the whole
+    training split scores higher on any part of it than on new text, and its compressed versions lose that
+    advantage, so a guard drawn from it overstates every drop (docs/auto.md)."""
     from lmcompress.entrypoints.data import task_and_examples
     from lmcompress.training.distillation import split_heldout
 
     _, held = task_and_examples(args.data, "train", model, source=args.holdout)
-    count, wanted = len(held), args.guard_size + args.confirm_size
-    confirm_n = args.confirm_size if count >= wanted else round(count * args.confirm_size / wanted)
-    if count - confirm_n < 10 or (args.confirm_size and confirm_n < 10):
-        need = 10 + (10 if args.confirm_size else 0)
+    count, guard_size, confirm_size = len(held), args.guard_size, args.confirm_size
+    need = 10 + (10 if confirm_size else 0)
+    if count < need:
         raise DataError(f"--holdout has {count} examples; it needs at least {need} (10 for the guard"
-                        + (", 10 for the confirmation split; or pass --confirm-size 0)" if args.confirm_size else ")"))
-    seen = set(zip(train.texts, train.text_pairs or [None] * len(train), strict=True))
-    shared = sum(pair in seen for pair in zip(held.texts, held.text_pairs or [None] * count, strict=True))
-    if shared:
-        log.warning("auto: %d of the %d --holdout examples are also in the training split; a guard the model was "
-                    "trained on overstates drops", shared, count)
+                        + (", 10 for the confirmation split; or pass --confirm-size 0)" if confirm_size else ")"))
+    confirm_n = confirm_size
+    if confirm_size and count < guard_size + confirm_size:
+        confirm_n = min(max(round(count * confirm_size / (guard_size + confirm_size)), 10), count - 10)
+    keys = set(zip(held.texts, held.text_pairs or [None] * count, strict=True))
+    keep = [i for i, key in enumerate(zip(train.texts, train.text_pairs or [None] * len(train), strict=True))
+            if key not in keys]
+    if len(keep) < len(train):
+        log.info("auto: %d training examples are also in --holdout; calibration and distillation leave them out",
+                 len(train) - len(keep))
+        train = train.select(keep)
+    if len(train) < MIN_TRAIN:
+        raise DataError(f"--data has {len(train)} training examples outside --holdout; auto needs at least "
+                        f"{MIN_TRAIN} (calibration and distillation data)")
     confirmation = None
     if confirm_n:
         held, confirmation = split_heldout(held, confirm_n / count, args.seed + 2, at_most=confirm_n)
-    guard = held.take(args.guard_size, seed=args.seed)
-    return guard, confirmation
+    return train, held.take(guard_size, seed=args.seed), confirmation
 
 
 def environment() -> str:

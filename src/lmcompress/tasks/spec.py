@@ -67,11 +67,15 @@ class Examples:
             keep = list(range(len(self)))
         else:
             keep = sorted(random.Random(seed).sample(range(len(self)), n))
-        pairs = None if self.text_pairs is None else [self.text_pairs[i] for i in keep]
+        return self.select(keep)
+
+    def select(self, indices: list[int]) -> Examples:
+        """The examples at `indices`, in that order."""
+        pairs = None if self.text_pairs is None else [self.text_pairs[i] for i in indices]
         return Examples(
-            texts=[self.texts[i] for i in keep],
+            texts=[self.texts[i] for i in indices],
             text_pairs=pairs,
-            labels=[self.labels[i] for i in keep],
+            labels=[self.labels[i] for i in indices],
             label_names=self.label_names,
         )
 

@@ -87,7 +87,7 @@ class MaskedLinear(nn.Module):
         weight = weight_out_in(layer).detach()
         self.weight = nn.Parameter(weight.clone())
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
-        self.scores = nn.Parameter(scores.to(weight.dtype).clone())
+        self.scores = nn.Parameter(scores.to(weight).clone())
         kind = getattr(layer, "dense_kind", None)   # a compressed layer records the kind it replaced
         self.pattern, self.sparsity, self.kind = pattern, sparsity, kind if isinstance(kind, str) else dense_kind(layer)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
@@ -99,7 +99,7 @@ class MaskedLinear(nn.Module):
         """Start from a layer an earlier stage pruned (SparseGPT, Wanda): its mask and kept weights, the weights
         before the recipe (`original`; zero without it) where it pruned, scores from the mask (`scores_from_mask`)."""
         mask = layer.sparsity_mask()
-        masked = cls(layer, torch.zeros(mask.shape), pattern, sparsity)
+        masked = cls(layer, torch.zeros(mask.shape, device=mask.device), pattern, sparsity)
         with torch.no_grad():
             if original is not None:
                 masked.weight.copy_(torch.where(mask, masked.weight, original.to(masked.weight)))
@@ -131,13 +131,14 @@ class MaskedLinear(nn.Module):
             bias = None if self.bias is None else self.bias.detach()
             return SparseLinear.from_weight(self.weight.detach() * mask, mask, bias, self.kind)
 
-    def load_sparse(self, saved: SparseLinear, original: torch.Tensor) -> None:
+    def load_sparse(self, saved: SparseLinear, original: torch.Tensor | None) -> None:
         """Take a saved layer back (resume): its kept weights, and for the pruned ones the weights before the
-        stage (`original`); scores put every kept weight above every pruned one, by magnitude within each set."""
+        recipe (`original`; zero without it); scores from the mask (`scores_from_mask`)."""
         with torch.no_grad():
             mask = saved.sparsity_mask().to(self.weight.device)
             kept = saved.dense_weight().to(self.weight)
-            self.weight.copy_(torch.where(mask, kept, original.to(self.weight)))
+            self.weight.copy_(torch.where(mask, kept, torch.zeros_like(kept) if original is None
+                                          else original.to(self.weight)))
             if self.bias is not None and saved.bias is not None:
                 self.bias.copy_(saved.bias)
             self.scores.copy_(scores_from_mask(self.weight, mask).to(self.scores.dtype))

@@ -52,6 +52,9 @@ from lmcompress.training.distillation import DistillConfig, TrainingHooks, parse
 from lmcompress.training.distillation.checkpoint import run_settings
 
 log = logging.getLogger("lmcompress")
+# an earlier stage's sparsity this close to the target counts as the target (sparsify rounds per row or per block of
+# columns, so a layer can be a few weights off); the first mask then trims or adds those few
+START_TOLERANCE = 0.01
 
 
 class MaskTrainConfig(DistillConfig, MethodConfig):
@@ -198,7 +201,8 @@ class MaskTrain(Method):
             return self._structured(model, tokenizer, data, config, targets, context)
         pruned = {name for name, layer in targets.items() if isinstance(layer, SparseLinear)}
         start = starting_sparsity(config, [targets[name] for name in pruned], len(targets))
-        scores = initial_scores(model, {n: t for n, t in targets.items() if n not in pruned}, config, context)
+        dense = {n: t for n, t in targets.items() if n not in pruned}
+        scores = initial_scores(model, dense, config, context) if dense else {}
         masked = {name: (MaskedLinear.from_sparse(layer, _original_weight(context.original, name, layer), config.nm,
                                                   start)
                          if name in pruned else MaskedLinear(layer, scores[name], config.nm, start))
@@ -214,7 +218,9 @@ class MaskTrain(Method):
             set_submodule(model, name, sparse)
             dense = layer.in_features * layer.out_features
             layers.append(LayerResult(sparse, dense, sparse.nnz, metrics={"density": sparse.nnz / dense}, name=name))
-        return ModelResult(layers, None, _report(result, hooks, config))
+        start_from = ("an earlier stage's masks" if len(pruned) == len(targets) else
+                      f"{config.init}, {len(pruned)} layers from an earlier stage's masks" if pruned else config.init)
+        return ModelResult(layers, None, _report(result, hooks, config, start_from))
 
     def _structured(self, model: nn.Module, tokenizer: Any, data: Any, config: MaskTrainConfig,
                     targets: dict[str, nn.Module], context: StageContext) -> ModelResult:
@@ -300,8 +306,8 @@ def starting_sparsity(config: MaskTrainConfig, pruned: list[SparseLinear], targe
         return 0.0
     sizes = [layer.in_features * layer.out_features for layer in pruned]
     sparsities = [1 - layer.nnz / size for layer, size in zip(pruned, sizes, strict=True)]
-    if all(abs(s - config.target) <= 1 / size for s, size in zip(sparsities, sizes, strict=True)):
-        return config.target   # pruned to the target, up to rounding to whole weights
+    if all(abs(s - config.target) <= max(START_TOLERANCE, 1 / size) for s, size in zip(sparsities, sizes, strict=True)):
+        return config.target   # pruned to the target, up to rounding per row or block of columns
     return min(min(sparsities), config.target)
 
 
@@ -359,9 +365,7 @@ class MaskSchedule(TrainingHooks):
         self.calls += 1
 
     def selectable(self) -> bool:
-        """At the target only; a start already there (an earlier stage's masks) is a candidate itself."""
-        shown = self.start if self.mask_sparsity is None else self.mask_sparsity
-        return shown == self.config.target
+        return self.mask_sparsity == self.config.target
 
     def phase_started(self, phase: Any) -> None:
         train_scores(phase, self.layers, self.config)
@@ -383,7 +387,7 @@ class MaskSchedule(TrainingHooks):
         if unexpected or any(not k.startswith(prefixes) for k in missing):
             raise RuntimeError("the saved best differs from the student")
         for name, layer in self.layers.items():
-            layer.load_sparse(saved.get_submodule(name), weight_out_in(self.original.get_submodule(name)).detach())
+            layer.load_sparse(saved.get_submodule(name), _original_weight(self.original, name, layer))
 
 
 def _causal_lm(model: nn.Module) -> bool:
@@ -391,18 +395,18 @@ def _causal_lm(model: nn.Module) -> bool:
     return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
 
 
-def _report(result: Any, hooks: MaskSchedule, config: MaskTrainConfig) -> dict[str, Any]:
+def _report(result: Any, hooks: MaskSchedule, config: MaskTrainConfig, start_from: str) -> dict[str, Any]:
     points, best = result.curve["points"], result.state.get("best") or {}
     if not best:
         log.warning("mask_train: the schedule did not reach sparsity %.3g within the budget; the masks were cut to "
                     "it at the end (give more time or a shorter ramp)", config.target)
     report = {"elapsed_s": result.state["elapsed_s"], "steps": result.state["step"], "sparsity": config.target,
-              "pattern": config.pattern, "init": config.init, "reached_target": bool(best),
+              "pattern": config.pattern, "init": start_from, "reached_target": bool(best),
               "divergence_start": points[0]["divergence"], "divergence_after": best.get("divergence"),
               "metric": result.curve.get("metric"), "metric_after": best.get("metric")}
     target = f"{config.pattern} pattern" if config.pattern else f"sparsity {config.target:.3g}"
     after = "?" if best.get("divergence") is None else f"{best['divergence']:.4g}"
-    report["summary"] = (f"trained masks to {target} ({config.init} start) in {report['steps']} steps, "
+    report["summary"] = (f"trained masks to {target} (start: {start_from}) in {report['steps']} steps, "
                          f"{report['elapsed_s']:.0f}s; held-out divergence at the target {after}")
     return report
 
