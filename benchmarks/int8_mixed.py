@@ -13,21 +13,16 @@ al. 2021). Left in float, those layers may keep most of the accuracy for a littl
 
 from __future__ import annotations
 
-import argparse
 import copy
-import logging
-import time
 from pathlib import Path
 
-import transformers
-from common import ROOT, SHARED_GLUE, finetuned_model, load_rows, made_by, save_rows
-from smoothquant import TASKS, score
+from common import made_by
+from smoothquant import cached_teacher, run_main, score
 
 from lmcompress.engine.pipeline import compress
 from lmcompress.engine.recipe import Recipe
 from lmcompress.evaluation.efficiency import paired_latency
 from lmcompress.evaluation.results_table import markdown_table
-from lmcompress.tasks import get_task, load_examples
 
 BLOCKS = 6
 SETTINGS = {"int8": [], "FFN out float": [r"layer\.\d+\.output\.dense"],
@@ -39,12 +34,7 @@ TIMED = ("int8", "FFN out float", "FFN in float", "attention out float", "q, k, 
 
 def one_run(run: str, cache: Path, repeats: int) -> list[dict]:
     name, teacher_seed = run.split(":")
-    folder, samples, epochs = TASKS[name]
-    task = get_task(name)
-    train = load_examples(task, str(SHARED_GLUE / folder), "train")
-    dev = load_examples(task, str(SHARED_GLUE / folder), "dev")
-    dense, tokenizer = finetuned_model(task, train, samples, int(teacher_seed), cache, epochs)
-    dense.eval()
+    task, _, dev, dense, tokenizer = cached_teacher(name, int(teacher_seed), cache)
     models = {"dense": dense}
     for setting, ignore in SETTINGS.items():
         model = copy.deepcopy(dense)
@@ -81,26 +71,7 @@ def write_table(out: Path, rows: list[dict], started: float) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", nargs="+", default=["stsb:0"])
-    parser.add_argument("--cache", default=str(ROOT / ".cache" / "benchmarks"))
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "int8_mixed"))
-    args = parser.parse_args()
-    started = time.perf_counter()
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    transformers.logging.set_verbosity_error()
-    out = Path(args.out)
-    rows = load_rows(out)
-    for run in args.runs:
-        if run.split(":")[0] not in TASKS:
-            raise SystemExit(f"unknown task in run {run!r}: expected one of {', '.join(TASKS)}")
-        if any(r["run"] == run for r in rows):
-            continue
-        rows += one_run(run, Path(args.cache), args.repeats)
-        save_rows(out, rows)
-        write_table(out, rows, started)
-    write_table(out, rows, started)
+    run_main(__doc__, ["stsb:0"], "int8_mixed", one_run, write_table)
 
 
 if __name__ == "__main__":

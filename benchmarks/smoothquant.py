@@ -40,15 +40,20 @@ def score(model, tokenizer, dev, task) -> float:
     return 100 * compute_metrics(task, predictions, np.asarray(dev.labels))[task.metric]
 
 
-def one_run(run: str, cache: Path, repeats: int) -> list[dict]:
-    name, teacher_seed, *rest = run.split(":")
-    calibration_seed = int(rest[0]) if rest else int(teacher_seed)
+def cached_teacher(name: str, seed: int, cache: Path):
+    """(task, train, dev, the cached fine-tuned MiniLM in eval mode, its tokenizer) for a task of TASKS."""
     folder, samples, epochs = TASKS[name]
     task = get_task(name)
     train = load_examples(task, str(SHARED_GLUE / folder), "train")
     dev = load_examples(task, str(SHARED_GLUE / folder), "dev")
-    dense, tokenizer = finetuned_model(task, train, samples, int(teacher_seed), cache, epochs)
-    dense.eval()
+    dense, tokenizer = finetuned_model(task, train, samples, seed, cache, epochs)
+    return task, train, dev, dense.eval(), tokenizer
+
+
+def one_run(run: str, cache: Path, repeats: int) -> list[dict]:
+    name, teacher_seed, *rest = run.split(":")
+    calibration_seed = int(rest[0]) if rest else int(teacher_seed)
+    task, train, dev, dense, tokenizer = cached_teacher(name, int(teacher_seed), cache)
     calibration = train.take(CALIBRATION["samples"], seed=calibration_seed)
     models = {"dense": dense}
     for setting, options in SETTINGS.items():
@@ -97,12 +102,14 @@ def write_table(out: Path, rows: list[dict], started: float) -> None:
     out.with_suffix(".md").write_text("\n".join(text))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", nargs="+", default=["sst2:0", "stsb:0"])
+def run_main(doc: str, default_runs: list[str], default_out: str, one_run, write_table) -> None:
+    """The command line both per-run int8 benchmarks share: `--runs TASK:SEED...`, rows saved as each run ends,
+    runs already in the table skipped."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--runs", nargs="+", default=default_runs)
     parser.add_argument("--cache", default=str(ROOT / ".cache" / "benchmarks"))
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "smoothquant"))
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / default_out))
     args = parser.parse_args()
     started = time.perf_counter()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -118,6 +125,10 @@ def main() -> None:
         save_rows(out, rows)
         write_table(out, rows, started)
     write_table(out, rows, started)
+
+
+def main() -> None:
+    run_main(__doc__, ["sst2:0", "stsb:0"], "smoothquant", one_run, write_table)
 
 
 if __name__ == "__main__":
