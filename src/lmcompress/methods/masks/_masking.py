@@ -98,12 +98,8 @@ class MaskedLinear(nn.Module):
                     sparsity: float) -> MaskedLinear:
         """Start from a layer an earlier stage pruned (SparseGPT, Wanda): its mask and kept weights, the weights
         before the recipe (`original`; zero without it) where it pruned, scores from the mask (`scores_from_mask`)."""
-        mask = layer.sparsity_mask()
-        masked = cls(layer, torch.zeros(mask.shape, device=mask.device), pattern, sparsity)
-        with torch.no_grad():
-            if original is not None:
-                masked.weight.copy_(torch.where(mask, masked.weight, original.to(masked.weight)))
-            masked.scores.copy_(scores_from_mask(masked.weight, mask).to(masked.scores.dtype))
+        masked = cls(layer, torch.zeros(layer.out_features, layer.in_features), pattern, sparsity)
+        masked.load_sparse(layer, original)   # what a resume does with a saved layer: the same start
         return masked
 
     def set_sparsity(self, sparsity: float) -> None:
