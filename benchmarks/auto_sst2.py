@@ -220,7 +220,7 @@ def write_report(out: Path, rows: list[dict], started: float, args, dev_size: in
             f"Teacher: all-MiniLM-L6-v2 fine-tuned on {train_samples} {folder} training examples (a seeded draw; "
             f"fewer where a row says so) for {epochs:g} epochs (seed 0, cached). *--holdout*: auto's guard and "
             "confirmation splits come from that many training examples the teacher never saw (empty or 0: from "
-            "the training split, in-sample). *auto*: `run_auto` with `--max-drop {args.max_drop:g} --target latency "
+            f"the training split, in-sample). *auto*: `run_auto` with `--max-drop {args.max_drop:g} --target latency "
             f"--batch-size {BATCH} --seq-len {SEQ} --time N`; *seed* is auto's data-split seed (guard, calibration "
             "and distillation samples). *hand*: prune to 40% of FLOPs (Fisher, least-squares refit; 512 calibration "
             "examples) -> distil for the rest of auto's wall time -> int8 dynamic (docs/distillation.md's best fast "

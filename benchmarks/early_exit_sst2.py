@@ -51,6 +51,10 @@ def main() -> None:
                         help="what the exit heads read (mean: rows named '... mean-pooled exit ...')")
     parser.add_argument("--prune", type=float, default=0.6, help="FLOPs budget of the stacked pruning")
     parser.add_argument("--distill", default=None, help="distill budget in the stack (e.g. 3m; default: none)")
+    parser.add_argument("--train-backbone", action="store_true",
+                        help="train the blocks with the exits (rows named '... joint exit ...')")
+    parser.add_argument("--exits-only", action="store_true",
+                        help="only dense and the exits on the dense model (no int8 or pruned stacks)")
     parser.add_argument("--latency-examples", type=int, default=64, help="dev examples timed (in dev order)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-dev", type=int, default=None, help="evaluate on the first N dev examples (smoke)")
@@ -118,14 +122,19 @@ class Bench:
         args = self.args
         exit_stage = {"method": "early_exit", "options": {"time": args.time, "samples": args.samples,
                                                            "max_length": 64, "target_drop": 0.5, "seed": self.seed,
-                                                           "pooling": args.pooling}}
-        ex = "exit" if args.pooling == "first" else f"{args.pooling}-pooled exit"
+                                                           "pooling": args.pooling,
+                                                           "train_backbone": args.train_backbone}}
+        ex = ("exit" if args.pooling == "first" else f"{args.pooling}-pooled exit").replace(
+            "exit", "joint exit" if args.train_backbone else "exit")
         prune = {"method": "prune", "budget": {"flops": args.prune, "seq_len": 128},
                  "options": {"score": "kcm", "compensate": "lstsq"}}
         stack = [prune] + ([{"method": "distill", "options": {"time": args.distill}}] if args.distill else [])
         label = f"prune{args.prune:g}" + (f" + distill {args.distill}" if args.distill else "")
-        return [("dense", None, [], None), ("int8", None, [INT8], None),
-                (f"{ex} (drop 0.5)", None, [exit_stage], None), (f"{ex} (FLOPs 0.5)", f"{ex} (drop 0.5)", [], 0.5),
+        exits = [("dense", None, [], None),
+                 (f"{ex} (drop 0.5)", None, [exit_stage], None), (f"{ex} (FLOPs 0.5)", f"{ex} (drop 0.5)", [], 0.5)]
+        if args.exits_only:
+            return exits
+        return [*exits[:1], ("int8", None, [INT8], None), *exits[1:],
                 (f"int8 + {ex} (drop 0.5)", "int8", [exit_stage], None),
                 (f"int8 + {ex} (FLOPs 0.5)", f"int8 + {ex} (drop 0.5)", [], 0.5),
                 (f"{label} + int8", None, [*stack, INT8], None),
