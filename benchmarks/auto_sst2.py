@@ -38,6 +38,7 @@ from common import ROOT, SHARED_GLUE, finetuned_model, finetuned_path, load_rows
 import lmcompress
 from lmcompress.auto.entry import AutoArgs, run_auto
 from lmcompress.auto.search import _key as result_key
+from lmcompress.core.int8_activations import default_activation_bits
 from lmcompress.engine.pipeline import compress
 from lmcompress.engine.recipe import Recipe
 from lmcompress.entrypoints.arguments import DataArgs, OutputArgs
@@ -93,6 +94,7 @@ def main() -> None:
     for seed in args.seeds:
         if any(r["seed"] == seed and r["minutes"] == args.minutes and r.get("confirm_size") == AutoArgs.confirm_size
                and r.get("early_exit", False) == args.early_exit and r.get("holdout", 0) == args.holdout
+               and r.get("activation_bits", 7) == default_activation_bits()
                for r in rows):   # rows from before the confirmation split stay beside the new ones
             continue
         rows.append(one_seed(seed, args, dense, tokenizer, teacher_dir, glue, train, dev, task, work))
@@ -177,7 +179,8 @@ def one_seed(seed, args, dense, tokenizer, teacher_dir, glue, train, dev, task, 
            "auto_guard_se": report["final"]["chosen"]["se"], "confirm_size": AutoArgs.confirm_size,
            "auto_confirm_drop": confirmation_drop(report, outcome.chosen),
            "early_exit": args.early_exit, "holdout": args.holdout, "teacher_samples": args.teacher_samples,
-           "exits": (report["final"].get("exits") or {}).get("reason")}
+           "exits": (report["final"].get("exits") or {}).get("reason"),
+           "activation_bits": default_activation_bits()}
     for name in models:
         row[f"{name}_acc"] = round(dev_acc[name], 2)
         row[f"{name}_ms"] = round(ms[name], 2)
@@ -205,7 +208,7 @@ def write_report(out: Path, rows: list[dict], started: float, args, dev_size: in
     folder, train_samples, epochs = TASKS[args.task]
     columns = [("minutes", "--time min"), ("seed", "seed"), ("teacher_samples", "teacher's examples"),
                ("holdout", "--holdout"), ("confirm_size", "confirmation split"),
-               ("early_exit", "--early-exit"),
+               ("early_exit", "--early-exit"), ("activation_bits", "int8 activation bits"),
                ("auto_chain", "auto's answer"),
                ("auto_distill_s", "distilled s"), ("candidates", "candidates scored"), ("auto_s", "auto wall s"),
                ("dense_acc", "dense score"), ("int8_acc", "int8 score"), ("int8_x", "int8 x dense"),
@@ -229,7 +232,9 @@ def write_report(out: Path, rows: list[dict], started: float, args, dev_size: in
             f"Latency: batch {BATCH} x {SEQ} tokens, median of paired rounds of all four models in alternation, "
             "speed-ups against dense in the same rounds; *dev batches*: the same models over the dev examples in "
             "batches of 8 (real lengths, padded per batch; 3 paired rounds; empty for rows run before it "
-            "existed), the only fair clock for an early-exit answer. *exits*: what `--early-exit` decided.\n\n"
+            "existed), the only fair clock for an early-exit answer. *exits*: what `--early-exit` decided. *int8 "
+            "activation bits*: what every int8 layer of the run (auto's, the hand recipe's, int8's) rounds its inputs "
+            "to (empty: 7, rows from before the option).\n\n"
             f"{table}\n")
     out.with_suffix(".md").write_text(text)
     return table

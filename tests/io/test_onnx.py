@@ -66,7 +66,10 @@ def test_pruned_and_low_rank_bert_round_trip(tokenizer, examples, tmp_path):
 
 def test_quantized_bert_round_trip(tokenizer, examples, tmp_path):
     model = compressed(make_tiny_bert(tokenizer.vocab_size), tokenizer, examples, [
-        {"method": "quantize", "targets": ["intermediate.dense$"], "options": {"scheme": "dynamic", "smooth": 0.5}},
+        {"method": "quantize", "targets": ["0.intermediate.dense$"],
+         "options": {"scheme": "dynamic", "smooth": 0.5, "activation_bits": 7}},
+        {"method": "quantize", "targets": ["1.intermediate.dense$"],
+         "options": {"scheme": "dynamic", "activation_bits": 8}},
         {"method": "quantize", "targets": ["output.dense$"],
          "options": {"scheme": "weight_only", "bits": 4, "group_size": 16, "symmetric": False}},
         {"method": "quantize", "targets": ["attention.self"], "options": {"scheme": "weight_only", "bits": 8}}])
@@ -76,7 +79,8 @@ def test_quantized_bert_round_trip(tokenizer, examples, tmp_path):
     # int8 dynamic: activations quantized at run time, in each runtime its own way: close, not equal
     np.testing.assert_allclose(got, expected, atol=0.02 * np.abs(expected).max() + 1e-4)
     ops = op_counts(tmp_path / "onnx")
-    assert ops["MatMulInteger"] == ops["QuantizeLinear"] == schemes["dynamic"] == 2
+    assert ops["MatMulInteger"] == schemes["dynamic"] == 2
+    assert ops["QuantizeLinear"] == ops["DynamicQuantizeLinear"] == 1   # 7-bit and 8-bit activations
     assert ops["DequantizeLinear"] == schemes["weight_only"] == 10
 
 

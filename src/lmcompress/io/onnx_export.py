@@ -13,12 +13,14 @@ measurements):
 - `LowRankLinear`: two MatMuls through the rank (its factors are ordinary linear layers, so a quantized factor
   becomes whatever its type becomes);
 - `QuantizedLinear`, scheme `dynamic` (int8 per-row): the stored int8 codes, activations quantized per tensor
-  at run time to 7 bits (ReduceMin/ReduceMax -> scale, zero point -> QuantizeLinear), MatMulInteger, Cast,
-  Mul, Add. 7 bits as in PyTorch's fbgemm kernel (`reduce_range`), for the same reason: on AVX2 CPUs without
-  VNNI the uint8 x int8 kernel adds pairs of products in int16, which full 8-bit activations (ORT's
-  DynamicQuantizeLinear) overflow against full-range int8 weights (errors of ~0.7 on a 384 x 1536 layer,
-  measured). Storing the weight as uint8 (code + 128) avoids the overflow too, but ORT's uint8 x uint8 kernel
-  was 26% slower on that layer than 7-bit uint8 x int8;
+  at run time to the layer's `activation_bits`, as PyTorch's kernel does: 7 bits (ReduceMin/ReduceMax -> scale,
+  zero point -> QuantizeLinear) or 8 (ORT's DynamicQuantizeLinear), then MatMulInteger, Cast, Mul, Add. 8 bits
+  are the default only on CPUs whose uint8 x int8 kernels sum in int32 (VNNI; `core.int8_activations`);
+  without VNNI the kernel adds pairs of products in int16, which full 8-bit activations can overflow against
+  full-range int8 weights, so 7 bits is PyTorch's `reduce_range` guard. On this project's VNNI CPU both
+  runtimes' relative error on a 384 x 1536 layer fell from 0.0040 (7 bits) to 0.0020 (8 bits). Storing the
+  weight as uint8 (code + 128) avoids the overflow too, but ORT's uint8 x uint8 kernel was 26% slower on that
+  layer than 7-bit uint8 x int8;
 - `QuantizedLinear`, scheme `weight_only` (int8 or int4, per row or per group): DequantizeLinear of the stored
   codes (int4 codes widened to int8, so twice their packed bytes: ONNX's int4 type has no torch counterpart)
   + MatMul, in blocks of a power of two >= 16 inputs where the grid allows, which ORT fuses into its

@@ -14,6 +14,9 @@ Compute is chosen per scheme:
   With `smoothed` (SmoothQuant, Xiao et al. 2022), the stored weight is W diag(s) and the input is multiplied by
   `input_scale` = 1/s before the kernel: the per-feature factors s move activation outliers into the weights,
   whose per-row grid absorbs them better than the activations' one per-tensor scale does.
+  `activation_bits` is 8 or 7 (PyTorch's `reduce_range`): 8 halves the activations' rounding step, and is
+  exact only where the kernel sums in int32 (`core.int8_activations`); on a CPU without, an 8-bit layer runs
+  at 7 bits with a warning rather than saturate.
 - `weight_only` (int8 or int4, any group size): the weight is dequantized for each call and multiplied in
   float. It saves bytes on disk and in memory, not time: the CPU int4/int8 weight-only kernels in PyTorch
   were slower than dequantize-then-matmul here.
@@ -21,6 +24,7 @@ Compute is chosen per scheme:
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from typing import Any, ClassVar
@@ -29,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmcompress.core.int8_activations import BITS as ACTIVATION_BITS
+from lmcompress.core.int8_activations import full_range_safe
 from lmcompress.kernels.quantgrid import GridSpec, dequantize, grid_params, quantize_codes
 from lmcompress.layers.base import CompressedLayer, register_layer
 from lmcompress.layers.packing import (
@@ -50,8 +56,10 @@ class QuantizedLinear(CompressedLayer):
     input_scale) W'^T + b."""
 
     manifest_fields: ClassVar[tuple[str, ...]] = ("in_features", "out_features", "bits", "group_size", "symmetric",
-                                                  "scheme", "has_bias", "nnz", "smoothed")
-    field_checks: ClassVar[dict[str, tuple[Any, str]]] = {"smoothed": (lambda v: isinstance(v, bool), "a boolean")}
+                                                  "scheme", "has_bias", "nnz", "smoothed", "activation_bits")
+    field_checks: ClassVar[dict[str, tuple[Any, str]]] = {
+        "smoothed": (lambda v: isinstance(v, bool), "a boolean"),
+        "activation_bits": (lambda v: type(v) is int and v in ACTIVATION_BITS, "7 or 8")}
     # fbgemm packed weight (built lazily from the codes, never saved; False if unavailable) and the tensor
     # versions it was built from
     transient: ClassVar[dict[str, Any]] = {"_kernel": None, "_kernel_version": ()}
@@ -59,7 +67,7 @@ class QuantizedLinear(CompressedLayer):
 
     def __init__(self, in_features: int, out_features: int, bits: int = 8, group_size: int | None = None,
                  symmetric: bool = True, scheme: str = "weight_only", bias: bool = True, nnz: int | None = None,
-                 dense_kind: str = "Linear", smoothed: bool = False) -> None:
+                 dense_kind: str = "Linear", smoothed: bool = False, activation_bits: int = 7) -> None:
         super().__init__()
         if scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
@@ -69,9 +77,12 @@ class QuantizedLinear(CompressedLayer):
             raise ValueError("scheme 'dynamic' runs int8 kernels: it needs bits=8, one group per row, symmetric")
         if smoothed and scheme != "dynamic":
             raise ValueError("smoothed layers are scheme 'dynamic' only (weight_only keeps activations in float)")
+        if activation_bits not in ACTIVATION_BITS:
+            raise ValueError(f"activation_bits must be 7 or 8, got {activation_bits!r}")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric, self.scheme = bits, group_size, symmetric, scheme
         self.has_bias, self.nnz, self.dense_kind, self.smoothed = bias, nnz, dense_kind, smoothed
+        self.activation_bits = activation_bits
         stored = in_features * out_features if nnz is None else nnz
         if bits == 8:
             codes = torch.zeros(stored, dtype=torch.int8) if nnz is not None else torch.zeros(
@@ -94,16 +105,18 @@ class QuantizedLinear(CompressedLayer):
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, spec: GridSpec, scheme: str,
                     dense_kind: str = "Linear", mask: torch.Tensor | None = None,
                     scales: torch.Tensor | None = None, zeros: torch.Tensor | None = None,
-                    input_scale: torch.Tensor | None = None) -> QuantizedLinear:
+                    input_scale: torch.Tensor | None = None, activation_bits: int = 7) -> QuantizedLinear:
         """Round `weight` (out, in) to the grid (its own, or the `scales`/`zeros` given, e.g. from GPTQ).
         With a boolean `mask`, entries outside it become exactly zero and are not stored. With `input_scale`
-        (in,), `weight` is the smoothed weight W diag(1 / input_scale), and inputs are multiplied by it."""
+        (in,), `weight` is the smoothed weight W diag(1 / input_scale), and inputs are multiplied by it.
+        `activation_bits`: what the dynamic kernel rounds inputs to (8, or 7 as PyTorch's `reduce_range`)."""
         out_features, in_features = weight.shape
         if scales is None:
             scales, zeros = grid_params(weight, spec)
         nnz = None if mask is None else int(mask.sum())
         layer = cls(in_features, out_features, spec.bits, spec.group_size, spec.symmetric, scheme,
-                    bias is not None, nnz, dense_kind, smoothed=input_scale is not None)
+                    bias is not None, nnz, dense_kind, smoothed=input_scale is not None,
+                    activation_bits=activation_bits)
         codes = quantize_codes(weight, scales, zeros, spec)
         layer.store(codes, scales, zeros, mask)
         if input_scale is not None:
@@ -128,18 +141,21 @@ class QuantizedLinear(CompressedLayer):
             self.zeros = zeros.detach().to(torch.int8).clone()
 
     def manifest_entry(self) -> dict[str, Any]:
-        """`smoothed` is written only when set: entries of plain layers stay as they were (older readers load them,
-        and the latency table's cached timings, keyed by the entry, still match)."""
+        """`smoothed` and 8-bit activations are written only when set: entries of plain layers stay as they were
+        (older readers load them, and the latency table's cached timings, keyed by the entry, still match)."""
         entry = super().manifest_entry()
         if not self.smoothed:
             del entry["smoothed"]
+        if self.activation_bits == 7:
+            del entry["activation_bits"]
         return entry
 
     @classmethod
     def from_manifest(cls, entry: dict[str, Any]) -> QuantizedLinear:
         return cls(entry["in_features"], entry["out_features"], entry["bits"], entry.get("group_size"),
                    entry.get("symmetric", True), entry.get("scheme", "weight_only"), entry["has_bias"],
-                   entry.get("nnz"), entry.get("dense_kind", "Linear"), entry.get("smoothed", False))
+                   entry.get("nnz"), entry.get("dense_kind", "Linear"), entry.get("smoothed", False),
+                   entry.get("activation_bits", 7))
 
     # --- what it represents -------------------------------------------------------------------------
     def sparsity_mask(self) -> torch.Tensor | None:
@@ -183,9 +199,19 @@ class QuantizedLinear(CompressedLayer):
             x = x if dtype == torch.float32 else x.float()
             if self.input_scale is not None:
                 x = x * self.input_scale
-            out = torch.ops.quantized.linear_dynamic(x, kernel, True)
+            out = torch.ops.quantized.linear_dynamic(x, kernel, self._reduce_range())
             return out if out.dtype == dtype else out.to(dtype)
         return F.linear(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def _reduce_range(self) -> bool:
+        """7-bit activations, unless the layer asks for 8 and this CPU's kernel holds them exactly."""
+        if self.activation_bits == 7:
+            return True
+        if full_range_safe():
+            return False
+        _warn_once("int8 layers made with 8-bit activations run at 7 bits here: this CPU's int8 kernel has no VNNI "
+                   "and would saturate (outputs differ slightly from the machine that made the model)")
+        return True
 
     def _packed_kernel(self) -> Any:
         version = (self.codes._version, self.scales._version, -1 if self.bias is None else self.bias._version)
@@ -211,7 +237,8 @@ class QuantizedLinear(CompressedLayer):
     # --- export -------------------------------------------------------------------------------------
     def onnx_role(self) -> str:
         if self.scheme == "dynamic":
-            return "QuantizeLinear (7-bit) + MatMulInteger (int8 weights)"
+            quantizer = "DynamicQuantizeLinear" if self.activation_bits == 8 else "QuantizeLinear (7-bit)"
+            return f"{quantizer} + MatMulInteger (int8 weights)"
         return "DequantizeLinear (int8 codes) + MatMul"
 
     def onnx_form(self) -> nn.Module:
@@ -230,7 +257,13 @@ class QuantizedLinear(CompressedLayer):
     def extra_repr(self) -> str:
         grid = f"int{self.bits}" + (f", group_size={self.group_size}" if self.group_size else ", per-row")
         sparse = "" if self.nnz is None else f", nnz={self.nnz}"
-        return f"in_features={self.in_features}, out_features={self.out_features}, {grid}, {self.scheme}{sparse}"
+        acts = f", activations {self.activation_bits}-bit" if self.scheme == "dynamic" else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {grid}, {self.scheme}{sparse}{acts}"
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
 
 
 @register_layer

@@ -1,8 +1,9 @@
 """How a `QuantizedLinear` reaches an ONNX graph: modules calling two small `torch.library` custom ops, and the
 ONNX translations of those ops (see `lmcompress.io.onnx_export` for why, and for the measurements).
 
-- scheme `dynamic` (int8 per-row): the stored int8 codes, activations quantized per tensor at run time to 7 bits
-  (ReduceMin/ReduceMax -> scale, zero point -> QuantizeLinear), MatMulInteger, Cast, Mul, Add;
+- scheme `dynamic` (int8 per-row): the stored int8 codes, activations quantized per tensor at run time to the
+  layer's bits: 7 (ReduceMin/ReduceMax -> scale, zero point -> QuantizeLinear) or 8 (DynamicQuantizeLinear),
+  MatMulInteger, Cast, Mul, Add;
 - scheme `weight_only` (int8 or int4, per row or per group): DequantizeLinear of the stored codes (int4 widened to
   int8) + MatMul, in blocks of a power of two >= 16 inputs where the grid allows (ORT's MatMulNBits fusion).
 
@@ -27,6 +28,18 @@ def int8_dynamic_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Ten
 
 
 @int8_dynamic_linear.register_fake
+def _(x, weight, scales, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[1])
+
+
+@torch.library.custom_op("lmcompress::int8_dynamic_linear8", mutates_args=())
+def int8_dynamic_linear8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+                         bias: torch.Tensor) -> torch.Tensor:
+    """`int8_dynamic_linear` with 8-bit activations in the graph (a layer with `activation_bits` 8)."""
+    return x @ (weight.to(x.dtype) * scales.to(x.dtype)) + bias.to(x.dtype)
+
+
+@int8_dynamic_linear8.register_fake
 def _(x, weight, scales, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[1])
 
@@ -61,6 +74,13 @@ def translations() -> dict[Any, Any]:
         acc = op.MatMulInteger(op.QuantizeLinear(x, x_scale, x_zero), weight, x_zero)
         return op.Add(op.Mul(op.Cast(acc, to=1), op.Mul(x_scale, scales)), bias)  # to=1: FLOAT
 
+    def int8_dynamic8(x, weight, scales, bias):
+        # full 8-bit activations: ORT's own DynamicQuantizeLinear (exact where its kernel sums in int32, as
+        # PyTorch's; see core.int8_activations)
+        quantized, x_scale, x_zero = op.DynamicQuantizeLinear(x)
+        acc = op.MatMulInteger(quantized, weight, x_zero)
+        return op.Add(op.Mul(op.Cast(acc, to=1), op.Mul(x_scale, scales)), bias)
+
     def dequantize(x, codes, scales, zeros, bias):
         groups, _ = scales.shape
         rows = codes.shape[0]
@@ -72,6 +92,7 @@ def translations() -> dict[Any, Any]:
         return op.Add(op.MatMul(x, weight), bias)
 
     return {torch.ops.lmcompress.int8_dynamic_linear.default: int8_dynamic,
+            torch.ops.lmcompress.int8_dynamic_linear8.default: int8_dynamic8,
             torch.ops.lmcompress.dequantize_linear.default: dequantize}
 
 
@@ -90,11 +111,12 @@ class Int8DynamicForOnnx(nn.Module):
         self.register_buffer("bias", _float_bias(layer))
         scale = getattr(layer, "input_scale", None)   # smoothed: a Mul before the integer MatMul
         self.register_buffer("input_scale", None if scale is None else scale.detach().float().clone())
+        self.operator = int8_dynamic_linear8 if getattr(layer, "activation_bits", 7) == 8 else int8_dynamic_linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
             x = x * self.input_scale
-        return int8_dynamic_linear(x, self.weight, self.scales, self.bias)
+        return self.operator(x, self.weight, self.scales, self.bias)
 
 
 class DequantizeForOnnx(nn.Module):

@@ -17,6 +17,7 @@ import lmcompress.methods.quantization.quantize  # noqa: F401  (registers the me
 import lmcompress.methods.sparsity.sparsify  # noqa: F401
 from lmcompress.cli import main
 from lmcompress.core.families import parameters_by_component
+from lmcompress.core.int8_activations import full_range_safe
 from lmcompress.engine.recipe import Recipe
 from lmcompress.errors import CalibrationError, RecipeError
 from lmcompress.evaluation.efficiency import count_flops
@@ -198,6 +199,57 @@ def test_dynamic_forward_runs_the_int8_kernel_and_matches_dequantized_weights():
         layer.bias.add_(1.0)
         shifted = layer(x)
     assert float((shifted - out - 1.0).abs().max()) < 1e-3
+
+
+def _positive_inputs_and_layers(bits: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Inputs all of one sign (the worst case for an int16 pair sum) and the same int8 weights at each bits."""
+    torch.manual_seed(0)
+    dense = nn.Linear(384, 256)
+    layers = {b: QuantizedLinear.from_weight(dense.weight.detach(), dense.bias.detach(), GridSpec(8), "dynamic",
+                                             activation_bits=b) for b in bits}
+    x = 4 * torch.rand(16, 384)
+    return x, F.linear(x, layers[bits[0]].dense_weight(), layers[bits[0]].bias).detach(), layers
+
+
+@pytest.mark.skipif(not full_range_safe(), reason="8-bit activations need an int8 kernel that sums in int32 (VNNI)")
+def test_eight_bit_activations_halve_the_kernels_error():
+    x, expected, layers = _positive_inputs_and_layers((7, 8))
+    with torch.no_grad():
+        errors = {b: float((layer(x) - expected).norm() / expected.norm()) for b, layer in layers.items()}
+    assert all(layer.ran_packed_kernel for layer in layers.values())
+    assert errors[8] < 0.7 * errors[7], errors
+
+
+def test_eight_bit_layers_run_at_seven_bits_where_the_kernel_would_saturate(monkeypatch, caplog):
+    import lmcompress.layers.quantized as quantized
+
+    x, _, layers = _positive_inputs_and_layers((7, 8))
+    monkeypatch.setattr(quantized, "full_range_safe", lambda: False)
+    quantized._warn_once.cache_clear()
+    with torch.no_grad(), caplog.at_level("WARNING", logger="lmcompress"):
+        assert torch.equal(layers[8](x), layers[7](x))
+        layers[8](x)
+    assert sum("run at 7 bits here" in r.getMessage() for r in caplog.records) == 1   # once, not per call
+
+
+def test_activation_bits_default_to_what_this_cpu_holds_exactly_and_are_saved(tiny_bert, tokenizer, tmp_path):
+    from lmcompress.core.int8_activations import default_activation_bits, sums_in_int32
+
+    assert sums_in_int32(frozenset({"avx2", "avx512_vnni"}), "x86") and sums_in_int32(frozenset(), "qnnpack")
+    assert not sums_in_int32(frozenset({"avx2", "fma"}), "x86")
+    lmcompress.compress(tiny_bert, Recipe.single("quantize"), tokenizer, progress=False)
+    layers = [m for m in tiny_bert.modules() if isinstance(m, QuantizedLinear)]
+    assert layers and {m.activation_bits for m in layers} == {default_activation_bits()}
+    seven = QuantizedLinear(32, 16, scheme="dynamic", activation_bits=7).manifest_entry()
+    eight = QuantizedLinear(32, 16, scheme="dynamic", activation_bits=8).manifest_entry()
+    assert "activation_bits" not in seven and eight["activation_bits"] == 8   # 7-bit entries as before
+    assert layer_from_manifest(eight).activation_bits == 8 and layer_from_manifest(seven).activation_bits == 7
+    with pytest.raises(ValueError, match="'activation_bits' must be 7 or 8"):
+        layer_from_manifest({**eight, "activation_bits": 16})
+    lmcompress.save(tiny_bert, tmp_path / "m", tokenizer)
+    again = lmcompress.load(tmp_path / "m")
+    assert [m.activation_bits for m in again.modules() if isinstance(m, QuantizedLinear)] == \
+        [m.activation_bits for m in layers]
 
 
 def test_smoothing_moves_an_outlier_feature_into_the_weights_and_cuts_the_int8_error():
@@ -476,6 +528,8 @@ def assert_one_line(err: pytest.ExceptionInfo) -> None:
     ({"bits": 8, "keep": 0.5}, "keep"),
     ({"scheme": "weight_only", "smooth": 0.5}, "smooth evens out"),
     ({"smooth": 1.5}, "less than or equal to 1"),
+    ({"scheme": "weight_only", "activation_bits": 8}, "activation_bits is for scheme=dynamic"),
+    ({"activation_bits": 6}, "activation_bits"),
 ])
 def test_bad_quantize_options_are_one_line(options, message):
     with pytest.raises(RecipeError, match=message) as err:

@@ -121,7 +121,8 @@ class Sparsify(Method):
             scale = layer.input_scale           # smoothed: the grid is the stored weight's, W diag(1 / scale)
             stored = new_weight if scale is None else new_weight / scale.to(new_weight)
             new = QuantizedLinear.from_weight(stored, bias, layer.spec, layer.scheme, layer.dense_kind,
-                                              mask, layer.scales, layer.zeros, input_scale=scale)
+                                              mask, layer.scales, layer.zeros, input_scale=scale,
+                                              activation_bits=layer.activation_bits)
         else:
             new = SparseLinear.from_weight(new_weight, mask, bias, dense_kind(layer))
         kept = int(mask.sum())
