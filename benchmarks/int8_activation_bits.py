@@ -16,15 +16,13 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from common import made_by
-from smoothquant import cached_teacher, run_main, score
+from smoothquant import cached_teacher, run_main, score, write_runs_table
 
 from lmcompress.core.int8_activations import full_range_safe
 from lmcompress.engine.pipeline import compress
 from lmcompress.engine.recipe import Recipe
 from lmcompress.evaluation import int8_dynamic
 from lmcompress.evaluation.efficiency import paired_latency
-from lmcompress.evaluation.results_table import markdown_table
 
 
 def one_run(run: str, cache: Path, repeats: int) -> list[dict]:
@@ -52,16 +50,9 @@ def one_run(run: str, cache: Path, repeats: int) -> list[dict]:
 
 
 def write_table(out: Path, rows: list[dict], started: float) -> None:
-    columns = [("run", "run"), ("setting", "setting"), ("metric", "metric"), ("score", "score"), ("drop", "drop"),
-               ("ms_b8", "ms, batch 8 x 128"), ("x_dense", "x dense")]
-    text = ["# int8 dynamic: 7-bit against 8-bit activations", "", made_by(started), "",
-            " ".join(__doc__.split("\n\n")[2].split()), "",
-            "Runs are TASK:TEACHER_SEED (teachers as smoothquant.py caches them). Drop: dense minus the model on all "
-            "dev examples, points (accuracy, Pearson or Matthews x 100). *quantize_dynamic (PyTorch)*: "
-            "`torch.ao.quantization.quantize_dynamic` with its defaults (7-bit activations). Speed: median of "
-            "paired rounds in alternation, ratio to dense in the same rounds.", "",
-            markdown_table(rows, columns), ""]
-    out.with_suffix(".md").write_text("\n".join(text))
+    write_runs_table(out, rows, started, "int8 dynamic: 7-bit against 8-bit activations", __doc__,
+                     "*quantize_dynamic (PyTorch)*: `torch.ao.quantization.quantize_dynamic` with its defaults (7-bit "
+                     "activations). Speed: median of paired rounds in alternation, ratio to dense in the same rounds.")
 
 
 def main() -> None:

@@ -16,13 +16,11 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from common import made_by
-from smoothquant import cached_teacher, run_main, score
+from smoothquant import cached_teacher, run_main, score, write_runs_table
 
 from lmcompress.engine.pipeline import compress
 from lmcompress.engine.recipe import Recipe
 from lmcompress.evaluation.efficiency import paired_latency
-from lmcompress.evaluation.results_table import markdown_table
 
 BLOCKS = 6
 SETTINGS = {"int8": [], "FFN out float": [r"layer\.\d+\.output\.dense"],
@@ -58,16 +56,10 @@ def one_run(run: str, cache: Path, repeats: int) -> list[dict]:
 
 
 def write_table(out: Path, rows: list[dict], started: float) -> None:
-    columns = [("run", "run"), ("setting", "setting"), ("metric", "metric"), ("score", "score"), ("drop", "drop"),
-               ("ms_b8", "ms, batch 8 x 128"), ("x_dense", "x dense")]
-    text = ["# int8 dynamic with one group of layers left in float", "", made_by(started), "",
-            " ".join(__doc__.split("\n\n")[2].split()), "",
-            "Runs are TASK:TEACHER_SEED (teachers as smoothquant.py caches them). Drop: dense minus the model on all "
-            "dev examples, points (accuracy, Pearson or Matthews x 100). Speed: median of paired rounds in "
-            "alternation, ratio to dense in the same rounds; the per-block rows are not timed one by one (one "
-            "layer of the same shape each), the last block's row stands for them.", "",
-            markdown_table(rows, columns), ""]
-    out.with_suffix(".md").write_text("\n".join(text))
+    write_runs_table(out, rows, started, "int8 dynamic with one group of layers left in float", __doc__,
+                     "Speed: median of paired rounds in alternation, ratio to dense in the same rounds; the per-block "
+                     "rows are not timed one by one (one layer of the same shape each), the last block's row stands "
+                     "for them.")
 
 
 def main() -> None:

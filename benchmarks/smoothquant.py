@@ -102,6 +102,20 @@ def write_table(out: Path, rows: list[dict], started: float) -> None:
     out.with_suffix(".md").write_text("\n".join(text))
 
 
+RUN_COLUMNS = [("run", "run"), ("setting", "setting"), ("metric", "metric"), ("score", "score"), ("drop", "drop"),
+               ("ms_b8", "ms, batch 8 x 128"), ("x_dense", "x dense")]
+
+
+def write_runs_table(out: Path, rows: list[dict], started: float, title: str, doc: str, speed_note: str) -> None:
+    """The table of an int8 benchmark with one row per model and run: title, command, the docstring's third
+    paragraph (its why), what the columns mean, every row."""
+    text = [f"# {title}", "", made_by(started), "", " ".join(doc.split("\n\n")[2].split()), "",
+            "Runs are TASK:TEACHER_SEED (teachers as smoothquant.py caches them). Drop: dense minus the model on all "
+            f"dev examples, points (accuracy, Pearson or Matthews x 100). {speed_note}", "",
+            markdown_table(rows, RUN_COLUMNS), ""]
+    out.with_suffix(".md").write_text("\n".join(text))
+
+
 def run_main(doc: str, default_runs: list[str], default_out: str, one_run, write_table) -> None:
     """The command line both per-run int8 benchmarks share: `--runs TASK:SEED...`, rows saved as each run ends,
     runs already in the table skipped."""

@@ -20,28 +20,20 @@ import torch
 from torch import nn
 
 
-@torch.library.custom_op("lmcompress::int8_dynamic_linear", mutates_args=())
-def int8_dynamic_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
-                        bias: torch.Tensor) -> torch.Tensor:
-    """y = x W diag(scales) + b, W: (in, out) int8 codes (activations quantized at run time in the graph)."""
+def _int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """y = x W diag(scales) + b, W: (in, out) int8 codes (activations are quantized at run time in the graph)."""
     return x @ (weight.to(x.dtype) * scales.to(x.dtype)) + bias.to(x.dtype)
 
 
-@int8_dynamic_linear.register_fake
-def _(x, weight, scales, bias):
+def _int8_linear_shape(x, weight, scales, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[1])
 
 
-@torch.library.custom_op("lmcompress::int8_dynamic_linear8", mutates_args=())
-def int8_dynamic_linear8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
-                         bias: torch.Tensor) -> torch.Tensor:
-    """`int8_dynamic_linear` with 8-bit activations in the graph (a layer with `activation_bits` 8)."""
-    return x @ (weight.to(x.dtype) * scales.to(x.dtype)) + bias.to(x.dtype)
-
-
-@int8_dynamic_linear8.register_fake
-def _(x, weight, scales, bias):
-    return x.new_empty(*x.shape[:-1], weight.shape[1])
+# one op per activation grid, so each translates to its own nodes: 7 bits (fbgemm's reduce_range) or 8 bits
+int8_dynamic_linear = torch.library.custom_op("lmcompress::int8_dynamic_linear", _int8_linear, mutates_args=())
+int8_dynamic_linear8 = torch.library.custom_op("lmcompress::int8_dynamic_linear8", _int8_linear, mutates_args=())
+for _op in (int8_dynamic_linear, int8_dynamic_linear8):
+    _op.register_fake(_int8_linear_shape)
 
 
 @torch.library.custom_op("lmcompress::dequantize_linear", mutates_args=())
