@@ -124,8 +124,8 @@ class Bench:
                                                            "max_length": 64, "target_drop": 0.5, "seed": self.seed,
                                                            "pooling": args.pooling,
                                                            "train_backbone": args.train_backbone}}
-        ex = ("exit" if args.pooling == "first" else f"{args.pooling}-pooled exit").replace(
-            "exit", "joint exit" if args.train_backbone else "exit")
+        kind = "joint exit" if args.train_backbone else "exit"
+        ex = kind if args.pooling == "first" else f"{args.pooling}-pooled {kind}"
         prune = {"method": "prune", "budget": {"flops": args.prune, "seq_len": 128},
                  "options": {"score": "kcm", "compensate": "lstsq"}}
         stack = [prune] + ([{"method": "distill", "options": {"time": args.distill}}] if args.distill else [])
