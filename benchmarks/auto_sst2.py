@@ -67,6 +67,9 @@ def main() -> None:
     parser.add_argument("--holdout", type=int, default=0,
                         help="auto --holdout: N training examples the teacher never saw (its fine-tuning sample "
                              "shrinks to leave N where the split is too small for both), as a GLUE folder in --cache")
+    parser.add_argument("--guard-size", type=int, default=AutoArgs.guard_size,
+                        help="auto --guard-size: held-out examples that guard the accuracy (its standard error "
+                             "shrinks as 1/sqrt of it)")
     parser.add_argument("--no-hand", action="store_true",
                         help="skip the hand recipe (its rows depend only on the wall time, not on auto's code)")
     parser.add_argument("--work", default=None, help="where auto's output folders go (default: a temporary folder)")
@@ -95,6 +98,7 @@ def main() -> None:
         if any(r["seed"] == seed and r["minutes"] == args.minutes and r.get("confirm_size") == AutoArgs.confirm_size
                and r.get("early_exit", False) == args.early_exit and r.get("holdout", 0) == args.holdout
                and r.get("activation_bits", 7) == default_activation_bits()
+               and r.get("guard_size", AutoArgs.guard_size) == args.guard_size
                for r in rows):   # rows from before the confirmation split stay beside the new ones
             continue
         rows.append(one_seed(seed, args, dense, tokenizer, teacher_dir, glue, train, dev, task, work))
@@ -155,7 +159,8 @@ def one_seed(seed, args, dense, tokenizer, teacher_dir, glue, train, dev, task, 
     outcome = run_auto(AutoArgs(OutputArgs(str(auto_out), overwrite=True), str(teacher_dir),
                                 DataArgs(task=args.task, data=glue), args.max_drop, "latency", BATCH, SEQ,
                                 f"{args.minutes:g}m", seed=seed, command=f"(benchmark) auto --time {args.minutes:g}m",
-                                early_exit=args.early_exit, holdout=args.holdout_dir))
+                                early_exit=args.early_exit, holdout=args.holdout_dir,
+                                guard_size=args.guard_size))
     auto_s = time.perf_counter() - start
     chosen = lmcompress.load(auto_out / "model")
     chosen.eval()
@@ -180,7 +185,7 @@ def one_seed(seed, args, dense, tokenizer, teacher_dir, glue, train, dev, task, 
            "auto_confirm_drop": confirmation_drop(report, outcome.chosen),
            "early_exit": args.early_exit, "holdout": args.holdout, "teacher_samples": args.teacher_samples,
            "exits": (report["final"].get("exits") or {}).get("reason"),
-           "activation_bits": default_activation_bits()}
+           "activation_bits": default_activation_bits(), "guard_size": args.guard_size}
     for name in models:
         row[f"{name}_acc"] = round(dev_acc[name], 2)
         row[f"{name}_ms"] = round(ms[name], 2)
@@ -207,7 +212,7 @@ def confirmation_drop(report: dict, chosen) -> float | None:
 def write_report(out: Path, rows: list[dict], started: float, args, dev_size: int) -> str:
     folder, train_samples, epochs = TASKS[args.task]
     columns = [("minutes", "--time min"), ("seed", "seed"), ("teacher_samples", "teacher's examples"),
-               ("holdout", "--holdout"), ("confirm_size", "confirmation split"),
+               ("holdout", "--holdout"), ("guard_size", "guard split"), ("confirm_size", "confirmation split"),
                ("early_exit", "--early-exit"), ("activation_bits", "int8 activation bits"),
                ("auto_chain", "auto's answer"),
                ("auto_distill_s", "distilled s"), ("candidates", "candidates scored"), ("auto_s", "auto wall s"),
@@ -223,7 +228,8 @@ def write_report(out: Path, rows: list[dict], started: float, args, dev_size: in
             f"Teacher: all-MiniLM-L6-v2 fine-tuned on {train_samples} {folder} training examples (a seeded draw; "
             f"fewer where a row says so) for {epochs:g} epochs (seed 0, cached). *--holdout*: auto's guard and "
             "confirmation splits come from that many training examples the teacher never saw (empty or 0: from "
-            f"the training split, in-sample). *auto*: `run_auto` with `--max-drop {args.max_drop:g} --target latency "
+            f"the training split, in-sample). *guard split*: auto's `--guard-size` (empty: the default, "
+            f"{AutoArgs.guard_size}). *auto*: `run_auto` with `--max-drop {args.max_drop:g} --target latency "
             f"--batch-size {BATCH} --seq-len {SEQ} --time N`; *seed* is auto's data-split seed (guard, calibration "
             "and distillation samples). *hand*: prune to 40% of FLOPs (Fisher, least-squares refit; 512 calibration "
             "examples) -> distil for the rest of auto's wall time -> int8 dynamic (docs/distillation.md's best fast "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,6 +56,9 @@ def main() -> None:
                         help="train the blocks with the exits (rows named '... joint exit ...')")
     parser.add_argument("--exits-only", action="store_true",
                         help="only dense and the exits on the dense model (no int8 or pruned stacks)")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also export each row to ONNX (early-exit rows: one graph per segment), score it in ONNX "
+                             "Runtime and time it beside PyTorch (columns ort_*)")
     parser.add_argument("--latency-examples", type=int, default=64, help="dev examples timed (in dev order)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-dev", type=int, default=None, help="evaluate on the first N dev examples (smoke)")
@@ -166,14 +170,17 @@ class Bench:
         model, seconds, report = self.build(base, stages, flops_target)
         self.built[setting] = (model, seconds, report)
         predictions = predict(model, self.tokenizer, self.dev, batch_size=64, max_length=128, progress=False)
-        metric = 100 * compute_metrics(self.task, predictions, np.asarray(self.dev.labels))[self.task.metric]
+        metric = self.score(predictions)
+        onnx_model, ort_metric, export_s = self.in_onnx(model) if self.args.onnx else (None, None, None)
         sample = _head(self.dev, self.args.latency_examples)
         latency = {}
         for size in (1, 8):   # timed in alternation with the dense model on the same dev batches
-            timed = paired_data_latency({"point": model, "dense": self.model}, self.tokenizer, sample, size, 128,
-                                        self.args.repeats)
-            point, dense = timed["point"]["median_ms"], timed["dense"]["median_ms"]
-            latency[size] = (point / size, dense / point)
+            models = {"point": model, "dense": self.model, **({"ort": onnx_model} if onnx_model else {})}
+            timed = paired_data_latency(models, self.tokenizer, sample, size, 128, self.args.repeats)
+            # the mean batch: an exit model's batches are fast or slow by how many rows stay, and the median
+            # batch hides the slow ones (rows before this column existed used the median)
+            ms = {name: t["mean_ms"] for name, t in timed.items()}
+            latency[size] = {name: (value / size, ms["dense"] / value) for name, value in ms.items()}
         heads = exits_of(model)
         flops, curve, histogram, train_s = None, None, None, None
         if heads is None:
@@ -182,17 +189,41 @@ class Bench:
             flops, curve, histogram = self.exit_costs(model)
             train_s = report.get("train_s")
         row = {"task": self.task.name, "seed": self.seed, "setting": setting, "metric_name": self.task.metric,
-               "metric": metric, "flops": flops, "b1_ms": latency[1][0], "b8_ms": latency[8][0],
-               "x1": latency[1][1], "x8": latency[8][1],
+               "metric": metric, "flops": flops, "b1_ms": latency[1]["point"][0], "b8_ms": latency[8]["point"][0],
+               "x1": latency[1]["point"][1], "x8": latency[8]["point"][1], "latency_statistic": "mean",
                "compress_s": round(seconds, 1), "exit_train_s": train_s, "exit_histogram": histogram,
                "rule": report.get("rule"), "curve": curve}
+        if onnx_model is not None:
+            row.update({"ort_metric": ort_metric, "ort_b1_ms": latency[1]["ort"][0], "ort_x1": latency[1]["ort"][1],
+                        "ort_b8_ms": latency[8]["ort"][0], "ort_x8": latency[8]["ort"][1],
+                        "export_s": round(export_s, 1),
+                        "ort_check": onnx_model.manifest["check"]["max_abs_logit_difference_vs_pytorch"]})
         if setting == "dense":
             self.dense = row
         row["delta"] = metric - (self.dense or row)["metric"]
+        ort = (f"  ORT {ort_metric:.2f} b1 {row['ort_x1']:.2f}x b8 {row['ort_x8']:.2f}x"
+               if onnx_model is not None else "")
         print(f"{self.task.name} seed {self.seed} {setting:>40}: {self.task.metric} {metric:.2f} "
-              f"({row['delta']:+.2f})  FLOPs {flops:.3f}  b1 {row['x1']:.2f}x  b8 {row['x8']:.2f}x  "
+              f"({row['delta']:+.2f})  FLOPs {flops:.3f}  b1 {row['x1']:.2f}x  b8 {row['x8']:.2f}x{ort}  "
               f"({seconds:.0f}s)", flush=True)
         return row
+
+    def score(self, predictions) -> float:
+        return 100 * compute_metrics(self.task, predictions, np.asarray(self.dev.labels))[self.task.metric]
+
+    def in_onnx(self, model) -> tuple:
+        """(the ONNX Runtime model, its dev metric, export seconds): exported to a temporary folder (an early-exit
+        model as one graph per segment), removed once the sessions have read the graphs."""
+        from lmcompress.evaluation.onnx_runtime import load_onnx_model, predict_onnx
+        from lmcompress.io.onnx_export import export_onnx
+
+        with tempfile.TemporaryDirectory(prefix="lmc-ee-onnx-") as tmp:
+            begun = time.perf_counter()
+            export_onnx(model, self.tokenizer, Path(tmp) / "onnx")
+            export_s = time.perf_counter() - begun
+            onnx_model = load_onnx_model(Path(tmp) / "onnx")
+        predictions = predict_onnx(onnx_model, self.tokenizer, self.dev, 64, 128, progress=False)
+        return onnx_model, self.score(predictions), export_s
 
     def exit_costs(self, model) -> tuple[float, list[dict], dict]:
         """(average FLOPs fraction of dense on dev, with the chosen rule; the dev curve over thresholds; the exit
@@ -247,14 +278,21 @@ def write_report(out: Path, rows: list[dict], made: str) -> str:
                ("delta", "vs dense"), ("flops", "avg FLOPs / dense"), ("hist", "exits after blocks 1-6"),
                ("b1_ms", "b1 ms/ex"), ("x1", "b1 speed-up"), ("b8_ms", "b8 ms/ex"), ("x8", "b8 speed-up"),
                ("train", "exit train s"), ("compress_s", "compress s"), ("half", "curve: best at <= 0.5 FLOPs")]
+    if any("ort_metric" in row for row in rows):
+        columns += [("ort_metric", "ORT dev metric"), ("ort_b1_ms", "ORT b1 ms/ex"), ("ort_x1", "ORT b1 speed-up"),
+                    ("ort_b8_ms", "ORT b8 ms/ex"), ("ort_x8", "ORT b8 speed-up"), ("export_s", "export s")]
     table = markdown_table(table_rows, columns)
     summary = _seed_summary(rows)
     text = (f"# Early exit on SST-2 and STS-B (all-MiniLM-L6-v2)\n\n{made}\n\n"
             "Dev metric on the whole dev set (accuracy; STS-B: Pearson x 100). *avg FLOPs / dense*: per example "
             "at 128 tokens, the blocks and exit heads each dev example actually ran (PyTorch's FLOP counter per "
             "block; int8 kernels counted from their shapes), over the dense model's FLOPs. Latency: ms per "
-            "example over the first dev examples in dev order, padded per batch, batch 1 and 8; the speed-ups are "
-            "against the dense model timed in alternation with each row on the same batches. The exit rule of "
+            "example over the first dev examples in dev order, padded per batch, batch 1 and 8 (the mean batch "
+            "over the timed passes / batch size; rows whose JSON has no `latency_statistic` used the median "
+            "batch, which flatters an exit model); the speed-ups are against the dense PyTorch model timed in "
+            "alternation with each row on the same batches. *ORT* columns (`--onnx`): the same model exported "
+            "(`export_onnx`; an early-exit model as one graph per segment, rows leaving between graphs), scored "
+            "and timed in ONNX Runtime in the same alternation, on as many threads as PyTorch. The exit rule of "
             "each early-exit row was chosen on a held-out part of the training examples (never the dev set); "
             "the last column reads the dev threshold curve (JSON: "
             f"`curve`).\n\n{table}\n\n{summary}\n")
@@ -269,7 +307,8 @@ def _seed_summary(rows: list[dict]) -> str:
         if row["task"] == "sst2":
             by_setting.setdefault(row["setting"], []).append(row)
     lines = ["## SST-2, mean over seeds", "", "| setting | seeds | vs dense | avg FLOPs / dense | b1 speed-up | "
-             "b8 speed-up | curve at <= 0.5 FLOPs vs dense |", "|---|---|---|---|---|---|---|"]
+             "b8 speed-up | curve at <= 0.5 FLOPs vs dense | ORT vs dense | ORT b1 speed-up | ORT b8 speed-up |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     dense = {r["seed"]: r["metric"] for r in by_setting.get("dense", [])}
     for setting, group in by_setting.items():
         halves = [at_half(r.get("curve")) - dense[r["seed"]] for r in group
@@ -277,8 +316,18 @@ def _seed_summary(rows: list[dict]) -> str:
         half = f"{np.mean(halves):+.2f}" if halves else "-"
         lines.append(f"| {setting} | {len(group)} | {np.mean([r['delta'] for r in group]):+.2f} | "
                      f"{np.mean([r['flops'] for r in group]):.3f} | {np.mean([r['x1'] for r in group]):.2f}x | "
-                     f"{np.mean([r['x8'] for r in group]):.2f}x | {half} |")
+                     f"{np.mean([r['x8'] for r in group]):.2f}x | {half} | {_ort_means(group, dense)} |")
     return "\n".join(lines)
+
+
+def _ort_means(group: list[dict], dense: dict[int, float]) -> str:
+    """Mean ORT metric change and speed-ups of a setting's rows that have them ('- | - | -' otherwise)."""
+    ort = [r for r in group if "ort_metric" in r and r["seed"] in dense]
+    if not ort:
+        return "- | - | -"
+    change = np.mean([r["ort_metric"] - dense[r["seed"]] for r in ort])
+    return (f"{change:+.2f} | {np.mean([r['ort_x1'] for r in ort]):.2f}x | "
+            f"{np.mean([r['ort_x8'] for r in ort]):.2f}x")
 
 
 if __name__ == "__main__":

@@ -46,3 +46,27 @@ def test_paired_data_latency_times_every_model_on_the_same_dev_batches(tiny_bert
     data = Examples(SENTENCES, None, [0] * len(SENTENCES), ("negative", "positive"))
     timed = paired_data_latency({"a": tiny_bert, "b": tiny_bert}, tokenizer, data, 4, repeats=1)
     assert set(timed) == {"a", "b"} and all(t["median_ms"] > 0 and t["examples"] == 12 for t in timed.values())
+
+
+def test_paired_data_latency_runs_onnx_like_models_and_reports_the_mean_that_slow_batches_raise(tiny_bert, tokenizer):
+    import time
+
+    from lmcompress.evaluation.dynamic import paired_data_latency
+
+    class SlowFirstBatch:
+        """Stands in for an ONNX Runtime model (a `logits(batch)` method): the first batch of each pass is slow,
+        as a batch whose rows all stay to the last block is."""
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def logits(self, batch):
+            if self.calls % 3 == 0:
+                time.sleep(0.03)
+            self.calls += 1
+
+    data = Examples(SENTENCES, None, [0] * len(SENTENCES), ("negative", "positive"))
+    runner = SlowFirstBatch()
+    timed = paired_data_latency({"ort": runner, "torch": tiny_bert}, tokenizer, data, 4, repeats=2)
+    assert runner.calls == 3 * 3   # 3 batches of 4, one warm-up pass and 2 timed
+    assert timed["ort"]["mean_ms"] >= 10 > timed["ort"]["median_ms"]   # a third of the batches take 30 ms

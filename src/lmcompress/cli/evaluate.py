@@ -78,6 +78,14 @@ def _onnxruntime(args: argparse.Namespace) -> None:
                   if row["pytorch_ms"] else "")
         lines.append(f"latency ({key.replace('_', ' ')}, {args.seq_len} tokens, median of {args.repeats}): "
                      f"ONNX Runtime {row['onnxruntime_ms']:.2f} ms{versus}")
+    if "exit_histogram" in ort:
+        blocks = ", ".join(f"{int(b) + 1}: {n}" for b, n in ort["exit_histogram"].items())
+        lines.append(f"early exit in ONNX Runtime: examples leaving after block {blocks}")
+        for key, row in ort["data_latency"].items():
+            versus = (f" vs PyTorch {row['pytorch_ms']:.2f} ms: ONNX Runtime {row['speedup']:.2f}x"
+                      if row["pytorch_ms"] else "")
+            lines.append(f"latency on the first {row['examples']} dev examples ({key.replace('_', ' ')}, mean per "
+                         f"batch): ONNX Runtime {row['onnxruntime_ms']:.2f} ms{versus}")
     print("\n".join(lines))
     if args.json:
         write_json(args.json, {**result, "runtime": "onnxruntime", "onnxruntime": ort})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,7 +17,8 @@ from lmcompress.tasks import Examples
 from lmcompress.tasks.batching import encode_batches
 
 
-def _head(examples: Examples, count: int) -> Examples:
+def first_examples(examples: Examples, count: int) -> Examples:
+    """The first `count` examples, in order (latency is timed on these)."""
     count = min(count, len(examples))
     pairs = None if examples.text_pairs is None else examples.text_pairs[:count]
     return Examples(examples.texts[:count], pairs, examples.labels[:count], examples.label_names)
@@ -64,7 +66,7 @@ def dynamic_report(model: nn.Module, tokenizer: Any, examples: Examples, *, batc
     index = {p: k for k, p in enumerate(heads.positions)}
     chosen = torch.tensor([index.get(int(b), len(heads.positions)) for b in at])
     fraction = float(costs[chosen].mean())
-    sample = _head(examples, latency_examples)
+    sample = first_examples(examples, latency_examples)
     latency = {}
     for size in latency_batch_sizes:
         with_exits = data_latency(model, tokenizer, sample, size, max_length, repeats)
@@ -81,22 +83,34 @@ def dynamic_report(model: nn.Module, tokenizer: Any, examples: Examples, *, batc
             "latency": latency}
 
 
-def paired_data_latency(models: dict[str, nn.Module], tokenizer: Any, examples: Examples, batch_size: int,
+def _runner(model: Any) -> Callable[[dict[str, torch.Tensor]], Any]:
+    """One batch through `model`: a PyTorch module on its device, or anything with a `logits(batch)` method (an
+    ONNX Runtime model)."""
+    if isinstance(model, nn.Module):
+        device = next(model.parameters()).device
+        return lambda batch: model(**{k: v.to(device) for k, v in batch.items()})
+    return model.logits
+
+
+def paired_data_latency(models: dict[str, Any], tokenizer: Any, examples: Examples, batch_size: int,
                         max_length: int = 128, repeats: int = 3) -> dict[str, dict[str, float]]:
     """`efficiency.paired_latency` on dev examples instead of random ids: the models' passes over the same
-    batches interleaved (a, b, a, b, ...) after one warm-up round; median ms per batch of each. What a dynamic
-    model costs depends on its input, so a sweep times its early-exit points (and their dense reference) so."""
+    batches interleaved (a, b, a, b, ...) after one warm-up round; ms per batch of each, median and mean. What a
+    dynamic model costs depends on its input, so a sweep times its early-exit points (and their dense reference)
+    so; the mean is its cost per example (batch-mean / batch size): an exit model's batches are fast or slow
+    by how many rows stay, and the median batch can hide the slow ones. Models are PyTorch modules or ONNX
+    Runtime models (`_runner`)."""
     batches = list(encode_batches(tokenizer, examples, batch_size, max_length))
+    runners = {name: _runner(model) for name, model in models.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for round_ in range(repeats + 1):
             for batch in batches:
-                for name, model in models.items():
-                    device = next(model.parameters()).device
-                    inputs = {k: v.to(device) for k, v in batch.items()}
+                for name, run in runners.items():
                     start = time.perf_counter()
-                    model(**inputs)
+                    run(batch)
                     if round_:
                         times[name].append((time.perf_counter() - start) * 1000)
-    return {name: {"median_ms": statistics.median(values), "batch_size": batch_size, "examples": len(examples),
-                   "repeats": repeats, "data": "dev"} for name, values in times.items()}
+    return {name: {"median_ms": statistics.median(values), "mean_ms": statistics.fmean(values),
+                   "batch_size": batch_size, "examples": len(examples), "repeats": repeats, "data": "dev"}
+            for name, values in times.items()}

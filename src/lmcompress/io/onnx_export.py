@@ -123,9 +123,6 @@ def check_onnx_exportable(model: nn.Module) -> dict[str, int]:
     if getattr(model, "config", None) is None:
         raise OnnxExportError(f"{type(model).__name__} has no Hugging Face config; export takes models loaded "
                               "by lmcompress (a model directory)")
-    if exits_of(model) is not None:
-        raise OnnxExportError("an early-exit model is not exported to ONNX: which blocks run depends on each row's "
-                              "exit, which one static graph cannot express (export the model before `early_exit`)")
     packed = next((name for name, m in model.named_modules() if hasattr(m, "_packed_params")), None)
     if packed is not None:
         raise OnnxExportError(f"{packed} is a PyTorch quantize_dynamic layer (packed fbgemm weights), which has no "
@@ -160,7 +157,7 @@ def prepare_for_onnx(model: nn.Module) -> nn.Module:
 
 def graph_inputs(model: nn.Module, tokenizer) -> list[str]:
     """The tokenizer outputs the model's forward takes (input_ids and attention_mask at least)."""
-    accepted = inspect.signature(model.forward).parameters
+    accepted = inspect.signature(type(model).forward).parameters   # an early-exit model's own is a wrapper
     produced = set(getattr(tokenizer, "model_input_names", None) or ("input_ids", "attention_mask"))
     names = [n for n in INPUT_ORDER if n in accepted and (n in produced or n in ("input_ids", "attention_mask"))]
     if "input_ids" not in names:
@@ -193,15 +190,24 @@ def example_inputs(model: nn.Module, names: list[str], batch: int = 2, seq_len: 
 
 
 def _export_graph(prepared: nn.Module, names: list[str], path: Path) -> None:
-    from lmcompress.io.models import max_positions
-
     wrapper = _LogitsOnly(prepared, names).eval()
     device = execution_device(prepared)   # traced where the model is; the saved graph runs anywhere
-    example = {n: t.to(device) for n, t in example_inputs(prepared, names).items()}
+    example = example_inputs(prepared, names)
+    _export_module(wrapper, tuple(example[n].to(device) for n in names), names, ["logits"], prepared, path)
+
+
+def _export_module(wrapper: nn.Module, args: tuple, names: list[str], outputs: list[str], model: nn.Module,
+                   path: Path) -> None:
+    """`wrapper(*args)` as an ONNX graph at `path`, every input's first two dimensions (batch, sequence)
+    dynamic. A wrapper taking `*tensors` gets its shapes under that name, as torch.export matches them."""
+    from lmcompress.io.models import max_positions
+
     batch = torch.export.Dim("batch", max=65536)
-    seq = torch.export.Dim("sequence", max=max_positions(prepared) or 65536)
-    shapes = {n: {0: batch, 1: seq} for n in names}
-    args = tuple(example[n] for n in names)
+    seq = torch.export.Dim("sequence", max=max_positions(model) or 65536)
+    per_input = tuple({0: batch, 1: seq} for _ in names)
+    star = [p.name for p in inspect.signature(wrapper.forward).parameters.values()
+            if p.kind is inspect.Parameter.VAR_POSITIONAL]
+    shapes = {star[0]: per_input} if star else dict(zip(names, per_input, strict=True))
     # the exporter prints its progress on stdout, warns about torchvision ops it skips, and its optimiser logs
     # every folded constant at INFO level
     quiet = [logging.getLogger(n) for n in ("onnxscript", "onnx_ir", "torch.onnx")]
@@ -212,12 +218,62 @@ def _export_graph(prepared: nn.Module, names: list[str], path: Path) -> None:
         with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=OPSET,
-                                        input_names=names, output_names=["logits"], dynamic_shapes=shapes,
+                                        input_names=names, output_names=outputs, dynamic_shapes=shapes,
                                         custom_translation_table=_translations(), verbose=False, optimize=True)
     finally:
         for q, level in zip(quiet, levels, strict=True):
             q.setLevel(level)
     program.save(str(path), external_data=False)
+
+
+def _export_segments(prepared: nn.Module, names: list[str], folder: Path) -> list[str]:
+    """An early-exit model as one graph per segment (`io.onnx_early_exit`); the file names, in order."""
+    from lmcompress.io.onnx_early_exit import SegmentGraph, block_output_is_tuple, segment_example, segment_name
+
+    heads = exits_of(prepared)
+    device = execution_device(prepared)
+    tokens = {n: t.to(device) for n, t in example_inputs(prepared, names).items()}
+    as_tuple = block_output_is_tuple(prepared, tokens)
+    files = []
+    for index in range(len(heads.positions) + 1):
+        graph = SegmentGraph(prepared, heads, index, names, as_tuple).eval()
+        args = segment_example(prepared, graph, tokens)
+        with graph.cut():
+            _export_module(graph, args, graph.input_names, graph.output_names, prepared, folder / segment_name(index))
+        files.append(segment_name(index))
+    return files
+
+
+def _open_session(onnxruntime, path: Path):
+    options = onnxruntime.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # as evaluation runs
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _difference_vs_pytorch(onnxruntime, folder: Path, files: list[str], model: nn.Module,
+                           example: dict[str, torch.Tensor]) -> float:
+    """Largest difference between ORT's and PyTorch's logits on `example`; for an early-exit model every exit's
+    and the final logits, every row run through every segment."""
+    sessions = [_open_session(onnxruntime, folder / f) for f in files]
+    feed = {n: t.numpy() for n, t in example.items()}
+    if exits_of(model) is None:
+        return float((torch.from_numpy(sessions[0].run(["logits"], feed)[0]) - _logits(model, example)).abs().max())
+    from lmcompress.io.onnx_early_exit import HIDDEN, SEGMENT_OUTPUTS
+    from lmcompress.layers.early_exit import all_exit_logits
+
+    device = execution_device(model)
+    with torch.inference_mode():
+        head_logits, final = all_exit_logits(model, {n: t.to(device) for n, t in example.items()})
+    expected = [*head_logits, final]
+    difference, hidden = 0.0, None
+    for index, session in enumerate(sessions):
+        inputs = {**feed, HIDDEN: hidden} if index else feed
+        if index == len(sessions) - 1:
+            got = session.run(["logits"], inputs)[0]
+        else:
+            hidden, got = session.run(SEGMENT_OUTPUTS, inputs)
+        difference = max(difference, float((torch.from_numpy(got) - expected[index].float().cpu()).abs().max()))
+    return difference
 
 
 def _logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -243,38 +299,49 @@ def export_onnx(model: nn.Module, tokenizer, out: str | Path, *, overwrite: bool
     names = graph_inputs(model, tokenizer)
     prepared = prepare_for_onnx(model)
     started = time.perf_counter()
+    heads = exits_of(model)
     with atomic_output_dir(out, overwrite) as tmp:
         try:
-            _export_graph(prepared, names, tmp / ONNX_NAME)
+            if heads is None:
+                _export_graph(prepared, names, tmp / ONNX_NAME)
+                files = [ONNX_NAME]
+            else:
+                files = _export_segments(prepared, names, tmp)
         except (OnnxExportError, KeyboardInterrupt):
             raise
         except Exception as err:  # the exporter's errors are pages long; the user gets its first line
             raise OnnxExportError(f"torch.onnx could not export {type(model).__name__}: {first_line(err)}") from err
         seconds = time.perf_counter() - started
         example = example_inputs(model, names)
-        try:  # the graph must load and run in ORT, or nothing is written
-            options = onnxruntime.SessionOptions()
-            options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # as evaluation runs
-            session = onnxruntime.InferenceSession(str(tmp / ONNX_NAME), options, providers=["CPUExecutionProvider"])
-            ort_logits = torch.from_numpy(session.run(["logits"], {n: t.numpy() for n, t in example.items()})[0])
+        try:  # the graphs must load and run in ORT, or nothing is written
+            difference = _difference_vs_pytorch(onnxruntime, tmp, files, model, example)
         except Exception as err:
             raise OnnxExportError(f"ONNX Runtime cannot run the exported graph: {first_line(err)}") from err
-        difference = float((ort_logits - _logits(model, example)).abs().max())
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         manifest = {
-            "format": "lmcompress-onnx", "format_version": ONNX_FORMAT_VERSION, "file": ONNX_NAME,
+            "format": "lmcompress-onnx", "format_version": ONNX_FORMAT_VERSION, "file": files[0],
             "architecture": type(model).__name__, "source": source, "inputs": names, "outputs": ["logits"],
             "opset": OPSET, "layers": roles,
             "export_seconds": round(seconds, 2),
             "check": {"max_abs_logit_difference_vs_pytorch": difference, "batch": 2, "seq_len": 16},
             "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
         }
+        if heads is not None:
+            manifest["early_exit"] = {**heads.manifest_entry(), "segments": files}
         (tmp / ONNX_MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
     log.info("exported %s to %s in %.1f s (ONNX Runtime vs PyTorch logits: max difference %.2g)",
              type(model).__name__, out, seconds, difference)
     return manifest
+
+
+def graph_files(manifest: dict[str, Any]) -> list[str]:
+    """The graph files of an export: one, or an early-exit model's segments in order."""
+    exits = manifest.get("early_exit")
+    if isinstance(exits, dict):
+        return [str(f) for f in exits.get("segments") or []]
+    return [str(manifest.get("file", ONNX_NAME))]
 
 
 def read_onnx_manifest(path: str | Path) -> dict[str, Any] | None:
@@ -286,6 +353,11 @@ def read_onnx_manifest(path: str | Path) -> dict[str, Any] | None:
         manifest = json.loads(file.read_text())
     except json.JSONDecodeError as err:
         raise OnnxExportError(f"{file}: corrupt manifest ({err})") from None
-    if manifest.get("format") != "lmcompress-onnx" or not (Path(path) / manifest.get("file", ONNX_NAME)).is_file():
+    if not isinstance(manifest, dict) or manifest.get("format") != "lmcompress-onnx":
         raise OnnxExportError(f"{path}: not an ONNX export made by lmcompress")
+    files = graph_files(manifest)
+    missing = next((f for f in files if "/" in f or "\\" in f or not (Path(path) / f).is_file()), None) \
+        if files else "(no segments listed)"
+    if missing is not None:
+        raise OnnxExportError(f"{path}: not an ONNX export made by lmcompress (graph {missing} is missing)")
     return manifest

@@ -43,7 +43,7 @@ class ExitRule:
         return asdict(self)
 
 
-class _Track:
+class ExitTrack:
     """Per-row state a rule needs between exits (patience: the previous prediction and the agreement count)."""
 
     def __init__(self) -> None:
@@ -55,7 +55,7 @@ class _Track:
             self.previous, self.count = self.previous[rows], self.count[rows]
 
 
-def fires(rule: ExitRule, logits: torch.Tensor, track: _Track, regression: bool) -> torch.Tensor:
+def fires(rule: ExitRule, logits: torch.Tensor, track: ExitTrack, regression: bool) -> torch.Tensor:
     """Boolean per row: the rule says this row leaves at this exit (updates `track`)."""
     logits = logits.float()
     if rule.kind == "patience":
@@ -134,17 +134,26 @@ class ExitHeads(nn.Module):
     @classmethod
     def from_manifest(cls, entry: dict[str, Any]) -> ExitHeads:
         """Empty heads of the recorded shapes; ValueError for anything `save` never writes."""
-        try:
-            positions = [int(p) for p in entry["positions"]]
-            blocks, hidden, outputs = int(entry["blocks"]), int(entry["hidden"]), int(entry["outputs"])
-            rule = ExitRule(**entry["rule"])
-            pooling = str(entry.get("pooling", "first"))   # models saved before the option pooled the first token
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"bad early_exit entry in the manifest ({err})") from None
-        shapes_ok = all(0 <= p < blocks - 1 for p in positions) and min(hidden, outputs) >= 1
-        if rule.kind not in RULES or pooling not in POOLINGS or not shapes_ok:
-            raise ValueError("bad early_exit entry in the manifest (rule, pooling, positions or sizes)")
+        positions, blocks, hidden, outputs, rule, pooling = parse_manifest_entry(entry)
         return cls(positions, blocks, hidden, outputs, rule, pooling)
+
+
+def parse_manifest_entry(entry: dict[str, Any]) -> tuple[list[int], int, int, int, ExitRule, str]:
+    """(positions, blocks, hidden, outputs, rule, pooling) of a saved `manifest_entry`, checked (it comes from a
+    model folder, which is untrusted); ValueError in one line for anything `save` never writes."""
+    try:
+        positions = [int(p) for p in entry["positions"]]
+        blocks, hidden, outputs = int(entry["blocks"]), int(entry["hidden"]), int(entry["outputs"])
+        rule = ExitRule(**entry["rule"])
+        pooling = str(entry.get("pooling", "first"))   # models saved before the option pooled the first token
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"bad early_exit entry in the manifest ({err})") from None
+    shapes_ok = bool(positions) and all(0 <= p < blocks - 1 for p in positions) \
+        and positions == sorted(set(positions)) \
+        and min(hidden, outputs) >= 1
+    if rule.kind not in RULES or pooling not in POOLINGS or not shapes_ok:
+        raise ValueError("bad early_exit entry in the manifest (rule, pooling, positions or sizes)")
+    return positions, blocks, hidden, outputs, rule, pooling
 
 
 def exits_of(model: nn.Module) -> ExitHeads | None:
@@ -195,7 +204,7 @@ def exit_forward(model: nn.Module, **inputs: Any) -> Any:
     active = torch.arange(rows, device=device)
     exit_at = torch.full((rows,), heads.blocks - 1, dtype=torch.long, device=device)
     logits: torch.Tensor | None = None
-    track = _Track()
+    track = ExitTrack()
     where = {p: i for i, p in enumerate(heads.positions)}
 
     def gather(value: Any) -> Any:
@@ -272,7 +281,7 @@ def simulate(rule: ExitRule, head_logits: list[torch.Tensor], final: torch.Tenso
     rows = final.shape[0]
     chosen = torch.full((rows,), len(head_logits), dtype=torch.long)
     out = final.float().clone()
-    track = _Track()
+    track = ExitTrack()
     for k, logits in enumerate(head_logits):
         leave = fires(rule, logits, track, regression) & (chosen == len(head_logits))
         chosen[leave] = k

@@ -14,7 +14,7 @@ from lmcompress.engine.pipeline import compress
 from lmcompress.engine.recipe import Recipe
 from lmcompress.errors import RecipeError
 from lmcompress.io.saving import MANIFEST_NAME, load, save
-from lmcompress.layers.early_exit import ExitRule, _Track, all_exit_logits, exits_of, fires, simulate
+from lmcompress.layers.early_exit import ExitRule, ExitTrack, all_exit_logits, exits_of, fires, simulate
 from lmcompress.methods.dynamic.early_exit import _choose
 from lmcompress.tasks import Examples
 
@@ -89,12 +89,12 @@ def test_rows_that_exit_leave_the_batch_and_give_batch_of_one_outputs(tokenizer,
 
 def test_rules_fire_as_documented():
     confident = torch.tensor([[4.0, 0.0], [0.1, 0.0]])
-    assert fires(ExitRule("confidence", threshold=0.9), confident, _Track(), False).tolist() == [True, False]
-    assert fires(ExitRule("entropy", threshold=0.5), confident, _Track(), False).tolist() == [True, False]
-    track, rule = _Track(), ExitRule("patience", patience=2)
+    assert fires(ExitRule("confidence", threshold=0.9), confident, ExitTrack(), False).tolist() == [True, False]
+    assert fires(ExitRule("entropy", threshold=0.5), confident, ExitTrack(), False).tolist() == [True, False]
+    track, rule = ExitTrack(), ExitRule("patience", patience=2)
     assert fires(rule, torch.tensor([[1.0, 0.0], [1.0, 0.0]]), track, False).tolist() == [False, False]
     assert fires(rule, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), track, False).tolist() == [True, False]
-    track, rule = _Track(), ExitRule("patience", patience=2, tolerance=0.1)
+    track, rule = ExitTrack(), ExitRule("patience", patience=2, tolerance=0.1)
     fires(rule, torch.tensor([[1.0], [1.0]]), track, True)
     assert fires(rule, torch.tensor([[1.05], [1.5]]), track, True).tolist() == [True, False]
 
@@ -187,12 +187,52 @@ def test_unsupported_models_are_refused_in_one_line(tokenizer):
                  progress=False, timing=False)
 
 
-def test_onnx_export_refuses_in_one_line(tokenizer):
-    from lmcompress.io.onnx_export import OnnxExportError, check_onnx_exportable
+def test_onnx_export_is_one_graph_per_segment_and_exits_as_pytorch_does(tokenizer, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from conftest import write_sentiment_csv
 
-    model, _ = with_exits(tokenizer)
-    with pytest.raises(OnnxExportError, match="early-exit") as err:
-        check_onnx_exportable(model)
+    from lmcompress.cli import main
+    from lmcompress.evaluation.onnx_runtime import OnnxEarlyExitModel, load_onnx_model
+    from lmcompress.io.onnx_export import ONNX_MANIFEST_NAME, OnnxExportError
+
+    model, _ = with_exits(tokenizer, positions=[0, 2], pooling="mean")
+    exits_of(model).rule = median_rule(model, tokenizer)
+    model.config.id2label, model.config.label2id = {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}   # the CSV's
+    save(model, tmp_path / "m", tokenizer)
+    out = tmp_path / "onnx"
+    capsys.readouterr()
+    assert main(["-q", "export", "--model", str(tmp_path / "m"), "--format", "onnx", "--out", str(out)]) == 0
+    manifest = json.loads((out / ONNX_MANIFEST_NAME).read_text())
+    segments = manifest["early_exit"]["segments"]
+    assert len(segments) == 3 and all((out / f).is_file() for f in segments)
+    assert manifest["check"]["max_abs_logit_difference_vs_pytorch"] < 1e-4   # every exit and the final head
+    onnx_model = load_onnx_model(out, threads=1)
+    assert isinstance(onnx_model, OnnxEarlyExitModel)
+    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    # the median rule: half the rows leave at the first exit; patience 2: rows leave once two exits agree
+    for rule, varied in ((exits_of(model).rule, True), (ExitRule("patience", patience=2), False)):
+        exits_of(model).rule = onnx_model.rule = rule
+        with torch.inference_mode():
+            expected = model(**batch).logits
+        got = torch.from_numpy(onnx_model.logits(dict(batch)))
+        assert onnx_model.last_exit.tolist() == exits_of(model).last_exit.tolist()
+        assert not varied or len(set(onnx_model.last_exit.tolist())) > 1   # rows left at different blocks
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+    csv = write_sentiment_csv(tmp_path / "data.csv", SENTENCES)
+    code = main(["-q", "evaluate", "--model", str(out), "--runtime", "onnxruntime", "--task", "text-classification",
+                 "--data", str(csv), "--text-column", "text", "--label-column", "label", "--repeats", "1",
+                 "--seq-len", "16", "--json", str(tmp_path / "eval.json")])
+    assert code == 0
+    assert "early exit in ONNX Runtime" in capsys.readouterr().out
+    result = json.loads((tmp_path / "eval.json").read_text())["onnxruntime"]
+    assert sum(result["exit_histogram"].values()) == len(SENTENCES)
+    assert result["data_latency"]["batch_8"]["onnxruntime_ms"] > 0
+
+    (out / segments[1]).unlink()
+    with pytest.raises(OnnxExportError, match="missing") as err:
+        load_onnx_model(out)
     assert "\n" not in str(err.value)
 
 
