@@ -3,7 +3,8 @@ compressed student by LoRA adapters (`distill --adapters lora:R`) against full d
 
 (a) From the bundled MiniLM on `--train-samples` SST-2 sentences, 1 epoch, max length 64: dev accuracy, wall
 time, trainable parameters. (b) From the cached fine-tuned teacher (16000 sentences, the seed's): students
-pruned to 40% of the FLOPs (`prune`, fisher scores, least-squares refit) and int4 (`quantize`, GPTQ, weight-only,
+pruned to 40% of the FLOPs (`prune`, fisher scores, least-squares refit; or magnitude scores without a refit, a
+student that loses more), and int4 (`quantize`, GPTQ, weight-only,
 groups of 64), each scored on dev before recovery, after `distill --time T` (full) and after
 `distill --time T --adapters lora:R`; with trainable parameters, time per training step and peak memory (the
 resident set of the process that ran the command). The dense teacher and its int8 form are scored in the same run.
@@ -33,6 +34,9 @@ CALIBRATION = ["--calib-samples", "512", "--calib-max-length", "64"]
 STUDENTS: dict[str, list[str]] = {
     "prune0.4": ["--method", "prune", "--budget", "flops=0.4", "--option", "score=fisher", "compensate=lstsq",
                  *CALIBRATION],
+    # a student with much to recover: the same budget, pieces ranked by weight magnitude and no refit
+    "prune0.4-magnitude": ["--method", "prune", "--budget", "flops=0.4", "--option", "score=magnitude",
+                           "compensate=none", *CALIBRATION],
     "int4": ["--method", "quantize", "--option", "scheme=weight_only", "bits=4", "group_size=64", "algorithm=gptq",
              *CALIBRATION],
 }
@@ -240,7 +244,8 @@ def main() -> None:
         f"{table_a(rows)}\n\n"
         "## (b) Recovery: LoRA adapters against full distillation at equal wall time\n\n"
         "Teacher: the cached fine-tuned MiniLM (16000 sentences). Students: prune0.4 = `prune --budget flops=0.4 "
-        "--option score=fisher compensate=lstsq`; int4 = `quantize --option scheme=weight_only bits=4 "
+        "--option score=fisher compensate=lstsq`; prune0.4-magnitude = the same budget with `score=magnitude "
+        "compensate=none` (a student with more to recover); int4 = `quantize --option scheme=weight_only bits=4 "
         "group_size=64 algorithm=gptq` (512 calibration sentences). Full = `distill --time T --max-length 64` "
         "(trains every float parameter of the blocks); LoRA = the same with `--adapters lora:R` (only the paths "
         "beside every linear layer of the blocks, and the classifier). dense / int8: the teacher and its int8 "
