@@ -195,3 +195,21 @@ def test_pytorch_int8_baseline_is_refused(tokenizer, tmp_path):
     with pytest.raises(OnnxExportError, match="quantize_dynamic layer"):
         export_onnx(int8_dynamic(make_tiny_bert(tokenizer.vocab_size)), tokenizer, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("manifest", [
+    {"format": "lmcompress-onnx", "file": "../model.onnx"},                       # a graph outside the folder
+    {"format": "lmcompress-onnx", "file": "model.onnx"},                          # a graph that is not there
+    {"format": "lmcompress-onnx", "early_exit": {"segments": []}},                # an early-exit export without graphs
+    {"format": "something else", "file": "model.onnx"},
+])
+def test_a_crafted_or_incomplete_manifest_is_refused_in_one_line(tmp_path, manifest):
+    from lmcompress.io.onnx_export import read_onnx_manifest
+
+    (tmp_path / "model.onnx").write_bytes(b"")
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / ONNX_MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(OnnxExportError, match="not an ONNX export made by lmcompress") as err:
+        read_onnx_manifest(folder)
+    assert "\n" not in str(err.value)
