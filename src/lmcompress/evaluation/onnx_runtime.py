@@ -25,6 +25,7 @@ from lmcompress.evaluation.efficiency import dummy_batch, measure_latency
 from lmcompress.evaluation.evaluate import check_labels
 from lmcompress.io.onnx_early_exit import run_segments
 from lmcompress.io.onnx_export import OnnxExportError, graph_files, read_onnx_manifest, require_onnx
+from lmcompress.io.onnx_sessions import open_session, shared_pool_threads
 from lmcompress.layers.early_exit import ExitRule, parse_manifest_entry
 from lmcompress.tasks import Examples, TaskSpec, compute_metrics
 from lmcompress.tasks.batching import encode_batches
@@ -77,7 +78,7 @@ class OnnxEarlyExitModel(OnnxModel):
         self.last_exit: np.ndarray | None = None
 
     def threads(self) -> int:
-        return _POOL.get("threads") or super().threads()   # a shared pool's sessions report 0 threads
+        return shared_pool_threads() or super().threads()   # a shared pool's sessions report 0 threads
 
     def logits(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
         logits, self.last_exit = run_segments(self.sessions, _feed(batch, self.inputs), self.positions,
@@ -85,53 +86,11 @@ class OnnxEarlyExitModel(OnnxModel):
         return logits
 
 
-def open_session(path: str | Path, threads: int | None = None, shared_pool: bool = False) -> Any:
-    """An ORT CPU session with every graph optimisation on and `threads` intra-op threads (default: torch's).
-    `shared_pool`: run on the process-wide pool (`_shared_pool`), as the segments of an early-exit model do."""
-    _, ort = require_onnx()
-    options = ort.SessionOptions()
-    threads = threads or torch.get_num_threads()
-    if shared_pool and _shared_pool(threads):
-        options.use_per_session_threads = False
-    else:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        if shared_pool:   # no shared pool: this session's idle workers must not spin while the next one runs
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # weight-only layers (DequantizeLinear + MatMul, fused by ORT into MatMulNBits) multiply in float, as
-    # PyTorch's do; ORT's default accuracy level would quantize their activations to int8 too
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-_POOL: dict[str, int] = {}
-
-
-def _shared_pool(threads: int) -> bool:
-    """Whether ORT's process-wide intra-op pool exists (created here, once, with `threads` threads).
-
-    Why: each session has its own pool by default, whose workers spin for a while after every run. An early-exit
-    model calls its segment sessions one after another, so the workers of the last one spin on the cores the
-    next one needs: on MiniLM at batch 1 on 2 cores, 18.7 ms per sentence with a pool per segment, 4.6 ms with
-    spinning off, 3.3 ms with one shared pool (dense in ORT: 4.9 ms). ORT's Python API creates the shared pool
-    only through `set_global_thread_pool_sizes` of its binding module; where that is missing or refuses, the
-    segments fall back to their own pools without spinning. The pool's size is the first caller's."""
-    if "threads" not in _POOL:
-        try:
-            from onnxruntime.capi import _pybind_state
-
-            _pybind_state.set_global_thread_pool_sizes(threads, 1)
-            _POOL["threads"] = threads
-        except (ImportError, AttributeError, RuntimeError):
-            _POOL["threads"] = 0
-    return _POOL["threads"] > 0
-
-
 def load_onnx_model(path: str | Path, threads: int | None = None) -> OnnxModel:
     """Open a directory written by `export_onnx`."""
     import transformers
 
+    require_onnx()
     path = Path(path)
     manifest = read_onnx_manifest(path)
     if manifest is None:

@@ -244,17 +244,13 @@ def _export_segments(prepared: nn.Module, names: list[str], folder: Path) -> lis
     return files
 
 
-def _open_session(onnxruntime, path: Path):
-    options = onnxruntime.SessionOptions()
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # as evaluation runs
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _difference_vs_pytorch(onnxruntime, folder: Path, files: list[str], model: nn.Module,
+def _difference_vs_pytorch(folder: Path, files: list[str], model: nn.Module,
                            example: dict[str, torch.Tensor]) -> float:
     """Largest difference between ORT's and PyTorch's logits on `example`; for an early-exit model every exit's
-    and the final logits, every row run through every segment."""
-    sessions = [_open_session(onnxruntime, folder / f) for f in files]
+    and the final logits, every row run through every segment (sessions opened as evaluation opens them)."""
+    from lmcompress.io.onnx_sessions import open_session
+
+    sessions = [open_session(folder / f) for f in files]
     feed = {n: t.numpy() for n, t in example.items()}
     if exits_of(model) is None:
         return float((torch.from_numpy(sessions[0].run(["logits"], feed)[0]) - _logits(model, example)).abs().max())
@@ -314,7 +310,7 @@ def export_onnx(model: nn.Module, tokenizer, out: str | Path, *, overwrite: bool
         seconds = time.perf_counter() - started
         example = example_inputs(model, names)
         try:  # the graphs must load and run in ORT, or nothing is written
-            difference = _difference_vs_pytorch(onnxruntime, tmp, files, model, example)
+            difference = _difference_vs_pytorch(tmp, files, model, example)
         except Exception as err:
             raise OnnxExportError(f"ONNX Runtime cannot run the exported graph: {first_line(err)}") from err
         model.config.save_pretrained(tmp)

@@ -220,6 +220,12 @@ def test_onnx_export_is_one_graph_per_segment_and_exits_as_pytorch_does(tokenize
         assert not varied or len(set(onnx_model.last_exit.tolist())) > 1   # rows left at different blocks
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
+    # the segments run on ORT's process-wide pool; models exported and opened after it still run (on it)
+    from lmcompress.io.onnx_export import export_onnx
+
+    export_onnx(tiny_bert(tokenizer.vocab_size), tokenizer, tmp_path / "static")
+    assert load_onnx_model(tmp_path / "static").logits(dict(batch)).shape == (len(SENTENCES), 2)
+
     csv = write_sentiment_csv(tmp_path / "data.csv", SENTENCES)
     code = main(["-q", "evaluate", "--model", str(out), "--runtime", "onnxruntime", "--task", "text-classification",
                  "--data", str(csv), "--text-column", "text", "--label-column", "label", "--repeats", "1",
