@@ -5,8 +5,9 @@ export cuts the model at its exits. Segment 0 takes the tokenizer's tensors and 
 blocks up to the first exit; segment k takes the same tensors plus `hidden` (the block states where segment
 k-1 stopped) and runs the blocks up to exit k; each of these returns `hidden_out` and its exit head's
 `exit_logits`. The last segment runs the blocks after the last exit and the model's own head (`logits`).
-Between graphs, `run_segments` applies the saved rule with the same `fires` code as the PyTorch forward pass and
-keeps only the rows that stay, so at batch size > 1 later graphs see smaller batches, as in PyTorch.
+Between graphs, `run_segments` applies the saved rule (`fires_array`, the NumPy twin of the PyTorch forward
+pass's `fires`) and keeps only the rows that stay, so at batch size > 1 later graphs see smaller batches, as in
+PyTorch.
 
 How a segment is traced: the model's own forward runs (so pruned, factorised and int8 blocks, and the family's
 mask code, need nothing special) with the blocks outside the segment swapped for pass-throughs; a pre-hook on
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmcompress.layers.early_exit import ExitHeads, ExitRule, ExitTrack, exit_blocks, fires, full_forward
+from lmcompress.layers.early_exit import ExitHeads, ExitRule, ExitTrack, exit_blocks, fires_array, full_forward
 
 HIDDEN = "hidden"
 SEGMENT_OUTPUTS = ["hidden_out", "exit_logits"]
@@ -148,7 +149,8 @@ def run_segments(sessions: list[Any], feed: dict[str, np.ndarray], heads_positio
                  rule: ExitRule, regression: bool,
                  segment_inputs: list[set[str]] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(logits, block index each row left after: blocks - 1 for none) of one batch through the segment graphs,
-    rows leaving where `rule` fires (the forward pass's own `fires`), the rest going on in a smaller batch.
+    rows leaving where `rule` fires (`fires_array`: no PyTorch op runs between the graphs), the rest going on in
+    a smaller batch.
     `segment_inputs`: each graph's input names (a graph may have dropped a token input it does not read)."""
     rows = next(iter(feed.values())).shape[0]
     active = np.arange(rows)
@@ -169,13 +171,13 @@ def run_segments(sessions: list[Any], feed: dict[str, np.ndarray], heads_positio
         hidden, scores = session.run(SEGMENT_OUTPUTS, inputs)
         if logits is None:
             logits = np.zeros((rows, scores.shape[-1]), dtype=scores.dtype)
-        leave = fires(rule, torch.from_numpy(scores), track, regression).numpy()
+        leave = fires_array(rule, scores, track, regression)
         if leave.any():
             logits[active[leave]] = scores[leave]
             exit_at[active[leave]] = heads_positions[index]
             stay = np.flatnonzero(~leave)
             active = active[stay]
-            track.keep(torch.from_numpy(stay))
+            track.keep(stay)
             if not active.size:
                 break
             feed = {name: value[stay] for name, value in feed.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -97,6 +98,29 @@ def test_rules_fire_as_documented():
     track, rule = ExitTrack(), ExitRule("patience", patience=2, tolerance=0.1)
     fires(rule, torch.tensor([[1.0], [1.0]]), track, True)
     assert fires(rule, torch.tensor([[1.05], [1.5]]), track, True).tolist() == [True, False]
+
+
+@pytest.mark.parametrize("rule", [ExitRule("confidence", threshold=0.8), ExitRule("entropy", threshold=0.4),
+                                  ExitRule("patience", patience=2), ExitRule("patience", patience=0)])
+@pytest.mark.parametrize("regression", [False, True])
+def test_the_numpy_rule_of_the_onnx_loop_fires_as_the_torch_one(rule, regression):
+    from lmcompress.layers.early_exit import fires_array
+
+    if regression and rule.kind != "patience":
+        pytest.skip("regressors exit by patience only")
+    generator = torch.Generator().manual_seed(0)
+    torch_track, numpy_track = ExitTrack(), ExitTrack()
+    rows = torch.arange(64)
+    for _ in range(4):   # successive exits, rows dropping out between them as they leave
+        logits = torch.randn(rows.numel(), 1 if regression else 3, generator=generator) * 3
+        logits = logits.round(decimals=1) if regression else logits
+        expected = fires(replace(rule, tolerance=0.15), logits, torch_track, regression)
+        got = fires_array(replace(rule, tolerance=0.15), logits.numpy(), numpy_track, regression)
+        assert got.tolist() == expected.tolist()
+        stay = (~expected).nonzero().squeeze(-1)
+        torch_track.keep(stay)
+        numpy_track.keep(stay.numpy())
+        rows = rows[stay]
 
 
 def test_targets_pick_the_cheapest_rule_within_the_drop_and_the_best_within_the_flops():
