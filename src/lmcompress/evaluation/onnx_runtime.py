@@ -56,7 +56,8 @@ class OnnxModel:
         return self.session.run(["logits"], _feed(batch, self.inputs))[0]
 
     def threads(self) -> int:
-        return int(self.session.get_session_options().intra_op_num_threads)
+        # a session on the shared pool (`io.onnx_sessions`) reports 0 threads of its own
+        return int(self.session.get_session_options().intra_op_num_threads) or shared_pool_threads()
 
     def graph_bytes(self) -> int:
         return sum((self.path / f).stat().st_size for f in graph_files(self.manifest))
@@ -76,9 +77,6 @@ class OnnxEarlyExitModel(OnnxModel):
     def __post_init__(self) -> None:
         self.segment_inputs = [{i.name for i in s.get_inputs()} for s in self.sessions]
         self.last_exit: np.ndarray | None = None
-
-    def threads(self) -> int:
-        return shared_pool_threads() or super().threads()   # a shared pool's sessions report 0 threads
 
     def logits(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
         logits, self.last_exit = run_segments(self.sessions, _feed(batch, self.inputs), self.positions,
