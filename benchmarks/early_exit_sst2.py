@@ -30,7 +30,7 @@ from common import ROOT, SHARED_GLUE, finetuned_model, load_rows, made_by, save_
 from lmcompress.engine.pipeline import compress
 from lmcompress.engine.recipe import Recipe
 from lmcompress.evaluation import count_flops, predict
-from lmcompress.evaluation.dynamic import paired_data_latency
+from lmcompress.evaluation.dynamic import first_examples, paired_data_latency
 from lmcompress.evaluation.efficiency import block_flops
 from lmcompress.evaluation.results_table import markdown_table
 from lmcompress.layers.early_exit import ExitRule, all_exit_logits, exit_costs, exits_of, simulate
@@ -77,7 +77,7 @@ def main() -> None:
         train = load_examples(task, str(SHARED_GLUE / folder), "train")
         dev = load_examples(task, str(SHARED_GLUE / folder), "dev")
         if args.max_dev:
-            dev = _head(dev, args.max_dev)
+            dev = first_examples(dev, args.max_dev)
         model, tokenizer = finetuned_model(task, train, train_samples, int(seed), Path(args.cache), epochs)
         bench = Bench(args, task, int(seed), model, tokenizer, unseen(train, train_samples, int(seed)), dev)
         for setting, base, stages, flops_target in bench.settings():
@@ -103,11 +103,6 @@ def unseen(train: Examples, taken: int, seed: int) -> Examples:
         return train
     pairs = None if train.text_pairs is None else [train.text_pairs[i] for i in rest]
     return Examples([train.texts[i] for i in rest], pairs, [train.labels[i] for i in rest], train.label_names)
-
-
-def _head(examples: Examples, count: int) -> Examples:
-    pairs = None if examples.text_pairs is None else examples.text_pairs[:count]
-    return Examples(examples.texts[:count], pairs, examples.labels[:count], examples.label_names)
 
 
 class Bench:
@@ -172,7 +167,7 @@ class Bench:
         predictions = predict(model, self.tokenizer, self.dev, batch_size=64, max_length=128, progress=False)
         metric = self.score(predictions)
         onnx_model, ort_metric, export_s = self.in_onnx(model) if self.args.onnx else (None, None, None)
-        sample = _head(self.dev, self.args.latency_examples)
+        sample = first_examples(self.dev, self.args.latency_examples)
         latency = {}
         for size in (1, 8):   # timed in alternation with the dense model on the same dev batches
             models = {"point": model, "dense": self.model, **({"ort": onnx_model} if onnx_model else {})}

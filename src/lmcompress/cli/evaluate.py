@@ -74,21 +74,26 @@ def _onnxruntime(args: argparse.Namespace) -> None:
              + (f", PyTorch {result['metric']['value']:.4f}" if result else " (no PyTorch model: source not found)")
              + f" on {ort['examples']} examples"]
     for key, row in ort["latency"].items():
-        versus = (f" vs PyTorch {row['pytorch_ms']:.2f} ms: ONNX Runtime {row['speedup']:.2f}x"
-                  if row["pytorch_ms"] else "")
+        versus = _versus_pytorch(row)
         lines.append(f"latency ({key.replace('_', ' ')}, {args.seq_len} tokens, median of {args.repeats}): "
                      f"ONNX Runtime {row['onnxruntime_ms']:.2f} ms{versus}")
     if "exit_histogram" in ort:
         blocks = ", ".join(f"{int(b) + 1}: {n}" for b, n in ort["exit_histogram"].items())
         lines.append(f"early exit in ONNX Runtime: examples leaving after block {blocks}")
         for key, row in ort["data_latency"].items():
-            versus = (f" vs PyTorch {row['pytorch_ms']:.2f} ms: ONNX Runtime {row['speedup']:.2f}x"
-                      if row["pytorch_ms"] else "")
+            versus = _versus_pytorch(row)
             lines.append(f"latency on the first {row['examples']} dev examples ({key.replace('_', ' ')}, mean per "
                          f"batch): ONNX Runtime {row['onnxruntime_ms']:.2f} ms{versus}")
     print("\n".join(lines))
     if args.json:
         write_json(args.json, {**result, "runtime": "onnxruntime", "onnxruntime": ort})
+
+
+def _versus_pytorch(row: dict) -> str:
+    """" vs PyTorch N ms: ONNX Runtime Mx" for a latency row timed in both runtimes, "" without PyTorch."""
+    if not row["pytorch_ms"]:
+        return ""
+    return f" vs PyTorch {row['pytorch_ms']:.2f} ms: ONNX Runtime {row['speedup']:.2f}x"
 
 
 def _dynamic_lines(dynamic: dict, seq_len: int) -> str:
