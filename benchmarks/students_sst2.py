@@ -18,6 +18,9 @@ Presets (each sets every knob below; flags given explicitly override them):
   augment  seed 0; all SST-2 training text as all-text; n {1,2}, table 200k, dim 256, without and with 3
          augmented copies of every text labelled by the teacher (`augment=3`: masked, swapped and cut words, Tang et
          al. 2019), side by side. Write it to its own --out.
+  init   seeds 0 1 2; all SST-2 training text as all-text; n {1,2}, table 200k, dim 256, the table's rows random or
+         from the teacher (`init=embeddings`: its input embeddings of each n-gram's word pieces; `init=encoder`: its
+         encoder run on each n-gram), side by side. Write it to its own --out.
   fourier-half  seed 0; Fourier only: the 3 least sensitive of 6 attention blocks, then 10 minutes of distill.
   smoke  a minute: checks that the script runs (tiny sizes; its numbers mean nothing).
 
@@ -61,10 +64,13 @@ PRESETS = {
                 "dim": [256], "subword": [0, 5], "labelled_only": False, "ks": [], "distill": [], "epochs": 5},
     "augment": {"seeds": [0], "labelled": 16_000, "unlabelled": None, "ngram": [1, 2], "table": [200_000],
                 "dim": [256], "augment": [0, 3], "labelled_only": False, "ks": [], "distill": [], "epochs": 5},
+    "init": {"seeds": [0, 1, 2], "labelled": 16_000, "unlabelled": None, "ngram": [1, 2], "table": [200_000],
+             "dim": [256], "init": ["random", "embeddings", "encoder"], "labelled_only": False, "ks": [],
+             "distill": [], "epochs": 5},
     "fourier-half": {"seeds": [0], "labelled": 4000, "unlabelled": 0, "ngram": [], "table": [], "dim": [],
                      "ks": [3], "distill": ["10m"], "epochs": 5},
     "smoke": {"seeds": [0], "labelled": 200, "unlabelled": 200, "ngram": [1], "table": [1000], "dim": [16],
-              "ks": [1], "distill": ["10s"], "epochs": 1},
+              "init": ["random", "encoder"], "ks": [1], "distill": ["10s"], "epochs": 1},
     "full": {"seeds": [0, 1, 2], "labelled": 16_000, "unlabelled": None, "ngram": [1, 2, 3],
              "table": [20_000, 200_000, 1_000_000], "dim": [64, 256, 1024], "ks": [1, 2, 3, 4, 5, 6],
              "distill": ["5m", "10m"], "epochs": 5},
@@ -104,12 +110,13 @@ def dan_points(settings: dict) -> list[tuple[str, DANOptions, bool]]:
     points: list[tuple[str, DANOptions, bool]] = []
     if not settings["ngram"]:
         return points
-    for ngram, table, dim, subword, augment in itertools.product(settings["ngram"], settings["table"],
-                                                                 settings["dim"], settings.get("subword", [0]),
-                                                                 settings.get("augment", [0])):
+    for ngram, table, dim, subword, augment, init in itertools.product(
+            settings["ngram"], settings["table"], settings["dim"], settings.get("subword", [0]),
+            settings.get("augment", [0]), settings.get("init", ["random"])):
         options = DANOptions(ngram=ngram, table=table, dim=dim, hidden=256, epochs=settings["epochs"],
-                             subword=subword, augment=augment, max_length=64)
-        chars = (f" subword 3-{subword}" if subword else "") + (f" +{augment} augmented" if augment else "")
+                             subword=subword, augment=augment, init=init, max_length=64)
+        chars = (f" subword 3-{subword}" if subword else "") + (f" +{augment} augmented" if augment else "") \
+            + (f" init={init}" if init != "random" else "")
         points.append((f"DAN n={ngram} table={table // 1000}k dim={dim}{chars} +unlabelled", options, True))
     if not settings.get("labelled_only", True):
         return points
@@ -166,6 +173,7 @@ def run_seed(seed: int, settings: dict, args, task, train: Examples, dev: Exampl
                              augmented=augmented.get(key))
         record(name, result.model, result.model.featurizer,
                {"kind": "dan", "params": result.report["params"], "train_s": result.report["seconds"],
+                "init_s": result.report["init_seconds"],
                 "augmented": result.report["augmented"]})
     fourier(seed, settings, teacher, tokenizer, task, labelled, dev, rows, out, teacher_acc)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from lmcompress.core.progress import track
@@ -25,6 +25,7 @@ from lmcompress.errors import DataError, LMCompressError
 from lmcompress.kernels.ngrams import MAX_SUBWORD, NgramFeaturizer, check_subword
 from lmcompress.layers.dan import DAN, DANConfig
 from lmcompress.training.augment import Augmented, augment_texts
+from lmcompress.training.dan_init import InitMode, teacher_rows
 
 log = logging.getLogger("lmcompress")
 
@@ -40,6 +41,8 @@ class DANOptions(BaseModel):
     hash: int | None = Field(default=None, ge=1, description="hash every n-gram into this many rows instead")
     min_count: int = Field(default=1, ge=1, description="drop n-grams seen fewer times")
     dim: int = Field(default=256, ge=1, description="embedding dimension")
+    init: InitMode = Field(default="random", description="table rows from: random, the teacher's input "
+                           "embeddings of each n-gram's word pieces, or its encoder run on each n-gram")
     hidden: int = Field(default=256, ge=1, description="hidden layer width")
     layers: int = Field(default=1, ge=0, description="hidden layers after the average")
     dropout: float = Field(default=0.1, ge=0, lt=1)
@@ -65,6 +68,12 @@ class DANOptions(BaseModel):
             return check_subword(value)
         except DataError as err:
             raise ValueError(str(err)) from None
+
+    @model_validator(mode="after")
+    def _init_needs_vocabulary(self) -> DANOptions:
+        if self.init != "random" and self.hash is not None:
+            raise ValueError(f"init={self.init} needs a kept n-gram vocabulary; a hashed table has no n-gram per row")
+        return self
 
 
 @dataclass
@@ -205,6 +214,12 @@ def distill_dan(teacher: nn.Module, tokenizer: Any, texts: Sequence[str], labels
                        problem_type="regression" if regression else "single_label_classification",
                        dropout=options.dropout)
     model = DAN(config, featurizer)
+    init_seconds = 0.0
+    if options.init != "random":
+        rows, init_seconds = teacher_rows(teacher, tokenizer, featurizer, options.init, options.dim, options.seed,
+                                          progress)
+        with torch.no_grad():
+            model.embedding.weight.copy_(rows)
     optimisers = _optimisers(model, options)
     temperature = options.temperature
 
@@ -229,6 +244,7 @@ def distill_dan(teacher: nn.Module, tokenizer: Any, texts: Sequence[str], labels
               "vocabulary": featurizer.vocab_size - 1,
               "texts_without_features": empty, "soft_losses": [round(v, 5) for v in losses],
               "label_losses": [round(v, 5) for v in label_losses], "seconds": round(time.perf_counter() - started, 1),
+              "init_seconds": round(init_seconds, 1),
               "params": sum(p.numel() for p in model.parameters()), "options": options.model_dump()}
     if any(math.isnan(v) for v in losses):
         raise LMCompressError("DAN training diverged (NaN loss); lower lr or embedding_lr")
