@@ -21,6 +21,8 @@ Presets (each sets every knob below; flags given explicitly override them):
   init   seeds 0 1 2; all SST-2 training text as all-text; n {1,2}, table 200k, dim 256, the table's rows random or
          from the teacher (`init=embeddings`: its input embeddings of each n-gram's word pieces; `init=encoder`: its
          encoder run on each n-gram), side by side. Write it to its own --out.
+  init-lr  seed 0; as init for n=2, random and encoder rows, with the table's rate (embedding_lr) at 3e-3 and 1e-3
+         instead of 1e-2: whether a slower table keeps more of what the teacher's rows start with.
   fourier-half  seed 0; Fourier only: the 3 least sensitive of 6 attention blocks, then 10 minutes of distill.
   smoke  a minute: checks that the script runs (tiny sizes; its numbers mean nothing).
 
@@ -67,6 +69,9 @@ PRESETS = {
     "init": {"seeds": [0, 1, 2], "labelled": 16_000, "unlabelled": None, "ngram": [1, 2], "table": [200_000],
              "dim": [256], "init": ["random", "embeddings", "encoder"], "labelled_only": False, "ks": [],
              "distill": [], "epochs": 5},
+    "init-lr": {"seeds": [0], "labelled": 16_000, "unlabelled": None, "ngram": [2], "table": [200_000],
+                "dim": [256], "init": ["random", "encoder"], "embedding_lr": [3e-3, 1e-3], "labelled_only": False,
+                "ks": [], "distill": [], "epochs": 5},
     "fourier-half": {"seeds": [0], "labelled": 4000, "unlabelled": 0, "ngram": [], "table": [], "dim": [],
                      "ks": [3], "distill": ["10m"], "epochs": 5},
     "smoke": {"seeds": [0], "labelled": 200, "unlabelled": 200, "ngram": [1], "table": [1000], "dim": [16],
@@ -110,13 +115,14 @@ def dan_points(settings: dict) -> list[tuple[str, DANOptions, bool]]:
     points: list[tuple[str, DANOptions, bool]] = []
     if not settings["ngram"]:
         return points
-    for ngram, table, dim, subword, augment, init in itertools.product(
+    default_lr = DANOptions.model_fields["embedding_lr"].default
+    for ngram, table, dim, subword, augment, init, lr in itertools.product(
             settings["ngram"], settings["table"], settings["dim"], settings.get("subword", [0]),
-            settings.get("augment", [0]), settings.get("init", ["random"])):
+            settings.get("augment", [0]), settings.get("init", ["random"]), settings.get("embedding_lr", [default_lr])):
         options = DANOptions(ngram=ngram, table=table, dim=dim, hidden=256, epochs=settings["epochs"],
-                             subword=subword, augment=augment, init=init, max_length=64)
+                             subword=subword, augment=augment, init=init, embedding_lr=lr, max_length=64)
         chars = (f" subword 3-{subword}" if subword else "") + (f" +{augment} augmented" if augment else "") \
-            + (f" init={init}" if init != "random" else "")
+            + (f" init={init}" if init != "random" else "") + (f" table lr {lr:g}" if lr != default_lr else "")
         points.append((f"DAN n={ngram} table={table // 1000}k dim={dim}{chars} +unlabelled", options, True))
     if not settings.get("labelled_only", True):
         return points
