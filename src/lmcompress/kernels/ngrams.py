@@ -101,7 +101,8 @@ class NgramFeaturizer:
 
     def grams(self, text: str, prefix: str = "") -> list[str]:
         tokens = words(text, self.lowercase)
-        return ngrams(tokens, self.order, prefix) + subwords(tokens, self.subword, prefix)
+        grams = ngrams(tokens, self.order, prefix)
+        return grams + subwords(tokens, self.subword, prefix) if self.subword else grams
 
     def ids(self, text: str, pair: str | None = None) -> list[int]:
         grams = self.grams(text)
@@ -125,9 +126,8 @@ class NgramFeaturizer:
             row = self.ids(text, pairs[index] if pairs is not None else None)
             rows.append(row[:self.features_per_word * max_length] if truncation and max_length else row)
         width = max(1, *(len(r) for r in rows))
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        # one tensor from padded lists, not one per row: this runs on every batch of text in
+        ids = torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.long)
         return {"input_ids": ids, "attention_mask": (ids != 0).long()}
 
     def to_json(self) -> str:

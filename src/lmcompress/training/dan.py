@@ -145,10 +145,7 @@ def _batches(features: list[list[int]], order: list[int], size: int):
     for start in range(0, len(order), size):
         chunk = order[start:start + size]
         width = max(1, *(len(features[i]) for i in chunk))
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        for row, i in enumerate(chunk):
-            ids[row, :len(features[i])] = torch.tensor(features[i], dtype=torch.long)
-        yield chunk, ids
+        yield chunk, torch.tensor([features[i] + [0] * (width - len(features[i])) for i in chunk], dtype=torch.long)
 
 
 def _optimisers(model: DAN, options: DANOptions) -> list[torch.optim.Optimizer]:
