@@ -35,7 +35,10 @@ def words(text: str, lowercase: bool = True) -> list[str]:
 
 def ngrams(tokens: Sequence[str], order: int, prefix: str = "") -> list[str]:
     """Every n-gram of `tokens` for n = 1..order, joined by spaces (`prefix` marks a pair's second text)."""
-    return [prefix + " ".join(tokens[i:i + n]) for n in range(1, order + 1) for i in range(len(tokens) - n + 1)]
+    grams = [prefix + t for t in tokens] if prefix else list(tokens)
+    for n in range(2, order + 1):
+        grams += [prefix + " ".join(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return grams
 
 
 def subwords(tokens: Sequence[str], longest: int, prefix: str = "") -> list[str]:
@@ -100,17 +103,23 @@ class NgramFeaturizer:
         return self.order + sum(7 - n + 1 for n in range(MIN_SUBWORD, self.subword + 1))
 
     def grams(self, text: str, prefix: str = "") -> list[str]:
-        tokens = words(text, self.lowercase)
+        return self._grams_of(words(text, self.lowercase), prefix)
+
+    def ids(self, text: str, pair: str | None = None) -> list[int]:
+        return self._row(words(text, self.lowercase), None if pair is None else words(pair, self.lowercase))
+
+    def _grams_of(self, tokens: list[str], prefix: str = "") -> list[str]:
         grams = ngrams(tokens, self.order, prefix)
         return grams + subwords(tokens, self.subword, prefix) if self.subword else grams
 
-    def ids(self, text: str, pair: str | None = None) -> list[int]:
-        grams = self.grams(text)
-        if pair is not None:
-            grams += self.grams(pair, prefix="2|")
+    def _row(self, tokens: list[str], pair_tokens: list[str] | None) -> list[int]:
+        """The ids of a text already split into words (split once: this runs on every text in)."""
+        grams = self._grams_of(tokens)
+        if pair_tokens is not None:
+            grams += self._grams_of(pair_tokens, prefix="2|")
         if self.vocab is None:
             return [1 + zlib.crc32(g.encode()) % self.hash_size for g in grams]
-        return [i for i in (self.vocab.get(g) for g in grams) if i is not None]
+        return [i for i in map(self.vocab.get, grams) if i is not None]
 
     def __call__(self, texts: str | Sequence[str], pairs: Sequence[str] | None = None, padding: bool = True,
                  truncation: bool = True, max_length: int | None = None, return_tensors: str = "pt",
@@ -121,9 +130,11 @@ class NgramFeaturizer:
         texts = [texts] if isinstance(texts, str) else list(texts)
         rows = []
         for index, text in enumerate(texts):
-            if not words(text, self.lowercase) and not (pairs and words(pairs[index], self.lowercase)):
+            tokens = words(text, self.lowercase)
+            pair_tokens = None if pairs is None else words(pairs[index], self.lowercase)
+            if not tokens and not pair_tokens:
                 raise DataError(f"text {index} has no features (no words): {text!r:.60}")
-            row = self.ids(text, pairs[index] if pairs is not None else None)
+            row = self._row(tokens, pair_tokens)
             rows.append(row[:self.features_per_word * max_length] if truncation and max_length else row)
         width = max(1, *(len(r) for r in rows))
         # one tensor from padded lists, not one per row: this runs on every batch of text in
