@@ -23,7 +23,7 @@ Presets (each sets every knob below; flags given explicitly override them):
          encoder run on each n-gram), side by side. Write it to its own --out.
   init-lr  seed 0; as init for n=2, random and encoder rows, with the table's rate (embedding_lr) at 3e-3 and 1e-3
          instead of 1e-2: whether a slower table keeps more of what the teacher's rows start with.
-  init-n3  seed 0; as init for trigrams in the same 200k table (the teacher reads each kept phrase of up to three words).
+  init-n3  seed 0; as init for trigrams in the same 200k table (the teacher reads each kept phrase of 1-3 words).
   fourier-half  seed 0; Fourier only: the 3 least sensitive of 6 attention blocks, then 10 minutes of distill.
   smoke  a minute: checks that the script runs (tiny sizes; its numbers mean nothing).
 
