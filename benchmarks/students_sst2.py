@@ -24,6 +24,7 @@ Presets (each sets every knob below; flags given explicitly override them):
   init-lr  seed 0; as init for n=2, random and encoder rows, with the table's rate (embedding_lr) at 3e-3 and 1e-3
          instead of 1e-2: whether a slower table keeps more of what the teacher's rows start with.
   init-n3  seed 0; as init for trigrams in the same 200k table (the teacher reads each kept phrase of 1-3 words).
+  init-dim  seeds 0 1 2; as init for n=1 with the encoder's rows at dim 384, the teacher's width (no PCA cut).
   fourier-half  seed 0; Fourier only: the 3 least sensitive of 6 attention blocks, then 10 minutes of distill.
   smoke  a minute: checks that the script runs (tiny sizes; its numbers mean nothing).
 
@@ -76,6 +77,8 @@ PRESETS = {
     "init-n3": {"seeds": [0], "labelled": 16_000, "unlabelled": None, "ngram": [3], "table": [200_000],
                 "dim": [256], "init": ["random", "encoder"], "labelled_only": False, "ks": [], "distill": [],
                 "epochs": 5},
+    "init-dim": {"seeds": [0, 1, 2], "labelled": 16_000, "unlabelled": None, "ngram": [1], "table": [200_000],
+                 "dim": [384], "init": ["encoder"], "labelled_only": False, "ks": [], "distill": [], "epochs": 5},
     "fourier-half": {"seeds": [0], "labelled": 4000, "unlabelled": 0, "ngram": [], "table": [], "dim": [],
                      "ks": [3], "distill": ["10m"], "epochs": 5},
     "smoke": {"seeds": [0], "labelled": 200, "unlabelled": 200, "ngram": [1], "table": [1000], "dim": [16],
