@@ -57,7 +57,7 @@ from lmcompress.evaluation import predict
 from lmcompress.evaluation.efficiency import paired_latency
 from lmcompress.evaluation.results_table import markdown_table
 from lmcompress.tasks import Examples, compute_metrics, get_task, load_examples
-from lmcompress.training.dan import DANOptions, distill_dan, label_augmented, teacher_outputs
+from lmcompress.training.dan import DANOptions, distill_dan, label_augmented, teacher_targets
 
 PRESETS = {
     "first": {"seeds": [0], "labelled": 4000, "unlabelled": 8000, "ngram": [1, 2], "table": [20_000, 200_000],
@@ -123,13 +123,17 @@ def dan_points(settings: dict) -> list[tuple[str, DANOptions, bool]]:
     if not settings["ngram"]:
         return points
     default_lr = DANOptions.model_fields["embedding_lr"].default
-    for ngram, table, dim, subword, augment, init, lr in itertools.product(
+    for ngram, table, dim, subword, augment, init, lr, layers, word_dropout, hint in itertools.product(
             settings["ngram"], settings["table"], settings["dim"], settings.get("subword", [0]),
-            settings.get("augment", [0]), settings.get("init", ["random"]), settings.get("embedding_lr", [default_lr])):
+            settings.get("augment", [0]), settings.get("init", ["random"]), settings.get("embedding_lr", [default_lr]),
+            settings.get("layers", [1]), settings.get("word_dropout", [0.0]), settings.get("hint", [0.0])):
         options = DANOptions(ngram=ngram, table=table, dim=dim, hidden=256, epochs=settings["epochs"],
-                             subword=subword, augment=augment, init=init, embedding_lr=lr, max_length=64)
+                             subword=subword, augment=augment, init=init, embedding_lr=lr, max_length=64,
+                             layers=layers, word_dropout=word_dropout, hint=hint)
         chars = (f" subword 3-{subword}" if subword else "") + (f" +{augment} augmented" if augment else "") \
-            + (f" init={init}" if init != "random" else "") + (f" table lr {lr:g}" if lr != default_lr else "")
+            + (f" init={init}" if init != "random" else "") + (f" table lr {lr:g}" if lr != default_lr else "") \
+            + (f" layers={layers}" if layers != 1 else "") \
+            + (f" word dropout {word_dropout:g}" if word_dropout else "") + (f" hint {hint:g}" if hint else "")
         points.append((f"DAN n={ngram} table={table // 1000}k dim={dim}{chars} +unlabelled", options, True))
     if not settings.get("labelled_only", True):
         return points
@@ -148,7 +152,8 @@ def run_seed(seed: int, settings: dict, args, task, train: Examples, dev: Exampl
     unlabelled = rest if settings["unlabelled"] is None else \
         [rest[i] for i in np.random.default_rng(seed).permutation(len(rest))[:settings["unlabelled"]]]
     started = time.perf_counter()
-    logits = teacher_outputs(teacher, tokenizer, [*labelled.texts, *unlabelled], max_length=64)
+    logits, states = teacher_targets(teacher, tokenizer, [*labelled.texts, *unlabelled], max_length=64,
+                                     states=any(settings.get("hint", [0.0])))
     print(f"seed {seed}: teacher outputs for {len(logits)} texts in {time.perf_counter() - started:.0f}s", flush=True)
     int8 = copy.deepcopy(teacher)
     compress(int8, Recipe.single("quantize", scheme="dynamic"), tokenizer, progress=False, timing=False)
@@ -176,6 +181,7 @@ def run_seed(seed: int, settings: dict, args, task, train: Examples, dev: Exampl
         options = options.model_copy(update={"seed": seed})
         extra_texts = unlabelled if with_unlabelled else []
         soft = logits if with_unlabelled else logits[:len(labelled.texts)]
+        pooled = states if states is None or with_unlabelled else states[:len(labelled.texts)]
         key = (options.augment, with_unlabelled)
         if options.augment and key not in augmented:
             started = time.perf_counter()
@@ -183,7 +189,7 @@ def run_seed(seed: int, settings: dict, args, task, train: Examples, dev: Exampl
             print(f"seed {seed}: {len(augmented[key][0])} augmented copies labelled in "
                   f"{time.perf_counter() - started:.0f}s", flush=True)
         result = distill_dan(teacher, tokenizer, labelled.texts, None, extra_texts, options, teacher_logits=soft,
-                             augmented=augmented.get(key))
+                             augmented=augmented.get(key), teacher_states=pooled)
         record(name, result.model, result.model.featurizer,
                {"kind": "dan", "params": result.report["params"], "train_s": result.report["seconds"],
                 "init_s": result.report["init_seconds"],

@@ -14,7 +14,14 @@ from lmcompress.evaluation.efficiency import count_flops, measure_latency, param
 from lmcompress.io.saving import load, save
 from lmcompress.kernels.ngrams import NgramFeaturizer, ngrams, words
 from lmcompress.layers.dan import DAN
-from lmcompress.training.dan import DANOptions, distill_dan, label_augmented
+from lmcompress.training.dan import (
+    DANOptions,
+    distill_dan,
+    drop_features,
+    label_augmented,
+    teacher_outputs,
+    teacher_targets,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -231,3 +238,39 @@ def test_augmentation_adds_teacher_labelled_copies_without_growing_the_vocabular
         distill_dan(teacher, tokenizer, texts, options=options, augmented=(labelled[0], labelled[1][:2]))
     with pytest.raises(ValidationError):
         DANOptions(augment_mask=1.5)
+
+
+def test_word_dropout_leaves_out_features_but_never_a_whole_text():
+    torch.manual_seed(0)
+    ids = torch.tensor([[5, 6, 7, 8, 0, 0], [9, 0, 0, 0, 0, 0]] * 200)
+    dropped = drop_features(ids, 0.5)
+    assert ((dropped == 0) >= (ids == 0)).all()                   # padding stays padding
+    assert ((dropped == ids) | (dropped == 0)).all()               # a kept id is unchanged
+    assert (dropped != 0).any(1).all()                             # every text keeps a feature
+    rate = ((dropped == 0) & (ids != 0))[0::2].float().sum() / (ids[0::2] != 0).sum()
+    assert 0.4 < rate < 0.6                                        # about half, less the rows it had to spare
+    assert torch.equal(drop_features(ids, 0.0), ids)
+
+
+def test_hint_trains_towards_the_teachers_states_and_leaves_no_extra_weights(tokenizer, tmp_path):
+    teacher, texts = teacher_and_texts(tokenizer)
+    logits, states = teacher_targets(teacher, tokenizer, texts, states=True)
+    assert torch.equal(logits, teacher_outputs(teacher, tokenizer, texts))
+    batch = tokenizer(texts[:3], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        last = teacher(**batch, output_hidden_states=True).hidden_states[-1]
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    assert torch.allclose(states[:3], (last * mask).sum(1) / mask.sum(1), atol=1e-5)
+    options = DANOptions(dim=8, hidden=8, epochs=3, hint=1.0, word_dropout=0.2)
+    given = distill_dan(teacher, tokenizer, texts, options=options, teacher_logits=logits, teacher_states=states)
+    computed = distill_dan(teacher, tokenizer, texts, options=options)
+    assert given.report["soft_losses"] == computed.report["soft_losses"]     # the same targets either way
+    plain = distill_dan(teacher, tokenizer, texts, options=options.model_copy(update={"hint": 0.0}))
+    assert given.report["soft_losses"][0] > plain.report["soft_losses"][0]   # the hint term is in the loss
+    assert set(given.model.state_dict()) == set(plain.model.state_dict())
+    save(given.model, tmp_path / "dan", given.model.featurizer)
+    assert isinstance(load(tmp_path / "dan"), DAN)
+    with pytest.raises(DataError, match="teacher states for"):
+        distill_dan(teacher, tokenizer, texts, options=options, teacher_logits=logits, teacher_states=states[:2])
+    with pytest.raises(ValidationError, match="hint and augment"):
+        DANOptions(hint=1.0, augment=2)

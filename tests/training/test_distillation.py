@@ -229,11 +229,11 @@ def test_recipe_stage_distills_towards_the_model_before_the_recipe(tokenizer, da
     teacher = sharp_teacher(tokenizer)
     model = copy.deepcopy(teacher)
     recipe = Recipe.from_dict({"stages": [{"method": "whitened_svd", "options": {"keep": 0.25}},
-                                          {"method": "distill", "options": {"time": 3, "heldout": 0.25, **FAST}}]})
+                                          {"method": "distill", "options": {"time": 6, "heldout": 0.25, **FAST}}]})
     summary = compress(model, recipe, tokenizer, data, progress=False, timing=False)
     report = summary.stages[1].report
     assert report["divergence_after"] < report["divergence_before"]
-    assert report["elapsed_s"] <= 3.5
+    assert report["elapsed_s"] <= 6.5
     assert isinstance(model.bert.encoder.layer[0].attention.self.query, LowRankLinear)
     stage_two = summary.describe().split("; stage 2 (distill): ")[1]
     assert stage_two.startswith(f"trained {report['steps']} steps") and "held-out divergence" in stage_two

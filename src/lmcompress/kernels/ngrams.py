@@ -59,6 +59,14 @@ def check_subword(subword: int) -> int:
     return subword
 
 
+def padded_ids(rows: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Rows of feature ids as one tensor, padded with id 0 on the right (at least one column).
+
+    One tensor from padded lists, not one per row: this runs on every batch of text in and every training step."""
+    width = max(1, max((len(r) for r in rows), default=0))
+    return torch.tensor([list(row) + [0] * (width - len(row)) for row in rows], dtype=torch.long)
+
+
 class NgramFeaturizer:
     """Maps text to n-gram ids: either a kept vocabulary (`vocab`) or a hashed table of `hash_size` buckets."""
 
@@ -136,9 +144,7 @@ class NgramFeaturizer:
                 raise DataError(f"text {index} has no features (no words): {text!r:.60}")
             row = self._row(tokens, pair_tokens)
             rows.append(row[:self.features_per_word * max_length] if truncation and max_length else row)
-        width = max(1, *(len(r) for r in rows))
-        # one tensor from padded lists, not one per row: this runs on every batch of text in
-        ids = torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.long)
+        ids = padded_ids(rows)
         return {"input_ids": ids, "attention_mask": (ids != 0).long()}
 
     def to_json(self) -> str:

@@ -77,6 +77,10 @@ class DAN(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **_: Any) -> SequenceClassifierOutput:
+        return SequenceClassifierOutput(logits=self.classifier(self.represent(input_ids)))
+
+    def represent(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The text's vector before the classifier (what a representation target in training pulls on)."""
         if isinstance(self.embedding, nn.EmbeddingBag) and not _exporting():
             x = self.embedding(input_ids)   # fused gather and mean, padding (id 0) left out
         else:   # the same mean as a gather and a sum: under ONNX export, or an int8 table (`quantize`)
@@ -86,7 +90,7 @@ class DAN(nn.Module):
             x = rows.mul(keep).sum(1) / keep.sum(1).clamp(min=1)
         for layer in self.hidden:
             x = self.dropout(torch.relu(layer(x)))
-        return SequenceClassifierOutput(logits=self.classifier(x))
+        return x
 
 
 def _exporting() -> bool:

@@ -22,7 +22,7 @@ from torch import nn
 
 from lmcompress.core.progress import track
 from lmcompress.errors import DataError, LMCompressError
-from lmcompress.kernels.ngrams import MAX_SUBWORD, NgramFeaturizer, check_subword
+from lmcompress.kernels.ngrams import MAX_SUBWORD, NgramFeaturizer, check_subword, padded_ids
 from lmcompress.layers.dan import DAN, DANConfig
 from lmcompress.training.augment import Augmented, augment_texts
 from lmcompress.training.dan_init import InitMode, teacher_rows
@@ -46,12 +46,16 @@ class DANOptions(BaseModel):
     hidden: int = Field(default=256, ge=1, description="hidden layer width")
     layers: int = Field(default=1, ge=0, description="hidden layers after the average")
     dropout: float = Field(default=0.1, ge=0, lt=1)
+    word_dropout: float = Field(default=0.0, ge=0, lt=1, description="chance each n-gram of a text is left out of "
+                                "the average in a training step (Iyyer et al. 2015); one always stays")
     epochs: int = Field(default=5, ge=0, description="passes over all text on the teacher's outputs")
     label_epochs: int = Field(default=0, ge=0, description="passes over the labelled text on its labels afterwards")
     batch_size: int = Field(default=64, ge=1)
     lr: float = Field(default=1e-3, gt=0)
     embedding_lr: float = Field(default=1e-2, gt=0, description="SparseAdam rate of the table")
     temperature: float = Field(default=1.0, gt=0, description="softmax temperature of the soft targets")
+    hint: float = Field(default=0.0, ge=0, description="weight of a second target: the teacher's mean-pooled last "
+                        "hidden states, standardised, regressed from the DAN's last layer (FitNets-style); 0: off")
     augment: int = Field(default=0, ge=0, description="augmented copies of each text, labelled by the teacher "
                          "(masked, swapped and cut words; Tang et al. 2019); 0: off")
     augment_mask: float = Field(default=0.1, ge=0, le=1, description="chance a word is masked in a copy")
@@ -73,6 +77,8 @@ class DANOptions(BaseModel):
     def _init_needs_vocabulary(self) -> DANOptions:
         if self.init != "random" and self.hash is not None:
             raise ValueError(f"init={self.init} needs a kept n-gram vocabulary; a hashed table has no n-gram per row")
+        if self.hint and self.augment:
+            raise ValueError("hint and augment do not combine: the augmented copies carry no teacher states")
         return self
 
 
@@ -124,44 +130,77 @@ def _with_augmented(teacher: nn.Module, tokenizer: Any, texts: list[str], featur
     return [*features, *(extra[k] for k in kept)], torch.cat([logits, copy_logits[kept]]), len(kept)
 
 
-@torch.inference_mode()
 def teacher_outputs(teacher: nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 64,
                     max_length: int = 128, progress: bool = False) -> torch.Tensor:
     """The teacher's logits (float32, CPU) for every text, batched by length to waste little on padding."""
+    return teacher_targets(teacher, tokenizer, texts, batch_size, max_length, progress)[0]
+
+
+@torch.inference_mode()
+def teacher_targets(teacher: nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 64,
+                    max_length: int = 128, progress: bool = False,
+                    states: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The teacher's logits for every text and, with `states`, its last hidden states averaged over each text's
+    tokens (float32, CPU): one pass for both targets of a DAN with `hint`."""
     teacher.eval()
     device = next(teacher.parameters()).device
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = torch.empty(len(texts), teacher.config.num_labels)
+    logits = torch.empty(len(texts), teacher.config.num_labels)
+    pooled = torch.empty(len(texts), teacher.config.hidden_size) if states else None
     starts = range(0, len(order), batch_size)
     for start in track(starts, len(starts), "teacher outputs", progress, unit="batch"):
         chunk = order[start:start + batch_size]
-        batch = tokenizer([texts[i] for i in chunk], padding=True, truncation=True, max_length=max_length,
-                          return_tensors="pt")
-        out[chunk] = teacher(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
-    return out
+        batch = {k: v.to(device) for k, v in tokenizer([texts[i] for i in chunk], padding=True, truncation=True,
+                                                       max_length=max_length, return_tensors="pt").items()}
+        out = teacher(**batch, output_hidden_states=states)
+        logits[chunk] = out.logits.float().cpu()
+        if pooled is not None:
+            mask = batch["attention_mask"].unsqueeze(-1).to(out.hidden_states[-1].dtype)
+            pooled[chunk] = ((out.hidden_states[-1] * mask).sum(1) / mask.sum(1).clamp(min=1)).float().cpu()
+    return logits, pooled
+
+
+def standardised(states: torch.Tensor) -> torch.Tensor:
+    """Each dimension at mean 0 and deviation 1 over the texts, so `hint` weighs the same for any teacher."""
+    if not torch.isfinite(states).all():
+        raise DataError("the teacher's hidden states hold NaN or infinite values")
+    return (states - states.mean(0)) / states.std(0).clamp(min=1e-6)
 
 
 def _batches(features: list[list[int]], order: list[int], size: int):
     for start in range(0, len(order), size):
         chunk = order[start:start + size]
-        width = max(1, *(len(features[i]) for i in chunk))
-        yield chunk, torch.tensor([features[i] + [0] * (width - len(features[i])) for i in chunk], dtype=torch.long)
+        yield chunk, padded_ids([features[i] for i in chunk])
 
 
-def _optimisers(model: DAN, options: DANOptions) -> list[torch.optim.Optimizer]:
+def drop_features(ids: torch.Tensor, rate: float) -> torch.Tensor:
+    """`ids` with each feature (not padding) set to padding with chance `rate`, never all of a row's: the DAN's
+    word dropout, which makes the average lean on many n-grams rather than a few."""
+    present = ids != 0
+    dropped = (torch.rand(ids.shape) < rate) & present
+    emptied = ~(present & ~dropped).any(1)
+    dropped[emptied] = False
+    return ids.masked_fill(dropped, 0)
+
+
+def _optimisers(model: DAN, options: DANOptions, extra: nn.Module | None = None) -> list[torch.optim.Optimizer]:
     dense = [p for n, p in model.named_parameters() if not n.startswith("embedding.")]
+    dense += [] if extra is None else list(extra.parameters())
     return [torch.optim.SparseAdam(list(model.embedding.parameters()), lr=options.embedding_lr),
             torch.optim.AdamW(dense, lr=options.lr)]
 
 
-def _epoch(model: DAN, features: list[list[int]], targets: torch.Tensor, loss_of, options: DANOptions,
+def _epoch(model: DAN, features: list[list[int]], loss_of, options: DANOptions,
            optimisers: list[torch.optim.Optimizer], rng: random.Random) -> float:
+    """One pass in random order; `loss_of(model, ids, rows)` is the loss of the batch of texts `rows`."""
     model.train()
     order = list(range(len(features)))
     rng.shuffle(order)
     total = 0.0
     for chunk, ids in _batches(features, order, options.batch_size):
-        loss = loss_of(model(ids).logits, targets[chunk])
+        if options.word_dropout:
+            ids = drop_features(ids, options.word_dropout)
+        loss = loss_of(model, ids, chunk)
         for opt in optimisers:
             opt.zero_grad()
         loss.backward()
@@ -176,11 +215,13 @@ def _epoch(model: DAN, features: list[list[int]], targets: torch.Tensor, loss_of
 def distill_dan(teacher: nn.Module, tokenizer: Any, texts: Sequence[str], labels: Sequence[Any] | None = None,
                 unlabeled: Sequence[str] = (), options: DANOptions | None = None,
                 teacher_logits: torch.Tensor | None = None, progress: bool = False,
-                augmented: tuple[list[Augmented], torch.Tensor] | None = None) -> DANResult:
+                augmented: tuple[list[Augmented], torch.Tensor] | None = None,
+                teacher_states: torch.Tensor | None = None) -> DANResult:
     """Build the n-gram vocabulary on `texts` + `unlabeled`, train a DAN on the teacher's outputs over all of them
     (`teacher_logits`, one row per text of texts + unlabeled, when already computed), then `label_epochs` on
     `labels` (which belong to `texts`). With `options.augment`, augmented copies of all the text join the soft
-    targets (`augmented`: copies and their teacher logits from `label_augmented`, when already computed)."""
+    targets (`augmented`: copies and their teacher logits from `label_augmented`, when already computed). With
+    `options.hint`, the teacher's pooled states are a second target (`teacher_states` from `teacher_targets`)."""
     options = options or DANOptions()
     regression = check_teacher(teacher)
     everything = [*texts, *unlabeled]
@@ -198,11 +239,14 @@ def distill_dan(teacher: nn.Module, tokenizer: Any, texts: Sequence[str], labels
     empty = sum(not row for row in features)
     if empty == len(features):
         raise DataError("no text has a feature of the n-gram vocabulary")
-    if teacher_logits is None:
-        teacher_logits = teacher_outputs(teacher, tokenizer, everything, options.teacher_batch_size,
-                                         options.max_length, progress)
-    elif len(teacher_logits) != len(everything):
-        raise DataError(f"{len(teacher_logits)} teacher outputs for {len(everything)} texts")
+    needs_states = bool(options.hint) and teacher_states is None
+    if teacher_logits is None or needs_states:
+        teacher_logits, computed = teacher_targets(teacher, tokenizer, everything, options.teacher_batch_size,
+                                                   options.max_length, progress, states=needs_states)
+        teacher_states = computed if needs_states else teacher_states
+    for name, given in (("outputs", teacher_logits), ("states", teacher_states if options.hint else None)):
+        if given is not None and len(given) != len(everything):
+            raise DataError(f"{len(given)} teacher {name} for {len(everything)} texts")
     features, teacher_logits, added = _with_augmented(teacher, tokenizer, everything, featurizer, features,
                                                       teacher_logits, options, augmented, progress)
     config = DANConfig(vocab_size=featurizer.vocab_size, dim=options.dim, hidden=options.hidden,
@@ -217,7 +261,9 @@ def distill_dan(teacher: nn.Module, tokenizer: Any, texts: Sequence[str], labels
                                           progress)
         with torch.no_grad():
             model.embedding.weight.copy_(rows)
-    optimisers = _optimisers(model, options)
+    hint_head = nn.Linear(model.classifier.in_features, teacher_states.shape[1]) if options.hint else None
+    hint_targets = standardised(teacher_states) if options.hint else None
+    optimisers = _optimisers(model, options, hint_head)
     temperature = options.temperature
 
     def soft_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -226,16 +272,22 @@ def distill_dan(teacher: nn.Module, tokenizer: Any, texts: Sequence[str], labels
         return F.kl_div(F.log_softmax(logits / temperature, -1), F.softmax(target / temperature, -1),
                         reduction="batchmean") * temperature ** 2
 
-    losses = [_epoch(model, features, teacher_logits, soft_loss, options, optimisers, rng)
-              for _ in range(options.epochs)]
+    def distil_loss(student: DAN, ids: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        if hint_head is None:
+            return soft_loss(student(ids).logits, teacher_logits[rows])
+        vector = student.represent(ids)
+        return soft_loss(student.classifier(vector), teacher_logits[rows]) \
+            + options.hint * F.mse_loss(hint_head(vector), hint_targets[rows])
+
+    losses = [_epoch(model, features, distil_loss, options, optimisers, rng) for _ in range(options.epochs)]
     label_losses = []
     if options.label_epochs:
         if labels is None:
             raise DataError("label_epochs needs labelled data")
         target = torch.tensor(list(labels), dtype=torch.float32 if regression else torch.long)
         hard = (lambda lg, y: F.mse_loss(lg.squeeze(-1), y)) if regression else F.cross_entropy
-        label_losses = [_epoch(model, features[:len(texts)], target, hard, options, optimisers, rng)
-                        for _ in range(options.label_epochs)]
+        label_losses = [_epoch(model, features[:len(texts)], lambda m, ids, rows: hard(m(ids).logits, target[rows]),
+                               options, optimisers, rng) for _ in range(options.label_epochs)]
     model.eval()
     report = {"texts": len(texts), "unlabeled": len(unlabeled), "augmented": added,
               "vocabulary": featurizer.vocab_size - 1,
