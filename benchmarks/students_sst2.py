@@ -25,6 +25,10 @@ Presets (each sets every knob below; flags given explicitly override them):
          instead of 1e-2: whether a slower table keeps more of what the teacher's rows start with.
   init-n3  seed 0; as init for trigrams in the same 200k table (the teacher reads each kept phrase of 1-3 words).
   init-dim  seeds 0 1 2; as init for n=1 with the encoder's rows at dim 384, the teacher's width (no PCA cut).
+  tweaks  seeds 0 1 2; all SST-2 training text as all-text; unigram DANs (table 200k, dim 256) with random or
+         encoder rows, each plain, with word dropout 0.3 (Iyyer et al. 2015), with the teacher's pooled states as a
+         second target (`hint=1`), or with out-of-domain text added (WikiText-2, STS-B and CoLA sentences, ~36k;
+         `out_of_domain_text`); and the bigram DAN with that text. Write it to its own --out.
   fourier-half  seed 0; Fourier only: the 3 least sensitive of 6 attention blocks, then 10 minutes of distill.
   smoke  a minute: checks that the script runs (tiny sizes; its numbers mean nothing).
 
@@ -40,8 +44,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import itertools
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -79,6 +85,12 @@ PRESETS = {
                 "epochs": 5},
     "init-dim": {"seeds": [0, 1, 2], "labelled": 16_000, "unlabelled": None, "ngram": [1], "table": [200_000],
                  "dim": [384], "init": ["encoder"], "labelled_only": False, "ks": [], "distill": [], "epochs": 5},
+    "tweaks": {"seeds": [0, 1, 2], "labelled": 16_000, "unlabelled": None, "ngram": [1], "table": [200_000],
+               "dim": [256], "ks": [], "distill": [], "epochs": 5,
+               "variants": [{"ngram": 1}, {"ngram": 1, "word_dropout": 0.3}, {"ngram": 1, "hint": 1.0},
+                            {"ngram": 1, "init": "encoder"}, {"ngram": 1, "init": "encoder", "word_dropout": 0.3},
+                            {"ngram": 1, "init": "encoder", "hint": 1.0}, {"ngram": 1, "init": "encoder", "ood": True},
+                            {"ngram": 2, "ood": True}]},
     "fourier-half": {"seeds": [0], "labelled": 4000, "unlabelled": 0, "ngram": [], "table": [], "dim": [],
                      "ks": [3], "distill": ["10m"], "epochs": 5},
     "smoke": {"seeds": [0], "labelled": 200, "unlabelled": 200, "ngram": [1], "table": [1000], "dim": [16],
@@ -118,8 +130,44 @@ def end_to_end_seconds(models: dict[str, tuple], texts: list[str], rounds: int =
     return {name: float(np.median(values)) for name, values in times.items()}
 
 
-def dan_points(settings: dict) -> list[tuple[str, DANOptions, bool]]:
-    points: list[tuple[str, DANOptions, bool]] = []
+def out_of_domain_text() -> list[str]:
+    """Unlabelled text from outside SST-2's domain, from the shared data: WikiText-2 (valid and test) sentences of
+    5-60 words, the STS-B training sentences and the CoLA training sentences, without repeats, in file order."""
+    texts: list[str] = []
+    for name in ("wiki.valid.raw", "wiki.test.raw"):
+        for line in (SHARED_GLUE.parent / "lm" / "wikitext-2-raw" / name).read_text(encoding="utf8").splitlines():
+            line = line.strip()
+            if line and not line.startswith("="):   # "= Heading =" lines are titles, not sentences
+                texts += [s for s in re.split(r"(?<= \.) ", line) if 5 <= len(s.split()) <= 60]
+    with open(SHARED_GLUE / "STS-B" / "train.tsv", encoding="utf8") as handle:
+        for row in list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]:
+            texts += [row[7], row[8]]
+    texts += [line.split("\t")[3] for line in (SHARED_GLUE / "CoLA" / "train.tsv").read_text(
+        encoding="utf8").splitlines() if line.strip()]
+    return list(dict.fromkeys(t for t in texts if t.strip()))
+
+
+def variant_points(settings: dict) -> list[tuple[str, DANOptions, bool, bool]]:
+    """Points listed one by one (`variants`: option overrides of the 200k x 256 unigram DAN, and `ood` for the
+    out-of-domain text), for comparisons that are no product of axes."""
+    points = []
+    for variant in settings["variants"]:
+        variant = dict(variant)
+        ood = variant.pop("ood", False)
+        options = DANOptions(**{"table": 200_000, "dim": 256, "hidden": 256, "epochs": settings["epochs"],
+                                "max_length": 64, **variant})
+        changed = " ".join(f"{k}={v}" for k, v in variant.items() if k not in ("ngram", "table", "dim"))
+        name = f"DAN n={options.ngram} table={options.table // 1000}k dim={options.dim}" \
+            + (f" {changed}" if changed else "") + " +unlabelled" + (" +out-of-domain" if ood else "")
+        points.append((name, options, True, ood))
+    return points
+
+
+def dan_points(settings: dict) -> list[tuple[str, DANOptions, bool, bool]]:
+    """(name, options, with the unlabelled SST-2 text, with the out-of-domain text) of each DAN of the preset."""
+    if "variants" in settings:
+        return variant_points(settings)
+    points: list[tuple[str, DANOptions, bool, bool]] = []
     if not settings["ngram"]:
         return points
     default_lr = DANOptions.model_fields["embedding_lr"].default
@@ -134,12 +182,13 @@ def dan_points(settings: dict) -> list[tuple[str, DANOptions, bool]]:
             + (f" init={init}" if init != "random" else "") + (f" table lr {lr:g}" if lr != default_lr else "") \
             + (f" layers={layers}" if layers != 1 else "") \
             + (f" word dropout {word_dropout:g}" if word_dropout else "") + (f" hint {hint:g}" if hint else "")
-        points.append((f"DAN n={ngram} table={table // 1000}k dim={dim}{chars} +unlabelled", options, True))
+        points.append((f"DAN n={ngram} table={table // 1000}k dim={dim}{chars} +unlabelled", options, True, False))
     if not settings.get("labelled_only", True):
         return points
     best = DANOptions(ngram=max(settings["ngram"]), table=max(settings["table"]), dim=max(settings["dim"]),
                       hidden=256, epochs=settings["epochs"])
-    points.append((f"DAN n={best.ngram} table={best.table // 1000}k dim={best.dim} labelled only", best, False))
+    points.append((f"DAN n={best.ngram} table={best.table // 1000}k dim={best.dim} labelled only", best, False,
+                   False))
     return points
 
 
@@ -152,9 +201,13 @@ def run_seed(seed: int, settings: dict, args, task, train: Examples, dev: Exampl
     unlabelled = rest if settings["unlabelled"] is None else \
         [rest[i] for i in np.random.default_rng(seed).permutation(len(rest))[:settings["unlabelled"]]]
     started = time.perf_counter()
-    logits, states = teacher_targets(teacher, tokenizer, [*labelled.texts, *unlabelled], max_length=64,
-                                     states=any(settings.get("hint", [0.0])))
+    points = dan_points(settings)
+    hint = any(options.hint for _, options, _, _ in points)
+    logits, states = teacher_targets(teacher, tokenizer, [*labelled.texts, *unlabelled], max_length=64, states=hint)
     print(f"seed {seed}: teacher outputs for {len(logits)} texts in {time.perf_counter() - started:.0f}s", flush=True)
+    ood = out_of_domain_text() if any(p[3] for p in points) else []
+    no_targets: tuple[None, None] = (None, None)
+    ood_logits, ood_states = teacher_targets(teacher, tokenizer, ood, max_length=64, states=hint) if ood else no_targets
     int8 = copy.deepcopy(teacher)
     compress(int8, Recipe.single("quantize", scheme="dynamic"), tokenizer, progress=False, timing=False)
     baselines = {"dense": (teacher, tokenizer), "int8 dynamic": (int8, tokenizer)}
@@ -175,13 +228,16 @@ def run_seed(seed: int, settings: dict, args, task, train: Examples, dev: Exampl
         if (seed, name) not in done:
             record(name, model, tok, {"kind": "baseline"})
     augmented: dict[tuple, tuple] = {}    # (copies per text, with unlabelled) -> (copies, teacher logits)
-    for name, options, with_unlabelled in dan_points(settings):
+    for name, options, with_unlabelled, with_ood in points:
         if (seed, name) in done:
             continue
         options = options.model_copy(update={"seed": seed})
         extra_texts = unlabelled if with_unlabelled else []
         soft = logits if with_unlabelled else logits[:len(labelled.texts)]
         pooled = states if states is None or with_unlabelled else states[:len(labelled.texts)]
+        if with_ood:
+            extra_texts, soft = [*extra_texts, *ood], torch.cat([soft, ood_logits])
+            pooled = None if pooled is None else torch.cat([pooled, ood_states])
         key = (options.augment, with_unlabelled)
         if options.augment and key not in augmented:
             started = time.perf_counter()

@@ -11,6 +11,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")        # tests must never try the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):         # one worker per core already: more threads would fight them
+    torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]         # the project root
 SHARED_DATA = REPO.parent / "shared" / "data"
