@@ -1,6 +1,6 @@
-"""Cheaper architectures on SST-2: DAN students (sparse n-gram distillation) by n-gram order, table size, embedding
-dimension and extra unlabelled text, and Fourier mixing in place of k attention blocks before and after
-distillation, beside the dense teacher and its int8 version, in one run.
+"""Cheaper architectures on SST-2 (or CoLA, `--task cola`): DAN students (sparse n-gram distillation) by n-gram
+order, table size, embedding dimension and extra unlabelled text, and Fourier mixing in place of k attention
+blocks before and after distillation, beside the dense teacher and its int8 version, in one run.
 
     flock /tmp/lmc-bench.lock env PYTHONPATH=src python benchmarks/students_sst2.py --preset first \\
         --cache /work/main/.cache/benchmarks            # -> docs/benchmarks/students_sst2.md (+ .json)
@@ -30,9 +30,12 @@ Presets (each sets every knob below; flags given explicitly override them):
          second target (`hint=1`), or with out-of-domain text added (WikiText-2, STS-B and CoLA sentences, ~36k;
          `out_of_domain_text`); and the bigram DAN with that text. Write it to its own --out.
   fourier-half  seed 0; Fourier only: the 3 least sensitive of 6 attention blocks, then 10 minutes of distill.
+  second-task  seed 0, for `--task cola`: every CoLA training sentence is labelled (no in-domain unlabelled text);
+         n {1,2} with random or encoder rows, and two with the out-of-domain text (less CoLA's own sentences).
   smoke  a minute: checks that the script runs (tiny sizes; its numbers mean nothing).
 
-Teachers: benchmarks/common.py `finetuned_model` (MiniLM fine-tuned on 16,000 SST-2 sentences, one per seed, cached).
+Teachers: benchmarks/common.py `finetuned_model` (MiniLM fine-tuned on 16,000 SST-2 sentences, one per seed, cached;
+with `--task cola`, on all 8,551 CoLA training sentences for 3 epochs).
 Unlabelled text: SST-2 training sentences outside the labelled sample (in-domain, labels unused).
 Speed at batch 8 is end to end on the dev sentences (text in, classes out: tokenizer or featurizer included),
 dense and students timed in the same run; the ratio is dense seconds / student seconds.
@@ -93,13 +96,18 @@ PRESETS = {
                             {"ngram": 2, "ood": True}]},
     "fourier-half": {"seeds": [0], "labelled": 4000, "unlabelled": 0, "ngram": [], "table": [], "dim": [],
                      "ks": [3], "distill": ["10m"], "epochs": 5},
+    "second-task": {"seeds": [0], "labelled": 8_551, "unlabelled": None, "ngram": [1, 2], "table": [200_000],
+                    "dim": [256], "ks": [], "distill": [], "epochs": 5,
+                    "variants": [{"ngram": 1}, {"ngram": 1, "init": "encoder"}, {"ngram": 2},
+                                 {"ngram": 2, "init": "encoder"}, {"ngram": 1, "init": "encoder", "ood": True},
+                                 {"ngram": 2, "ood": True}]},
     "smoke": {"seeds": [0], "labelled": 200, "unlabelled": 200, "ngram": [1], "table": [1000], "dim": [16],
               "init": ["random", "encoder"], "ks": [1], "distill": ["10s"], "epochs": 1},
     "full": {"seeds": [0, 1, 2], "labelled": 16_000, "unlabelled": None, "ngram": [1, 2, 3],
              "table": [20_000, 200_000, 1_000_000], "dim": [64, 256, 1024], "ks": [1, 2, 3, 4, 5, 6],
              "distill": ["5m", "10m"], "epochs": 5},
 }
-TEACHER_SAMPLES = 16_000
+TASKS = {"sst2": ("SST-2", 16_000, 1.0), "cola": ("CoLA", 8_551, 3.0)}   # data folder, teacher's sentences, epochs
 RUN: dict = {}   # preset, start time and dev size of this call, for the table written after every row
 
 
@@ -110,8 +118,9 @@ def save_rows(out: Path, rows: list[dict]) -> None:
 
 
 def accuracy(model, tokenizer, task, dev: Examples) -> float:
+    """The task's own metric on dev (accuracy on SST-2, Matthews correlation on CoLA)."""
     predictions = predict(model, tokenizer, dev, batch_size=64, progress=False)
-    return float(compute_metrics(task, predictions, np.asarray(dev.labels), dev.label_names)["accuracy"])
+    return float(compute_metrics(task, predictions, np.asarray(dev.labels), dev.label_names)[task.metric])
 
 
 def end_to_end_seconds(models: dict[str, tuple], texts: list[str], rounds: int = 3) -> dict[str, float]:
@@ -130,9 +139,10 @@ def end_to_end_seconds(models: dict[str, tuple], texts: list[str], rounds: int =
     return {name: float(np.median(values)) for name, values in times.items()}
 
 
-def out_of_domain_text() -> list[str]:
+def out_of_domain_text(exclude: set[str]) -> list[str]:
     """Unlabelled text from outside SST-2's domain, from the shared data: WikiText-2 (valid and test) sentences of
-    5-60 words, the STS-B training sentences and the CoLA training sentences, without repeats, in file order."""
+    5-60 words, the STS-B training sentences and the CoLA training sentences, without repeats or the task's own
+    training texts (`exclude`), in file order."""
     texts: list[str] = []
     for name in ("wiki.valid.raw", "wiki.test.raw"):
         for line in (SHARED_GLUE.parent / "lm" / "wikitext-2-raw" / name).read_text(encoding="utf8").splitlines():
@@ -144,7 +154,7 @@ def out_of_domain_text() -> list[str]:
             texts += [row[7], row[8]]
     texts += [line.split("\t")[3] for line in (SHARED_GLUE / "CoLA" / "train.tsv").read_text(
         encoding="utf8").splitlines() if line.strip()]
-    return list(dict.fromkeys(t for t in texts if t.strip()))
+    return list(dict.fromkeys(t for t in texts if t.strip() and t not in exclude))
 
 
 def variant_points(settings: dict) -> list[tuple[str, DANOptions, bool, bool]]:
@@ -195,7 +205,8 @@ def dan_points(settings: dict) -> list[tuple[str, DANOptions, bool, bool]]:
 def run_seed(seed: int, settings: dict, args, task, train: Examples, dev: Examples, rows: list[dict],
              out: Path) -> None:
     done = {(r["seed"], r["model"]) for r in rows}
-    teacher, tokenizer = finetuned_model(task, train, TEACHER_SAMPLES, seed, Path(args.cache))
+    _, teacher_samples, epochs = TASKS[args.task]
+    teacher, tokenizer = finetuned_model(task, train, teacher_samples, seed, Path(args.cache), epochs)
     labelled = train.take(settings["labelled"], seed=seed)
     rest = sorted(set(train.texts) - set(labelled.texts))
     unlabelled = rest if settings["unlabelled"] is None else \
@@ -205,7 +216,7 @@ def run_seed(seed: int, settings: dict, args, task, train: Examples, dev: Exampl
     hint = any(options.hint for _, options, _, _ in points)
     logits, states = teacher_targets(teacher, tokenizer, [*labelled.texts, *unlabelled], max_length=64, states=hint)
     print(f"seed {seed}: teacher outputs for {len(logits)} texts in {time.perf_counter() - started:.0f}s", flush=True)
-    ood = out_of_domain_text() if any(p[3] for p in points) else []
+    ood = out_of_domain_text(set(train.texts)) if any(p[3] for p in points) else []
     no_targets: tuple[None, None] = (None, None)
     ood_logits, ood_states = teacher_targets(teacher, tokenizer, ood, max_length=64, states=hint) if ood else no_targets
     int8 = copy.deepcopy(teacher)
@@ -229,6 +240,7 @@ def run_seed(seed: int, settings: dict, args, task, train: Examples, dev: Exampl
             record(name, model, tok, {"kind": "baseline"})
     augmented: dict[tuple, tuple] = {}    # (copies per text, with unlabelled) -> (copies, teacher logits)
     for name, options, with_unlabelled, with_ood in points:
+        name = name if unlabelled else name.replace(" +unlabelled", "")   # CoLA: every training text is labelled
         if (seed, name) in done:
             continue
         options = options.model_copy(update={"seed": seed})
@@ -310,8 +322,9 @@ def write_table(out: Path, rows: list[dict]) -> None:
                    ("bytes", "bytes"), ("params", "parameters")]
     fourier_columns = [("model", "model"), ("seeds", "seeds"), ("accuracy", "accuracy"), ("gap", "gap to teacher"),
                        ("speedup_128", "x unswapped, 128 tokens"), ("speedup_512", "x unswapped, 512 tokens")]
-    text = [f"# Students on SST-2 (preset {RUN['preset']})", "", made_by(RUN["started"]), "",
-            f"Dev accuracy on all {RUN['dev']} SST-2 dev sentences, mean over seeds. Teachers: "
+    text = [f"# Students on {RUN['task']} (preset {RUN['preset']})", "", made_by(RUN["started"]), "",
+            f"Dev {RUN['metric']} on all {RUN['dev']} {RUN['task']} dev sentences (the column 'accuracy' holds it), "
+            "mean over seeds. Teachers: "
             + __doc__.split("Teachers:")[1].strip(), "", "## DAN students and baselines", "",
             markdown_table([r for r in merged if r["kind"] != "fourier"], dan_columns), "",
             "## Fourier mixing in place of the k least sensitive attention blocks", "",
@@ -322,6 +335,8 @@ def write_table(out: Path, rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="first")
+    parser.add_argument("--task", choices=list(TASKS), default="sst2",
+                        help="cola: the teacher is fine-tuned on all CoLA training sentences (3 epochs)")
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--ks", type=int, nargs="+", help="Fourier: numbers of blocks swapped")
     parser.add_argument("--cache", default=str(ROOT / ".cache" / "benchmarks"))
@@ -333,11 +348,12 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(torch.get_num_threads())
     started = time.perf_counter()
-    task = get_task("sst2")
-    train = load_examples(task, str(SHARED_GLUE / "SST-2"), "train")
-    dev = load_examples(task, str(SHARED_GLUE / "SST-2"), "dev")
+    task = get_task(args.task)
+    folder = SHARED_GLUE / TASKS[args.task][0]
+    train = load_examples(task, str(folder), "train")
+    dev = load_examples(task, str(folder), "dev")
     out = Path(args.out)
-    RUN.update(preset=args.preset, started=started, dev=len(dev))
+    RUN.update(preset=args.preset, started=started, dev=len(dev), task=TASKS[args.task][0], metric=task.metric)
     rows = load_rows(out)
     for seed in settings["seeds"]:
         run_seed(seed, settings, args, task, train, dev, rows, out)

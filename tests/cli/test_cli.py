@@ -306,8 +306,10 @@ def test_signals_remove_the_temporary_output_directory(tmp_path, signal_name, co
     import lmcompress
 
     env = {**os.environ, "PYTHONPATH": str(Path(lmcompress.__file__).resolve().parents[1])}
+    # a pytest-xdist worker ignores SIGINT and a child inherits that; a terminal's Ctrl-C meets the default handler
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_COMMAND, str(tmp_path / "out")], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         tmp = Path(proc.stdout.readline().strip())
         assert tmp.name.startswith(".out.tmp-") and tmp.is_dir()
