@@ -32,6 +32,7 @@ Presets (each sets every knob below; flags given explicitly override them):
   fourier-half  seed 0; Fourier only: the 3 least sensitive of 6 attention blocks, then 10 minutes of distill.
   second-task  seed 0, for `--task cola`: every CoLA training sentence is labelled (no in-domain unlabelled text);
          n {1,2} with random or encoder rows, and two with the out-of-domain text (less CoLA's own sentences).
+  fourier-top  as fourier-half, but the top three blocks (3, 4, 5) swapped instead of the least sensitive ones.
   smoke  a minute: checks that the script runs (tiny sizes; its numbers mean nothing).
 
 Teachers: benchmarks/common.py `finetuned_model` (MiniLM fine-tuned on 16,000 SST-2 sentences, one per seed, cached;
@@ -94,6 +95,8 @@ PRESETS = {
                             {"ngram": 1, "init": "encoder"}, {"ngram": 1, "init": "encoder", "word_dropout": 0.3},
                             {"ngram": 1, "init": "encoder", "hint": 1.0}, {"ngram": 1, "init": "encoder", "ood": True},
                             {"ngram": 2, "ood": True}]},
+    "fourier-top": {"seeds": [0], "labelled": 4000, "unlabelled": 0, "ngram": [], "table": [], "dim": [],
+                    "ks": [3], "fourier_blocks": [3, 4, 5], "distill": ["10m"], "epochs": 5},
     "fourier-half": {"seeds": [0], "labelled": 4000, "unlabelled": 0, "ngram": [], "table": [], "dim": [],
                      "ks": [3], "distill": ["10m"], "epochs": 5},
     "second-task": {"seeds": [0], "labelled": 8_551, "unlabelled": None, "ngram": [1, 2], "table": [200_000],
@@ -266,14 +269,16 @@ def run_seed(seed: int, settings: dict, args, task, train: Examples, dev: Exampl
 
 
 def fourier(seed, settings, teacher, tokenizer, task, labelled, dev, rows, out, teacher_acc) -> None:
-    """Blocks chosen by sensitivity once (each block swapped alone); k swaps the k least sensitive. Speed is measured
-    on the undistilled swap (distillation changes weights, not shapes)."""
+    """Blocks chosen by sensitivity once (each block swapped alone); k swaps the k least sensitive, or the first k of
+    `fourier_blocks` when the preset names them. Speed is measured on the undistilled swap (distillation changes
+    weights, not shapes)."""
     done = {(r["seed"], r["model"]) for r in rows}
-    order: list[int] | None = None
+    order: list[int] | None = settings.get("fourier_blocks")
     for k in settings["ks"]:
         speed: dict[str, float] = {}
         for budget in [None, *settings["distill"]]:
-            name = f"Fourier k={k}" + (f" + distill {budget}" if budget else "")
+            named = f" blocks {','.join(map(str, order[:k]))}" if settings.get("fourier_blocks") else ""
+            name = f"Fourier k={k}{named}" + (f" + distill {budget}" if budget else "")
             if (seed, name) in done:
                 continue
             model = copy.deepcopy(teacher)
