@@ -37,7 +37,8 @@ Presets (each sets every knob below; flags given explicitly override them):
 
 Teachers: benchmarks/common.py `finetuned_model` (MiniLM fine-tuned on 16,000 SST-2 sentences, one per seed, cached;
 with `--task cola`, on all 8,551 CoLA training sentences for 3 epochs).
-Unlabelled text: SST-2 training sentences outside the labelled sample (in-domain, labels unused).
+Unlabelled text: SST-2 training sentences outside the labelled sample (in-domain, labels unused; CoLA has
+none: every training sentence is labelled). Rows marked +out-of-domain add `out_of_domain_text`.
 Speed at batch 8 is end to end on the dev sentences (text in, classes out: tokenizer or featurizer included),
 dense and students timed in the same run; the ratio is dense seconds / student seconds.
 Fourier speed: model-only forward at batch 1, 128 and 512 tokens, against the same model without the swap
