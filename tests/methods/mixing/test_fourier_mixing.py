@@ -77,6 +77,16 @@ def test_count_swaps_the_least_sensitive_blocks_and_saves(tokenizer, tmp_path):
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=0, rtol=0)
 
 
+def test_pick_top_swaps_the_last_blocks_without_data(tokenizer):
+    model = make_tiny_bert(tokenizer.vocab_size)
+    compress(model, Recipe.single("fourier_mixing", count=1, pick="top"), tokenizer, None, progress=False,
+             timing=False)
+    kinds = [type(block.attention.self).__name__ for block in model.bert.encoder.layer]
+    assert kinds == ["BertSelfAttention", "FourierMixing"]
+    with pytest.raises(RecipeError, match="pick chooses"):
+        Recipe.single("fourier_mixing", blocks=[0], pick="top")
+
+
 def test_stacks_with_prune_and_int8(tokenizer, tmp_path):
     model = swapped(tokenizer, [{"method": "prune", "keep": 0.5, "heads": False},
                                 {"method": "fourier_mixing", "blocks": [1]},

@@ -1,16 +1,17 @@
 """`fourier_mixing`: replace the self-attention of chosen encoder blocks by a parameter-free 2D Fourier transform
 (FNet); everything else stays. Recover with a following `distill` stage (docs/students.md).
 
-Which blocks: `blocks` (indices), or the `count` least sensitive, each block's sensitivity being how far swapping
-it alone moves the model's output on the calibration sample (mean squared change of the last hidden state,
-relative to its mean square). The attention output projection, residual and LayerNorm are kept: the projection
-learns, during distillation, to read the mixed tokens.
+Which blocks: `blocks` (indices), or `count` of them: the least sensitive (`pick=sensitivity`), each block's
+sensitivity being how far swapping it alone moves the model's output on the calibration sample (mean squared change
+of the last hidden state, relative to its mean square), or the top ones (`pick=top`, no data needed), which
+distillation recovered far better on SST-2 (docs/students.md). The attention output projection, residual and
+LayerNorm are kept: the projection learns, during distillation, to read the mixed tokens.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -29,11 +30,15 @@ class FourierMixingConfig(MethodConfig):
     blocks: list[int] | None = Field(default=None, description="block indices whose attention is replaced")
     count: int | None = Field(default=None, ge=0, description="replace this many of the least sensitive blocks "
                                                               "(measured on the calibration sample)")
+    pick: Literal["sensitivity", "top"] | None = Field(default=None, description="with count: the least sensitive "
+                                                       "blocks (the default) or the top (last) ones")
 
     @model_validator(mode="after")
     def _one_choice(self) -> FourierMixingConfig:
         if (self.blocks is None) == (self.count is None):
             raise ValueError("give exactly one of blocks=[...] or count=N")
+        if self.pick is not None and self.count is None:
+            raise ValueError("pick chooses among blocks for count=N; with blocks=[...] the blocks are given")
         return self
 
 
@@ -48,7 +53,7 @@ class FourierMixingMethod(Method):
         return isinstance(module, nn.Linear)
 
     def uses_data(self, config: FourierMixingConfig) -> bool:
-        return config.count is not None
+        return config.count is not None and config.pick != "top"
 
     def compress_model(self, model: nn.Module, tokenizer: Any, data: Any, config: FourierMixingConfig,
                        targets: dict[str, nn.Module], context: StageContext | None = None) -> ModelResult:
@@ -62,8 +67,11 @@ class FourierMixingMethod(Method):
         else:
             if config.count > len(modules):
                 raise RecipeError(f"fourier_mixing: count={config.count} but the model has {len(modules)} blocks")
-            scores = sensitivities(model, modules, context.calibration_batches()) if config.count else []
-            chosen = sorted(sorted(range(len(modules)), key=lambda i: scores[i])[:config.count])
+            if config.pick == "top":
+                chosen, scores = list(range(len(modules) - config.count, len(modules))), None
+            else:
+                scores = sensitivities(model, modules, context.calibration_batches()) if config.count else []
+                chosen = sorted(sorted(range(len(modules)), key=lambda i: scores[i])[:config.count])
         for index in chosen:
             _check_width(model, modules[index], index)
         results = []
