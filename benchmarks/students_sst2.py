@@ -333,7 +333,7 @@ def write_table(out: Path, rows: list[dict]) -> None:
             "mean over seeds. Teachers: "
             + __doc__.split("Teachers:")[1].strip(), "", "## DAN students and baselines", "",
             markdown_table([r for r in merged if r["kind"] != "fourier"], dan_columns), "",
-            "## Fourier mixing in place of the k least sensitive attention blocks", "",
+            "## Fourier mixing in place of k attention blocks (the least sensitive unless the row names them)", "",
             markdown_table([r for r in merged if r["kind"] == "fourier"], fourier_columns), ""]
     out.with_suffix(".md").write_text("\n".join(text))
 
