@@ -33,6 +33,8 @@ Presets (each sets every knob below; flags given explicitly override them):
   second-task  seed 0, for `--task cola`: every CoLA training sentence is labelled (no in-domain unlabelled text);
          n {1,2} with random or encoder rows, and two with the out-of-domain text (less CoLA's own sentences).
   fourier-top  as fourier-half, but the top three blocks (3, 4, 5) swapped instead of the least sensitive ones.
+  fourier-top-16k  as fourier-top, distilled on all 16,000 labelled sentences (the teacher's own) instead of 4,000.
+         Write it to its own --out.
   smoke  a minute: checks that the script runs (tiny sizes; its numbers mean nothing).
 
 Teachers: benchmarks/common.py `finetuned_model` (MiniLM fine-tuned on 16,000 SST-2 sentences, one per seed, cached;
@@ -98,6 +100,8 @@ PRESETS = {
                             {"ngram": 2, "ood": True}]},
     "fourier-top": {"seeds": [0], "labelled": 4000, "unlabelled": 0, "ngram": [], "table": [], "dim": [],
                     "ks": [3], "fourier_blocks": [3, 4, 5], "distill": ["10m"], "epochs": 5},
+    "fourier-top-16k": {"seeds": [0], "labelled": 16_000, "unlabelled": 0, "ngram": [], "table": [], "dim": [],
+                        "ks": [3], "fourier_blocks": [3, 4, 5], "distill": ["10m"], "epochs": 5},
     "fourier-half": {"seeds": [0], "labelled": 4000, "unlabelled": 0, "ngram": [], "table": [], "dim": [],
                      "ks": [3], "distill": ["10m"], "epochs": 5},
     "second-task": {"seeds": [0], "labelled": 8_551, "unlabelled": None, "ngram": [1, 2], "table": [200_000],
