@@ -75,3 +75,60 @@ def test_the_search_scores_a_refined_structure_it_builds(monkeypatch):
     finer = Structure("prune", 0.26)
     student = search.build(finer)
     assert scored == chains_of(finer, "latency") and student.results == scored
+
+
+def _bare_search(left_s: float, best_distill_s: float):
+    """A Search with `left_s` seconds left whose best valid answer is prune 0.3 + int8 distilled `best_distill_s`."""
+    import time
+    from types import SimpleNamespace
+
+    from lmcompress.auto.proxy import Score
+    from lmcompress.auto.search import Result, Search
+
+    search = Search.__new__(Search)
+    search.ctx = SimpleNamespace(target="latency", max_drop=1.0, z=1.0, task=SimpleNamespace(metric="accuracy"),
+                                 cost=SimpleNamespace(unit="ms"), store=SimpleNamespace(current="x"))
+    search.started, search.budget_s, search.reserve_s = time.perf_counter(), left_s, 0.0
+    search.build_s, search.eval_s, search.results, search.models = [1.0], [1.0], [], {}
+    search.dense_cost, search.stopped, search.polished = 100.0, "", ""
+    search.best = Result(Chain(Structure("prune", 0.3), "int8"), best_distill_s, Score(88.0, 0.5, 0.3), 25.0, 2,
+                         True, 0.0)
+    search.results.append(search.best)
+    return search
+
+
+def test_time_a_smaller_structure_could_not_use_polishes_the_answer_instead(monkeypatch):
+    """With less time left than 1.5x the answer's distillation, no smaller structure is built: the answer's own
+    student is distilled further, and that chain, still valid, replaces its shorter-distilled self even when the
+    guard scores it a little lower (the guard's noise, not the extra training, decides between the two)."""
+    from torch import nn
+
+    from lmcompress.auto.proxy import Score
+    from lmcompress.auto.search import Result, Search, Student
+
+    finer = Structure("prune", 0.26)
+    assert not _bare_search(left_s=500, best_distill_s=400).worth_building(finer)
+    assert _bare_search(left_s=700, best_distill_s=400).worth_building(finer)
+    assert _bare_search(left_s=50, best_distill_s=0).worth_building(finer)   # undistilled answer: refining is cheap
+
+    search = _bare_search(left_s=500, best_distill_s=400)
+    answer, other = Student(Structure("prune", 0.3), nn.Linear(2, 2), 400.0), Student(finer, nn.Linear(2, 2))
+    answer.results, other.results = [search.best], [search.best]
+    distilled = []
+
+    def fake_distill(self, student, seconds, first):
+        distilled.append((student.structure, first))
+        student.distill_s += seconds
+
+    def fake_evaluate(self, chain, model, distill_s, rung):
+        result = Result(chain, distill_s, Score(87.8, 0.7, 0.3), 25.0 if chain.quant else 34.0, rung, True, 1.0)
+        self._record(result, model)
+        return result
+
+    monkeypatch.setattr(Search, "distill", fake_distill)
+    monkeypatch.setattr(Search, "evaluate", fake_evaluate)
+    monkeypatch.setattr(Search, "_save", lambda self, result, model: None)
+    search.polish([other, answer], rung=3)
+    assert distilled == [(Structure("prune", 0.3), False)]
+    assert search.best.chain == Chain(Structure("prune", 0.3), "int8") and search.best.distill_s > 400
+    assert search.best.rung == 3 and search.stopped == "time spent" and "polished prune 0.3" in search.polished

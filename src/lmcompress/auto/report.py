@@ -60,7 +60,8 @@ def write_report(out: Path, search: Search, final: Final | None, header: dict[st
               f"Every candidate scored, in order. *drop*: dense minus the candidate on the guard, ± one standard "
               f"error (paired bootstrap). *cost*: {unit} ({_target_text(search)}). *front*: no other candidate is both "
               "cheaper and better. Rung 0 is the proxy (no distillation); later rungs distilled the survivors "
-              "further (successive halving).", "",
+              "further (successive halving)" + (f"; the last rung {search.polished}" if search.polished else "")
+              + ".", "",
               "| # | chain | distilled s | rung | guard " + metric + " | drop ± se | " + unit + " | x dense | valid | "
               "front |", "|---|---|---|---|---|---|---|---|---|---|"]
     for i, row in enumerate(rows, 1):
@@ -74,7 +75,7 @@ def write_report(out: Path, search: Search, final: Final | None, header: dict[st
             "max_drop": ctx.max_drop, "z": ctx.z, "unit": unit, "guard_examples": len(ctx.guard.examples),
             "budget_s": search.budget_s,
             "dense_measured_ms": round(search.dense_measured_ms, 3), "elapsed_s": round(search.elapsed(), 1),
-            "stopped": search.stopped,
+            "stopped": search.stopped, "polished": search.polished,
             "candidates": rows, "final": _final_dict(search, final)}
     write_atomic(out / "front.json", json.dumps(data, indent=2))
     return out / "report.md"
