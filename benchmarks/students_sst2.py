@@ -35,6 +35,8 @@ Presets (each sets every knob below; flags given explicitly override them):
   fourier-top  as fourier-half, but the top three blocks (3, 4, 5) swapped instead of the least sensitive ones.
   fourier-top-16k  as fourier-top, distilled on all 16,000 labelled sentences (the teacher's own) instead of 4,000.
          Write it to its own --out.
+  fourier-top-fit  as fourier-top, with `scale: fit` (the mixing normalised, times a gain per block fitted to the
+         attention's outputs and trained by distillation) instead of the raw transform.
   smoke  a minute: checks that the script runs (tiny sizes; its numbers mean nothing).
 
 Teachers: benchmarks/common.py `finetuned_model` (MiniLM fine-tuned on 16,000 SST-2 sentences, one per seed, cached;
@@ -102,6 +104,9 @@ PRESETS = {
                     "ks": [3], "fourier_blocks": [3, 4, 5], "distill": ["10m"], "epochs": 5},
     "fourier-top-16k": {"seeds": [0], "labelled": 16_000, "unlabelled": 0, "ngram": [], "table": [], "dim": [],
                         "ks": [3], "fourier_blocks": [3, 4, 5], "distill": ["10m"], "epochs": 5},
+    "fourier-top-fit": {"seeds": [0], "labelled": 4000, "unlabelled": 0, "ngram": [], "table": [], "dim": [],
+                        "ks": [3], "fourier_blocks": [3, 4, 5], "fourier_scale": "fit", "distill": ["10m"],
+                        "epochs": 5},
     "fourier-half": {"seeds": [0], "labelled": 4000, "unlabelled": 0, "ngram": [], "table": [], "dim": [],
                      "ks": [3], "distill": ["10m"], "epochs": 5},
     "second-task": {"seeds": [0], "labelled": 8_551, "unlabelled": None, "ngram": [1, 2], "table": [200_000],
@@ -283,11 +288,14 @@ def fourier(seed, settings, teacher, tokenizer, task, labelled, dev, rows, out, 
         speed: dict[str, float] = {}
         for budget in [None, *settings["distill"]]:
             named = f" blocks {','.join(map(str, order[:k]))}" if settings.get("fourier_blocks") else ""
+            named += f" scale={settings['fourier_scale']}" if settings.get("fourier_scale") else ""
             name = f"Fourier k={k}{named}" + (f" + distill {budget}" if budget else "")
             if (seed, name) in done:
                 continue
             model = copy.deepcopy(teacher)
             choice = {"count": k} if order is None else {"blocks": order[:k]}
+            if settings.get("fourier_scale"):
+                choice["scale"] = settings["fourier_scale"]
             stages = [{"method": "fourier_mixing", "options": choice}]
             if budget:
                 stages.append({"method": "distill", "options": {"time": budget, "max_length": 64}})

@@ -264,7 +264,7 @@ LAYER_BUILDERS: dict[str, list[Callable[[], nn.Module]]] = {
                         _by_method("quantize", scheme="weight_only", bits=4, group_size=16)],
     "QuantizedEmbedding": [_embedding],
     "LinearBlock": [_linear_block],
-    "FourierMixing": [lambda: FourierMixing(32)],
+    "FourierMixing": [lambda: FourierMixing(32), lambda: FourierMixing(32, normalized=True, gain=0.37)],
     "LoRALinear": [_lora],
     "BottleneckAdapter": [_bottleneck],
 }

@@ -7,6 +7,11 @@ sentence gives the same outputs on its real tokens whether it is padded or not, 
 zeros. The mask is read from what the architecture passes to its attention (a 4D boolean or additive mask, or
 None for no padding); the key-padding row of the first query is the per-row validity.
 
+Scale: the transform as FNet has it multiplies a row's size by about sqrt(length x hidden), far above what the
+attention it replaces gave the output projection, so the residual is drowned. `normalized=True` divides by
+sqrt(length x hidden) (Parseval: the mixed row keeps its input's size) and multiplies by a learnable `gain`, which
+`fourier_mixing(scale=fit)` sets from calibration data and distillation trains.
+
 The FFT runs in `torch.fft`; under ONNX export (where FFT ops are not portable) the same numbers come from cosine
 and sine DFT matrices built per row from its length: Re(F_L X F_H) = C_L X C_H - S_L X S_H for real X.
 """
@@ -52,20 +57,25 @@ class FourierMixing(CompressedLayer):
     """Replaces a self-attention module: `forward(hidden_states, attention_mask, ...)` returns
     (mixed, None) like the attention modules of transformers (output, attention weights)."""
 
-    manifest_fields: ClassVar[tuple[str, ...]] = ("in_features", "out_features")
+    manifest_fields: ClassVar[tuple[str, ...]] = ("in_features", "out_features", "normalized")
+    field_checks: ClassVar[dict[str, tuple[Any, str]]] = {
+        "normalized": (lambda v: isinstance(v, bool), "true or false")}
     timed_against_dense: ClassVar[bool] = False   # no linear map: a GEMM of its width is no fair reference
     onnx_exportable: ClassVar[bool] = True        # the DFT-matrix form under export (module docstring)
 
-    def __init__(self, hidden: int, dense_flops: int = 0) -> None:
+    def __init__(self, hidden: int, dense_flops: int = 0, normalized: bool = False, gain: float = 1.0) -> None:
         super().__init__()
         self.in_features = self.out_features = hidden
         self.dense_kind = "Linear"
         self.bias = None
         self.replaced_flops = dense_flops or 6 * hidden * hidden   # q, k and v projections
+        self.normalized = normalized
+        if normalized:
+            self.gain = torch.nn.Parameter(torch.tensor([float(gain)]))
 
     @classmethod
     def from_manifest(cls, entry: dict[str, Any]) -> FourierMixing:
-        return cls(entry["in_features"])
+        return cls(entry["in_features"], normalized=entry.get("normalized", False))   # older files: raw
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args: Any,
                 **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -81,7 +91,10 @@ class FourierMixing(CompressedLayer):
                 continue
             rows = (lengths == n).nonzero(as_tuple=True)[0]
             chunk = x[rows, :n].float()
-            out[rows, :n] = torch.fft.fft2(chunk, dim=(-2, -1)).real.to(x.dtype)
+            mixed = torch.fft.fft2(chunk, dim=(-2, -1)).real
+            if self.normalized:
+                mixed = mixed * (self.gain / math.sqrt(n * x.shape[-1]))
+            out[rows, :n] = mixed.to(x.dtype)
         return out, None
 
     def _matrix_form(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -89,6 +102,9 @@ class FourierMixing(CompressedLayer):
         cos_h, sin_h = _dft(torch.tensor([x.shape[2]], device=x.device), x.shape[2], torch.float32)
         x = x.float()
         real = cos_l @ x @ cos_h[0] - sin_l @ x @ sin_h[0]
+        if self.normalized:
+            size = (lengths.clamp(min=1) * x.shape[2]).to(real.dtype).sqrt().reshape(-1, 1, 1)
+            real = real * (self.gain / size)
         return real.to(x.dtype)
 
     def onnx_role(self) -> str:

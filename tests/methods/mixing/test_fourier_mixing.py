@@ -130,3 +130,63 @@ def test_distill_stage_recovers_towards_the_unswapped_model(tokenizer):
     report = summary.stages[-1].report
     assert report["steps"] > 0 and report["divergence_after"] <= report["divergence_before"]
     assert type(model.bert.encoder.layer[0].attention.self).__name__ == "FourierMixing"
+
+
+def test_normalised_layer_keeps_the_size_of_its_input_and_the_export_form_agrees(monkeypatch):
+    """The raw transform multiplies a row's size by about sqrt(length x hidden); the normalised one keeps it (real
+    part of an orthonormal transform: at most the input's energy), times its gain, on padded rows too."""
+    import lmcompress.layers.fourier as fourier
+
+    x = torch.randn(2, 9, 16)
+    mask = torch.tensor([[1] * 9, [1] * 5 + [0] * 4], dtype=torch.bool)[:, None, None, :]
+    raw, unit, half = FourierMixing(16), FourierMixing(16, normalized=True), FourierMixing(16, normalized=True, gain=.5)
+    with torch.no_grad():
+        out = unit(x, mask)[0]
+        for row, n in enumerate((9, 5)):
+            ratio = out[row, :n].pow(2).sum() / x[row, :n].pow(2).sum()
+            assert 0.2 < ratio <= 1.0 + 1e-5
+            torch.testing.assert_close(out[row, :n] * (n * 16) ** 0.5, raw(x, mask)[0][row, :n], atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(half(x, mask)[0], out * 0.5)
+        monkeypatch.setattr(fourier, "_exporting", lambda: True)
+        torch.testing.assert_close(half(x, mask)[0], out * 0.5, atol=1e-4, rtol=1e-4)
+
+
+def test_scale_fit_sets_each_gain_to_the_least_squares_match_of_the_attention_output(tokenizer, tmp_path):
+    """The fitted gain is where |g * mixed - attention output|^2 on the calibration sample is lowest: moving it
+    either way raises the error. The gain is trained by distillation and saved with the model."""
+    from lmcompress.methods.mixing.fourier_mixing import fitted_gains
+
+    model = make_tiny_bert(tokenizer.vocab_size)
+    batch = tokenizer(SENTENCES, padding=True, truncation=True, max_length=16, return_tensors="pt")
+    name = "bert.encoder.layer.1.attention.self"
+    gain = fitted_gains(model, [name], [dict(batch)])[name]
+    captured = {}
+    handle = model.get_submodule(name).register_forward_hook(
+        lambda m, args, kwargs, out: captured.update(args=args, kwargs=kwargs, out=out[0]), with_kwargs=True)
+    with torch.no_grad():
+        model(**batch)
+    handle.remove()
+    hidden = captured["args"][0] if captured["args"] else captured["kwargs"]["hidden_states"]
+    mask = captured["args"][1] if len(captured["args"]) > 1 else captured["kwargs"].get("attention_mask")
+    valid = fourier_valid(mask, hidden)
+
+    def error(g: float) -> float:
+        with torch.no_grad():
+            mixed = FourierMixing(hidden.shape[-1], normalized=True, gain=g)(hidden, mask)[0]
+        return float(((mixed - captured["out"]) * valid).pow(2).sum())
+
+    assert gain != 0 and error(gain) < error(gain * 1.2) and error(gain) < error(gain * 0.8)
+    fitted = swapped(tokenizer, [{"method": "fourier_mixing", "blocks": [1], "scale": "fit"}])
+    layer = fitted.bert.encoder.layer[1].attention.self
+    assert layer.normalized and layer.gain.requires_grad
+    save(fitted, tmp_path / "m", tokenizer)
+    loaded = load(tmp_path / "m")
+    assert loaded.bert.encoder.layer[1].attention.self.gain.item() == layer.gain.item()
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(**batch).logits, fitted(**batch).logits, atol=0, rtol=0)
+
+
+def fourier_valid(mask, hidden):
+    from lmcompress.layers.fourier import valid_positions
+
+    return valid_positions(mask, hidden.shape[0], hidden.shape[1], hidden.device).unsqueeze(-1).to(hidden.dtype)

@@ -6,11 +6,18 @@ sensitivity being how far swapping it alone moves the model's output on the cali
 of the last hidden state, relative to its mean square), or the top ones (`pick=top`, no data needed), which
 distillation recovered far better on SST-2 (docs/students.md). The attention output projection, residual and
 LayerNorm are kept: the projection learns, during distillation, to read the mixed tokens.
+
+Scale (`scale`): `raw` is the transform as FNet has it, whose output is about sqrt(length x hidden) times its input
+and drowns the residual in the output projection; `fit` normalises it and sets a learnable gain per block by
+least squares against the attention's own outputs on the calibration sample, so the mixed tokens enter at the
+size the projection was trained on (near zero where they do not resemble what attention gave: the block then
+starts close to having no attention at all, and distillation trains the gain).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Literal
 
 import torch
@@ -20,7 +27,7 @@ from torch import nn
 from lmcompress.core.families import blocks_of, family_of
 from lmcompress.core.linear import set_submodule
 from lmcompress.errors import RecipeError
-from lmcompress.layers.fourier import FourierMixing
+from lmcompress.layers.fourier import FourierMixing, valid_positions
 from lmcompress.methods.base import LayerResult, Method, MethodConfig, ModelResult, StageContext, register_method
 
 log = logging.getLogger("lmcompress")
@@ -32,6 +39,10 @@ class FourierMixingConfig(MethodConfig):
                                                               "(measured on the calibration sample)")
     pick: Literal["sensitivity", "top"] | None = Field(default=None, description="with count: the least sensitive "
                                                        "blocks (the default) or the top (last) ones")
+
+    scale: Literal["raw", "fit"] = Field(default="raw", description="raw: the unnormalised transform (FNet); fit: "
+                                         "normalised, times a learnable gain fitted to the attention's outputs on "
+                                         "the calibration sample")
 
     @model_validator(mode="after")
     def _one_choice(self) -> FourierMixingConfig:
@@ -53,12 +64,14 @@ class FourierMixingMethod(Method):
         return isinstance(module, nn.Linear)
 
     def uses_data(self, config: FourierMixingConfig) -> bool:
-        return config.count is not None and config.pick != "top"
+        return config.scale == "fit" or (config.count is not None and config.pick != "top")
 
     def compress_model(self, model: nn.Module, tokenizer: Any, data: Any, config: FourierMixingConfig,
                        targets: dict[str, nn.Module], context: StageContext | None = None) -> ModelResult:
         context = context or StageContext()
         modules = attention_modules(model)
+        # one pass fits every block's gain, so that sensitivities (below) measure the swap that will be made
+        gains = fitted_gains(model, modules, context.calibration_batches()) if config.scale == "fit" else {}
         if config.blocks is not None:
             wrong = [i for i in config.blocks if not 0 <= i < len(modules)]
             if wrong:
@@ -70,7 +83,7 @@ class FourierMixingMethod(Method):
             if config.pick == "top":
                 chosen, scores = list(range(len(modules) - config.count, len(modules))), None
             else:
-                scores = sensitivities(model, modules, context.calibration_batches()) if config.count else []
+                scores = sensitivities(model, modules, context.calibration_batches(), gains) if config.count else []
                 chosen = sorted(sorted(range(len(modules)), key=lambda i: scores[i])[:config.count])
         for index in chosen:
             _check_width(model, modules[index], index)
@@ -78,10 +91,11 @@ class FourierMixingMethod(Method):
         for index in chosen:
             name = modules[index]
             before = sum(p.numel() for p in model.get_submodule(name).parameters())
-            set_submodule(model, name, fourier_like(model, name))
+            set_submodule(model, name, fourier_like(model, name, gains.get(name)))
             results.append(LayerResult(model.get_submodule(name), before, 0, note="attention -> Fourier mixing",
                                        name=name))
-        report = {"blocks": chosen, "sensitivity": scores,
+        report = {"blocks": chosen, "sensitivity": scores, "gains": [round(gains[modules[i]], 6) for i in chosen]
+                  if gains else None,
                   "summary": f"Fourier mixing in blocks {chosen} of {len(modules)}"}
         return ModelResult(results, None, report)
 
@@ -111,13 +125,53 @@ def _check_width(model: nn.Module, name: str, index: int) -> None:
                           f"of {model.config.hidden_size} wide); swap before pruning heads, or prune with heads=false")
 
 
-def fourier_like(model: nn.Module, name: str) -> FourierMixing:
-    """The replacement, on the model's device (it holds no tensors)."""
-    return FourierMixing(model.config.hidden_size)
+def fourier_like(model: nn.Module, name: str, gain: float | None = None) -> FourierMixing:
+    """The replacement, on the model's device: raw (no tensors), or normalised with `gain`."""
+    if gain is None:
+        return FourierMixing(model.config.hidden_size)
+    device = next(model.get_submodule(name).parameters()).device
+    return FourierMixing(model.config.hidden_size, normalized=True, gain=gain).to(device)
 
 
 @torch.no_grad()
-def sensitivities(model: nn.Module, modules: list[str], batches: list[dict[str, torch.Tensor]]) -> list[float]:
+def fitted_gains(model: nn.Module, modules: list[str], batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Per attention module, the scalar g minimising |g * mixed - attention output|^2 over the real tokens of the
+    calibration sample, mixed = the normalised transform of the module's own input (one pass of the unchanged
+    model, a hook per module)."""
+    if not batches:
+        raise RecipeError("fourier_mixing: scale=fit needs calibration data")
+    probe = FourierMixing(model.config.hidden_size, normalized=True)
+    sums = {name: [0.0, 0.0] for name in modules}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+            mixed = probe(hidden.float(), mask)[0]
+            attended = (output[0] if isinstance(output, tuple) else output).float()
+            valid = valid_positions(mask, hidden.shape[0], hidden.shape[1], hidden.device).unsqueeze(-1)
+            sums[name][0] += float((mixed * attended * valid).sum())
+            sums[name][1] += float((mixed * mixed).sum())
+        return record
+
+    handles = [model.get_submodule(name).register_forward_hook(hook(name), with_kwargs=True) for name in modules]
+    try:
+        for batch in batches:
+            model(**{k: v for k, v in batch.items() if k != "labels"})
+    finally:
+        for handle in handles:
+            handle.remove()
+    gains = {name: (cross / energy if energy > 0 else 0.0) for name, (cross, energy) in sums.items()}
+    if any(not math.isfinite(g) for g in gains.values()):
+        raise RecipeError("fourier_mixing: the fitted gains are not finite (NaN or infinite activations in the "
+                          "calibration sample)")
+    log.info("fourier_mixing: fitted gains %s", {n: round(g, 4) for n, g in gains.items()})
+    return gains
+
+
+@torch.no_grad()
+def sensitivities(model: nn.Module, modules: list[str], batches: list[dict[str, torch.Tensor]],
+                  gains: dict[str, float] | None = None) -> list[float]:
     """Relative change of the last hidden state when each block alone is swapped (smaller = safer to swap)."""
     def last_hidden() -> list[torch.Tensor]:
         return [model(**{k: v for k, v in b.items() if k != "labels"}, output_hidden_states=True).hidden_states[-1]
@@ -128,7 +182,7 @@ def sensitivities(model: nn.Module, modules: list[str], batches: list[dict[str, 
     scores = []
     for name in modules:
         original = model.get_submodule(name)
-        set_submodule(model, name, fourier_like(model, name))
+        set_submodule(model, name, fourier_like(model, name, (gains or {}).get(name)))
         try:
             changed = last_hidden()
         finally:
