@@ -35,7 +35,9 @@ SLACK = 4.0          # points of drop beyond --max-drop that distillation may st
 MIN_DISTILL_S = 15.0  # a distillation share shorter than this trains too few steps to be worth a rung
 RUNGS = 3
 SLOW_FACTOR = 10     # a slow structure is built only with ten prune-builds of time left
-REFINE_FACTOR = 1.5  # a refined (smaller) structure is built only with 1.5x its valid neighbour's distillation left
+# a structure built after the first rounds (refined, or slow) needs more distillation than the distilled answer
+# had: on SST-2, prune 0.26 was still over the limit after 4.5x the 149 s that made prune 0.3 valid (docs/auto.md)
+REFINE_FACTOR = 6.0
 BASELINE_KEYS = {"dense|0", "int8|0"}
 
 
@@ -334,16 +336,17 @@ class Search:
 
     # --- polishing the answer ---------------------------------------------------------------------------
     def worth_building(self, structure: Structure) -> bool:
-        """A structure built after the first rounds (a refined fraction, or a slow one) could beat the answer only
-        after at least the distillation the answer had: with less time left than `REFINE_FACTOR` times that (and
-        its build), the time goes to `polish` instead."""
+        """A structure built after the first rounds (a refined fraction, or a slow one) could beat a distilled
+        answer only after more distillation than the answer had: with less time left than `REFINE_FACTOR` times
+        that (and its build), the time goes to `polish` instead. An answer valid without distillation leaves the
+        search free to refine."""
         build = (SLOW_FACTOR if self.slow(structure) else 1) * max(self.build_s, default=0.0)
         needed = REFINE_FACTOR * (self.best.distill_s if self.best else 0.0) + build
         if self.best is None or self.best.distill_s == 0 or self.left() >= needed:
             return True
-        log.info("auto %s not building %s: %s left, under the %s it would need (its build and 1.5x the %s "
-                 "distillation of %s); polishing instead", self.stamp(), structure.name, _clock(self.left()),
-                 _clock(needed), _clock(self.best.distill_s), self.best.chain.name)
+        log.info("auto %s not building %s: %s left, under the %s it would need (its build and %gx the %s "
+                 "distillation of %s)", self.stamp(), structure.name, _clock(self.left()), _clock(needed),
+                 REFINE_FACTOR, _clock(self.best.distill_s), self.best.chain.name)
         return False
 
     def polish(self, students: list[Student], rung: int) -> None:
