@@ -132,3 +132,43 @@ def test_time_a_smaller_structure_could_not_use_polishes_the_answer_instead(monk
     assert distilled == [(Structure("prune", 0.3), False)]
     assert search.best.chain == Chain(Structure("prune", 0.3), "int8") and search.best.distill_s > 400
     assert search.best.rung == 3 and search.stopped == "time spent" and "polished prune 0.3" in search.polished
+
+
+def test_successive_halving_keeps_the_students_closest_to_valid_not_the_cheapest(monkeypatch):
+    """After a rung the half that goes on is the half nearest validity: prune 0.4 (0.8 ± 0.39 over a limit of 1)
+    goes on, prune 0.3 (1.07 ± 0.37), cheaper but further off, stops."""
+    from torch import nn
+
+    from lmcompress.auto.proxy import Score
+    from lmcompress.auto.search import Result, Search, Student
+
+    search = _bare_search(left_s=3000, best_distill_s=0)
+    search.best = Result(Chain(Structure("prune", 0.55), "int8"), 0.0, Score(88.0, 0.6, 0.3), 30.0, 0, True, 0.0)
+    clock = [0.0]
+    monkeypatch.setattr(Search, "elapsed", lambda self: clock[0])
+    scores = {0.3: Score(87.9, 1.07, 0.37), 0.4: Score(88.2, 0.8, 0.39)}
+    costs = {0.3: 18.0, 0.4: 22.0}
+    distilled = []
+
+    def fake_distill(self, student, seconds, first):
+        distilled.append(student.structure.fraction)
+        student.distill_s += seconds
+        clock[0] += seconds
+
+    def fake_evaluate(self, chain, model, distill_s, rung):
+        fraction = chain.structure.fraction
+        result = Result(chain, distill_s, scores[fraction], costs[fraction], rung, False, clock[0])
+        self.results.append(result)
+        return result
+
+    monkeypatch.setattr(Search, "distill", fake_distill)
+    monkeypatch.setattr(Search, "evaluate", fake_evaluate)
+    students = []
+    for fraction in (0.3, 0.4):
+        student = Student(Structure("prune", fraction), nn.Linear(2, 2))
+        student.results = [Result(Chain(student.structure, "int8"), 0.0, Score(86.0, 2.0, 0.4), costs[fraction], 0,
+                                  False, 0.0)]
+        students.append(student)
+    search.halving(students)
+    assert distilled[:2] == [0.3, 0.4]             # the first rung: both, cheapest first
+    assert set(distilled[2:]) == {0.4}             # then only the one closest to valid

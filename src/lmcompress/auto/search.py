@@ -4,7 +4,7 @@ so far is always on disk, see `store`).
 
 Why successive halving: distillation is what turns a candidate that drops too much into a valid one, and its
 return is unknown until it runs. Each rung gives the surviving students an equal share of the rung's time,
-re-scores them, and keeps the better half; a student is kept only while it is cheaper than the best valid
+re-scores them, and keeps the half closest to valid; a student is kept only while it is cheaper than the best valid
 model, so time goes where it could still change the answer. A candidate that is already valid needs no
 distillation to be valid (training changes values, not cost), but more of it widens the answer's margin: time
 that a smaller structure could not use is spent *polishing* the answer's student (`Search.polish`).
@@ -286,6 +286,19 @@ class Search:
                  and (self.best is None or r.cost < self.best.cost)]
         return min(costs) if costs else None
 
+    def shortfall(self, student: Student) -> float:
+        """Points by which the student's closest chain that would beat the best misses validity (drop plus z
+        standard errors, less --max-drop): the better half of a rung is the half closest to valid. Every student
+        still in the pool is cheaper than the best, so the one likeliest to become valid is the one worth more
+        time; ranking by cost instead once kept prune 0.3 (1.07 ± 0.37 on the guard) over prune 0.4 (0.8 ± 0.39)
+        on SST-2, and prune 0.3 never became valid."""
+        latest = {}
+        for result in student.results:
+            latest[result.chain] = result
+        gaps = [r.score.drop + self.ctx.z * r.score.se - self.ctx.max_drop for r in latest.values()
+                if not r.valid and (self.best is None or r.cost < self.best.cost)]
+        return min(gaps) if gaps else math.inf
+
     def distill(self, student: Student, seconds: float, first: bool) -> None:
         from lmcompress.training.distillation import DistillConfig, distill
 
@@ -329,7 +342,7 @@ class Search:
                     continue
                 for chain in chains_of(student.structure, self.ctx.target):
                     student.results.append(self.evaluate(chain, student.model, student.distill_s, rung))
-            pool = pool[:max(1, math.ceil(len(pool) / 2))]
+            pool = sorted(pool, key=self.shortfall)[:max(1, math.ceil(len(pool) / 2))]
             rungs_left = max(1, rungs_left - 1)
             slack = max(slack / 2, 1.0)
             rung += 1
