@@ -39,7 +39,6 @@ class FourierMixingConfig(MethodConfig):
                                                               "(measured on the calibration sample)")
     pick: Literal["sensitivity", "top"] | None = Field(default=None, description="with count: the least sensitive "
                                                        "blocks (the default) or the top (last) ones")
-
     scale: Literal["raw", "fit"] = Field(default="raw", description="raw: the unnormalised transform (FNet); fit: "
                                          "normalised, times a learnable gain fitted to the attention's outputs on "
                                          "the calibration sample")
@@ -147,7 +146,7 @@ def fitted_gains(model: nn.Module, modules: list[str], batches: list[dict[str, t
         def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]
             mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
-            mixed = probe(hidden.float(), mask)[0]
+            mixed = probe.to(hidden.device)(hidden.float(), mask)[0]   # the model may sit on an accelerator
             attended = (output[0] if isinstance(output, tuple) else output).float()
             valid = valid_positions(mask, hidden.shape[0], hidden.shape[1], hidden.device).unsqueeze(-1)
             sums[name][0] += float((mixed * attended * valid).sum())
