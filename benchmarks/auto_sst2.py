@@ -11,8 +11,9 @@ pairs, 2 epochs, as headline.py caches them). For each seed:
    --time N`; its wall time W is the whole call (model load, searches, final timing, dev score).
 2. The best hand recipe of docs/ (docs/distillation.md: prune to 40% of FLOPs, Fisher scores and least-squares
    refit -> distil -> int8 dynamic) in the same wall time W: the prune, then distillation for what is left of W
-   (less a margin for the quantization), then int8.
-3. Dense, int8 (no data), auto's answer (loaded from OUT/model) and the hand recipe: the task's metric (x100) on
+   (less a margin for the quantization), then int8; and the same distilled student cast to bfloat16 instead.
+3. Dense, int8 (no data), dense cast to bfloat16, auto's answer (loaded from OUT/model) and the hand recipe (both
+   versions): the task's metric (x100) on
    all dev examples; latency at batch 8 x 128 tokens timed side by side (`paired_latency`, alternating), and on
    the dev examples themselves (batches of 8 in file order, padded per batch: the clock an early-exit answer,
    `--early-exit`, needs).
@@ -132,8 +133,17 @@ def accuracy(model, tokenizer, dev, task) -> float:
     return 100 * compute_metrics(task, predictions, np.asarray(dev.labels))[task.metric]
 
 
+def cast(model, dtype: str = "bfloat16"):
+    """A copy of `model` in 16-bit floats (`cast`)."""
+    copied = copy.deepcopy(model)
+    compress(copied, Recipe.from_dict({"stages": [{"method": "cast", "options": {"dtype": dtype}}]}), None, None,
+             progress=False, timing=False)
+    return copied
+
+
 def hand_recipe(dense, tokenizer, train, task, wall_s: float, seed: int):
-    """docs/distillation.md's best fast chain in `wall_s` seconds: prune 40% FLOPs -> distil -> int8."""
+    """docs/distillation.md's best fast chain in `wall_s` seconds: prune 40% FLOPs -> distil -> int8; and the
+    same distilled student cast to bfloat16 instead of int8 (the float student, before int8, in bf16)."""
     start = time.perf_counter()
     student = copy.deepcopy(dense)
     calibration = train.take(CALIBRATION["samples"], seed=seed)
@@ -148,9 +158,10 @@ def hand_recipe(dense, tokenizer, train, task, wall_s: float, seed: int):
         with tempfile.TemporaryDirectory() as scratch:
             student = distill(dense, student, tokenizer, distill_train, heldout, task, left, scratch,
                               config=DistillConfig(max_length=128, seed=0), progress=False).model
+    half = cast(student)
     compress(student, Recipe.from_dict({"stages": [{"method": "quantize", "options": {"scheme": "dynamic"}}]}),
              tokenizer, None, progress=False, timing=False)
-    return student, time.perf_counter() - start
+    return student, half, time.perf_counter() - start
 
 
 def one_seed(seed, args, dense, tokenizer, teacher_dir, glue, train, dev, task, work) -> dict:
@@ -168,10 +179,10 @@ def one_seed(seed, args, dense, tokenizer, teacher_dir, glue, train, dev, task, 
     int8 = copy.deepcopy(dense)
     compress(int8, Recipe.from_dict({"stages": [{"method": "quantize", "options": {"scheme": "dynamic"}}]}),
              tokenizer, None, progress=False, timing=False)
-    models = {"dense": dense, "int8": int8, "auto": chosen}
+    models = {"dense": dense, "int8": int8, "bf16": cast(dense), "auto": chosen}
     hand_s = None
     if not args.no_hand:
-        models["hand"], hand_s = hand_recipe(dense, tokenizer, train, task, auto_s, seed)
+        models["hand"], models["hand_bf16"], hand_s = hand_recipe(dense, tokenizer, train, task, auto_s, seed)
     dev_acc = {name: accuracy(m, tokenizer, dev, task) for name, m in models.items()}
     timing = paired_latency(models, BATCH, SEQ, repeats=args.repeats)
     ms = {name: timing[name]["median_ms"] for name in models}
@@ -192,8 +203,9 @@ def one_seed(seed, args, dense, tokenizer, teacher_dir, glue, train, dev, task, 
         row[f"{name}_x"] = round(ms["dense"] / ms[name], 3)
         row[f"{name}_dev_x"] = round(dev_ms["dense"] / dev_ms[name], 3)
     row["auto_drop"] = round(dev_acc["dense"] - dev_acc["auto"], 2)
-    if "hand" in dev_acc:
-        row["hand_drop"] = round(dev_acc["dense"] - dev_acc["hand"], 2)
+    for name in ("bf16", "hand", "hand_bf16"):
+        if name in dev_acc:
+            row[f"{name}_drop"] = round(dev_acc["dense"] - dev_acc[name], 2)
     row["auto_within"] = row["auto_drop"] <= args.max_drop
     (work / f"report-seed{seed}-{args.minutes:g}m.md").write_text((auto_out / "report.md").read_text())
     print(json.dumps(row), flush=True)
@@ -217,10 +229,13 @@ def write_report(out: Path, rows: list[dict], started: float, args, dev_size: in
                ("auto_chain", "auto's answer"),
                ("auto_distill_s", "distilled s"), ("candidates", "candidates scored"), ("auto_s", "auto wall s"),
                ("dense_acc", "dense score"), ("int8_acc", "int8 score"), ("int8_x", "int8 x dense"),
+               ("bf16_drop", "bf16 drop"), ("bf16_x", "bf16 x dense"),
                ("auto_acc", "auto score"), ("auto_drop", "auto drop"), ("auto_guard_drop", "auto guard drop"),
                ("auto_confirm_drop", "auto confirmation drop"), ("exits", "exits"),
                ("auto_x", "auto x dense"), ("hand_acc", "hand score"), ("hand_drop", "hand drop"),
-               ("hand_x", "hand x dense"), ("dense_ms", "dense ms"), ("int8_dev_x", "int8 x dense, dev batches"),
+               ("hand_x", "hand x dense"), ("hand_bf16_drop", "hand in bf16 drop"),
+               ("hand_bf16_x", "hand in bf16 x dense"), ("dense_ms", "dense ms"),
+               ("int8_dev_x", "int8 x dense, dev batches"),
                ("auto_dev_x", "auto x dense, dev batches"), ("hand_dev_x", "hand x dense, dev batches")]
     table = markdown_table(rows, columns)
     text = (f"# `lmcompress auto` on {folder} against the best hand recipe at the same wall time\n\n"
@@ -233,9 +248,11 @@ def write_report(out: Path, rows: list[dict], started: float, args, dev_size: in
             f"--batch-size {BATCH} --seq-len {SEQ} --time N`; *seed* is auto's data-split seed (guard, calibration "
             "and distillation samples). *hand*: prune to 40% of FLOPs (Fisher, least-squares refit; 512 calibration "
             "examples) -> distil for the rest of auto's wall time -> int8 dynamic (docs/distillation.md's best fast "
-            f"chain). Scores: the task's metric x100 on all {dev_size} dev examples; *drop*: dense minus the model, "
+            "chain); *hand in bf16*: the same distilled student cast to bfloat16 instead of int8. *bf16*: dense cast "
+            "to bfloat16 (`cast`; empty: rows from before it). "
+            f"Scores: the task's metric x100 on all {dev_size} dev examples; *drop*: dense minus the model, "
             "points; *confirmation drop*: on auto's confirmation split (empty for rows run before it existed). "
-            f"Latency: batch {BATCH} x {SEQ} tokens, median of paired rounds of all four models in alternation, "
+            f"Latency: batch {BATCH} x {SEQ} tokens, median of paired rounds of all the models in alternation, "
             "speed-ups against dense in the same rounds; *dev batches*: the same models over the dev examples in "
             "batches of 8 (real lengths, padded per batch; 3 paired rounds; empty for rows run before it "
             "existed), the only fair clock for an early-exit answer. *exits*: what `--early-exit` decided. *int8 "

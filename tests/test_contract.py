@@ -75,6 +75,8 @@ SETUPS: dict[str, Setup] = {
     "quantize": Setup({"bits": 8}, lossless=False,
                       bfloat16="QuantizedLinear keeps its scales and bias in float32 by design"),
     "sparsify": Setup({"sparsity": 0.0, "score": "magnitude"}),
+    # float32 is the cast that changes nothing (bfloat16's own checks: tests/methods/quantization/test_cast.py)
+    "cast": Setup({"dtype": "float32"}, bfloat16="cast gives the dtype its options name: float32 here"),
     "prune": Setup({"keep": 1.0}),
     # a block is always removed (count >= 1): the mildest setting is one block, with a linear stand-in
     "drop_blocks": Setup({"count": 1, "score": "last", "replace": "linear"}, lossless=False),

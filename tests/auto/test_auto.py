@@ -42,7 +42,7 @@ def fake_table(tmp_path, monkeypatch):
     monkeypatch.setattr(LatencyTable, "measure", lambda self, kind, fields, module=None: formula(kind, fields, module))
 
     def fake_passes(model, batch_size, seq_len, repeats, warmup=2):
-        table = LatencyTable(batch_size=batch_size, seq_len=seq_len, path=None)
+        table = LatencyTable.for_model(model, batch_size, seq_len, path=None)   # in the model's dtype
         act = lt.activation_name(model)
         blocks = [lt.block_components_ms(table, p, act) for p in lt.block_parts(model)]
         return sum(blocks) + sum(table.module(m) for m in lt.outside_linears(model).values()) + 0.5, blocks
@@ -95,6 +95,28 @@ def test_the_answer_is_within_the_guard_never_slower_than_int8_and_loads(fake_ta
     assert "## Explored front" in report and "Scored once on dev" in report and "Side by side" in report
     assert len(front["candidates"]) > 2      # the search went beyond the baselines
     assert "chosen:" in capsys.readouterr().out
+    # the formula prices bfloat16 like float32 (a CPU without AMX or AVX512-BF16): no bf16 chain was scored
+    assert "bf16" in front["left_out"] and not any("bf16" in c["chain"] for c in front["candidates"])
+    assert "bf16 was left out of the search" in report
+
+
+def test_bfloat16_chains_are_searched_where_the_table_prices_them_faster(fake_table, tiny, tmp_path, monkeypatch,
+                                                                        capsys):
+    """On a machine whose bfloat16 products take a third of float32's time (AMX), bf16 and structure + bf16 chains
+    are scored, and a bf16 answer is saved and loads in bfloat16."""
+    monkeypatch.setattr(LatencyTable, "measure", lambda self, kind, fields, module=None: formula(kind, fields, module)
+                        * (0.3 if self.dtype == torch.bfloat16 else 1.0))
+    out = tmp_path / "out"
+    assert run(tiny, out, "--time", "30s", "--max-drop", "5") == 0, capsys.readouterr().err
+    front = json.loads((out / "front.json").read_text())
+    scored = {c["chain"] for c in front["candidates"]}
+    assert not front["left_out"] and "bf16" in scored and any(c.endswith(" + bf16") for c in scored)
+    chosen = front["final"]["chosen"]["chain"]
+    model = lmcompress.load(out / "model")
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    assert dtypes == ({torch.bfloat16} if chosen.endswith("bf16") else dtypes - {torch.bfloat16})
+    if chosen.endswith("bf16"):
+        assert Recipe.from_yaml(out / "recipe.yaml").stages[-1].method == "cast"
 
 
 def test_when_nothing_meets_the_guard_the_answer_is_dense_and_the_report_says_so(fake_table, tiny, tmp_path,

@@ -21,6 +21,8 @@ def test_a_chain_is_a_recipe_with_its_budget_distillation_and_quantization():
     recipe = Chain(Structure("prune", 0.4), "int8").recipe("latency", 8, 128, True, distill_s=61.4)
     stages = [s.method for s in recipe.stages]
     assert stages == ["prune", "distill", "quantize"]
+    half = Chain(Structure("prune", 0.4), "bf16").recipe("latency", 8, 128, True)
+    assert [s.method for s in half.stages] == ["prune", "cast"] and half.stages[1].options == {"dtype": "bfloat16"}
     assert recipe.stages[0].budget.fraction == 0.4 and recipe.stages[0].budget.batch_size == 8
     assert recipe.stages[1].options["time"] == "61s"
     assert Chain(Structure("whitened_svd", 0.5)).recipe("bytes", 8, 128, True).stages[0].budget.params == 0.5
@@ -50,7 +52,8 @@ def test_a_refined_structure_is_scored_as_every_quantization_variant():
     and the search ended with minutes left)."""
     finer = refined(structures("latency"), Structure("prune", 0.3))
     assert finer == Structure("prune", 0.26) and all(c.structure != finer for c in chains("latency"))
-    assert chains_of(finer, "latency") == [Chain(finer, "int8"), Chain(finer)]
+    assert chains_of(finer, "latency") == [Chain(finer, "int8"), Chain(finer, "bf16"), Chain(finer)]
+    assert chains_of(finer, "latency", ("int8", None)) == [Chain(finer, "int8"), Chain(finer)]   # bf16 left out
     assert [c for c in chains("latency") if c.structure == Structure("prune", 0.4)] == chains_of(
         Structure("prune", 0.4), "latency")
 
@@ -69,7 +72,7 @@ def test_the_search_scores_a_refined_structure_it_builds(monkeypatch):
     search.ctx = SimpleNamespace(dense=nn.Linear(2, 2), target="latency", batch_size=8, seq_len=128, labels=True,
                                  calibration_settings=None, tokenizer=None, calibration=None)
     search.started, search.budget_s, search.reserve_s = time.perf_counter(), 1000.0, 0.0
-    search.build_s, search.eval_s = [], []
+    search.build_s, search.eval_s, search.quants = [], [], ("int8", "bf16", None)
     scored = []
     monkeypatch.setattr(Search, "evaluate", lambda self, chain, model, distill_s, rung: scored.append(chain) or chain)
     finer = Structure("prune", 0.26)
@@ -90,7 +93,7 @@ def _bare_search(left_s: float, best_distill_s: float):
                                  cost=SimpleNamespace(unit="ms"), store=SimpleNamespace(current="x"))
     search.started, search.budget_s, search.reserve_s = time.perf_counter(), left_s, 0.0
     search.build_s, search.eval_s, search.results, search.models = [1.0], [1.0], [], {}
-    search.dense_cost, search.stopped, search.polished = 100.0, "", ""
+    search.dense_cost, search.stopped, search.polished, search.quants = 100.0, "", "", ("int8", None)
     search.best = Result(Chain(Structure("prune", 0.3), "int8"), best_distill_s, Score(88.0, 0.5, 0.3), 25.0, 2,
                          True, 0.0)
     search.results.append(search.best)

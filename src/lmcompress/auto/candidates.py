@@ -1,13 +1,15 @@
 """The chain space: which compressions `auto` tries, and the recipe each one is.
 
 A chain is *structure* (prune or whitened_svd under a stage budget, or none) -> distillation -> *quantization*
-(int8 dynamic, int4 weight-only, or none). Distillation sits between them because int8's kernels pass no
-gradient (docs/distillation.md); its time is not a point of the space but what the search hands out.
+(int8 dynamic, int4 weight-only, bfloat16, or none). Distillation sits between them because int8's kernels pass
+no gradient (docs/distillation.md); its time is not a point of the space but what the search hands out.
 
 The fractions follow the hand recipes of docs/: prune to 40% of FLOPs -> distil -> int8 is the best fast one
 on SST-2 (docs/distillation.md); int4 weight-only saves bytes but runs at 0.6-0.9x dense on a CPU
 (docs/benchmarks/int8_kernels.md), so it is tried for `bytes` only; quantization leaves FLOPs unchanged, so it is
-not tried for `flops`.
+not tried for `flops`. bfloat16 (`cast`) is tried for latency: on a CPU with AMX or AVX512-BF16 it ran MiniLM
+3.4x faster than float32, faster than int8 (docs/quantization.md); where it is emulated it is slower than dense,
+and the search leaves it out when the latency table says so (`Search.baselines`).
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ from typing import Any
 from lmcompress.engine.recipe import Recipe
 
 TARGETS = ("latency", "bytes", "flops")
-QUANT_OPTIONS = {"int8": {"scheme": "dynamic"},
-                 "int4": {"scheme": "weight_only", "bits": 4, "group_size": 128}}
+# each quantization of the space as its recipe stage
+QUANT_STAGES = {"int8": {"method": "quantize", "options": {"scheme": "dynamic"}},
+                "int4": {"method": "quantize", "options": {"scheme": "weight_only", "bits": 4, "group_size": 128}},
+                "bf16": {"method": "cast", "options": {"dtype": "bfloat16"}}}
 # structure fractions per target, most promising first (the hand recipe's 0.4 leads)
 PRUNE_FRACTIONS = {"latency": (0.4, 0.55, 0.3, 0.7, 0.22), "flops": (0.4, 0.55, 0.3, 0.7, 0.22),
                    "bytes": (0.6, 0.45, 0.75)}
 SVD_FRACTIONS = {"latency": (0.7,), "flops": (0.6,), "bytes": (0.5,)}
-QUANTS = {"latency": ("int8", None), "flops": (None,), "bytes": ("int8", "int4")}
+QUANTS = {"latency": ("int8", "bf16", None), "flops": (None,), "bytes": ("int8", "int4")}
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,8 @@ class Chain:
         if distill_s > 0:
             stages.append({"method": "distill", "options": {"time": f"{round(distill_s)}s"}})
         if self.quant:
-            stages.append({"method": "quantize", "options": dict(QUANT_OPTIONS[self.quant])})
+            stage = QUANT_STAGES[self.quant]
+            stages.append({"method": stage["method"], "options": dict(stage["options"])})
         if self.exits:
             stages.append({"method": "early_exit", "options": dict(exit_options or {})})
         if not stages:
@@ -101,10 +106,11 @@ def chains(target: str) -> list[Chain]:
     return found
 
 
-def chains_of(structure: Structure, target: str) -> list[Chain]:
-    """The chains a built structure is scored as: each quantization variant of the target. A refined structure
-    (`refined`) is not in `chains(target)`, so the search asks this, not that list."""
-    return [Chain(structure, q) for q in QUANTS[target]]
+def chains_of(structure: Structure, target: str, quants: tuple[str | None, ...] | None = None) -> list[Chain]:
+    """The chains a built structure is scored as: each quantization variant of the target (of `quants` only, when
+    given: those this machine runs fast). A refined structure (`refined`) is not in `chains(target)`, so the search
+    asks this, not that list."""
+    return [Chain(structure, q) for q in QUANTS[target] if quants is None or q in quants]
 
 
 def refined(tried: list[Structure], best_valid: Structure | None) -> Structure | None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from lmcompress.tasks import compute_metrics
@@ -97,20 +99,31 @@ class Cost:
     def __init__(self, target: str, dense: nn.Module, batch_size: int, seq_len: int) -> None:
         self.target, self.batch_size, self.seq_len = target, batch_size, seq_len
         self.table = None
+        self.tables: dict[torch.dtype, Any] = {}   # one table per dtype: a bfloat16 model is priced by its own
         if target == "latency":
             from lmcompress.evaluation.latency_table import LatencyTable
 
             self.table = LatencyTable.for_model(dense, batch_size, seq_len)
+            self.tables[self.table.dtype] = self.table
 
     @property
     def unit(self) -> str:
         return self.UNITS[self.target]
 
+    def table_for(self, model: nn.Module) -> Any:
+        """The latency table in the model's floating-point dtype (timed on first use, on the same device)."""
+        from lmcompress.evaluation.latency_table import LatencyTable
+
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), self.table.dtype)
+        if dtype not in self.tables:
+            self.tables[dtype] = LatencyTable(self.table.device, dtype, self.batch_size, self.seq_len)
+        return self.tables[dtype]
+
     def __call__(self, model: nn.Module) -> float:
         if self.target == "latency":
             from lmcompress.evaluation.latency_table import predict_latency
 
-            return predict_latency(model, self.table).total_ms
+            return predict_latency(model, self.table_for(model)).total_ms
         if self.target == "bytes":
             from lmcompress.evaluation.efficiency import serialized_size
 

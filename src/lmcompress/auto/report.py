@@ -48,7 +48,9 @@ def write_report(out: Path, search: Search, final: Final | None, header: dict[st
               f"(counting {fmt(ctx.z)} standard error of the drop). Time: {_clock(search.budget_s)} given, "
               f"{_clock(search.elapsed())} used; the search ended: {search.stopped or 'interrupted'}."
               + (f" The table predicted dense at {fmt(search.dense_cost)} ms; one timing of it measured "
-                 f"{fmt(search.dense_measured_ms)} ms." if ctx.target == "latency" else ""), ""]
+                 f"{fmt(search.dense_measured_ms)} ms." if ctx.target == "latency" else "")
+              + "".join(f" {quant} was left out of the search: {why}." for quant, why in search.left_out.items()),
+              ""]
     lines += ["## Choice", ""]
     if final is None:
         best = search.best
@@ -75,7 +77,7 @@ def write_report(out: Path, search: Search, final: Final | None, header: dict[st
             "max_drop": ctx.max_drop, "z": ctx.z, "unit": unit, "guard_examples": len(ctx.guard.examples),
             "budget_s": search.budget_s,
             "dense_measured_ms": round(search.dense_measured_ms, 3), "elapsed_s": round(search.elapsed(), 1),
-            "stopped": search.stopped, "polished": search.polished,
+            "stopped": search.stopped, "polished": search.polished, "left_out": search.left_out,
             "candidates": rows, "final": _final_dict(search, final)}
     write_atomic(out / "front.json", json.dumps(data, indent=2))
     return out / "report.md"

@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import nn
 
-from lmcompress.auto.candidates import Chain, Structure, chains_of, refined, structures
+from lmcompress.auto.candidates import QUANTS, Chain, Structure, chains_of, refined, structures
 from lmcompress.auto.proxy import Cost, Guard, Score, fmt
 from lmcompress.auto.store import BestStore
 from lmcompress.errors import LMCompressError
@@ -39,6 +39,10 @@ SLOW_FACTOR = 10     # a slow structure is built only with ten prune-builds of t
 # had: on SST-2, prune 0.26 was still over the limit after 4.5x the 149 s that made prune 0.3 valid (docs/auto.md)
 REFINE_FACTOR = 6.0
 BASELINE_KEYS = {"dense|0", "int8|0"}
+# quantizations that only pay where the hardware runs them natively: priced on dense before anything is scored,
+# and left out of the space unless the table predicts them at most this fraction of dense's latency
+PRICED_FIRST = ("bf16",)
+PAYS_BELOW = 0.9
 
 
 @dataclass
@@ -132,6 +136,8 @@ class Search:
         self.build_s: list[float] = []
         self.stopped = ""                    # why the search ended
         self.polished = ""                   # what `polish` did, for the report
+        self.quants: tuple[str | None, ...] = QUANTS[ctx.target]   # the quantizations this machine runs fast
+        self.left_out: dict[str, str] = {}   # quantization -> why the search left it out (for the report)
 
     # --- time -------------------------------------------------------------------------------------------
     def elapsed(self) -> float:
@@ -165,8 +171,28 @@ class Search:
         dense = Result(Chain(Structure()), 0.0, self.dense_score, self.dense_cost, 0, True, self.elapsed())
         self._record(dense, ctx.dense)
         self.evaluate(Chain(Structure(), "int8"), ctx.dense, 0.0, 0)
+        for quant in (q for q in PRICED_FIRST if q in self.quants):
+            self._price_first(Chain(Structure(), quant))
         if self.best is dense or self.ctx.store.current is None:
             self._save(self.best, ctx.dense)
+
+    def _price_first(self, chain: Chain) -> None:
+        """Price a quantization of dense before scoring it: where it is not clearly faster than dense (bfloat16
+        on a CPU without AMX or AVX512-BF16 is emulated, and slower), every chain ending in it is left out, and
+        no time goes to scoring slow models."""
+        model = self.quantized(chain, self.ctx.dense)
+        cost = self.ctx.cost(model)
+        if cost <= PAYS_BELOW * self.dense_cost:
+            self.evaluate(chain, self.ctx.dense, 0.0, 0, model=model)
+            return
+        self.quants = tuple(q for q in self.quants if q != chain.quant)
+        self.left_out[chain.quant] = (f"predicted at {fmt(cost)} {self.ctx.cost.unit} against dense's "
+                                      f"{fmt(self.dense_cost)}: not faster on this machine")
+        log.info("auto %s %s left out of the search: %s", self.stamp(), chain.quant, self.left_out[chain.quant])
+
+    def chains_of(self, structure: Structure) -> list[Chain]:
+        """The chains a built structure is scored as, with the quantizations this machine runs fast."""
+        return chains_of(structure, self.ctx.target, self.quants)
 
     def _measured_dense_ms(self) -> float:
         """One short timing of dense: the reserve for the final timing, and a check of the table's prediction."""
@@ -187,11 +213,12 @@ class Search:
         compress(copied, recipe, self.ctx.tokenizer, self.ctx.calibration, progress=False, timing=False)
         return copied
 
-    def evaluate(self, chain: Chain, float_model: nn.Module, distill_s: float, rung: int) -> Result:
-        """Quantize (a copy), score on the guard, price under the target; a valid one cheaper than the best is
-        saved at once."""
+    def evaluate(self, chain: Chain, float_model: nn.Module, distill_s: float, rung: int,
+                 model: nn.Module | None = None) -> Result:
+        """Quantize (a copy; `model`: already made), score on the guard, price under the target; a valid one
+        cheaper than the best is saved at once."""
         start = time.perf_counter()
-        model = self.quantized(chain, float_model)
+        model = model if model is not None else self.quantized(chain, float_model)
         score = self.ctx.guard.score(model)
         cost = self.ctx.cost(model)
         result = Result(chain, distill_s, score, cost, rung, score.valid(self.ctx.max_drop, self.ctx.z),
@@ -259,7 +286,7 @@ class Search:
             return None
         self.build_s.append(time.perf_counter() - start)
         student = Student(structure, model)
-        for chain in chains_of(structure, ctx.target):
+        for chain in self.chains_of(structure):
             student.results.append(self.evaluate(chain, model, 0.0, 0))
         return student
 
@@ -338,7 +365,7 @@ class Search:
                     log.warning("auto %s %s: not distilled (%s)", self.stamp(), student.structure.name, err)
                     student.results.clear()
                     continue
-                for chain in chains_of(student.structure, self.ctx.target):
+                for chain in self.chains_of(student.structure):
                     student.results.append(self.evaluate(chain, student.model, student.distill_s, rung))
             pool = sorted(pool, key=self.shortfall)[:max(1, math.ceil(len(pool) / 2))]
             rungs_left = max(1, rungs_left - 1)
@@ -381,7 +408,7 @@ class Search:
             return
         self.polished = (f"polished {student.structure.name}: distilled it {_clock(seconds)} more, with the time no "
                          "other structure could use")
-        for chain in chains_of(student.structure, self.ctx.target):
+        for chain in self.chains_of(student.structure):
             self.evaluate(chain, student.model, student.distill_s, rung)
         self.stopped = "time spent"
 
