@@ -29,7 +29,7 @@ from torch import nn
 from lmcompress.core.int8_activations import cpu_flags
 from lmcompress.errors import RecipeError
 from lmcompress.layers.quantized import QuantizedEmbedding, QuantizedLinear
-from lmcompress.methods.base import LayerResult, Method, MethodConfig, ModelResult, StageContext, register_method
+from lmcompress.methods.base import Method, MethodConfig, ModelResult, StageContext, register_method
 
 log = logging.getLogger("lmcompress")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -85,7 +85,6 @@ class Cast(Method):
             log.warning("cast: this %s has no native bfloat16 products (AMX or AVX512-BF16 on a CPU): bfloat16 will "
                         "run slower than float32 here; it still halves the bytes", device.type)
         model.to(dtype)
-        params = sum(t.numel() for t in model.parameters())
-        name = str(dtype).removeprefix("torch.")
-        record = LayerResult(None, params, params, note=f"{str(before).removeprefix('torch.')} -> {name}", name="model")
-        return ModelResult([record], None, {"dtype": name, "summary": f"weights and compute in {name}"})
+        name, was = (str(d).removeprefix("torch.") for d in (dtype, before))
+        return ModelResult([], None, {"dtype": name, "from": was, "summary": f"weights and compute in {name} "
+                                                                             f"(from {was})"})
