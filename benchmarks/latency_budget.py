@@ -13,6 +13,9 @@ for each F. Every row, dense and PyTorch's int8 dynamic quantization included, g
   (`paired_latency`), so the speed-ups hold when the shared machine's speed drifts;
 - the prediction's error against the measurement, and accuracy on the whole dev set.
 
+With `--bf16`, dense and each latency-pruned model are also cast to bfloat16 (`cast`) and predicted from the
+bfloat16 table, which is how `lmcompress auto` prices its bf16 chains.
+
 Rows are saved as they come (OUT.json); a second call skips the rows already there.
 """
 
@@ -52,6 +55,7 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=10, help="paired timing rounds at batch 8 (twice at batch 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bf16", action="store_true", help="also dense and the latency-pruned models in bfloat16")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "latency_budget"))
     args = parser.parse_args()
     started = time.perf_counter()
@@ -63,7 +67,7 @@ def main() -> None:
     dev = load_examples(task, str(SHARED_GLUE / "SST-2"), "dev")
     dense, tokenizer = finetuned_model(task, train, 16_000, args.seed, Path(args.cache))
     dense.eval()
-    tables = {b: LatencyTable.for_model(dense, b, SEQ_LEN) for b in BATCHES}
+    tables = {b: LatencyTable.for_model(dense, b, SEQ_LEN) for b in BATCHES}   # bfloat16 models: their own
     dense_flops = count_flops(dense, SEQ_LEN)
     out = Path(args.out)
     rows = load_rows(out)
@@ -81,6 +85,8 @@ def main() -> None:
         add("dense", 1.0, dense, 0.0, None)
     if ("int8 dynamic", 1.0) not in done:
         add("int8 dynamic", 1.0, int8_dynamic(dense), 0.0, None)
+    if args.bf16 and ("bf16", 1.0) not in done:
+        add("bf16", 1.0, cast(dense), 0.0, None)
     for fraction in args.fractions:
         for metric in ("latency", "flops"):
             if (metric, fraction) in done:
@@ -94,7 +100,16 @@ def main() -> None:
             summary = compress(pruned, recipe, tokenizer, train, progress=False, timing=False)
             report = summary.stages[0].report or {}
             add(metric, fraction, pruned, time.perf_counter() - start, report.get("latency"))
+            if args.bf16 and metric == "latency" and (f"{metric} + bf16", fraction) not in done:
+                add(f"{metric} + bf16", fraction, cast(pruned), time.perf_counter() - start, report.get("latency"))
     print(write_report(out, rows, started))
+
+
+def cast(model):
+    """A bfloat16 copy (`cast`)."""
+    copied = copy.deepcopy(model)
+    compress(copied, Recipe.single("cast", dtype="bfloat16"), progress=False, timing=False)
+    return copied
 
 
 def measure(budget, fraction, model, dense, tokenizer, task, dev, tables, dense_flops, repeats) -> dict:
@@ -103,7 +118,9 @@ def measure(budget, fraction, model, dense, tokenizer, task, dev, tables, dense_
     row = {"budget": budget, "fraction": fraction, "accuracy": round(accuracy, 2),
            "flops_kept": round(count_flops(model, SEQ_LEN) / dense_flops, 4)}
     for batch in BATCHES:
-        predicted = predict_latency(model, tables[batch]).total_ms
+        table = tables[batch] if next(model.parameters()).dtype == tables[batch].dtype else LatencyTable.for_model(
+            model, batch, SEQ_LEN)
+        predicted = predict_latency(model, table).total_ms
         predicted_dense = predict_latency(dense, tables[batch]).total_ms
         pair = paired_latency({"dense": dense, "model": model}, batch, SEQ_LEN,
                               repeats=repeats * (2 if batch == 1 else 1))
@@ -136,8 +153,9 @@ def write_report(out: Path, rows: list[dict], started: float) -> str:
     shown = []
     for row in rows:
         shown.append(dict(row, delta=row["accuracy"] - dense["accuracy"] if dense else 0.0,
-                          target=f"{row['budget']}={row['fraction']:g}" if row["budget"] in ("latency", "flops")
-                          else row["budget"]))
+                          target=f"{row['budget'].split()[0]}={row['fraction']:g}"
+                          + row["budget"].removeprefix(row["budget"].split()[0])
+                          if row["budget"].split()[0] in ("latency", "flops") else row["budget"]))
     columns = [("target", "budget"), ("accuracy", "accuracy"), ("delta", "vs dense"), ("flops_kept", "FLOPs kept"),
                ("allocated_fraction", "latency predicted at allocation (b8)")]
     for batch in BATCHES:
@@ -153,7 +171,8 @@ def write_report(out: Path, rows: list[dict], started: float) -> str:
             "tokens). *Predicted*: `lmcompress.evaluation.latency_table.predict_latency` from tables measured in "
             "this run. *Measured*: median of paired runs in alternation with the dense model (20 at batch 1, 10 "
             "at batch 8, 128 tokens); speed-ups are against the dense model of the same pairing. *error* = "
-            "predicted / measured - 1. Accuracy on the whole dev set (872).\n\n"
+            "predicted / measured - 1. *bf16*, *+ bf16* (`--bf16`): the model cast to bfloat16 and predicted from "
+            "the bfloat16 table. Accuracy on the whole dev set (872).\n\n"
             f"{table}\n")
     out.with_suffix(".md").write_text(text)
     return table

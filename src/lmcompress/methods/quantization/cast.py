@@ -13,8 +13,9 @@ measured.
 
 - `dtype`: bfloat16 (default; float32's exponent range, so no overflow), float16 (more mantissa, a narrower
   range: GPUs), or float32 (back to full precision).
-- A model holding int8 layers (`quantize`) is refused: their kernels take float32 inputs. Cast *or* quantize a
-  layer; chains that want both put `cast` last and quantize nothing.
+- A model already holding quantized layers (`quantize`) is refused: they keep their scales in float32 by design,
+  and casting them would change that. Cast first: a `quantize` stage after `cast` makes layers that take the
+  16-bit inputs and keep float32 scales.
 """
 
 from __future__ import annotations
@@ -72,8 +73,7 @@ class Cast(Method):
         quantized = [name for name, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))]
         if quantized:
             raise RecipeError(f"method 'cast': {len(quantized)} layer(s) are already quantized (first: "
-                              f"{quantized[0]}); their kernels take float32 inputs: cast a float model, and quantize "
-                              "nothing after it")
+                              f"{quantized[0]}), and they keep float32 scales: put the cast stage before quantize")
 
     def compress_model(self, model: nn.Module, tokenizer: Any, data: Any, config: CastConfig,
                        targets: dict[str, nn.Module], context: StageContext | None = None) -> ModelResult:
