@@ -16,7 +16,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from lmcompress.core.onednn import size_kernel_cache
+
 __version__ = "0.1.0"
+size_kernel_cache()   # before any bfloat16 product runs (core/onednn.py says why)
 
 _EXPORTS = {
     "finetune": "lmcompress.training.finetune",
