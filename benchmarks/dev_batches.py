@@ -30,6 +30,13 @@ from lmcompress.tasks import get_task, load_examples
 FOLDERS = {"sst2": "SST-2", "stsb": "STS-B", "cola": "CoLA"}
 
 
+def load(path: str):
+    """A model saved by lmcompress, or a plain Hugging Face folder (a fine-tuned teacher)."""
+    if (Path(path) / "lmcompress.json").is_file():
+        return lmcompress.load(path).eval()
+    return lmcompress.load_model(path)[0].eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=list(FOLDERS), default="sst2")
@@ -43,7 +50,7 @@ def main() -> None:
     task = get_task(args.task)
     dev = load_examples(task, str(SHARED_GLUE / FOLDERS[args.task]), "dev")
     paths = dict(spec.split("=", 1) for spec in args.models)
-    models = {name: lmcompress.load(path).eval() for name, path in paths.items()}
+    models = {name: load(path) for name, path in paths.items()}
     tokenizer = transformers.AutoTokenizer.from_pretrained(next(iter(paths.values())))
     on_dev = paired_data_latency(models, tokenizer, dev, batch_size=8, max_length=128, repeats=args.repeats)
     fixed = paired_latency(models, batch_size=8, seq_len=128, repeats=10)
