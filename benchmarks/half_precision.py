@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from common import made_by
-from smoothquant import RUN_COLUMNS, cached_teacher, run_main, score
+from smoothquant import RUN_COLUMNS, cached_teacher, groups, run_main, score
 
 from lmcompress.core.int8_activations import cpu_flags
 from lmcompress.engine.pipeline import compress
@@ -61,15 +61,13 @@ def one_run(run: str, cache: Path, repeats: int) -> list[dict]:
 def summary(rows: list[dict]) -> list[dict]:
     """Mean and spread of the drop and the speed-up per task and setting over the runs."""
     out = []
-    for task in dict.fromkeys(r["task"] for r in rows):
-        for setting in dict.fromkeys(r["setting"] for r in rows if r["task"] == task):
-            group = [r for r in rows if r["task"] == task and r["setting"] == setting]
-            drops, speeds = [r["drop"] for r in group], [r["x_dense"] for r in group]
-            on_dev = [r["dev_x_dense"] for r in group]
-            out.append({"task": task, "setting": setting, "runs": len(group),
-                        "drop": f"{np.mean(drops):.2f} ± {np.std(drops):.2f}",
-                        "x_dense": f"{np.mean(speeds):.2f} ({min(speeds):.2f}-{max(speeds):.2f})",
-                        "dev_x_dense": f"{np.mean(on_dev):.2f} ({min(on_dev):.2f}-{max(on_dev):.2f})"})
+    for task, setting, group in groups(rows):
+        drops, speeds = [r["drop"] for r in group], [r["x_dense"] for r in group]
+        on_dev = [r["dev_x_dense"] for r in group]
+        out.append({"task": task, "setting": setting, "runs": len(group),
+                    "drop": f"{np.mean(drops):.2f} ± {np.std(drops):.2f}",
+                    "x_dense": f"{np.mean(speeds):.2f} ({min(speeds):.2f}-{max(speeds):.2f})",
+                    "dev_x_dense": f"{np.mean(on_dev):.2f} ({min(on_dev):.2f}-{max(on_dev):.2f})"})
     return out
 
 

@@ -75,17 +75,22 @@ def one_run(run: str, cache: Path, repeats: int) -> list[dict]:
     return rows
 
 
+def groups(rows: list[dict]):
+    """(task, setting, its rows) in the order they first appear: what a summary averages over."""
+    for task in dict.fromkeys(r["task"] for r in rows):
+        for setting in dict.fromkeys(r["setting"] for r in rows if r["task"] == task):
+            yield task, setting, [r for r in rows if r["task"] == task and r["setting"] == setting]
+
+
 def summary(rows: list[dict]) -> list[dict]:
     """Mean and spread of the drop and speed-up per task and setting over the runs."""
     out = []
-    for task in dict.fromkeys(r["task"] for r in rows):
-        for setting in dict.fromkeys(r["setting"] for r in rows if r["task"] == task):
-            group = [r for r in rows if r["task"] == task and r["setting"] == setting]
-            drops = [r["drop"] for r in group]
-            out.append({"task": task, "setting": setting, "runs": len(group),
-                        "drop": f"{np.mean(drops):.2f} ± {np.std(drops):.2f}",
-                        "drops": ", ".join(f"{d:.2f}" for d in drops),
-                        "x_dense": f"{np.mean([r['x_dense'] for r in group]):.2f}"})
+    for task, setting, group in groups(rows):
+        drops = [r["drop"] for r in group]
+        out.append({"task": task, "setting": setting, "runs": len(group),
+                    "drop": f"{np.mean(drops):.2f} ± {np.std(drops):.2f}",
+                    "drops": ", ".join(f"{d:.2f}" for d in drops),
+                    "x_dense": f"{np.mean([r['x_dense'] for r in group]):.2f}"})
     return out
 
 
