@@ -6,12 +6,13 @@
 Why: a batch of real text has its own length, so a model runs a new shape every few batches; a kernel library
 that builds one kernel per shape (oneDNN, for bfloat16) can be fast at one fixed shape and slow on real text.
 This is the clock for that, after one warm-up round (`evaluation.dynamic.paired_data_latency`); the first model
-is the reference.
+is the reference, and its int8 dynamic version (`quantize`) is timed beside them all.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import shlex
 import sys
@@ -22,6 +23,8 @@ import transformers
 from common import SHARED_GLUE, environment
 
 import lmcompress
+from lmcompress.engine.pipeline import compress
+from lmcompress.engine.recipe import Recipe
 from lmcompress.evaluation.dynamic import paired_data_latency
 from lmcompress.evaluation.efficiency import paired_latency
 from lmcompress.evaluation.results_table import markdown_table
@@ -51,10 +54,13 @@ def main() -> None:
     dev = load_examples(task, str(SHARED_GLUE / FOLDERS[args.task]), "dev")
     paths = dict(spec.split("=", 1) for spec in args.models)
     models = {name: load(path) for name, path in paths.items()}
+    reference = next(iter(models))
+    paths["int8"] = f"{reference} + quantize (dynamic)"
+    models["int8"] = copy.deepcopy(models[reference])
+    compress(models["int8"], Recipe.single("quantize", scheme="dynamic"), progress=False, timing=False)
     tokenizer = transformers.AutoTokenizer.from_pretrained(next(iter(paths.values())))
     on_dev = paired_data_latency(models, tokenizer, dev, batch_size=8, max_length=128, repeats=args.repeats)
     fixed = paired_latency(models, batch_size=8, seq_len=128, repeats=10)
-    reference = next(iter(models))
     rows = [{"model": name, "path": path, "dev_ms": round(on_dev[name]["mean_ms"], 2),
              "dev_x": round(on_dev[reference]["mean_ms"] / on_dev[name]["mean_ms"], 3),
              "b8_ms": round(fixed[name]["median_ms"], 2),
