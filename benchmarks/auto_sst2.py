@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--guard-size", type=int, default=AutoArgs.guard_size,
                         help="auto --guard-size: held-out examples that guard the accuracy (its standard error "
                              "shrinks as 1/sqrt of it)")
+    parser.add_argument("--min-gain", type=float, default=AutoArgs.min_gain, help="auto --min-gain")
     parser.add_argument("--no-hand", action="store_true",
                         help="skip the hand recipe (its rows depend only on the wall time, not on auto's code)")
     parser.add_argument("--work", default=None, help="where auto's output folders go (default: a temporary folder)")
@@ -100,6 +101,7 @@ def main() -> None:
                and r.get("early_exit", False) == args.early_exit and r.get("holdout", 0) == args.holdout
                and r.get("activation_bits", 7) == default_activation_bits()
                and r.get("guard_size", AutoArgs.guard_size) == args.guard_size
+               and r.get("min_gain", 0) == args.min_gain
                for r in rows):   # rows from before the confirmation split stay beside the new ones
             continue
         rows.append(one_seed(seed, args, dense, tokenizer, teacher_dir, glue, train, dev, task, work))
@@ -171,7 +173,7 @@ def one_seed(seed, args, dense, tokenizer, teacher_dir, glue, train, dev, task, 
                                 DataArgs(task=args.task, data=glue), args.max_drop, "latency", BATCH, SEQ,
                                 f"{args.minutes:g}m", seed=seed, command=f"(benchmark) auto --time {args.minutes:g}m",
                                 early_exit=args.early_exit, holdout=args.holdout_dir,
-                                guard_size=args.guard_size))
+                                guard_size=args.guard_size, min_gain=args.min_gain))
     auto_s = time.perf_counter() - start
     chosen = lmcompress.load(auto_out / "model")
     chosen.eval()
@@ -196,7 +198,8 @@ def one_seed(seed, args, dense, tokenizer, teacher_dir, glue, train, dev, task, 
            "auto_confirm_drop": confirmation_drop(report, outcome.chosen),
            "early_exit": args.early_exit, "holdout": args.holdout, "teacher_samples": args.teacher_samples,
            "exits": (report["final"].get("exits") or {}).get("reason"),
-           "activation_bits": default_activation_bits(), "guard_size": args.guard_size}
+           "activation_bits": default_activation_bits(), "guard_size": args.guard_size,
+           "min_gain": args.min_gain}
     for name in models:
         row[f"{name}_acc"] = round(dev_acc[name], 2)
         row[f"{name}_ms"] = round(ms[name], 2)
@@ -225,7 +228,7 @@ def write_report(out: Path, rows: list[dict], started: float, args, dev_size: in
     folder, train_samples, epochs = TASKS[args.task]
     columns = [("minutes", "--time min"), ("seed", "seed"), ("teacher_samples", "teacher's examples"),
                ("holdout", "--holdout"), ("guard_size", "guard split"), ("confirm_size", "confirmation split"),
-               ("early_exit", "--early-exit"), ("activation_bits", "int8 activation bits"),
+               ("early_exit", "--early-exit"), ("min_gain", "--min-gain"), ("activation_bits", "int8 activation bits"),
                ("auto_chain", "auto's answer"),
                ("auto_distill_s", "distilled s"), ("candidates", "candidates scored"), ("auto_s", "auto wall s"),
                ("dense_acc", "dense score"), ("int8_acc", "int8 score"), ("int8_x", "int8 x dense"),
@@ -246,7 +249,8 @@ def write_report(out: Path, rows: list[dict], started: float, args, dev_size: in
             f"the training split, in-sample). *guard split*: auto's `--guard-size` (empty: the default, "
             f"{AutoArgs.guard_size}). *auto*: `run_auto` with `--max-drop {args.max_drop:g} --target latency "
             f"--batch-size {BATCH} --seq-len {SEQ} --time N`; *seed* is auto's data-split seed (guard, calibration "
-            "and distillation samples). *hand*: prune to 40% of FLOPs (Fisher, least-squares refit; 512 calibration "
+            "and distillation samples); *--min-gain*: empty for rows run before it existed (0 in effect). *hand*: "
+            "prune to 40% of FLOPs (Fisher, least-squares refit; 512 calibration "
             "examples) -> distil for the rest of auto's wall time -> int8 dynamic (docs/distillation.md's best fast "
             "chain); *hand in bf16*: the same distilled student cast to bfloat16 instead of int8. *bf16*: dense cast "
             "to bfloat16 (`cast`; empty: rows from before it). "

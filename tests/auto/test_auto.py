@@ -119,6 +119,38 @@ def test_bfloat16_chains_are_searched_where_the_table_prices_them_faster(fake_ta
         assert Recipe.from_yaml(out / "recipe.yaml").stages[-1].method == "cast"
 
 
+def test_latency_costs_are_the_clock_not_the_table_each_chain_timed_once(fake_table, tiny, tmp_path, monkeypatch):
+    """A table that predicts pruned models too fast (as it did at batch 8, by 10-37%) does not decide the search: each
+    built chain is timed once beside dense, and its cost is its measured share of dense's time; the prediction is
+    kept beside it."""
+    clock = efficiency.paired_latency
+    calls = []
+
+    def slow_pruned_clock(models, batch_size=1, seq_len=128, warmup=2, repeats=20):
+        timing = clock(models, batch_size, seq_len, warmup, repeats)
+        for name, model in models.items():
+            pruned = model.bert.encoder.layer[0].output.dense.in_features < 64   # neurons went
+            timing[name]["median_ms"] *= 2.0 if pruned else 1.0
+        if len(models) == 2:
+            calls.append(sorted(models))
+        return timing
+
+    monkeypatch.setattr(efficiency, "paired_latency", slow_pruned_clock)
+    out = tmp_path / "out"
+    assert run(tiny, out, "--time", "20s", "--max-drop", "50", "--min-gain", "0") == 0
+    front = json.loads((out / "front.json").read_text())
+    rows = front["candidates"]
+    dense = next(r for r in rows if r["chain"] == "dense")
+    assert dense["cost"] == pytest.approx(front["dense_measured_ms"], rel=1e-3)
+    assert dense["predicted"] == pytest.approx(front["dense_predicted_ms"], rel=1e-3)
+    pruned = [r for r in rows if r["chain"].startswith("prune")]
+    assert pruned and all(r["cost"] > 1.5 * r["predicted"] * dense["cost"] / dense["predicted"] for r in pruned)
+    chains = {r["chain"] for r in rows if r["chain"] != "dense"} | set(front["left_out"])   # bf16: timed, left out
+    assert len(calls) == len(chains)        # one timing per chain, however often it was scored
+    assert "measured at" in front["left_out"]["bf16"]
+    assert "predicted" in (out / "report.md").read_text()
+
+
 def test_when_nothing_meets_the_guard_the_answer_is_dense_and_the_report_says_so(fake_table, tiny, tmp_path,
                                                                                  monkeypatch):
     real = Guard.score
@@ -278,6 +310,8 @@ def test_an_interrupted_search_leaves_the_best_model_so_far(fake_table, tiny, tm
     (["--data", "/nonexistent/data.csv"], "data.csv"),
     (["--time", "0.01s"], "too short"),
     (["--confirm-size", "5"], "--confirm-size must be 0"),
+    (["--min-gain", "1"], "impossible --min-gain 1.0"),
+    (["--min-gain", "-0.1"], "impossible --min-gain -0.1"),
     (["--holdout", "/nonexistent/holdout.csv"], "--holdout /nonexistent/holdout.csv does not exist"),
     (["--holdout", "SMALL"], "--holdout has 6 examples; it needs at least 20"),
 ])

@@ -89,8 +89,9 @@ def _bare_search(left_s: float, best_distill_s: float):
     from lmcompress.auto.search import Result, Search
 
     search = Search.__new__(Search)
-    search.ctx = SimpleNamespace(target="latency", max_drop=1.0, z=1.0, task=SimpleNamespace(metric="accuracy"),
-                                 cost=SimpleNamespace(unit="ms"), store=SimpleNamespace(current="x"))
+    search.ctx = SimpleNamespace(target="latency", max_drop=1.0, z=1.0, min_gain=0.1,
+                                 task=SimpleNamespace(metric="accuracy"), cost=SimpleNamespace(unit="ms"),
+                                 store=SimpleNamespace(current="x"))
     search.started, search.budget_s, search.reserve_s = time.perf_counter(), left_s, 0.0
     search.build_s, search.eval_s, search.results, search.models = [1.0], [1.0], [], {}
     search.dense_cost, search.stopped, search.polished, search.quants = 100.0, "", "", ("int8", None)
@@ -175,3 +176,49 @@ def test_successive_halving_keeps_the_students_closest_to_valid_not_the_cheapest
     search.halving(students)
     assert distilled[:2] == [0.3, 0.4]             # the first rung: both, cheapest first
     assert set(distilled[2:]) == {0.4}             # then only the one closest to valid
+
+
+def _result(fraction: float | None, cost: float, metric: float = 88.0, distill_s: float = 0.0, quant: str = "bf16"):
+    from lmcompress.auto.proxy import Score
+    from lmcompress.auto.search import Result
+
+    structure = Structure("prune", fraction) if fraction else Structure()
+    return Result(Chain(structure, quant), distill_s, Score(metric, 0.5, 0.3), cost, 0, True, 0.0)
+
+
+def test_the_answer_is_the_least_compressed_model_within_min_gain_of_the_cheapest():
+    """prune 0.3 measured 6% faster than prune 0.4 (the SST-2 runs): within a 10% gain the less compressed one is the
+    answer; a 20% gain is worth taking; min_gain 0 is the plain cheapest."""
+    from lmcompress.auto.search import choice_order, choose
+
+    p3, p4, p55, dense = _result(0.3, 24.5), _result(0.4, 26.0), _result(0.55, 30.6), _result(None, 100.0, quant=None)
+    assert choose([dense, p3, p4, p55], 0.1) is p4
+    assert choose([dense, p3, p4, p55], 0.0) is p3
+    assert choose([dense, p3, p4, p55], 0.25) is p55          # 24.5 saves under 25% of 30.6
+    assert choose([dense, p55], 0.1) is p55                  # 30.6 saves far more than 10% of dense's 100
+    assert choice_order([dense, p3, p4, p55], 0.1) == [p4, p3, p55, dense]   # each chosen once the earlier are refused
+    # each chain counts once, at its longest distillation; equal costs: the higher guard metric
+    longer = _result(0.4, 26.0, metric=87.5, distill_s=300.0)
+    assert choose([p3, p4, longer], 0.1) is longer
+    twin = _result(0.4, 26.05, metric=88.4, quant="int8")
+    assert choose([p3, p4, twin], 0.1) is twin
+    # a cost function other than the search's (the final clock)
+    clock = {p3.chain: 10.0, p4.chain: 20.0}
+    assert choose([p3, p4], 0.1, cost=lambda r: clock[r.chain]) is p3
+
+
+def test_a_student_within_min_gain_of_the_cheapest_valid_model_gets_no_more_distillation():
+    """Once prune 0.4 + bf16 is valid at 26 ms, prune 0.3 + bf16 at 24.5 ms could not become the answer (it would
+    save under 10%), so it is no longer promising; at 20 ms it still is."""
+    from torch import nn
+
+    from lmcompress.auto.proxy import Score
+    from lmcompress.auto.search import Result, Student
+
+    search = _bare_search(left_s=1000, best_distill_s=100)
+    search.results = [_result(0.4, 26.0)]
+    student = Student(Structure("prune", 0.3), nn.Linear(2, 2))
+    student.results = [Result(Chain(student.structure, "bf16"), 100.0, Score(87.5, 1.2, 0.3), 24.5, 1, False, 0.0)]
+    assert search.promising(student, slack=2.0) is None and search.shortfall(student) == float("inf")
+    student.results[0].cost = 20.0
+    assert search.promising(student, slack=2.0) == 20.0

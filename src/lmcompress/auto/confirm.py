@@ -1,5 +1,5 @@
-"""The end of a search: finalists timed side by side with dense and int8 on this machine (the prediction picks
-them, the clock decides among them), exits tried on the choice when asked (`exits`), and the answer scored once
+"""The end of a search: finalists timed side by side with dense and int8 on this machine (the search's costs pick
+them, the final clock decides among them), exits tried on the choice when asked (`exits`), and the answer scored once
 on dev.
 
 Why time them: the latency table predicted int8 within about 20% and pruned models within 4-10%
@@ -22,7 +22,7 @@ from typing import Any
 
 from lmcompress.auto.exits import ExitTrial, add_exits
 from lmcompress.auto.proxy import Guard, Score, fmt
-from lmcompress.auto.search import Result, Search, _key
+from lmcompress.auto.search import Result, Search, _key, choice_order
 
 log = logging.getLogger("lmcompress.auto")
 
@@ -65,11 +65,10 @@ def confirm(search: Search, dev_examples: Any, repeats: int, confirmation: Any =
              ", ".join(r.chain.name for r in finalists), ctx.batch_size, ctx.seq_len, repeats)
     timing = paired_latency({k: search.models[k] for k in keys}, ctx.batch_size, ctx.seq_len, repeats=repeats)
     valid = [r for r in finalists if r.valid]
-    # latency: the clock orders the valid finalists; bytes and FLOPs are exact: the search's order (best first)
-    if ctx.target == "latency":
-        ranked = sorted(valid, key=lambda r: timing[_key(r)]["median_ms"])
-    else:
-        ranked = [search.best] + sorted((r for r in valid if _key(r) != _key(search.best)), key=lambda r: r.cost)
+    # the search's rule (`choose`: the least compressed within --min-gain of the cheapest), on the clock for latency
+    # and on the exact costs for bytes and FLOPs
+    clock = (lambda r: timing[_key(r)]["median_ms"]) if ctx.target == "latency" else None
+    ranked = choice_order(valid, ctx.min_gain, clock)
     checked, scorer = _confirmed(search, ranked, confirmation) if confirmation is not None else ({}, None)
 
     def passes(result: Result) -> bool:
@@ -78,8 +77,9 @@ def confirm(search: Search, dev_examples: Any, repeats: int, confirmation: Any =
 
     chosen = next(r for r in ranked if passes(r))   # dense is valid, so among them, and always passes
     if _key(chosen) != _key(search.best):
-        reason = ("faster finalists failed the confirmation split" if not all(map(passes, ranked))
-                  else f"it measured faster than {search.best.chain.name}")
+        reason = ("finalists chosen before it failed the confirmation split" if not all(map(passes, ranked))
+                  else f"on the clock it is the least compressed finalist within {ctx.min_gain:g} of the fastest, "
+                       f"unlike {search.best.chain.name}")
         log.info("auto: %s is the answer (%s)", chosen.chain.name, reason)
         search._save(chosen, search.models[_key(chosen)])
         search.best = chosen          # what OUT/model holds from here on (an interrupted report names it)

@@ -48,6 +48,7 @@ class AutoArgs:
     early_exit: bool = False                 # try exit heads on the answer, timed on real text (auto/exits.py)
     holdout: str | None = None               # labelled examples the model never trained on: the guard and
                                              # confirmation splits come from them, not from the training split
+    min_gain: float = 0.1                    # a more compressed answer must cost this share less (search.choose)
 
 
 @dataclass
@@ -81,6 +82,9 @@ def check_args(args: AutoArgs) -> float:
         raise LMCompressError(f"--confirm-size must be 0 (no confirmation) or at least 10 (got {args.confirm_size})")
     if args.z < 0:
         raise LMCompressError(f"--z must be at least 0 (got {args.z})")
+    if not (isinstance(args.min_gain, (int, float)) and 0 <= args.min_gain < 1):
+        raise LMCompressError(f"impossible --min-gain {args.min_gain}: the share of cost a more compressed answer "
+                              "must save, from 0 up to (not including) 1")
     if args.max_train_samples is not None and args.max_train_samples < MIN_TRAIN:
         raise DataError(f"--max-train-samples must be at least {MIN_TRAIN} (got {args.max_train_samples})")
     if args.early_exit:
@@ -228,7 +232,7 @@ def run_auto(args: AutoArgs) -> AutoOutcome:
                       BestStore(out), args.target, args.batch_size, args.seq_len, float(args.max_drop), args.z,
                       True, {"samples": args.calib_samples, "batch_size": 32,
                                                         "max_length": min(64, max_length), "seed": args.seed},
-                      max_length)
+                      max_length, min_gain=float(args.min_gain))
         if args.holdout is not None:
             ctx.guard_source = "a guard split of --holdout (examples the model never trained on)"
     # the time left for the end: dev (3 models) and the confirmation split (dense and up to a few finalists),

@@ -25,8 +25,9 @@ def front(results: list[Result]) -> set[int]:
 
 def _target_text(search: Search) -> str:
     ctx = search.ctx
-    return {"latency": f"latency at batch {ctx.batch_size} x {ctx.seq_len} tokens, predicted from this machine's "
-                       "latency table", "bytes": "bytes of the saved weights",
+    return {"latency": f"latency at batch {ctx.batch_size} x {ctx.seq_len} tokens, each built chain timed once "
+                       "side by side with dense on this machine (its share of dense's time x dense's ms)",
+            "bytes": "bytes of the saved weights",
             "flops": f"FLOPs at {ctx.seq_len} tokens"}[ctx.target]
 
 
@@ -47,8 +48,10 @@ def write_report(out: Path, search: Search, final: Final | None, header: dict[st
               f"({len(ctx.guard.examples)} examples) at most {fmt(ctx.max_drop)} points below dense "
               f"(counting {fmt(ctx.z)} standard error of the drop). Time: {_clock(search.budget_s)} given, "
               f"{_clock(search.elapsed())} used; the search ended: {search.stopped or 'interrupted'}."
-              + (f" The table predicted dense at {fmt(search.dense_cost)} ms; one timing of it measured "
+              + (f" The latency table predicted dense at {fmt(search.dense_predicted)} ms; one timing of it measured "
                  f"{fmt(search.dense_measured_ms)} ms." if ctx.target == "latency" else "")
+              + (f" A more compressed model is the answer only where it costs at least {fmt(100 * ctx.min_gain)}% "
+                 "less than every less compressed valid one (--min-gain)." if ctx.min_gain else "")
               + "".join(f" {quant} was left out of the search: {why}." for quant, why in search.left_out.items()),
               ""]
     lines += ["## Choice", ""]
@@ -58,25 +61,31 @@ def write_report(out: Path, search: Search, final: Final | None, header: dict[st
                   "`model/` (not timed side by side, not scored on dev).", ""] if best else ["No model saved.", ""]
     else:
         lines += _choice(search, final) + [""]
+    latency = ctx.target == "latency"
     lines += ["## Explored front", "",
               f"Every candidate scored, in order. *drop*: dense minus the candidate on the guard, ± one standard "
-              f"error (paired bootstrap). *cost*: {unit} ({_target_text(search)}). *front*: no other candidate is both "
-              "cheaper and better. Rung 0 is the proxy (no distillation); later rungs distilled the survivors "
-              "further (successive halving)" + (f"; the last rung {search.polished}" if search.polished else "")
-              + ".", "",
-              "| # | chain | distilled s | rung | guard " + metric + " | drop ± se | " + unit + " | x dense | valid | "
-              "front |", "|---|---|---|---|---|---|---|---|---|---|"]
+              f"error (paired bootstrap). *{unit}*: {_target_text(search)}"
+              + ("; *predicted*: the latency table's ms" if latency else "")
+              + ". *front*: no other candidate is both cheaper and better. Rung 0 is the proxy (no distillation); "
+              "later rungs distilled the survivors further (successive halving)"
+              + (f"; the last rung {search.polished}" if search.polished else "") + ".", "",
+              "| # | chain | distilled s | rung | guard " + metric + " | drop ± se | " + unit
+              + (" | predicted" if latency else "") + " | x dense | valid | front |",
+              "|---|---|---|---|---|---|---|" + ("---|" if latency else "") + "---|---|---|"]
     for i, row in enumerate(rows, 1):
+        predicted = (f" {fmt(row['predicted']) if row['predicted'] is not None else '-'} |" if latency else "")
         lines.append(f"| {i} | {row['chain']} | {row['distill_s']} | {row['rung']} | {fmt(row['metric'])} | "
-                     f"{fmt(row['drop'])} ± {fmt(row['se'])} | {fmt(row['cost'])} | "
+                     f"{fmt(row['drop'])} ± {fmt(row['se'])} | {fmt(row['cost'])} |{predicted} "
                      f"{fmt(row['x_dense']) if row['x_dense'] else '-'} | {'yes' if row['valid'] else 'no'} | "
                      f"{'yes' if row['front'] else ''} |")
     text = "\n".join(lines) + "\n"
     write_atomic(out / "report.md", text)
     data = {**header, "target": ctx.target, "batch_size": ctx.batch_size, "seq_len": ctx.seq_len,
-            "max_drop": ctx.max_drop, "z": ctx.z, "unit": unit, "guard_examples": len(ctx.guard.examples),
-            "budget_s": search.budget_s,
-            "dense_measured_ms": round(search.dense_measured_ms, 3), "elapsed_s": round(search.elapsed(), 1),
+            "max_drop": ctx.max_drop, "z": ctx.z, "min_gain": ctx.min_gain, "unit": unit,
+            "guard_examples": len(ctx.guard.examples), "budget_s": search.budget_s,
+            "dense_measured_ms": round(search.dense_measured_ms, 3),
+            "dense_predicted_ms": round(search.dense_predicted, 3) if ctx.target == "latency" else None,
+            "elapsed_s": round(search.elapsed(), 1),
             "stopped": search.stopped, "polished": search.polished, "left_out": search.left_out,
             "candidates": rows, "final": _final_dict(search, final)}
     write_atomic(out / "front.json", json.dumps(data, indent=2))
@@ -98,12 +107,15 @@ def _choice(search: Search, final: Final) -> list[str]:
     if chosen.chain.name == "dense":
         why.append("No compressed candidate kept the drop within the limit, so the answer is the dense model.")
     elif failed:
-        why.append("It is the fastest finalist that passed both.")
+        why.append("It is the first finalist in the order of choice that passed both.")
     elif ctx.target == "latency":
-        why.append(f"Of the valid finalists (the cheapest by prediction, with int8 and dense), it measured fastest "
-                   f"at batch {ctx.batch_size} x {ctx.seq_len} tokens.")
+        why.append("Of the valid finalists (the cheapest the search measured, with int8 and dense), it is "
+                   + (f"the least compressed within {fmt(100 * ctx.min_gain)}% of the fastest (--min-gain)"
+                      if ctx.min_gain else "the fastest") + f" at batch {ctx.batch_size} x {ctx.seq_len} tokens.")
     else:
-        why.append(f"It is the valid candidate of lowest {ctx.cost.unit}.")
+        why.append(f"It is the valid candidate of lowest {ctx.cost.unit}"
+                   + (f", or the least compressed within {fmt(100 * ctx.min_gain)}% of it (--min-gain)"
+                      if ctx.min_gain else "") + ".")
     if int8 is not None and not int8.valid:
         why.append(f"int8 dropped {fmt(int8.score.drop)} ± {fmt(int8.score.se)} points on the guard: over the limit.")
     lines = [f"**{chosen.chain.name}**" + (f", distilled {chosen.distill_s:.0f} s" if chosen.distill_s else "")

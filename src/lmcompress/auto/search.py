@@ -8,6 +8,17 @@ re-scores them, and keeps the half closest to valid; a student is kept only whil
 model, so time goes where it could still change the answer. A candidate that is already valid needs no
 distillation to be valid (training changes values, not cost), but more of it widens the answer's margin: time
 that a smaller structure could not use is spent *polishing* the answer's student (`Search.polish`).
+
+Why latency is measured once a chain is built: the table prices the space before anything is built (the pruning
+allocator sizes each structure with it), but it predicted pruned models too fast, by 10-37% at batch 8
+(docs/benchmarks/latency_budget_bf16.md), and that error decided between candidates only 5-7% apart on the clock.
+A built chain is timed once side by side with dense (latency does not change with distillation), a second or two.
+
+Why `min_gain`: the answer is the least compressed valid model among those within `min_gain` of the cheapest
+(`choose`). On SST-2 the guard kept prune 0.3 + bf16 and prune 0.4 + bf16 within 0.01 points of each other; the first
+measured 5-7% faster and lost 1.26-1.38 points on dev, the second 0.11 (docs/auto.md). Speed gains that small are
+within how much a model's speed-up moved between timing contexts on this machine (4.4x in one run of paired rounds,
+5.9x in another), while more compression costs accuracy the guard does not see.
 """
 
 from __future__ import annotations
@@ -43,6 +54,8 @@ BASELINE_KEYS = {"dense|0", "int8|0"}
 # and left out of the space unless the table predicts them at most this fraction of dense's latency
 PRICED_FIRST = ("bf16",)
 PAYS_BELOW = 0.9
+MIN_GAIN = 0.1        # a more compressed answer must cost at least this share less than a less compressed one
+MEASURE_REPEATS = 5   # paired rounds (candidate, dense) that time a built chain
 
 
 @dataclass
@@ -56,11 +69,13 @@ class Result:
     rung: int
     valid: bool
     elapsed_s: float            # since the search started, when it was scored
+    predicted: float | None = None   # the latency table's prediction (latency target; `cost` is measured)
 
     def row(self, dense_cost: float) -> dict[str, Any]:
         return {"chain": self.chain.name, "distill_s": round(self.distill_s), "rung": self.rung,
                 "metric": round(self.score.metric, 2), "drop": round(self.score.drop, 2), "se": round(self.score.se, 2),
                 "cost": round(self.cost, 4), "x_dense": round(dense_cost / self.cost, 3) if self.cost > 0 else None,
+                "predicted": None if self.predicted is None else round(self.predicted, 4),
                 "valid": self.valid, "elapsed_s": round(self.elapsed_s, 1)}
 
 
@@ -100,6 +115,7 @@ class Context:
     calibration_settings: dict[str, Any]
     max_length: int
     guard_source: str = "a held-out guard split of the training data"   # for the report
+    min_gain: float = MIN_GAIN  # the share of cost a more compressed answer must save (`choose`)
 
 
 @contextlib.contextmanager
@@ -130,8 +146,10 @@ class Search:
         self.best: Result | None = None
         self.models: dict[str, nn.Module] = {}   # scored models kept for the side-by-side timing (the best few)
         self.dense_score: Score | None = None
-        self.dense_cost = math.nan
+        self.dense_cost = math.nan           # the unit every cost is in: latency is measured, so dense's measured ms
+        self.dense_predicted = math.nan      # the table's prediction of dense (latency)
         self.dense_measured_ms = math.nan
+        self.ratios: dict[Chain, float] = {}  # latency: a built chain's measured time over dense's, timed once
         self.eval_s: list[float] = []
         self.build_s: list[float] = []
         self.stopped = ""                    # why the search ended
@@ -156,19 +174,22 @@ class Search:
         start = time.perf_counter()
         self.dense_score = ctx.guard.set_dense(ctx.dense)
         eval_s = time.perf_counter() - start
-        self.dense_cost = ctx.cost(ctx.dense)
+        self.dense_cost = self.dense_predicted = ctx.cost(ctx.dense)
         dense_s = time.perf_counter() - start
         self.dense_measured_ms = self._measured_dense_ms()
         self.reserve_s = reserve_seconds(self.dense_measured_ms, eval_s, len(ctx.guard.examples), self.dev_size,
                                          self.repeats)
-        if ctx.target == "latency" and not 0.67 < self.dense_cost / self.dense_measured_ms < 1.5:
-            log.warning("auto: the latency table predicts dense at %s ms but it measured %s ms: the table (%s) may "
-                        "have been timed on a busy machine; delete it to measure it again", fmt(self.dense_cost),
-                        fmt(self.dense_measured_ms), ctx.cost.table.path)
+        if ctx.target == "latency":
+            if not 0.67 < self.dense_predicted / self.dense_measured_ms < 1.5:
+                log.warning("auto: the latency table predicts dense at %s ms but it measured %s ms: the table (%s) "
+                            "may have been timed on a busy machine; delete it to measure it again",
+                            fmt(self.dense_predicted), fmt(self.dense_measured_ms), ctx.cost.table.path)
+            self.dense_cost = self.dense_measured_ms
         if self.elapsed() > self.budget_s:
             raise LMCompressError(f"--time {_clock(self.budget_s)} is too short: measuring the dense model alone "
                                   f"took {dense_s:.0f}s; give at least {_clock(3 * dense_s + 30)}")
-        dense = Result(Chain(Structure()), 0.0, self.dense_score, self.dense_cost, 0, True, self.elapsed())
+        dense = Result(Chain(Structure()), 0.0, self.dense_score, self.dense_cost, 0, True, self.elapsed(),
+                       self.dense_predicted if ctx.target == "latency" else None)
         self._record(dense, ctx.dense)
         self.evaluate(Chain(Structure(), "int8"), ctx.dense, 0.0, 0)
         for quant in (q for q in PRICED_FIRST if q in self.quants):
@@ -181,12 +202,13 @@ class Search:
         on a CPU without AMX or AVX512-BF16 is emulated, and slower), every chain ending in it is left out, and
         no time goes to scoring slow models."""
         model = self.quantized(chain, self.ctx.dense)
-        cost = self.ctx.cost(model)
+        cost, _ = self.price(chain, model)
         if cost <= PAYS_BELOW * self.dense_cost:
             self.evaluate(chain, self.ctx.dense, 0.0, 0, model=model)
             return
         self.quants = tuple(q for q in self.quants if q != chain.quant)
-        self.left_out[chain.quant] = (f"predicted at {fmt(cost)} {self.ctx.cost.unit} against dense's "
+        how = "measured" if self.ctx.target == "latency" else "priced"
+        self.left_out[chain.quant] = (f"{how} at {fmt(cost)} {self.ctx.cost.unit} against dense's "
                                       f"{fmt(self.dense_cost)}: not faster on this machine")
         log.info("auto %s %s left out of the search: %s", self.stamp(), chain.quant, self.left_out[chain.quant])
 
@@ -199,6 +221,22 @@ class Search:
         from lmcompress.evaluation.efficiency import measure_latency
 
         return measure_latency(self.ctx.dense, self.ctx.batch_size, self.ctx.seq_len, warmup=1, repeats=3)["median_ms"]
+
+    def price(self, chain: Chain, model: nn.Module) -> tuple[float, float | None]:
+        """(cost, the table's prediction or None). Latency: the chain's time over dense's in paired rounds, measured
+        the first time the chain is priced, times dense's measured ms (see the module's docstring); bytes and
+        FLOPs are exact."""
+        from lmcompress.evaluation.efficiency import paired_latency
+
+        ctx = self.ctx
+        predicted = ctx.cost(model)
+        if ctx.target != "latency":
+            return predicted, None
+        if chain not in self.ratios:
+            timing = paired_latency({"dense": ctx.dense, "chain": model}, ctx.batch_size, ctx.seq_len, warmup=1,
+                                    repeats=MEASURE_REPEATS)
+            self.ratios[chain] = timing["chain"]["median_ms"] / timing["dense"]["median_ms"]
+        return self.ratios[chain] * self.dense_measured_ms, predicted
 
     # --- scoring ----------------------------------------------------------------------------------------
     def quantized(self, chain: Chain, model: nn.Module) -> nn.Module:
@@ -220,29 +258,32 @@ class Search:
         start = time.perf_counter()
         model = model if model is not None else self.quantized(chain, float_model)
         score = self.ctx.guard.score(model)
-        cost = self.ctx.cost(model)
+        cost, predicted = self.price(chain, model)
         result = Result(chain, distill_s, score, cost, rung, score.valid(self.ctx.max_drop, self.ctx.z),
-                        self.elapsed())
+                        self.elapsed(), predicted)
         self.eval_s.append(time.perf_counter() - start)
         self._record(result, model)
         return result
 
     def _record(self, result: Result, model: nn.Module) -> None:
         self.results.append(result)
-        better = result.valid and (self.best is None or _better(result, self.best) or _polished(result, self.best))
+        if result.valid or _key(result) in BASELINE_KEYS:   # int8 is timed beside the answer even when invalid
+            self.models[_key(result)] = model
+        kept = [r for r in self.results if r.valid and _key(r) in self.models]
+        answer = choose(kept, self.ctx.min_gain) if kept else None
+        better = answer is not None and answer is not self.best
         verdict = "valid" if result.valid else f"drop over {fmt(self.ctx.max_drop)}"
         unit = self.ctx.cost.unit
         speed = f" ({fmt(self.dense_cost / result.cost)}x dense)" if result.cost > 0 and self.results[1:] else ""
         log.info("auto %s %s%s: guard %s %s (drop %s ± %s), %s %s%s: %s%s", self.stamp(), result.chain.name,
                  f", distilled {result.distill_s:.0f}s" if result.distill_s else "", self.ctx.task.metric,
                  fmt(result.score.metric), fmt(result.score.drop), fmt(result.score.se), fmt(result.cost), unit,
-                 speed, verdict, ", new best" if better and self.results[1:] else "")
-        if result.valid or _key(result) in BASELINE_KEYS:   # int8 is timed beside the answer even when invalid
-            self.models[_key(result)] = model
+                 speed, verdict, (", new best" if answer is result else f"; the answer is now {answer.chain.name}")
+                 if better and self.results[1:] else "")
         if better:
-            self.best = result
-            if self.ctx.store.current is not None or result.chain.structure.method or result.chain.quant:
-                self._save(result, model)
+            self.best = answer
+            if self.ctx.store.current is not None or answer.chain.structure.method or answer.chain.quant:
+                self._save(answer, self.models[_key(answer)])
         self._keep_few_models()
 
     def _save(self, result: Result, model: nn.Module) -> None:
@@ -254,14 +295,14 @@ class Search:
 
     def _keep_few_models(self, keep: int = 3) -> None:
         """Dense, int8 and the `keep` cheapest valid models stay in memory for the final timing."""
-        longest = {}   # a chain distilled longer and still valid replaces its earlier versions (`_polished`)
+        longest = {}   # a chain distilled longer and still valid replaces its earlier versions (`choose`)
         for r in self.results:
             if r.valid and r.distill_s >= longest.get(r.chain, -1.0):
                 longest[r.chain] = r.distill_s
         valid = sorted((r for r in self.results if r.valid and _key(r) in self.models
                         and r.chain.name not in ("dense", "int8") and r.distill_s == longest[r.chain]),
                        key=lambda r: r.cost)
-        wanted = {_key(r) for r in valid[:keep]} | BASELINE_KEYS
+        wanted = {_key(r) for r in valid[:keep]} | BASELINE_KEYS | ({_key(self.best)} if self.best else set())
         for name in [n for n in self.models if n not in wanted]:
             del self.models[name]
 
@@ -306,12 +347,18 @@ class Search:
         return built
 
     # --- successive halving -----------------------------------------------------------------------------
+    def beats(self) -> float:
+        """The cost under which a candidate, once valid, would become the answer: `min_gain` below the cheapest
+        valid model's (`choose`)."""
+        costs = [r.cost for r in self.results if r.valid]
+        return min(costs) * (1 - self.ctx.min_gain) if costs else math.inf
+
     def promising(self, student: Student, slack: float) -> float | None:
-        """The cost of the student's cheapest chain that could still beat the best valid model after more
-        distillation (None: none could)."""
+        """The cost of the student's cheapest chain that could still become the answer after more distillation
+        (None: none could)."""
+        bar = self.beats()
         costs = [r.cost for r in student.latest()
-                 if not r.valid and r.score.drop <= self.ctx.max_drop + slack
-                 and (self.best is None or r.cost < self.best.cost)]
+                 if not r.valid and r.score.drop <= self.ctx.max_drop + slack and r.cost < bar]
         return min(costs) if costs else None
 
     def shortfall(self, student: Student) -> float:
@@ -320,8 +367,9 @@ class Search:
         still in the pool is cheaper than the best, so the one likeliest to become valid is the one worth more
         time; ranking by cost instead once kept prune 0.3 (1.07 ± 0.37 on the guard) over prune 0.4 (0.8 ± 0.39)
         on SST-2, and prune 0.3 never became valid."""
+        bar = self.beats()
         gaps = [r.score.drop + self.ctx.z * r.score.se - self.ctx.max_drop for r in student.latest()
-                if not r.valid and (self.best is None or r.cost < self.best.cost)]
+                if not r.valid and r.cost < bar]
         return min(gaps) if gaps else math.inf
 
     def distill(self, student: Student, seconds: float, first: bool) -> None:
@@ -389,7 +437,7 @@ class Search:
 
     def polish(self, students: list[Student], rung: int) -> None:
         """The time no other structure can use goes to the answer's own student: distillation towards dense goes on
-        and its chains are scored again; a chain that stays valid replaces its shorter-distilled self (`_polished`).
+        and its chains are scored again; a chain that stays valid replaces its shorter-distilled self (`choose`).
         Why: a guard drop near the limit is a thin margin. On SST-2 the answer prune 0.3 + int8, distilled 481 s,
         lost 0.23 on the guard and 1.03 on dev, while ten minutes went to a smaller structure that never became
         valid (docs/auto.md)."""
@@ -448,17 +496,31 @@ def reserve_seconds(dense_ms: float, dense_eval_s: float, guard_size: int, dev_s
     return timing + dev + 5.0
 
 
-def _better(a: Result, b: Result) -> bool:
-    """Lower cost wins; equal cost (within 0.5%): the higher guard metric."""
-    if a.cost < b.cost * 0.995:
-        return True
-    return a.cost <= b.cost * 1.005 and a.score.metric > b.score.metric
+def choose(valid: list[Result], min_gain: float = 0.0, cost: Any = None) -> Result:
+    """The answer among valid results: of those whose cost is within `min_gain` of the cheapest (the cheapest does
+    not save `min_gain` of their cost), the least compressed, i.e. the most costly; equal costs (within 0.5%): the
+    higher guard metric. Each chain counts once, at its longest distillation: a chain distilled longer and still
+    valid is closer to dense in expectation, whatever the guard's noise says between the two. `cost`: a function
+    of a result (default: its `cost`), e.g. the final side-by-side timing."""
+    cost = cost or (lambda r: r.cost)
+    longest: dict[Chain, Result] = {}
+    for r in valid:
+        if r.chain not in longest or r.distill_s >= longest[r.chain].distill_s:
+            longest[r.chain] = r
+    pool = list(longest.values())
+    cheapest = min(cost(r) for r in pool)
+    band = [r for r in pool if cost(r) * (1 - min_gain) <= cheapest * (1 + 1e-9)]
+    top = max(cost(r) for r in band)
+    return max((r for r in band if cost(r) >= top * 0.995), key=lambda r: (r.score.metric, r.distill_s))
 
 
-def _polished(a: Result, b: Result) -> bool:
-    """The same chain, distilled longer and still valid: closer to dense in expectation, whatever the guard's noise
-    says between the two."""
-    return a.chain == b.chain and a.distill_s > b.distill_s
+def choice_order(valid: list[Result], min_gain: float = 0.0, cost: Any = None) -> list[Result]:
+    """The valid results in the order they would be chosen, each one if all before it were refused."""
+    order, pool = [], list(valid)
+    while pool:
+        order.append(choose(pool, min_gain, cost))
+        pool = [r for r in pool if r.chain != order[-1].chain]
+    return order
 
 
 def _key(result: Result) -> str:

@@ -35,6 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "split, which a model fine-tuned on it scores too well (docs/auto.md)")
     p.add_argument("--z", type=float, default=1.0,
                    help="standard errors of the guard drop counted against --max-drop (default 1; 0: the raw drop)")
+    p.add_argument("--min-gain", type=float, default=0.1,
+                   help="the share of latency (or bytes, FLOPs) a more compressed answer must save over a less "
+                        "compressed valid one; smaller gains are within timing noise and cost accuracy the guard "
+                        "does not see (default 0.1; 0: the fastest valid model)")
     p.add_argument("--calib-samples", type=int, default=256, help="calibration examples per recipe (default 256)")
     p.add_argument("--max-train-samples", type=int, default=20_000,
                    help="distillation trains on at most this many examples (default 20000)")
@@ -52,7 +56,7 @@ def run(args: argparse.Namespace) -> None:
         output_args(args), args.model, data_args(args), args.max_drop, args.target, args.batch_size, args.seq_len,
         args.time, args.guard_size, args.z, args.calib_samples, args.max_train_samples, args.repeats, args.seed,
         "lmcompress " + shlex.join(args.argv), not args.quiet, args.confirm_size, args.early_exit,
-        args.holdout))
+        args.holdout, args.min_gain))
     chosen = outcome.chosen
     warning = "; dev BROKE the guard" if outcome.dev_broke_guard else ""
     print(f"chosen: {chosen.chain.name}" + (f", distilled {chosen.distill_s:.0f}s" if chosen.distill_s else "")
