@@ -222,3 +222,21 @@ def test_a_student_within_min_gain_of_the_cheapest_valid_model_gets_no_more_dist
     assert search.promising(student, slack=2.0) is None and search.shortfall(student) == float("inf")
     student.results[0].cost = 20.0
     assert search.promising(student, slack=2.0) == 20.0
+
+
+def test_the_final_clock_vetoes_inversions_but_does_not_choose_again():
+    """The search's choice stands when the final rounds narrow its gain below --min-gain (prune 0.4 + bf16 against
+    prune 0.55 + bf16 measured 14% apart in the search and 9.5% in the final rounds); a finalist that the clock
+    measures slower than one the search priced higher goes to the end."""
+    from lmcompress.auto.confirm import clock_checked
+    from lmcompress.auto.search import _key, choice_order
+
+    p4, p55, int8 = _result(0.4, 22.0), _result(0.55, 25.4), _result(None, 54.0, quant="int8")
+    order = choice_order([p4, p55, int8], 0.1)
+    assert order == [p4, p55, int8]
+    narrowed = {_key(p4): {"median_ms": 25.8}, _key(p55): {"median_ms": 28.5}, _key(int8): {"median_ms": 60.0}}
+    assert clock_checked(order, narrowed) == [p4, p55, int8]
+    inverted = {**narrowed, _key(p4): {"median_ms": 29.0}}
+    assert clock_checked(order, inverted) == [p55, int8, p4]
+    slower_than_int8 = {**narrowed, _key(p4): {"median_ms": 61.0}, _key(p55): {"median_ms": 62.0}}
+    assert clock_checked(order, slower_than_int8)[0] is int8

@@ -109,13 +109,18 @@ def _choice(search: Search, final: Final) -> list[str]:
     elif failed:
         why.append("It is the first finalist in the order of choice that passed both.")
     elif ctx.target == "latency":
-        why.append("Of the valid finalists (the cheapest the search measured, with int8 and dense), it is "
-                   + (f"the least compressed within {fmt(100 * ctx.min_gain)}% of the fastest (--min-gain)"
-                      if ctx.min_gain else "the fastest") + f" at batch {ctx.batch_size} x {ctx.seq_len} tokens.")
+        why.append("Of the valid candidates it is "
+                   + (f"the least compressed within {fmt(100 * ctx.min_gain)}% of the cheapest (--min-gain)"
+                      if ctx.min_gain else "the cheapest") + " on the search's timing, and side by side with the "
+                   f"finalists at batch {ctx.batch_size} x {ctx.seq_len} tokens it measured no slower than any less "
+                   "compressed one.")
     else:
         why.append(f"It is the valid candidate of lowest {ctx.cost.unit}"
                    + (f", or the least compressed within {fmt(100 * ctx.min_gain)}% of it (--min-gain)"
                       if ctx.min_gain else "") + ".")
+    if final.vetoed:
+        why.append(f"Measured slower side by side than a less compressed finalist, so chosen only after the others: "
+                   f"{', '.join(final.vetoed)}.")
     if int8 is not None and not int8.valid:
         why.append(f"int8 dropped {fmt(int8.score.drop)} ± {fmt(int8.score.se)} points on the guard: over the limit.")
     lines = [f"**{chosen.chain.name}**" + (f", distilled {chosen.distill_s:.0f} s" if chosen.distill_s else "")
@@ -181,6 +186,7 @@ def _final_dict(search: Search, final: Final | None) -> dict[str, Any] | None:
                              for k, v in final.confirmation.items()},
             "dev_broke_guard": final.broke(search.ctx.max_drop),
             "timing": {k: {"median_ms": round(v["median_ms"], 3)} for k, v in final.timing.items()},
+            "vetoed": final.vetoed,
             "finalists": [r.row(search.dense_cost) for r in final.finalists], "repeats": final.repeats,
             "exits": final.exits.to_dict() if final.exits is not None else None,
             "static": final.static.row(search.dense_cost) if final.static is not None else None,
