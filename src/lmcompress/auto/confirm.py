@@ -70,7 +70,8 @@ def confirm(search: Search, dev_examples: Any, repeats: int, confirmation: Any =
     ranked = choice_order(valid, ctx.min_gain)
     vetoed = []
     if ctx.target == "latency":
-        vetoed = [r.chain.name for r in ranked if _key(r) in inversions(ranked, timing)]
+        inverted = inversions(ranked, timing)
+        vetoed = [r.chain.name for r in ranked if _key(r) in inverted]
         ranked = clock_checked(ranked, timing)
     checked, scorer = _confirmed(search, ranked, confirmation) if confirmation is not None else ({}, None)
 

@@ -51,7 +51,7 @@ SLOW_FACTOR = 10     # a slow structure is built only with ten prune-builds of t
 REFINE_FACTOR = 6.0
 BASELINE_KEYS = {"dense|0", "int8|0"}
 # quantizations that only pay where the hardware runs them natively: priced on dense before anything is scored,
-# and left out of the space unless the table predicts them at most this fraction of dense's latency
+# and left out of the space unless they cost at most this fraction of dense (latency: timed beside it)
 PRICED_FIRST = ("bf16",)
 PAYS_BELOW = 0.9
 MIN_GAIN = 0.1        # a more compressed answer must cost at least this share less than a less compressed one
