@@ -496,29 +496,27 @@ def reserve_seconds(dense_ms: float, dense_eval_s: float, guard_size: int, dev_s
     return timing + dev + 5.0
 
 
-def choose(valid: list[Result], min_gain: float = 0.0, cost: Any = None) -> Result:
+def choose(valid: list[Result], min_gain: float = 0.0) -> Result:
     """The answer among valid results: of those whose cost is within `min_gain` of the cheapest (the cheapest does
     not save `min_gain` of their cost), the least compressed, i.e. the most costly; equal costs (within 0.5%): the
     higher guard metric. Each chain counts once, at its longest distillation: a chain distilled longer and still
-    valid is closer to dense in expectation, whatever the guard's noise says between the two. `cost`: a function
-    of a result (default: its `cost`), e.g. the final side-by-side timing."""
-    cost = cost or (lambda r: r.cost)
+    valid is closer to dense in expectation, whatever the guard's noise says between the two."""
     longest: dict[Chain, Result] = {}
     for r in valid:
         if r.chain not in longest or r.distill_s >= longest[r.chain].distill_s:
             longest[r.chain] = r
     pool = list(longest.values())
-    cheapest = min(cost(r) for r in pool)
-    band = [r for r in pool if cost(r) * (1 - min_gain) <= cheapest * (1 + 1e-9)]
-    top = max(cost(r) for r in band)
-    return max((r for r in band if cost(r) >= top * 0.995), key=lambda r: (r.score.metric, r.distill_s))
+    cheapest = min(r.cost for r in pool)
+    band = [r for r in pool if r.cost * (1 - min_gain) <= cheapest * (1 + 1e-9)]
+    top = max(r.cost for r in band)
+    return max((r for r in band if r.cost >= top * 0.995), key=lambda r: (r.score.metric, r.distill_s))
 
 
-def choice_order(valid: list[Result], min_gain: float = 0.0, cost: Any = None) -> list[Result]:
+def choice_order(valid: list[Result], min_gain: float = 0.0) -> list[Result]:
     """The valid results in the order they would be chosen, each one if all before it were refused."""
     order, pool = [], list(valid)
     while pool:
-        order.append(choose(pool, min_gain, cost))
+        order.append(choose(pool, min_gain))
         pool = [r for r in pool if r.chain != order[-1].chain]
     return order
 
